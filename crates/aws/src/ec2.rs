@@ -1,0 +1,218 @@
+//! [`VolumeService`] on the EC2 API.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
+use cps_provider::{
+    Attachment, AttachmentState, CallLog, Error, Tags, Volume, VolumeService, VolumeSpec,
+    VolumeState,
+};
+
+use crate::classify::{Context, classify};
+
+/// EBS volumes through an EC2 client. Counts every request it sends (pages included).
+#[derive(Clone, Debug)]
+pub struct Ec2Volumes {
+    client: aws_sdk_ec2::Client,
+    calls: Arc<CallLog>,
+}
+
+impl Ec2Volumes {
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        Self::from_client(aws_sdk_ec2::Client::new(config))
+    }
+
+    pub fn from_client(client: aws_sdk_ec2::Client) -> Self {
+        Self {
+            client,
+            calls: Arc::new(CallLog::default()),
+        }
+    }
+
+    pub fn calls(&self) -> &CallLog {
+        &self.calls
+    }
+
+    /// The page size for DescribeVolumes (AWS allows 5–500).
+    pub const PAGE_SIZE: i32 = 500;
+}
+
+fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
+    Volume {
+        id: v.volume_id().unwrap_or_default().to_owned(),
+        availability_zone: v.availability_zone().unwrap_or_default().to_owned(),
+        size_gib: v.size().unwrap_or_default(),
+        volume_type: v
+            .volume_type()
+            .map(|t| t.as_str().to_owned())
+            .unwrap_or_default(),
+        encrypted: v.encrypted().unwrap_or_default(),
+        state: VolumeState::parse(v.state().map(|s| s.as_str()).unwrap_or("unknown")),
+        attachments: v
+            .attachments()
+            .iter()
+            .map(|a| Attachment {
+                instance_id: a.instance_id().unwrap_or_default().to_owned(),
+                device: a.device().unwrap_or_default().to_owned(),
+                state: AttachmentState::parse(a.state().map(|s| s.as_str()).unwrap_or("unknown")),
+            })
+            .collect(),
+        tags: v
+            .tags()
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+#[async_trait]
+impl VolumeService for Ec2Volumes {
+    async fn volumes_tagged(&self, tags: &Tags) -> Result<Vec<Volume>, Error> {
+        let filters: Vec<Filter> = tags
+            .iter()
+            .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+            .collect();
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        // Bounded: 10,000 pages of 500 is far beyond any account's volume quota.
+        for _ in 0..10_000 {
+            self.calls.record("DescribeVolumes");
+            let page = self
+                .client
+                .describe_volumes()
+                .set_filters(Some(filters.clone()))
+                .max_results(Self::PAGE_SIZE)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify("DescribeVolumes", Context::default(), e))?;
+            found.extend(page.volumes().iter().map(to_volume));
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => return Ok(found),
+            }
+        }
+        Err(Error::Api {
+            operation: "DescribeVolumes",
+            code: None,
+            message: "pagination did not end after 10000 pages".into(),
+        })
+    }
+
+    async fn volume(&self, volume_id: &str) -> Result<Volume, Error> {
+        self.calls.record("DescribeVolumes");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            ..Context::default()
+        };
+        let out = self
+            .client
+            .describe_volumes()
+            .volume_ids(volume_id)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeVolumes", ctx, e))?;
+        out.volumes()
+            .iter()
+            .find(|v| v.volume_id() == Some(volume_id))
+            .map(to_volume)
+            .ok_or_else(|| Error::NotFound {
+                operation: "DescribeVolumes",
+                resource: volume_id.to_owned(),
+                message: "not in the DescribeVolumes response".into(),
+            })
+    }
+
+    async fn create_volume(&self, spec: &VolumeSpec, client_token: &str) -> Result<Volume, Error> {
+        self.calls.record("CreateVolume");
+        let tags: Vec<Tag> = spec
+            .tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        let out = self
+            .client
+            .create_volume()
+            .availability_zone(&spec.availability_zone)
+            .size(spec.size_gib)
+            .volume_type(VolumeType::from(spec.volume_type.as_str()))
+            .set_iops(spec.iops)
+            .set_throughput(spec.throughput)
+            .encrypted(spec.encrypted)
+            .set_kms_key_id(spec.kms_key_id.clone())
+            .client_token(client_token)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(tags))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                classify(
+                    "CreateVolume",
+                    Context {
+                        client_token: Some(client_token),
+                        ..Context::default()
+                    },
+                    e,
+                )
+            })?;
+        Ok(Volume {
+            id: out.volume_id().unwrap_or_default().to_owned(),
+            availability_zone: out.availability_zone().unwrap_or_default().to_owned(),
+            size_gib: out.size().unwrap_or_default(),
+            volume_type: out
+                .volume_type()
+                .map(|t| t.as_str().to_owned())
+                .unwrap_or_default(),
+            encrypted: out.encrypted().unwrap_or_default(),
+            state: VolumeState::parse(out.state().map(|s| s.as_str()).unwrap_or("creating")),
+            attachments: Vec::new(),
+            tags: out
+                .tags()
+                .iter()
+                .map(|t| {
+                    (
+                        t.key().unwrap_or_default().to_owned(),
+                        t.value().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    async fn attach_volume(
+        &self,
+        volume_id: &str,
+        instance_id: &str,
+        device: &str,
+    ) -> Result<AttachmentState, Error> {
+        self.calls.record("AttachVolume");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            instance_id: Some(instance_id),
+            device: Some(device),
+            ..Context::default()
+        };
+        let out = self
+            .client
+            .attach_volume()
+            .volume_id(volume_id)
+            .instance_id(instance_id)
+            .device(device)
+            .send()
+            .await
+            .map_err(|e| classify("AttachVolume", ctx, e))?;
+        Ok(AttachmentState::parse(
+            out.state().map(|s| s.as_str()).unwrap_or("attaching"),
+        ))
+    }
+}

@@ -1,0 +1,67 @@
+//! The cps cloud traits on AWS: EBS volumes through `aws-sdk-ec2`, instance identity through
+//! IMDSv2.
+//!
+//! Every SDK failure is classified into a [`cps_provider::Error`] the orchestration can act on;
+//! its message is the SDK's full error chain (`DisplayErrorContext`), never a bare "service
+//! error". Endpoints are overridable so the same code runs against the local emulator.
+
+mod classify;
+mod ec2;
+mod error;
+mod imds;
+
+pub use ec2::Ec2Volumes;
+pub use error::Error;
+pub use imds::fetch_identity;
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+
+/// How to reach AWS.
+#[derive(Clone, Debug)]
+pub struct AwsSettings {
+    pub region: String,
+    /// Another EC2 endpoint (an emulator, a VPC endpoint); `None` for the regional default.
+    pub endpoint_url: Option<String>,
+    /// Attempts per request, including the first, made by the SDK itself.
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    /// Bound on one attempt; the SDK only sets a connect timeout by default.
+    pub attempt_timeout: Duration,
+}
+
+impl AwsSettings {
+    pub fn new(region: impl Into<String>) -> Self {
+        Self {
+            region: region.into(),
+            endpoint_url: None,
+            max_attempts: 3,
+            connect_timeout: Duration::from_secs(3),
+            attempt_timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// The SDK configuration: default credential chain (environment, profile, web identity,
+    /// container, instance profile), this region, these timeouts and retries.
+    pub async fn load(&self) -> SdkConfig {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(self.region.clone()))
+            .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(self.connect_timeout)
+                    .operation_attempt_timeout(self.attempt_timeout)
+                    .operation_timeout(
+                        self.attempt_timeout * self.max_attempts.max(1) + self.connect_timeout,
+                    )
+                    .build(),
+            );
+        if let Some(url) = &self.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        loader.load().await
+    }
+}

@@ -1,0 +1,148 @@
+//! The host side of attaching a volume: find the kernel device, prove what is on it, make a
+//! filesystem only on a device proven empty, mount it, set its ownership, persist it in fstab.
+//!
+//! Two rules hold for everything in this crate:
+//! - a device is only ever used through a [`Device`], which [`BlockHost::locate`] hands out only
+//!   after verifying that the node belongs to the requested volume (NVMe serial = volume id);
+//! - [`BlockHost::make_filesystem`] probes the device again itself and refuses unless that probe
+//!   proves it empty, whatever the caller believes.
+//!
+//! [`LinuxHost`] is the real implementation (util-linux `blkid`/`wipefs`, `mkfs.*`, mount(2)).
+//! The orchestration uses the [`BlockHost`] trait, so its tests can substitute a fake host.
+
+mod error;
+mod fstab;
+mod locate;
+mod mkfs;
+mod mount;
+mod probe;
+
+use std::path::{Path, PathBuf};
+
+pub use error::Error;
+pub use fstab::FstabEntry;
+pub use locate::{Lookup, Verification, nvme_link_name};
+pub use mkfs::{FsType, MkfsSpec};
+pub use mount::{MountInfo, MountState, Ownership, split_mount_options};
+pub use probe::{Probe, Refusal};
+
+/// A kernel block device verified to be the block device of `volume_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// The kernel's node, links resolved (`/dev/nvme1n1`).
+    pub path: PathBuf,
+    /// Device number of the node at verification time; every later step re-checks it.
+    pub rdev: u64,
+    pub volume_id: String,
+    pub verification: Verification,
+}
+
+/// A filesystem found on a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Filesystem {
+    pub fstype: String,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+}
+
+/// The host operations of the attach flow.
+pub trait BlockHost: Send + Sync {
+    /// Looks once for the device of `volume_id`, attached under the requested name `requested`
+    /// (`/dev/xvdc`). Waiting and timeouts are the caller's.
+    fn locate(&self, volume_id: &str, requested: &str) -> Result<Lookup, Error>;
+
+    /// How `device` and `target` relate to what is mounted now.
+    fn mount_state(&self, device: &Device, target: &Path) -> Result<MountState, Error>;
+
+    /// Reads the device's signatures without changing anything.
+    fn probe(&self, device: &Device) -> Result<Probe, Error>;
+
+    /// What a device that may be mounted holds, without the exclusive open of [`Self::probe`].
+    /// For reporting only (the UUID of a mounted filesystem); never a reason to format.
+    fn identify(&self, device: &Device) -> Result<Probe, Error>;
+
+    /// Makes a filesystem, but only if a fresh probe proves the device empty; returns what the
+    /// probe finds afterwards.
+    fn make_filesystem(&self, device: &Device, spec: &MkfsSpec) -> Result<Filesystem, Error>;
+
+    /// Mounts `device` (holding `fs`) at `target`, creating the directory if needed.
+    fn mount(
+        &self,
+        device: &Device,
+        fs: &Filesystem,
+        target: &Path,
+        options: &[String],
+    ) -> Result<(), Error>;
+
+    /// Applies owner, group and mode to the mounted filesystem's root.
+    fn set_ownership(&self, target: &Path, ownership: &Ownership) -> Result<(), Error>;
+
+    /// Ensures `fstab` holds exactly `entry` for its mount point; returns whether it changed.
+    fn persist(&self, fstab: &Path, entry: &FstabEntry) -> Result<bool, Error>;
+}
+
+/// The real host: devices under `device_root` (normally `/dev`), sysfs under `sys_root`
+/// (normally `/sys`), mount table from `/proc/self/mountinfo`.
+#[derive(Clone, Debug)]
+pub struct LinuxHost {
+    device_root: PathBuf,
+    sys_root: PathBuf,
+    mountinfo: PathBuf,
+}
+
+impl Default for LinuxHost {
+    fn default() -> Self {
+        Self::new("/dev", "/sys")
+    }
+}
+
+impl LinuxHost {
+    pub fn new(device_root: impl Into<PathBuf>, sys_root: impl Into<PathBuf>) -> Self {
+        Self {
+            device_root: device_root.into(),
+            sys_root: sys_root.into(),
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+        }
+    }
+}
+
+impl BlockHost for LinuxHost {
+    fn locate(&self, volume_id: &str, requested: &str) -> Result<Lookup, Error> {
+        locate::locate(&self.device_root, &self.sys_root, volume_id, requested)
+    }
+
+    fn mount_state(&self, device: &Device, target: &Path) -> Result<MountState, Error> {
+        let table = mount::MountInfo::read(&self.mountinfo)?;
+        Ok(table.state_of(device, target))
+    }
+
+    fn probe(&self, device: &Device) -> Result<Probe, Error> {
+        probe::probe(device)
+    }
+
+    fn identify(&self, device: &Device) -> Result<Probe, Error> {
+        probe::identify(device)
+    }
+
+    fn make_filesystem(&self, device: &Device, spec: &MkfsSpec) -> Result<Filesystem, Error> {
+        mkfs::make_filesystem(device, spec)
+    }
+
+    fn mount(
+        &self,
+        device: &Device,
+        fs: &Filesystem,
+        target: &Path,
+        options: &[String],
+    ) -> Result<(), Error> {
+        mount::mount(device, fs, target, options, &self.mountinfo)
+    }
+
+    fn set_ownership(&self, target: &Path, ownership: &Ownership) -> Result<(), Error> {
+        mount::set_ownership(target, ownership)
+    }
+
+    fn persist(&self, fstab: &Path, entry: &FstabEntry) -> Result<bool, Error> {
+        fstab::ensure_entry(fstab, entry)
+    }
+}

@@ -1,0 +1,204 @@
+//! Finding the kernel device of an attached volume, and proving it is that volume's.
+//!
+//! On Nitro instances an EBS volume is an NVMe namespace whose controller serial is the volume
+//! id without its dash; udev links it as `disk/by-id/nvme-Amazon_Elastic_Block_Store_vol…`.
+//! Links can be stale, so the serial behind the link is always read back from sysfs, together
+//! with the device number, before the device is handed out. On Xen instances the requested name
+//! `/dev/sdX` appears as `/dev/xvdX` and there is no serial to check; AWS refuses to attach two
+//! volumes under one name, so the name identifies the volume there.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::{Device, Error};
+
+/// How a device was tied to its volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// NVMe controller serial equals the volume id.
+    NvmeSerial,
+    /// Xen block device under the requested (or sd↔xvd translated) name.
+    XenName,
+}
+
+/// The outcome of one look for a volume's device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Device),
+    /// Not there (yet); the reason says what was seen, for the timeout message.
+    NotYet(String),
+}
+
+/// The udev by-id link name of an EBS volume's NVMe device.
+pub fn nvme_link_name(volume_id: &str) -> String {
+    format!(
+        "nvme-Amazon_Elastic_Block_Store_{}",
+        volume_id.replace('-', "")
+    )
+}
+
+pub(crate) fn locate(
+    device_root: &Path,
+    sys_root: &Path,
+    volume_id: &str,
+    requested: &str,
+) -> Result<Lookup, Error> {
+    let mut reasons = Vec::new();
+    let link = device_root
+        .join("disk/by-id")
+        .join(nvme_link_name(volume_id));
+    match candidate(&link, sys_root, volume_id, true)? {
+        Lookup::Found(device) => return Ok(Lookup::Found(device)),
+        Lookup::NotYet(why) => reasons.push(why),
+    }
+    for name in xen_names(requested) {
+        match candidate(&device_root.join(&name), sys_root, volume_id, false)? {
+            Lookup::Found(device) => return Ok(Lookup::Found(device)),
+            Lookup::NotYet(why) => reasons.push(why),
+        }
+    }
+    Ok(Lookup::NotYet(reasons.join("; ")))
+}
+
+/// `/dev/sdf` → [`xvdf`, `sdf`]; `/dev/xvdf` → [`xvdf`, `sdf`]; anything else → [its name].
+fn xen_names(requested: &str) -> Vec<String> {
+    let base = requested.rsplit('/').next().unwrap_or(requested);
+    if let Some(rest) = base.strip_prefix("xvd") {
+        vec![base.to_owned(), format!("sd{rest}")]
+    } else if let Some(rest) = base.strip_prefix("sd") {
+        vec![format!("xvd{rest}"), base.to_owned()]
+    } else {
+        vec![base.to_owned()]
+    }
+}
+
+fn candidate(
+    path: &Path,
+    sys_root: &Path,
+    volume_id: &str,
+    is_nvme_link: bool,
+) -> Result<Lookup, Error> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(Lookup::NotYet(format!("no {}", path.display())));
+    }
+    let Ok(node) = fs::canonicalize(path) else {
+        return Ok(Lookup::NotYet(format!(
+            "{} is a dangling link",
+            path.display()
+        )));
+    };
+    let meta = fs::metadata(&node).map_err(Error::io(&node, "stat"))?;
+    if !meta.file_type().is_block_device() {
+        return Ok(Lookup::NotYet(format!(
+            "{} leads to {}, which is not a block device",
+            path.display(),
+            node.display()
+        )));
+    }
+    let name = node
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nvme = is_nvme_link || name.starts_with("nvme");
+    if nvme {
+        if let Some(mismatch) = serial_mismatch(sys_root, &name, meta.rdev(), volume_id) {
+            return Ok(Lookup::NotYet(format!(
+                "{} → {}: {mismatch}",
+                path.display(),
+                node.display()
+            )));
+        }
+    }
+    Ok(Lookup::Found(Device {
+        path: node,
+        rdev: meta.rdev(),
+        volume_id: volume_id.to_owned(),
+        verification: if nvme {
+            Verification::NvmeSerial
+        } else {
+            Verification::XenName
+        },
+    }))
+}
+
+/// Why the device `name` is not provably `volume_id`, or `None` when its serial and device
+/// number both match.
+fn serial_mismatch(sys_root: &Path, name: &str, rdev: u64, volume_id: &str) -> Option<String> {
+    let dir: PathBuf = sys_root.join("block").join(name);
+    let expected_serial = volume_id.replace('-', "");
+    let serial = match fs::read_to_string(dir.join("device/serial")) {
+        Ok(s) => s.trim().to_owned(),
+        Err(e) => {
+            return Some(format!(
+                "cannot read its serial ({}: {e})",
+                dir.join("device/serial").display()
+            ));
+        }
+    };
+    if serial != expected_serial {
+        return Some(format!(
+            "serial is {serial:?}, expected {expected_serial:?} (stale link?)"
+        ));
+    }
+    let expected_dev = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+    match fs::read_to_string(dir.join("dev")) {
+        Ok(s) if s.trim() == expected_dev => None,
+        Ok(s) => Some(format!(
+            "sysfs says device {} but the node is {expected_dev}",
+            s.trim()
+        )),
+        Err(e) => Some(format!("cannot read {}: {e}", dir.join("dev").display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_name_drops_the_dash() {
+        assert_eq!(
+            nvme_link_name("vol-0123456789abcdef0"),
+            "nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0"
+        );
+    }
+
+    #[test]
+    fn xen_names_translate_sd_and_xvd() {
+        assert_eq!(xen_names("/dev/sdf"), ["xvdf", "sdf"]);
+        assert_eq!(xen_names("/dev/xvdc"), ["xvdc", "sdc"]);
+        assert_eq!(xen_names("/dev/nvme1n1"), ["nvme1n1"]);
+    }
+
+    #[test]
+    fn nothing_there_is_not_yet_with_reasons() {
+        let root = tempfile::tempdir().unwrap();
+        let found = locate(root.path(), root.path(), "vol-1", "/dev/xvdc").unwrap();
+        let Lookup::NotYet(why) = found else {
+            panic!("found something in an empty root")
+        };
+        assert!(
+            why.contains("nvme-Amazon_Elastic_Block_Store_vol1"),
+            "{why}"
+        );
+        assert!(why.contains("xvdc"), "{why}");
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_device() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("disk/by-id")).unwrap();
+        fs::write(root.path().join("plain"), b"").unwrap();
+        std::os::unix::fs::symlink(
+            root.path().join("plain"),
+            root.path().join("disk/by-id").join(nvme_link_name("vol-1")),
+        )
+        .unwrap();
+        let Lookup::NotYet(why) = locate(root.path(), root.path(), "vol-1", "/dev/xvdc").unwrap()
+        else {
+            panic!("a regular file was accepted as a device")
+        };
+        assert!(why.contains("not a block device"), "{why}");
+    }
+}

@@ -1,0 +1,917 @@
+//! The cps-attach configuration: the original tool's YAML format, extended in the same style,
+//! with command-line / environment overrides.
+//!
+//! Parsing is strict (unknown keys, wrong types and duplicate keys are errors) and every error
+//! names where the bad value came from: `file:line:column` with the offending line, or the flag
+//! and environment variable that set it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cps_blockdev::{FsType, MkfsSpec, Ownership};
+use cps_provider::Tags;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// Where the agent looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/cps/attach.yml";
+
+/// Volume types EBS offers, with their size limits in GiB.
+const VOLUME_TYPES: [(&str, i64, i64); 7] = [
+    ("gp3", 1, 65_536),
+    ("gp2", 1, 16_384),
+    ("io2", 4, 65_536),
+    ("io1", 4, 16_384),
+    ("st1", 125, 16_384),
+    ("sc1", 125, 16_384),
+    ("standard", 1, 1_024),
+];
+
+/// A validated configuration, defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachConfig {
+    /// The device name requested from EC2 (`/dev/xvdc`).
+    pub block_device: String,
+    /// Every volume carrying all these tags is the node's (or the pool's); new ones get them.
+    pub tags: Tags,
+    pub volume: VolumeOptions,
+    pub mkfs: MkfsSpec,
+    pub mount: MountOptions,
+    pub timeouts: Timeouts,
+    /// Where device nodes and `disk/by-id` links live (`/dev`).
+    pub device_root: PathBuf,
+    /// Where sysfs is mounted (`/sys`); serials are read from `block/<dev>/device/serial`.
+    pub sysfs_root: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeOptions {
+    pub volume_type: String,
+    pub size_gib: i32,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    pub target: PathBuf,
+    pub options: Vec<String>,
+    pub ownership: Ownership,
+    /// `Some(path)`: keep an fstab entry in that file.
+    pub fstab: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From CreateVolume until the volume is available.
+    pub create: Duration,
+    /// From AttachVolume until EC2 reports the attachment attached.
+    pub attach: Duration,
+    /// From attached until the kernel device appears and verifies.
+    pub device: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            create: Duration::from_secs(300),
+            attach: Duration::from_secs(180),
+            device: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Values given on the command line or in `CPS_*` variables; each wins over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub block_device: Option<String>,
+    /// Replaces the file's tags entirely when not empty.
+    pub tags: Vec<(String, String)>,
+    pub volume_type: Option<String>,
+    pub size: Option<i64>,
+    pub iops: Option<i64>,
+    pub throughput: Option<i64>,
+    pub encrypted: Option<bool>,
+    pub kms_key_id: Option<String>,
+    pub fs_type: Option<String>,
+    pub fs_label: Option<String>,
+    pub mount_target: Option<String>,
+    pub mount_options: Option<Vec<String>>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    pub mode: Option<String>,
+    pub persist: Option<String>,
+    pub fstab: Option<String>,
+    pub create_timeout: Option<String>,
+    pub attach_timeout: Option<String>,
+    pub device_timeout: Option<String>,
+    pub device_root: Option<String>,
+    pub sysfs_root: Option<String>,
+}
+
+/// A configuration that cannot be used, and where the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the configuration: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `at` is `file:line:column` or `--flag (CPS_VAR)`; `snippet` shows the line.
+    #[error("{at}: {message}{}", snippet.as_deref().map(|s| format!("\n{s}")).unwrap_or_default())]
+    Invalid {
+        at: String,
+        message: String,
+        snippet: Option<String>,
+    },
+}
+
+// ---- the file format ------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    block_device: Option<Spanned<String>>,
+    block_provider: Option<Spanned<BlockProvider>>,
+    file_system: Option<Spanned<FileSystem>>,
+    mount: Option<Spanned<Mount>>,
+    timeouts: Option<TimeoutsSection>,
+    device_root: Option<Spanned<String>>,
+    sysfs_root: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BlockProvider {
+    aws_ebs: Option<Spanned<AwsEbs>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct AwsEbs {
+    ebs_tags: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(rename = "type")]
+    volume_type: Option<Spanned<String>>,
+    size: Option<Spanned<i64>>,
+    iops: Option<Spanned<i64>>,
+    throughput: Option<Spanned<i64>>,
+    encrypted: Option<Spanned<bool>>,
+    kms_key_id: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileSystem {
+    mkfs: Option<Spanned<Vec<String>>>,
+    #[serde(rename = "type")]
+    fs_type: Option<Spanned<String>>,
+    label: Option<Spanned<String>>,
+    options: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Mount {
+    target: Option<Spanned<String>>,
+    options: Option<Spanned<OptionList>>,
+    owner: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    persist: Option<Spanned<String>>,
+    fstab: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct TimeoutsSection {
+    create: Option<Spanned<String>>,
+    attach: Option<Spanned<String>>,
+    device: Option<Spanned<String>>,
+}
+
+/// Mount options as a list (`[noatime, discard]`) or one comma-separated string.
+#[derive(Debug)]
+struct OptionList(Vec<String>);
+
+impl<'de> Deserialize<'de> for OptionList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OptionList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of mount options or a comma-separated string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OptionList, E> {
+                Ok(OptionList(split_commas(v)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OptionList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    out.extend(split_commas(&item));
+                }
+                Ok(OptionList(out))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+fn split_commas(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+// ---- origins: where a value came from, for error messages -----------------------------------
+
+#[derive(Clone, Debug)]
+enum Origin {
+    File { line: u64, column: u64 },
+    Flag(&'static str),
+}
+
+struct Val<T> {
+    value: T,
+    origin: Origin,
+}
+
+fn origin<T>(s: &Spanned<T>) -> Origin {
+    Origin::File {
+        line: s.referenced.line(),
+        column: s.referenced.column(),
+    }
+}
+
+fn from_file<T>(s: Spanned<T>) -> Val<T> {
+    Val {
+        origin: origin(&s),
+        value: s.value,
+    }
+}
+
+/// The override if given, else the file's value.
+fn pick<T>(flag: Option<T>, name: &'static str, file: Option<Spanned<T>>) -> Option<Val<T>> {
+    match flag {
+        Some(value) => Some(Val {
+            value,
+            origin: Origin::Flag(name),
+        }),
+        None => file.map(from_file),
+    }
+}
+
+struct Source<'a> {
+    name: String,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, origin: &Origin, message: impl Into<String>) -> ConfigError {
+        match *origin {
+            Origin::File { line, column } => ConfigError::Invalid {
+                at: format!("{}:{line}:{column}", self.name),
+                message: message.into(),
+                snippet: snippet(self.text, line, column),
+            },
+            Origin::Flag(flag) => ConfigError::Invalid {
+                at: flag.to_owned(),
+                message: message.into(),
+                snippet: None,
+            },
+        }
+    }
+
+    fn at<T>(&self, val: &Val<T>, message: impl Into<String>) -> ConfigError {
+        self.error(&val.origin, message)
+    }
+}
+
+/// The source line with a caret under the column.
+fn snippet(text: &str, line: u64, column: u64) -> Option<String> {
+    let source_line = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let width = line.to_string().len();
+    let pad = " ".repeat(usize::try_from(column.saturating_sub(1)).ok()?);
+    Some(format!(
+        "{:width$} |\n{line} | {source_line}\n{:width$} | {pad}^",
+        "", ""
+    ))
+}
+
+// ---- loading --------------------------------------------------------------------------------
+
+impl AttachConfig {
+    /// Reads `path` and applies `overrides`. A missing file is an error when `required`;
+    /// otherwise the configuration comes from the overrides alone.
+    pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Self::parse(&path.display().to_string(), &text, overrides)
+    }
+
+    /// Parses `text` (named `name` in errors) and applies `overrides`.
+    pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let source = Source {
+            name: name.to_owned(),
+            text,
+        };
+        let file: FileConfig = if text.trim().is_empty() {
+            FileConfig::default()
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| {
+                let (line, column) = e
+                    .location()
+                    .map(|l| (l.line(), l.column()))
+                    .unwrap_or((1, 1));
+                let plain = e.render_with_options(serde_saphyr::render_options! {
+                    snippets: serde_saphyr::SnippetMode::Off,
+                });
+                let suffix = format!(" at line {line}, column {column}");
+                let message = plain.strip_suffix(&suffix).unwrap_or(&plain).to_owned();
+                source.error(&Origin::File { line, column }, message)
+            })?
+        };
+        build(&source, file, overrides)
+    }
+}
+
+fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConfig, ConfigError> {
+    let whole_file = Origin::File { line: 1, column: 1 };
+
+    let block_device = match pick(
+        o.block_device.clone(),
+        "--block-device (CPS_BLOCK_DEVICE)",
+        file.block_device,
+    ) {
+        Some(v) => {
+            let name = v.value.trim_start_matches("/dev/");
+            let valid = v.value.starts_with("/dev/")
+                && (name.starts_with("sd") || name.starts_with("xvd"))
+                && name.len() >= 3
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if !valid {
+                return Err(src.at(&v, format!(
+                    "block-device {:?} is not an EC2 device name; use one like /dev/xvdc or /dev/sdf",
+                    v.value
+                )));
+            }
+            v.value
+        }
+        None => "/dev/xvdc".to_owned(),
+    };
+
+    // block-provider.aws-ebs
+    let (ebs, ebs_origin) = match file.block_provider {
+        Some(bp) => {
+            let at = origin(&bp);
+            match bp.value.aws_ebs {
+                Some(ebs) => {
+                    let at = origin(&ebs);
+                    (Some(ebs.value), at)
+                }
+                None => {
+                    return Err(src.error(
+                        &at,
+                        "block-provider needs an aws-ebs section (the only provider)",
+                    ));
+                }
+            }
+        }
+        None => (None, whole_file.clone()),
+    };
+    let mut ebs = ebs.unwrap_or(AwsEbs {
+        ebs_tags: None,
+        volume_type: None,
+        size: None,
+        iops: None,
+        throughput: None,
+        encrypted: None,
+        kms_key_id: None,
+    });
+
+    let tags = if !o.tags.is_empty() {
+        Val {
+            value: o.tags.iter().cloned().collect::<BTreeMap<_, _>>(),
+            origin: Origin::Flag("--tag (CPS_TAGS)"),
+        }
+    } else {
+        match ebs.ebs_tags.take() {
+            Some(t) => from_file(t),
+            None => {
+                return Err(src.error(
+                    &ebs_origin,
+                    "block-provider.aws-ebs.ebs-tags is required: the tags that identify this node's volume \
+                     (or --tag KEY=VALUE / CPS_TAGS)",
+                ));
+            }
+        }
+    };
+    validate_tags(src, &tags)?;
+
+    let volume_type = pick(
+        o.volume_type.clone(),
+        "--volume-type (CPS_VOLUME_TYPE)",
+        ebs.volume_type.take(),
+    );
+    let (type_name, min_size, max_size) = match &volume_type {
+        Some(v) => *VOLUME_TYPES
+            .iter()
+            .find(|(t, _, _)| *t == v.value)
+            .ok_or_else(|| {
+                src.at(
+                    v,
+                    format!(
+                        "unknown volume type {:?}; one of {}",
+                        v.value,
+                        VOLUME_TYPES.map(|t| t.0).join(", ")
+                    ),
+                )
+            })?,
+        None => VOLUME_TYPES[0],
+    };
+    let size = pick(o.size, "--size (CPS_SIZE)", ebs.size.take()).ok_or_else(|| {
+        src.error(
+            &ebs_origin,
+            "block-provider.aws-ebs.size is required: the size in GiB of a volume created when none can be claimed \
+             (or --size / CPS_SIZE)",
+        )
+    })?;
+    if !(min_size..=max_size).contains(&size.value) {
+        return Err(src.at(
+            &size,
+            format!(
+                "size {} GiB is outside what {type_name} allows ({min_size}–{max_size} GiB)",
+                size.value
+            ),
+        ));
+    }
+    let iops = pick(o.iops, "--iops (CPS_IOPS)", ebs.iops.take());
+    match (&iops, type_name) {
+        (None, "io1" | "io2") => {
+            return Err(src.error(
+                volume_type
+                    .as_ref()
+                    .map(|v| &v.origin)
+                    .unwrap_or(&ebs_origin),
+                format!("{type_name} volumes need iops"),
+            ));
+        }
+        (Some(v), "gp3") if !(3_000..=80_000).contains(&v.value) => {
+            return Err(src.at(v, "gp3 iops must be between 3000 and 80000"));
+        }
+        (Some(v), "io1" | "io2") if !(100..=256_000).contains(&v.value) => {
+            return Err(src.at(
+                v,
+                format!("{type_name} iops must be between 100 and 256000"),
+            ));
+        }
+        (Some(v), t) if !matches!(t, "gp3" | "io1" | "io2") => {
+            return Err(src.at(
+                v,
+                format!("iops can only be set for gp3, io1 and io2 volumes, not {t}"),
+            ));
+        }
+        _ => {}
+    }
+    let throughput = pick(
+        o.throughput,
+        "--throughput (CPS_THROUGHPUT)",
+        ebs.throughput.take(),
+    );
+    if let Some(v) = &throughput {
+        if type_name != "gp3" {
+            return Err(src.at(
+                v,
+                format!("throughput can only be set for gp3 volumes, not {type_name}"),
+            ));
+        }
+        if !(125..=2_000).contains(&v.value) {
+            return Err(src.at(v, "gp3 throughput must be between 125 and 2000 MiB/s"));
+        }
+    }
+    let encrypted = pick(
+        o.encrypted,
+        "--encrypted (CPS_ENCRYPTED)",
+        ebs.encrypted.take(),
+    );
+    let kms_key_id = pick(
+        o.kms_key_id.clone(),
+        "--kms-key-id (CPS_KMS_KEY_ID)",
+        ebs.kms_key_id.take(),
+    );
+    if let (Some(enc), Some(kms)) = (&encrypted, &kms_key_id) {
+        if !enc.value {
+            return Err(src.at(
+                kms,
+                "kms-key-id is set but encrypted is false; remove one of them",
+            ));
+        }
+    }
+    if let Some(kms) = &kms_key_id {
+        if kms.value.trim().is_empty() {
+            return Err(src.at(kms, "kms-key-id is empty"));
+        }
+    }
+
+    let volume = VolumeOptions {
+        volume_type: type_name.to_owned(),
+        size_gib: i32::try_from(size.value).map_err(|_| src.at(&size, "size is too large"))?,
+        iops: iops.map(|v| v.value as i32),
+        throughput: throughput.map(|v| v.value as i32),
+        encrypted: encrypted.map(|v| v.value).unwrap_or(true),
+        kms_key_id: kms_key_id.map(|v| v.value),
+    };
+
+    let mkfs = build_mkfs(src, file.file_system, o)?;
+    let mount = build_mount(src, file.mount, o)?;
+
+    let t = file.timeouts;
+    let (t_create, t_attach, t_device) = match t {
+        Some(t) => (t.create, t.attach, t.device),
+        None => (None, None, None),
+    };
+    let defaults = Timeouts::default();
+    let timeouts = Timeouts {
+        create: duration(
+            src,
+            pick(
+                o.create_timeout.clone(),
+                "--create-timeout (CPS_CREATE_TIMEOUT)",
+                t_create,
+            ),
+            defaults.create,
+        )?,
+        attach: duration(
+            src,
+            pick(
+                o.attach_timeout.clone(),
+                "--attach-timeout (CPS_ATTACH_TIMEOUT)",
+                t_attach,
+            ),
+            defaults.attach,
+        )?,
+        device: duration(
+            src,
+            pick(
+                o.device_timeout.clone(),
+                "--device-timeout (CPS_DEVICE_TIMEOUT)",
+                t_device,
+            ),
+            defaults.device,
+        )?,
+    };
+
+    let device_root = absolute(
+        src,
+        pick(
+            o.device_root.clone(),
+            "--device-root (CPS_DEVICE_ROOT)",
+            file.device_root,
+        ),
+        "/dev",
+    )?;
+    let sysfs_root = absolute(
+        src,
+        pick(
+            o.sysfs_root.clone(),
+            "--sysfs-root (CPS_SYSFS_ROOT)",
+            file.sysfs_root,
+        ),
+        "/sys",
+    )?;
+
+    Ok(AttachConfig {
+        block_device,
+        tags: tags.value,
+        volume,
+        mkfs,
+        mount,
+        timeouts,
+        device_root,
+        sysfs_root,
+    })
+}
+
+fn validate_tags(src: &Source<'_>, tags: &Val<Tags>) -> Result<(), ConfigError> {
+    if tags.value.is_empty() {
+        return Err(src.at(
+            tags,
+            "ebs-tags must name at least one tag, or every volume in the account would match",
+        ));
+    }
+    for (key, value) in &tags.value {
+        if key.is_empty() || key.len() > 128 {
+            return Err(src.at(tags, format!("tag key {key:?} must be 1 to 128 characters")));
+        }
+        if key.to_ascii_lowercase().starts_with("aws:") {
+            return Err(src.at(
+                tags,
+                format!("tag key {key:?} uses the reserved aws: prefix"),
+            ));
+        }
+        if value.len() > 256 {
+            return Err(src.at(
+                tags,
+                format!("the value of tag {key:?} is longer than 256 characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Force flags would override mkfs's own last refusal to overwrite a filesystem; cps-attach
+/// formats only devices it proved empty, so it never needs them.
+fn reject_force(
+    src: &Source<'_>,
+    origin: &Origin,
+    args: &[String],
+    fstype: &str,
+) -> Result<(), ConfigError> {
+    let managed = fstype.starts_with("ext") || fstype == "xfs" || fstype == "btrfs";
+    if let Some(flag) = args
+        .iter()
+        .find(|a| matches!(a.as_str(), "-f" | "-F" | "--force"))
+    {
+        if managed {
+            return Err(src.error(origin, format!(
+                "mkfs option {flag} forces overwriting existing data; cps-attach only formats devices it proved empty, \
+                 so remove it"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn build_mkfs(
+    src: &Source<'_>,
+    fs: Option<Spanned<FileSystem>>,
+    o: &Overrides,
+) -> Result<MkfsSpec, ConfigError> {
+    let (raw, file_type, file_label, file_options) = match fs.map(|s| s.value) {
+        Some(s) => (s.mkfs, s.fs_type, s.label, s.options),
+        None => (None, None, None, None),
+    };
+    let fs_type = pick(o.fs_type.clone(), "--fs-type (CPS_FS_TYPE)", file_type);
+    let label = pick(o.fs_label.clone(), "--fs-label (CPS_FS_LABEL)", file_label);
+
+    if let Some(raw) = raw {
+        // A typed setting from the command line replaces the file's raw arguments.
+        if fs_type.is_none() && label.is_none() {
+            if let Some(opts) = file_options {
+                return Err(src.at(
+                    &from_file(opts),
+                    "file-system.options goes with file-system.type, not with mkfs",
+                ));
+            }
+            let raw = from_file(raw);
+            if raw.value.is_empty() {
+                return Err(src.at(
+                    &raw,
+                    "file-system.mkfs is empty; remove it to get the default (-t ext4 -m 0)",
+                ));
+            }
+            let spec = MkfsSpec::Raw {
+                args: raw.value.clone(),
+            };
+            reject_force(src, &raw.origin, &raw.value, &spec.fstype())?;
+            return Ok(spec);
+        }
+        if let Some(v) = fs_type
+            .as_ref()
+            .filter(|v| matches!(v.origin, Origin::File { .. }))
+        {
+            return Err(src.at(
+                v,
+                "file-system.mkfs and file-system.type are alternatives; keep one",
+            ));
+        }
+        if let Some(v) = label
+            .as_ref()
+            .filter(|v| matches!(v.origin, Origin::File { .. }))
+        {
+            return Err(src.at(v, "file-system.label goes with file-system.type, not with mkfs; put -L in the mkfs list"));
+        }
+    }
+
+    let Some(fs_type) = fs_type else {
+        if let Some(l) = &label {
+            return Err(src.at(l, "a label needs file-system.type (ext4, xfs or btrfs)"));
+        }
+        if let Some(opts) = file_options {
+            return Err(src.at(
+                &from_file(opts),
+                "file-system.options needs file-system.type",
+            ));
+        }
+        return Ok(MkfsSpec::default());
+    };
+    let parsed = FsType::parse(&fs_type.value).ok_or_else(|| {
+        src.at(&fs_type, format!("unknown filesystem type {:?}; one of ext4, xfs, btrfs (or give raw mkfs arguments)", fs_type.value))
+    })?;
+    if let Some(l) = &label {
+        if l.value.is_empty() || l.value.len() > parsed.max_label_len() {
+            return Err(src.at(
+                l,
+                format!(
+                    "a {parsed} label must be 1 to {} bytes",
+                    parsed.max_label_len()
+                ),
+            ));
+        }
+    }
+    let options = match file_options {
+        Some(opts) => {
+            let opts = from_file(opts);
+            reject_force(src, &opts.origin, &opts.value, parsed.name())?;
+            opts.value
+        }
+        None => Vec::new(),
+    };
+    Ok(MkfsSpec::Typed {
+        fstype: parsed,
+        label: label.map(|l| l.value),
+        options,
+    })
+}
+
+fn build_mount(
+    src: &Source<'_>,
+    mount: Option<Spanned<Mount>>,
+    o: &Overrides,
+) -> Result<MountOptions, ConfigError> {
+    let m = mount.map(|m| m.value);
+    let (target, options, owner, group, mode, persist, fstab) = match m {
+        Some(m) => (
+            m.target, m.options, m.owner, m.group, m.mode, m.persist, m.fstab,
+        ),
+        None => (None, None, None, None, None, None, None),
+    };
+    let target = match pick(
+        o.mount_target.clone(),
+        "--mount-target (CPS_MOUNT_TARGET)",
+        target,
+    ) {
+        Some(v) => {
+            let path = PathBuf::from(&v.value);
+            if !path.is_absolute() || path == Path::new("/") || v.value.contains(['\n', '\0']) {
+                return Err(src.at(
+                    &v,
+                    format!(
+                        "mount.target {:?} must be an absolute path other than /",
+                        v.value
+                    ),
+                ));
+            }
+            path
+        }
+        None => PathBuf::from("/mnt"),
+    };
+    let options = match o.mount_options.clone() {
+        Some(list) => list.iter().flat_map(|s| split_commas(s)).collect(),
+        None => options.map(|s| s.value.0).unwrap_or_default(),
+    };
+    let owner = pick(o.owner.clone(), "--owner (CPS_OWNER)", owner);
+    let group = pick(o.group.clone(), "--group (CPS_GROUP)", group);
+    for v in [&owner, &group].into_iter().flatten() {
+        if v.value.trim().is_empty() || v.value.contains([':', ' ', '\n']) {
+            return Err(src.at(
+                v,
+                format!("{:?} is not a user or group name or number", v.value),
+            ));
+        }
+    }
+    let mode = match pick(o.mode.clone(), "--mode (CPS_MODE)", mode) {
+        Some(v) => {
+            let digits = v.value.trim_start_matches("0o");
+            match u32::from_str_radix(digits, 8) {
+                Ok(m) if m <= 0o7777 && !digits.is_empty() => Some(m),
+                _ => {
+                    return Err(src.at(
+                        &v,
+                        format!(
+                            "mode {:?} is not an octal permission like \"0750\"",
+                            v.value
+                        ),
+                    ));
+                }
+            }
+        }
+        None => None,
+    };
+    let persist = pick(o.persist.clone(), "--persist (CPS_PERSIST)", persist);
+    let fstab_path = pick(o.fstab.clone(), "--fstab (CPS_FSTAB)", fstab);
+    let fstab = match persist.as_ref().map(|v| v.value.as_str()) {
+        Some("fstab") => Some(match fstab_path {
+            Some(v) if Path::new(&v.value).is_absolute() => PathBuf::from(v.value),
+            Some(v) => return Err(src.at(&v, "mount.fstab must be an absolute path")),
+            None => PathBuf::from("/etc/fstab"),
+        }),
+        Some("none") | None => {
+            if let Some(v) = fstab_path {
+                return Err(src.at(&v, "mount.fstab is only used with persist: fstab"));
+            }
+            None
+        }
+        Some(other) => {
+            let v = persist.as_ref().expect("matched Some");
+            return Err(src.at(v, format!("persist {other:?} is not one of fstab, none")));
+        }
+    };
+    Ok(MountOptions {
+        target,
+        options,
+        ownership: Ownership {
+            owner: owner.map(|v| v.value),
+            group: group.map(|v| v.value),
+            mode,
+        },
+        fstab,
+    })
+}
+
+fn duration(
+    src: &Source<'_>,
+    v: Option<Val<String>>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => match parse_duration(&v.value) {
+            Some(d) if !d.is_zero() && d <= Duration::from_secs(24 * 3600) => Ok(d),
+            _ => Err(src.at(&v, format!(
+                "{:?} is not a duration between 1s and 24h; write it like 90s, 3m or 1m30s (a bare number is seconds)",
+                v.value
+            ))),
+        },
+    }
+}
+
+/// `90`, `90s`, `1500ms`, `3m`, `1h`, `1m30s`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            _ => return None,
+        };
+        total = total.checked_add(unit)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+fn absolute(
+    src: &Source<'_>,
+    v: Option<Val<String>>,
+    default: &str,
+) -> Result<PathBuf, ConfigError> {
+    match v {
+        None => Ok(PathBuf::from(default)),
+        Some(v) if Path::new(&v.value).is_absolute() => Ok(PathBuf::from(v.value)),
+        Some(v) => Err(src.at(&v, format!("{:?} must be an absolute path", v.value))),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+use super::*;
+
+/// The complete example of the original tool's README, as its users have it.
+pub(crate) const SEED_EXAMPLE: &str = "\
+# optional; the block device to mount EBS volumes to.  Defaults to /dev/xvdc.
+block-device: /dev/xvdc
+
+# required; the block device \"provider\"
+block-provider:
+  aws-ebs:
+    ebs-tags:
+      environment: Production
+      role: PostgreSQL
+    type: gp2
+    size: 200
+
+file-system:
+  mkfs:
+    - -t
+    - ext4
+    - -m
+    - 0
+
+mount:
+  target: /mnt
+";
+
+fn parse(text: &str) -> Result<AttachConfig, ConfigError> {
+    AttachConfig::parse("attach.yml", text, &Overrides::default())
+}
+
+fn err(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+const MINIMAL: &str = "block-provider:\n  aws-ebs:\n    ebs-tags: {role: kafka}\n    size: 10\n";
+
+#[test]
+fn the_seed_example_is_accepted_verbatim() {
+    let c = parse(SEED_EXAMPLE).unwrap();
+    assert_eq!(c.block_device, "/dev/xvdc");
+    assert_eq!(c.tags.get("role").map(String::as_str), Some("PostgreSQL"));
+    assert_eq!(c.volume.volume_type, "gp2");
+    assert_eq!(c.volume.size_gib, 200);
+    assert!(c.volume.encrypted, "encryption is on unless turned off");
+    assert_eq!(c.mkfs, MkfsSpec::default());
+    assert_eq!(c.mount.target, PathBuf::from("/mnt"));
+    assert_eq!(c.mount.fstab, None);
+}
+
+#[test]
+fn defaults_fill_everything_optional() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.block_device, "/dev/xvdc");
+    assert_eq!(c.volume.volume_type, "gp3");
+    assert_eq!(c.mkfs.fstype(), "ext4");
+    assert_eq!(c.timeouts, Timeouts::default());
+    assert_eq!(c.device_root, PathBuf::from("/dev"));
+    assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
+}
+
+#[test]
+fn the_extended_format_reads_every_key() {
+    let c = parse(
+        "block-device: /dev/sdf
+block-provider:
+  aws-ebs:
+    ebs-tags: {cluster: kafka, node: '2'}
+    type: gp3
+    size: 100
+    iops: 6000
+    throughput: 250
+    encrypted: true
+    kms-key-id: alias/cps
+file-system:
+  type: xfs
+  label: kafka-data
+  options: [-K]
+mount:
+  target: /var/lib/kafka
+  options: noatime,nodiratime
+  owner: kafka
+  group: '1000'
+  mode: 0750
+  persist: fstab
+timeouts:
+  create: 2m
+  attach: 90
+  device: 1m30s
+device-root: /tmp/bench/dev
+sysfs-root: /tmp/bench/sys
+",
+    )
+    .unwrap();
+    assert_eq!(c.block_device, "/dev/sdf");
+    assert_eq!(c.volume.iops, Some(6000));
+    assert_eq!(c.volume.throughput, Some(250));
+    assert_eq!(c.volume.kms_key_id.as_deref(), Some("alias/cps"));
+    assert_eq!(
+        c.mkfs,
+        MkfsSpec::Typed {
+            fstype: FsType::Xfs,
+            label: Some("kafka-data".into()),
+            options: vec!["-K".into()]
+        }
+    );
+    assert_eq!(c.mount.options, ["noatime", "nodiratime"]);
+    assert_eq!(c.mount.ownership.mode, Some(0o750));
+    assert_eq!(c.mount.ownership.group.as_deref(), Some("1000"));
+    assert_eq!(c.mount.fstab, Some(PathBuf::from("/etc/fstab")));
+    assert_eq!(c.timeouts.create, Duration::from_secs(120));
+    assert_eq!(c.timeouts.attach, Duration::from_secs(90));
+    assert_eq!(c.timeouts.device, Duration::from_secs(90));
+    assert_eq!(c.device_root, PathBuf::from("/tmp/bench/dev"));
+}
+
+#[test]
+fn unknown_keys_name_file_line_and_column() {
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n    size: 1\n    sise: 2\n");
+    assert!(e.starts_with("attach.yml:5:5: unknown field `sise`"), "{e}");
+    assert!(e.contains("5 |     sise: 2"), "the line is shown: {e}");
+}
+
+#[test]
+fn wrong_types_name_file_line_and_column() {
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n    size: big\n");
+    assert!(e.starts_with("attach.yml:4:11:"), "{e}");
+    let e = err("mount:\n  target: [a]\n");
+    assert!(e.starts_with("attach.yml:2:11:"), "{e}");
+}
+
+#[test]
+fn semantic_errors_point_at_the_value() {
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n    type: gp9\n    size: 1\n");
+    assert!(
+        e.starts_with("attach.yml:4:11: unknown volume type \"gp9\""),
+        "{e}"
+    );
+    let e = err(
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n    type: gp2\n    size: 1\n    iops: 3000\n",
+    );
+    assert!(
+        e.starts_with("attach.yml:6:11: iops can only be set for gp3"),
+        "{e}"
+    );
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n    type: st1\n    size: 10\n");
+    assert!(e.contains("outside what st1 allows"), "{e}");
+    let e = err(&format!("{MINIMAL}mount:\n  mode: '999'\n"));
+    assert!(e.starts_with("attach.yml:6:9: mode \"999\""), "{e}");
+    let e = err(&format!("{MINIMAL}timeouts:\n  attach: soon\n"));
+    assert!(e.starts_with("attach.yml:6:11:"), "{e}");
+    let e = err(&format!("{MINIMAL}file-system:\n  type: zfs\n"));
+    assert!(e.contains("unknown filesystem type \"zfs\""), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}file-system:\n  type: xfs\n  label: much-too-long-label\n"
+    ));
+    assert!(e.contains("xfs label must be 1 to 12 bytes"), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}file-system:\n  mkfs: [-t, ext4]\n  type: ext4\n"
+    ));
+    assert!(e.contains("alternatives"), "{e}");
+    let e = err(&format!("{MINIMAL}file-system:\n  mkfs: [-t, xfs, -f]\n"));
+    assert!(e.contains("forces overwriting"), "{e}");
+    let e = err(&format!("{MINIMAL}mount:\n  target: relative/dir\n"));
+    assert!(e.contains("absolute path"), "{e}");
+    let e = err(&format!("{MINIMAL}mount:\n  persist: always\n"));
+    assert!(e.contains("not one of fstab, none"), "{e}");
+}
+
+#[test]
+fn missing_required_keys_say_what_they_are_for() {
+    let e = err("block-provider:\n  aws-ebs:\n    size: 10\n");
+    assert!(
+        e.starts_with("attach.yml:3:5: block-provider.aws-ebs.ebs-tags is required"),
+        "{e}"
+    );
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n");
+    assert!(e.contains("size is required"), "{e}");
+    let e = err("");
+    assert!(e.contains("ebs-tags is required"), "{e}");
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {}\n    size: 1\n");
+    assert!(e.contains("at least one tag"), "{e}");
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {'aws:x': b}\n    size: 1\n");
+    assert!(e.contains("reserved aws: prefix"), "{e}");
+}
+
+#[test]
+fn duplicate_keys_are_errors() {
+    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {a: b, a: c}\n    size: 1\n");
+    assert!(e.starts_with("attach.yml:3:"), "{e}");
+    assert!(e.contains("duplicate"), "{e}");
+}
+
+#[test]
+fn overrides_win_and_their_errors_name_the_flag() {
+    let o = Overrides {
+        tags: vec![("cluster".into(), "zk".into())],
+        size: Some(20),
+        mount_target: Some("/data".into()),
+        fs_type: Some("btrfs".into()),
+        ..Overrides::default()
+    };
+    let c = AttachConfig::parse("attach.yml", SEED_EXAMPLE, &o).unwrap();
+    assert_eq!(c.tags, Tags::from([("cluster".into(), "zk".into())]));
+    assert_eq!(c.volume.size_gib, 20);
+    assert_eq!(c.mount.target, PathBuf::from("/data"));
+    assert_eq!(
+        c.mkfs.fstype(),
+        "btrfs",
+        "a typed override replaces the file's raw mkfs"
+    );
+
+    let bad = Overrides {
+        size: Some(0),
+        ..Overrides::default()
+    };
+    let e = AttachConfig::parse("attach.yml", SEED_EXAMPLE, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--size (CPS_SIZE): size 0 GiB"), "{e}");
+}
+
+#[test]
+fn no_file_works_from_overrides_alone() {
+    let o = Overrides {
+        tags: vec![("role".into(), "db".into())],
+        size: Some(5),
+        ..Overrides::default()
+    };
+    let missing = Path::new("/nonexistent/cps/attach.yml");
+    let c = AttachConfig::load(missing, false, &o).unwrap();
+    assert_eq!(c.volume.size_gib, 5);
+    let e = AttachConfig::load(missing, true, &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("/nonexistent/cps/attach.yml: cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn durations_parse() {
+    assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+    assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+    assert_eq!(parse_duration("1500ms"), Some(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+    assert_eq!(parse_duration(""), None);
+    assert_eq!(parse_duration("m"), None);
+    assert_eq!(parse_duration("5 minutes"), None);
+}

@@ -1,0 +1,100 @@
+use std::time::Duration;
+
+/// Why the attach flow stopped. Every variant carries the volume (and device) it was about.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{step}: {source}")]
+    Cloud {
+        step: &'static str,
+        #[source]
+        source: cps_provider::Error,
+    },
+
+    #[error("timed out after {}s waiting for {what}: {last}", waited.as_secs())]
+    Timeout {
+        what: String,
+        waited: Duration,
+        last: String,
+    },
+
+    /// Found something it must not touch; nothing was changed.
+    #[error("refusing to continue with {volume_id}: {source}")]
+    Refused {
+        volume_id: String,
+        #[source]
+        source: cps_blockdev::Error,
+    },
+
+    /// More than one matching volume is attached to this instance; which one is the node's?
+    #[error(
+        "{count} volumes with these tags are attached to {instance_id} ({volumes}); cps-attach will not choose between them. \
+         Detach the one that is not this node's, or make the tags unique"
+    )]
+    Ambiguous {
+        instance_id: String,
+        count: usize,
+        volumes: String,
+    },
+
+    /// The volume went away from this instance while the flow waited for it.
+    #[error(
+        "{volume_id} is no longer attached to {instance_id} (now: {state}); something else detached it"
+    )]
+    Lost {
+        volume_id: String,
+        instance_id: String,
+        state: String,
+    },
+
+    /// Could not claim or create a volume within the attempt budget.
+    #[error("gave up claiming a volume after {attempts} attempts: {detail}")]
+    Exhausted { attempts: u32, detail: String },
+
+    #[error("{volume_id}: {source}")]
+    Host {
+        volume_id: String,
+        #[source]
+        source: cps_blockdev::Error,
+    },
+}
+
+/// Coarse classes of failure, for exit codes and alerting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The cloud API failed or refused.
+    Cloud,
+    /// Something did not happen in time.
+    Timeout,
+    /// A device or mount point holds something cps will not touch.
+    Refused,
+    /// The host (a tool, mount(2), the filesystem) failed.
+    Host,
+}
+
+impl AttachError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Cloud { .. } | Self::Lost { .. } | Self::Exhausted { .. } => ErrorClass::Cloud,
+            Self::Timeout { .. } => ErrorClass::Timeout,
+            Self::Refused { .. } | Self::Ambiguous { .. } => ErrorClass::Refused,
+            Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,
+            Self::Host { .. } => ErrorClass::Host,
+        }
+    }
+
+    pub(crate) fn host(volume_id: &str) -> impl FnOnce(cps_blockdev::Error) -> Self + '_ {
+        move |source| {
+            if source.is_refusal() {
+                Self::Refused {
+                    volume_id: volume_id.to_owned(),
+                    source,
+                }
+            } else {
+                Self::Host {
+                    volume_id: volume_id.to_owned(),
+                    source,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The attach flow of cps, written against the [`cps_provider`] and [`cps_blockdev`] traits
+//! only: this crate never talks to AWS or to the kernel itself, so every decision it makes can
+//! be tested on the in-memory cloud and a fake host, and proven on the real ones by the same
+//! code.
+//!
+//! - [`config`] reads and validates the YAML configuration (and command-line overrides).
+//! - [`attach`] claims the volume (reuse, pool, create), waits for it, then has the host find
+//!   the device, format it only if proven empty, mount it and persist the mount.
+//! - [`backoff`] holds the retry and polling schedules every wait uses.
+
+pub mod attach;
+pub mod backoff;
+pub mod config;
+mod error;
+
+pub use attach::{
+    AttachOutcome, Claim, FsOutcome, MountOutcome, Origin, attach, claim_volume, prepare_device,
+};
+pub use config::{AttachConfig, ConfigError, Overrides};
+pub use error::{AttachError, ErrorClass};

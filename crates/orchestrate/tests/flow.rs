@@ -1,0 +1,768 @@
+//! The attach flow on the in-memory cloud and a fake host: races, throttling, slow and stuck
+//! attachments, lost replies and crashes at every step. Time is paused, so a 3-minute timeout
+//! costs nothing; assertions are on counts and states, never on wall time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cps_blockdev::{
+    BlockHost, Device, Error as HostError, Filesystem, FstabEntry, Lookup, MkfsSpec, MountState,
+    Ownership, Probe, Refusal, Verification,
+};
+use cps_orchestrate::attach::{self, Origin};
+use cps_orchestrate::{AttachConfig, AttachError, ErrorClass, FsOutcome, MountOutcome, Overrides};
+use cps_provider::memory::{
+    ATTACH_VOLUME, CREATE_VOLUME, DESCRIBE_VOLUMES, Fault, MemoryCloud, Timing,
+};
+use cps_provider::{AttachmentState, Error as CloudError, InstanceIdentity, Tags};
+
+const AZ: &str = "us-east-1a";
+
+fn config(extra: &str) -> AttachConfig {
+    let text = format!(
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: kafka, role: broker}}\n    size: 10\nmount:\n  target: /data\n  persist: fstab\n  owner: '1000'\n{extra}"
+    );
+    AttachConfig::parse("test.yml", &text, &Overrides::default()).unwrap()
+}
+
+fn tags() -> Tags {
+    config("").tags
+}
+
+fn identity(id: &str) -> InstanceIdentity {
+    InstanceIdentity {
+        instance_id: id.into(),
+        region: "us-east-1".into(),
+        availability_zone: AZ.into(),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Content {
+    Blank,
+    Fs(Filesystem),
+    Foreign(Refusal),
+}
+
+/// What is on each volume, shared by every fake host (the data lives with the volume).
+type Disks = Arc<Mutex<BTreeMap<String, Content>>>;
+
+#[derive(Default)]
+struct HostState {
+    mounts: BTreeMap<PathBuf, String>,
+    fstab: BTreeMap<PathBuf, FstabEntry>,
+    mkfs_runs: u32,
+    ownership_runs: u32,
+    /// Operations that fail once, in order of arming.
+    fail_next: Vec<&'static str>,
+    /// mkfs dies half-way, leaving unnamed data behind.
+    mkfs_interrupted: bool,
+}
+
+/// One instance's view of the machine: the device appears when the cloud says attached.
+struct FakeHost {
+    cloud: MemoryCloud,
+    instance: String,
+    disks: Disks,
+    state: Mutex<HostState>,
+}
+
+impl FakeHost {
+    fn new(cloud: &MemoryCloud, instance: &str, disks: &Disks) -> Arc<Self> {
+        Arc::new(Self {
+            cloud: cloud.clone(),
+            instance: instance.into(),
+            disks: disks.clone(),
+            state: Mutex::new(HostState::default()),
+        })
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, HostState> {
+        self.state.lock().unwrap()
+    }
+
+    fn fail(&self, op: &'static str) -> Result<(), HostError> {
+        let mut st = self.st();
+        if let Some(i) = st.fail_next.iter().position(|o| *o == op) {
+            st.fail_next.remove(i);
+            return Err(HostError::Io {
+                path: PathBuf::from("/dev/fake"),
+                action: op,
+                source: std::io::Error::other("injected host failure"),
+            });
+        }
+        Ok(())
+    }
+
+    fn content(&self, volume_id: &str) -> Content {
+        self.disks
+            .lock()
+            .unwrap()
+            .get(volume_id)
+            .cloned()
+            .unwrap_or(Content::Blank)
+    }
+
+    fn unmount_all(&self) {
+        self.st().mounts.clear();
+    }
+}
+
+impl BlockHost for FakeHost {
+    fn locate(&self, volume_id: &str, _requested: &str) -> Result<Lookup, HostError> {
+        self.fail("locate")?;
+        let attached = self.cloud.volumes().iter().any(|v| {
+            v.id == volume_id
+                && v.attachment_to(&self.instance)
+                    .is_some_and(|a| a.state == AttachmentState::Attached)
+        });
+        Ok(if attached {
+            Lookup::Found(Device {
+                path: PathBuf::from(format!("/dev/fake/{volume_id}")),
+                rdev: volume_id.len() as u64,
+                volume_id: volume_id.into(),
+                verification: Verification::NvmeSerial,
+            })
+        } else {
+            Lookup::NotYet("no device yet".into())
+        })
+    }
+
+    fn mount_state(&self, device: &Device, target: &Path) -> Result<MountState, HostError> {
+        let st = self.st();
+        if let Some(v) = st.mounts.get(target) {
+            return Ok(if *v == device.volume_id {
+                MountState::Mounted {
+                    fstype: "ext4".into(),
+                }
+            } else {
+                MountState::TargetBusy {
+                    source: v.clone(),
+                    fstype: "ext4".into(),
+                }
+            });
+        }
+        Ok(
+            match st.mounts.iter().find(|(_, v)| **v == device.volume_id) {
+                Some((t, _)) => MountState::MountedElsewhere {
+                    mountpoint: t.clone(),
+                },
+                None => MountState::NotMounted,
+            },
+        )
+    }
+
+    fn probe(&self, device: &Device) -> Result<Probe, HostError> {
+        self.fail("probe")?;
+        Ok(match self.content(&device.volume_id) {
+            Content::Blank => Probe::Empty,
+            Content::Fs(fs) => Probe::Filesystem(fs),
+            Content::Foreign(r) => Probe::Refused(r),
+        })
+    }
+
+    fn identify(&self, device: &Device) -> Result<Probe, HostError> {
+        self.probe(device)
+    }
+
+    fn make_filesystem(&self, device: &Device, spec: &MkfsSpec) -> Result<Filesystem, HostError> {
+        // The real host re-probes and refuses; so does the fake, so the flow cannot rely on less.
+        if self.content(&device.volume_id) != Content::Blank {
+            return Err(HostError::AlreadyFormatted {
+                path: device.path.clone(),
+                volume_id: device.volume_id.clone(),
+                fstype: "something".into(),
+            });
+        }
+        if std::mem::take(&mut self.st().mkfs_interrupted) {
+            self.disks.lock().unwrap().insert(
+                device.volume_id.clone(),
+                Content::Foreign(Refusal::UnknownData { offset: 4096 }),
+            );
+            return Err(HostError::Tool {
+                command: "mkfs".into(),
+                status: "killed by a signal".into(),
+                stderr: String::new(),
+            });
+        }
+        self.fail("mkfs")?;
+        let fs = Filesystem {
+            fstype: spec.fstype(),
+            uuid: Some(format!("uuid-{}", device.volume_id)),
+            label: None,
+        };
+        self.st().mkfs_runs += 1;
+        self.disks
+            .lock()
+            .unwrap()
+            .insert(device.volume_id.clone(), Content::Fs(fs.clone()));
+        Ok(fs)
+    }
+
+    fn mount(
+        &self,
+        device: &Device,
+        _fs: &Filesystem,
+        target: &Path,
+        _options: &[String],
+    ) -> Result<(), HostError> {
+        self.fail("mount")?;
+        self.st()
+            .mounts
+            .insert(target.to_path_buf(), device.volume_id.clone());
+        Ok(())
+    }
+
+    fn set_ownership(&self, _target: &Path, _ownership: &Ownership) -> Result<(), HostError> {
+        self.fail("ownership")?;
+        self.st().ownership_runs += 1;
+        Ok(())
+    }
+
+    fn persist(&self, _fstab: &Path, entry: &FstabEntry) -> Result<bool, HostError> {
+        self.fail("persist")?;
+        let old = self.st().fstab.insert(entry.target.clone(), entry.clone());
+        Ok(old.as_ref() != Some(entry))
+    }
+}
+
+struct Bench {
+    cloud: MemoryCloud,
+    disks: Disks,
+    config: AttachConfig,
+}
+
+impl Bench {
+    fn new(timing: Timing) -> Self {
+        Self {
+            cloud: MemoryCloud::new(timing),
+            disks: Disks::default(),
+            config: config(""),
+        }
+    }
+
+    fn instance(&self, id: &str) -> Arc<FakeHost> {
+        self.cloud.with(|w| w.add_instance(id, AZ));
+        FakeHost::new(&self.cloud, id, &self.disks)
+    }
+
+    async fn boot(&self, host: &Arc<FakeHost>) -> Result<attach::AttachOutcome, AttachError> {
+        attach::attach(
+            &self.cloud,
+            host.clone(),
+            &identity(&host.instance),
+            &self.config,
+        )
+        .await
+    }
+
+    fn terminate(&self, host: &FakeHost) {
+        host.unmount_all();
+        self.cloud.with(|w| w.terminate_instance(&host.instance));
+    }
+
+    fn volumes_with_tags(&self) -> usize {
+        let t = tags();
+        self.cloud
+            .volumes()
+            .iter()
+            .filter(|v| t.iter().all(|(k, val)| v.tags.get(k) == Some(val)))
+            .count()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_boot_creates_formats_mounts_and_persists() {
+    let b = Bench::new(Timing::default());
+    let a = b.instance("i-a");
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.origin, Origin::Created);
+    assert!(matches!(out.filesystem, FsOutcome::Created(ref fs) if fs.fstype == "ext4"));
+    assert_eq!(out.mount, MountOutcome::Mounted);
+    assert_eq!(out.fstab_changed, Some(true));
+    assert_eq!(a.st().mkfs_runs, 1);
+    assert_eq!(a.st().ownership_runs, 1);
+    assert_eq!(b.cloud.calls().count(CREATE_VOLUME), 1);
+    assert_eq!(b.cloud.calls().count(ATTACH_VOLUME), 1);
+    let vol = &b.cloud.volumes()[0];
+    assert_eq!(vol.tags, tags(), "created with the configured tags");
+    assert!(vol.encrypted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replacement_gets_the_same_volume_unformatted_and_rerun_is_a_no_op() {
+    let b = Bench::new(Timing::default());
+    let a = b.instance("i-a");
+    let first = b.boot(&a).await.unwrap();
+    b.terminate(&a);
+
+    let new = b.instance("i-b");
+    b.cloud.calls().reset();
+    let second = b.boot(&new).await.unwrap();
+    assert_eq!(second.volume_id, first.volume_id);
+    assert_eq!(second.origin, Origin::Claimed);
+    assert!(
+        matches!(second.filesystem, FsOutcome::Existing(_)),
+        "never reformatted"
+    );
+    assert_eq!(new.st().mkfs_runs, 0);
+    // Reattach: list, attach, one look at the attachment.
+    assert_eq!(
+        b.cloud.calls().snapshot(),
+        BTreeMap::from([(DESCRIBE_VOLUMES, 2), (ATTACH_VOLUME, 1)])
+    );
+
+    b.cloud.calls().reset();
+    let third = b.boot(&new).await.unwrap();
+    assert_eq!(third.origin, Origin::Reused);
+    assert_eq!(third.mount, MountOutcome::AlreadyMounted);
+    assert_eq!(third.fstab_changed, Some(false));
+    assert_eq!(b.cloud.calls().total(), 1, "a re-run only lists");
+    assert_eq!(b.volumes_with_tags(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn losing_the_race_moves_on_to_another_candidate() {
+    let b = Bench::new(Timing::default());
+    let (v1, v2) = b.cloud.with(|w| {
+        w.add_instance("i-rival", AZ);
+        (w.add_volume(AZ, 10, &tags()), w.add_volume(AZ, 10, &tags()))
+    });
+    let me = b.instance("i-me");
+    // Whichever this agent picks first, the rival attaches it just before.
+    let (c1, c2) = (v1.clone(), v2.clone());
+    b.cloud.before_next(ATTACH_VOLUME, move |w| {
+        // The rival takes the first of the two this agent would try.
+        let (first, _) = if cps_orchestrate::backoff::mix(
+            cps_orchestrate::backoff::hash_str("i-me") ^ cps_orchestrate::backoff::hash_str(&c1),
+        ) < cps_orchestrate::backoff::mix(
+            cps_orchestrate::backoff::hash_str("i-me") ^ cps_orchestrate::backoff::hash_str(&c2),
+        ) {
+            (c1, c2)
+        } else {
+            (c2, c1)
+        };
+        w.attach(&first, "i-rival", "/dev/xvdc").unwrap();
+    });
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.origin, Origin::Claimed);
+    assert_eq!(out.attach_attempts, 2, "one lost race, one win");
+    assert!(out.volume_id == v1 || out.volume_id == v2);
+    assert_eq!(b.cloud.calls().count(CREATE_VOLUME), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_only_candidate_is_taken_a_new_volume_is_created() {
+    let b = Bench::new(Timing::default());
+    let v1 = b.cloud.with(|w| {
+        w.add_instance("i-rival", AZ);
+        w.add_volume(AZ, 10, &tags())
+    });
+    let me = b.instance("i-me");
+    b.cloud.before_next(ATTACH_VOLUME, move |w| {
+        w.attach(&v1, "i-rival", "/dev/xvdc").unwrap()
+    });
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.origin, Origin::Created);
+    assert_eq!(b.volumes_with_tags(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_is_retried_with_backoff() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    b.cloud.inject(Fault::throttle(DESCRIBE_VOLUMES, 3));
+    b.cloud.inject(Fault::throttle(CREATE_VOLUME, 2));
+    b.cloud.inject(Fault::throttle(ATTACH_VOLUME, 2));
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.origin, Origin::Created);
+    assert_eq!(b.cloud.calls().count(CREATE_VOLUME), 3);
+    assert_eq!(b.cloud.calls().count(ATTACH_VOLUME), 3);
+    assert_eq!(b.volumes_with_tags(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn endless_throttling_gives_up_with_a_cloud_error() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    b.cloud.inject(Fault::throttle(DESCRIBE_VOLUMES, 1000));
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Cloud);
+    assert!(err.to_string().contains("throttled"), "{err}");
+    assert_eq!(
+        b.cloud.calls().count(DESCRIBE_VOLUMES),
+        6,
+        "bounded by the retry policy"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_attach_is_waited_for_with_few_polls() {
+    let b = Bench::new(Timing {
+        create_delay: Duration::from_secs(4),
+        attach_delay: Duration::from_secs(20),
+        latency: Duration::from_millis(40),
+    });
+    let me = b.instance("i-me");
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.origin, Origin::Created);
+    // 4 s creating + 20 s attaching, polled 100 ms growing to 3 s: about a dozen looks, not 240.
+    let describes = b.cloud.calls().count(DESCRIBE_VOLUMES);
+    assert!((5..=25).contains(&describes), "{describes} DescribeVolumes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attachment_that_never_completes_times_out_clearly() {
+    let b = Bench::new(Timing {
+        attach_delay: Duration::from_secs(3600),
+        ..Timing::default()
+    });
+    let me = b.instance("i-me");
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Timeout);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("timed out after 180s")
+            && msg.contains("to be attached to i-me")
+            && msg.contains("attaching"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_that_never_appears_times_out_clearly() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    me.st().fail_next.clear();
+    // The device lookup fails once with an I/O error: that is a host error, not a wait.
+    me.st().fail_next.push("locate");
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Host);
+
+    // A host that never sees the device: detach behind the agent's back after attach.
+    let b = Bench::new(Timing::default());
+    let other = b.instance("i-other");
+    let host_that_never_sees = FakeHost::new(&b.cloud, "i-nobody", &b.disks);
+    let err = attach::attach(
+        &b.cloud,
+        host_that_never_sees,
+        &identity(&other.instance),
+        &b.config,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Timeout);
+    assert!(err.to_string().contains("kernel device of vol-"), "{err}");
+    assert!(err.to_string().contains("no device yet"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_create_reply_is_retried_into_the_same_volume() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    b.cloud.inject(
+        Fault::fail(
+            CREATE_VOLUME,
+            CloudError::Transient {
+                operation: CREATE_VOLUME,
+                message: "connection reset".into(),
+            },
+        )
+        .after_effect(),
+    );
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.origin, Origin::Created);
+    assert_eq!(b.cloud.calls().count(CREATE_VOLUME), 2);
+    assert_eq!(
+        b.volumes_with_tags(),
+        1,
+        "the client token made the retry return the same volume"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_that_fails_after_tagging_is_claimed_on_the_rerun() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    b.cloud.inject(
+        Fault::fail(
+            CREATE_VOLUME,
+            CloudError::Api {
+                operation: CREATE_VOLUME,
+                code: Some("InternalError".into()),
+                message: "failed after the volume was made".into(),
+            },
+        )
+        .after_effect(),
+    );
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Cloud);
+    assert_eq!(
+        b.volumes_with_tags(),
+        1,
+        "the volume exists, tagged, unattached"
+    );
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.origin, Origin::Claimed);
+    assert_eq!(b.volumes_with_tags(), 1);
+}
+
+/// A crash is a run that stops at some step; the next run (same instance, same disks) must
+/// converge to the same end state: one volume, attached here, formatted once, mounted.
+#[tokio::test(start_paused = true)]
+async fn crash_and_rerun_at_every_step_converges() {
+    let cloud_steps = [DESCRIBE_VOLUMES, CREATE_VOLUME, ATTACH_VOLUME];
+    let host_steps = ["locate", "probe", "mkfs", "mount", "ownership", "persist"];
+    let mut cases: Vec<(String, Box<dyn Fn(&Bench, &FakeHost)>)> = Vec::new();
+    for op in cloud_steps {
+        for after in [false, true] {
+            cases.push((
+                format!(
+                    "{op} ({})",
+                    if after {
+                        "after its effect"
+                    } else {
+                        "before its effect"
+                    }
+                ),
+                Box::new(move |b: &Bench, _h: &FakeHost| {
+                    let f = Fault::fail(
+                        op,
+                        CloudError::Api {
+                            operation: op,
+                            code: Some("Crash".into()),
+                            message: "the agent died here".into(),
+                        },
+                    );
+                    b.cloud.inject(if after { f.after_effect() } else { f });
+                }),
+            ));
+        }
+    }
+    for op in host_steps {
+        cases.push((
+            format!("host {op}"),
+            Box::new(move |_b: &Bench, h: &FakeHost| h.st().fail_next.push(op)),
+        ));
+    }
+    for (name, arm) in cases {
+        let b = Bench::new(Timing {
+            attach_delay: Duration::from_secs(2),
+            create_delay: Duration::from_secs(1),
+            latency: Duration::from_millis(20),
+        });
+        let me = b.instance("i-me");
+        arm(&b, &me);
+        assert!(
+            b.boot(&me).await.is_err(),
+            "{name}: the injected crash did not stop the run"
+        );
+        let out = b
+            .boot(&me)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: rerun failed: {e}"));
+        assert_eq!(b.volumes_with_tags(), 1, "{name}: exactly one volume");
+        assert_eq!(me.st().mkfs_runs, 1, "{name}: formatted exactly once");
+        assert_eq!(
+            me.st().mounts.get(Path::new("/data")),
+            Some(&out.volume_id),
+            "{name}: mounted"
+        );
+        assert_eq!(me.st().fstab.len(), 1, "{name}: one fstab entry");
+        let again = b.boot(&me).await.unwrap();
+        assert_eq!(
+            again.origin,
+            Origin::Reused,
+            "{name}: a third run is a no-op"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_mkfs_leaves_a_device_that_is_refused_not_reformatted() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    me.st().mkfs_interrupted = true;
+    assert_eq!(b.boot(&me).await.unwrap_err().class(), ErrorClass::Host);
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Refused);
+    assert!(
+        err.to_string().contains("wipefs -a"),
+        "says what to do: {err}"
+    );
+    assert_eq!(me.st().mkfs_runs, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn foreign_content_is_refused_and_left_alone() {
+    for refusal in [
+        Refusal::PartitionTable {
+            pttype: "gpt".into(),
+        },
+        Refusal::Signature {
+            kind: "crypto_LUKS".into(),
+            usage: "crypto".into(),
+        },
+    ] {
+        let b = Bench::new(Timing::default());
+        let vol = b.cloud.with(|w| w.add_volume(AZ, 10, &tags()));
+        b.disks
+            .lock()
+            .unwrap()
+            .insert(vol.clone(), Content::Foreign(refusal.clone()));
+        let me = b.instance("i-me");
+        let err = b.boot(&me).await.unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Refused, "{refusal:?}");
+        assert!(err.to_string().contains(&vol), "names the volume: {err}");
+        assert_eq!(me.st().mkfs_runs, 0);
+        assert!(me.st().mounts.is_empty());
+        assert_eq!(b.disks.lock().unwrap()[&vol], Content::Foreign(refusal));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_filesystem_type_is_mounted_not_reformatted() {
+    let b = Bench::new(Timing::default());
+    let vol = b.cloud.with(|w| w.add_volume(AZ, 10, &tags()));
+    let xfs = Filesystem {
+        fstype: "xfs".into(),
+        uuid: Some("u".into()),
+        label: None,
+    };
+    b.disks
+        .lock()
+        .unwrap()
+        .insert(vol, Content::Fs(xfs.clone()));
+    let me = b.instance("i-me");
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.filesystem, FsOutcome::Existing(xfs));
+    assert_eq!(me.st().mkfs_runs, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn volumes_in_other_zones_are_skipped() {
+    let b = Bench::new(Timing::default());
+    let far = b.cloud.with(|w| w.add_volume("us-east-1b", 10, &tags()));
+    let me = b.instance("i-me");
+    let out = b.boot(&me).await.unwrap();
+    assert_eq!(out.origin, Origin::Created);
+    assert_ne!(out.volume_id, far);
+    assert_eq!(
+        b.cloud.calls().count(ATTACH_VOLUME),
+        1,
+        "never tried the far volume"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_matching_volumes_attached_here_is_refused() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    b.cloud.with(|w| {
+        let v1 = w.add_volume(AZ, 10, &tags());
+        let v2 = w.add_volume(AZ, 10, &tags());
+        w.attach(&v1, "i-me", "/dev/xvdc").unwrap();
+        w.attach(&v2, "i-me", "/dev/xvdd").unwrap();
+    });
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Refused);
+    assert!(err.to_string().contains("will not choose"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_device_name_is_a_clear_cloud_error() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    b.cloud.with(|w| {
+        let other = w.add_volume(AZ, 10, &Tags::from([("other".into(), "x".into())]));
+        w.attach(&other, "i-me", "/dev/xvdc").unwrap();
+    });
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Cloud);
+    assert!(
+        err.to_string().contains("choose another block-device"),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn something_else_mounted_at_the_target_is_refused() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    me.st()
+        .mounts
+        .insert(PathBuf::from("/data"), "vol-someone-else".into());
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Refused);
+    assert!(
+        err.to_string().contains("already has vol-someone-else"),
+        "{err}"
+    );
+}
+
+/// N agents boot at once against N pooled volumes (with API latency, so they really overlap):
+/// every agent gets a volume, none is created, and the lost races stay well under N².
+#[tokio::test(start_paused = true)]
+async fn a_herd_claims_the_pool_without_creating_or_piling_up() {
+    for n in [10usize, 50] {
+        let b = Bench::new(Timing {
+            latency: Duration::from_millis(50),
+            ..Timing::default()
+        });
+        b.cloud.with(|w| {
+            for _ in 0..n {
+                w.add_volume(AZ, 10, &tags());
+            }
+        });
+        let ids: Vec<String> = (0..n).map(|i| format!("i-{i:03}")).collect();
+        for id in &ids {
+            b.cloud.with(|w| w.add_instance(id, AZ));
+        }
+        let runs = ids.iter().map(|id| {
+            let (cloud, config, id) = (b.cloud.clone(), b.config.clone(), id.clone());
+            async move {
+                attach::claim_volume(&cloud, &identity(&id), &config, Default::default()).await
+            }
+        });
+        let claims = futures_join_all(runs).await;
+        let mut claimed: Vec<String> = claims.into_iter().map(|c| c.unwrap().volume.id).collect();
+        claimed.sort();
+        claimed.dedup();
+        assert_eq!(claimed.len(), n, "every agent got its own volume");
+        assert_eq!(b.cloud.calls().count(CREATE_VOLUME), 0);
+        let attempts = b.cloud.calls().count(ATTACH_VOLUME);
+        assert!(
+            attempts <= 2 * n as u64,
+            "{attempts} attach attempts for {n} agents"
+        );
+    }
+}
+
+/// Runs futures concurrently on the current task (no extra dependency for a join).
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+    F: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_client_token_is_stable_per_instance_spec_and_attempt() {
+    let c = config("");
+    let spec = attach::volume_spec(&identity("i-a"), &c);
+    let t = attach::client_token(&identity("i-a"), &spec, 0);
+    assert_eq!(t, attach::client_token(&identity("i-a"), &spec, 0));
+    assert_ne!(t, attach::client_token(&identity("i-b"), &spec, 0));
+    assert_ne!(t, attach::client_token(&identity("i-a"), &spec, 1));
+    assert!(t.len() <= 64 && t.is_ascii());
+}

@@ -1,0 +1,138 @@
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Resource tags, ordered so that anything derived from them (logs, tokens) is stable.
+pub type Tags = BTreeMap<String, String>;
+
+/// Who and where this machine is, as the instance metadata service reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceIdentity {
+    pub instance_id: String,
+    pub region: String,
+    pub availability_zone: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VolumeState {
+    Creating,
+    Available,
+    InUse,
+    Deleting,
+    Deleted,
+    Error,
+    Other(String),
+}
+
+impl VolumeState {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "creating" => Self::Creating,
+            "available" => Self::Available,
+            "in-use" => Self::InUse,
+            "deleting" => Self::Deleting,
+            "deleted" => Self::Deleted,
+            "error" => Self::Error,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for VolumeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Creating => "creating",
+            Self::Available => "available",
+            Self::InUse => "in-use",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+            Self::Error => "error",
+            Self::Other(s) => s,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttachmentState {
+    Attaching,
+    Attached,
+    Detaching,
+    Detached,
+    Busy,
+    Other(String),
+}
+
+impl AttachmentState {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "attaching" => Self::Attaching,
+            "attached" => Self::Attached,
+            "detaching" => Self::Detaching,
+            "detached" => Self::Detached,
+            "busy" => Self::Busy,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for AttachmentState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Attaching => "attaching",
+            Self::Attached => "attached",
+            Self::Detaching => "detaching",
+            Self::Detached => "detached",
+            Self::Busy => "busy",
+            Self::Other(s) => s,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub instance_id: String,
+    /// The device name requested at attach time (`/dev/xvdc`), not the kernel's name for it.
+    pub device: String,
+    pub state: AttachmentState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Volume {
+    pub id: String,
+    pub availability_zone: String,
+    pub size_gib: i32,
+    pub volume_type: String,
+    pub encrypted: bool,
+    pub state: VolumeState,
+    pub attachments: Vec<Attachment>,
+    pub tags: Tags,
+}
+
+impl Volume {
+    /// The attachment of this volume to `instance_id`, if any (in whatever state).
+    pub fn attachment_to(&self, instance_id: &str) -> Option<&Attachment> {
+        self.attachments
+            .iter()
+            .find(|a| a.instance_id == instance_id)
+    }
+
+    /// Instances other than `instance_id` holding an attachment, for logs and errors.
+    pub fn holders_other_than(&self, instance_id: &str) -> Vec<&Attachment> {
+        self.attachments
+            .iter()
+            .filter(|a| a.instance_id != instance_id && a.state != AttachmentState::Detached)
+            .collect()
+    }
+}
+
+/// What to create when no existing volume can be claimed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VolumeSpec {
+    pub availability_zone: String,
+    pub size_gib: i32,
+    pub volume_type: String,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub tags: Tags,
+}
