@@ -1,1 +1,293 @@
-fn main() {}
+//! cps-attach: at boot, claim this node's EBS volume (or create it), attach it, find and verify
+//! its device, make a filesystem only if the device is proven empty, and mount it.
+//!
+//! This binary only parses arguments, sets up logging, calls `run()` and maps errors to the
+//! documented exit codes; the flow lives in cps-orchestrate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use cps_orchestrate::{AttachConfig, AttachError, ErrorClass, FsOutcome, MountOutcome, Overrides};
+use tracing::{error, info};
+
+/// Exit codes (documented in the README).
+mod exit {
+    pub const CONFIG: u8 = 3;
+    pub const CLOUD: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    pub const TIMEOUT: u8 = 6;
+    pub const HOST: u8 = 7;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "cps-attach", version, about = "Attach, format-if-empty and mount this node's persistent EBS volume")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+
+    #[command(flatten)]
+    common: Common,
+
+    #[command(flatten)]
+    overrides: OverrideArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Attach and mount the volume (the default).
+    Run,
+    /// Check a configuration file and print the effective settings; touches nothing.
+    Validate,
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Configuration file.
+    #[arg(short, long, env = "CPS_CONFIG", global = true, default_value = cps_orchestrate::config::DEFAULT_PATH)]
+    config: PathBuf,
+
+    /// Log format on stderr.
+    #[arg(long, env = "CPS_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Instance metadata endpoint (default: the link-local IMDS).
+    #[arg(long, env = "CPS_IMDS_ENDPOINT", global = true)]
+    imds_endpoint: Option<String>,
+
+    /// EC2 API endpoint (default: the region's).
+    #[arg(long, env = "CPS_AWS_ENDPOINT", global = true)]
+    aws_endpoint: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Each wins over the configuration file (see docs/configuration.md).
+#[derive(Args, Debug)]
+struct OverrideArgs {
+    /// EC2 device name to attach as (block-device).
+    #[arg(long, env = "CPS_BLOCK_DEVICE", global = true)]
+    block_device: Option<String>,
+    /// KEY=VALUE; repeatable; replaces ebs-tags (CPS_TAGS: comma-separated).
+    #[arg(long = "tag", env = "CPS_TAGS", global = true, value_delimiter = ',', value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// gp3, gp2, io2, io1, st1, sc1 or standard.
+    #[arg(long, env = "CPS_VOLUME_TYPE", global = true)]
+    volume_type: Option<String>,
+    /// Size in GiB of a volume created when none can be claimed.
+    #[arg(long, env = "CPS_SIZE", global = true)]
+    size: Option<i64>,
+    #[arg(long, env = "CPS_IOPS", global = true)]
+    iops: Option<i64>,
+    /// MiB/s (gp3).
+    #[arg(long, env = "CPS_THROUGHPUT", global = true)]
+    throughput: Option<i64>,
+    #[arg(long, env = "CPS_ENCRYPTED", global = true)]
+    encrypted: Option<bool>,
+    #[arg(long, env = "CPS_KMS_KEY_ID", global = true)]
+    kms_key_id: Option<String>,
+    /// ext4, xfs or btrfs (replaces file-system.mkfs).
+    #[arg(long, env = "CPS_FS_TYPE", global = true)]
+    fs_type: Option<String>,
+    #[arg(long, env = "CPS_FS_LABEL", global = true)]
+    fs_label: Option<String>,
+    #[arg(long, env = "CPS_MOUNT_TARGET", global = true)]
+    mount_target: Option<String>,
+    /// Repeatable or comma-separated; replaces mount.options.
+    #[arg(long = "mount-option", env = "CPS_MOUNT_OPTIONS", global = true, value_delimiter = ',')]
+    mount_options: Option<Vec<String>>,
+    #[arg(long, env = "CPS_OWNER", global = true)]
+    owner: Option<String>,
+    #[arg(long, env = "CPS_GROUP", global = true)]
+    group: Option<String>,
+    /// Octal, like 0750.
+    #[arg(long, env = "CPS_MODE", global = true)]
+    mode: Option<String>,
+    /// fstab or none.
+    #[arg(long, env = "CPS_PERSIST", global = true)]
+    persist: Option<String>,
+    #[arg(long, env = "CPS_FSTAB", global = true)]
+    fstab: Option<String>,
+    #[arg(long, env = "CPS_CREATE_TIMEOUT", global = true)]
+    create_timeout: Option<String>,
+    #[arg(long, env = "CPS_ATTACH_TIMEOUT", global = true)]
+    attach_timeout: Option<String>,
+    #[arg(long, env = "CPS_DEVICE_TIMEOUT", global = true)]
+    device_timeout: Option<String>,
+    /// Where device nodes and disk/by-id links are (default /dev).
+    #[arg(long, env = "CPS_DEVICE_ROOT", global = true)]
+    device_root: Option<String>,
+    /// Where sysfs is (default /sys).
+    #[arg(long, env = "CPS_SYSFS_ROOT", global = true)]
+    sysfs_root: Option<String>,
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+impl From<OverrideArgs> for Overrides {
+    fn from(a: OverrideArgs) -> Self {
+        Overrides {
+            block_device: a.block_device,
+            tags: a.tags,
+            volume_type: a.volume_type,
+            size: a.size,
+            iops: a.iops,
+            throughput: a.throughput,
+            encrypted: a.encrypted,
+            kms_key_id: a.kms_key_id,
+            fs_type: a.fs_type,
+            fs_label: a.fs_label,
+            mount_target: a.mount_target,
+            mount_options: a.mount_options,
+            owner: a.owner,
+            group: a.group,
+            mode: a.mode,
+            persist: a.persist,
+            fstab: a.fstab,
+            create_timeout: a.create_timeout,
+            attach_timeout: a.attach_timeout,
+            device_timeout: a.device_timeout,
+            device_root: a.device_root,
+            sysfs_root: a.sysfs_root,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_ec2=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+enum Failure {
+    Identity(cps_aws::Error),
+    Attach(AttachError),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Self::Identity(_) => exit::CLOUD,
+            Self::Attach(e) => match e.class() {
+                ErrorClass::Cloud => exit::CLOUD,
+                ErrorClass::Refused => exit::REFUSED,
+                ErrorClass::Timeout => exit::TIMEOUT,
+                ErrorClass::Host => exit::HOST,
+            },
+        }
+    }
+}
+
+async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
+    let identity = cps_aws::fetch_identity(common.imds_endpoint.as_deref())
+        .await
+        .map_err(Failure::Identity)?;
+    info!(instance_id = %identity.instance_id, zone = %identity.availability_zone, region = %identity.region, "instance identity");
+    let mut settings = cps_aws::AwsSettings::new(identity.region.clone());
+    settings.endpoint_url = common.aws_endpoint.clone();
+    let cloud = cps_aws::Ec2Volumes::new(&settings.load().await);
+    let host = Arc::new(cps_blockdev::LinuxHost::new(&config.device_root, &config.sysfs_root));
+    let out = cps_orchestrate::attach(&cloud, host, &identity, &config)
+        .await
+        .map_err(Failure::Attach)?;
+    let (formatted, fs) = match &out.filesystem {
+        FsOutcome::Created(fs) => (true, fs),
+        FsOutcome::Existing(fs) => (false, fs),
+    };
+    info!(
+        volume_id = %out.volume_id,
+        origin = ?out.origin,
+        device = %out.device.display(),
+        fstype = %fs.fstype,
+        uuid = fs.uuid.as_deref().unwrap_or(""),
+        formatted,
+        target = %config.mount.target.display(),
+        already_mounted = out.mount == MountOutcome::AlreadyMounted,
+        attach_attempts = out.attach_attempts,
+        api_calls = cloud.calls().total(),
+        calls = %cloud.calls().snapshot().iter().map(|(op, n)| format!("{op}={n}")).collect::<Vec<_>>().join(","),
+        "volume ready"
+    );
+    Ok(())
+}
+
+fn validate(config: &AttachConfig, path: &std::path::Path) {
+    println!("{}: valid", path.display());
+    println!("  block-device: {}", config.block_device);
+    let tags: Vec<String> = config.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("  tags: {}", tags.join(", "));
+    let v = &config.volume;
+    println!(
+        "  volume: {} {} GiB{}{} encrypted={}{}",
+        v.volume_type,
+        v.size_gib,
+        v.iops.map(|i| format!(" iops={i}")).unwrap_or_default(),
+        v.throughput.map(|t| format!(" throughput={t}")).unwrap_or_default(),
+        v.encrypted,
+        v.kms_key_id.as_deref().map(|k| format!(" kms-key-id={k}")).unwrap_or_default(),
+    );
+    println!("  filesystem: {} ({:?})", config.mkfs.fstype(), config.mkfs);
+    println!("  mount: {} options={:?}", config.mount.target.display(), config.mount.options);
+    if let Some(fstab) = &config.mount.fstab {
+        println!("  persist: {}", fstab.display());
+    }
+    let t = &config.timeouts;
+    println!("  timeouts: create={:?} attach={:?} device={:?}", t.create, t.attach, t.device);
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.common.log_format);
+    let is_validate = matches!(cli.command, Some(Cmd::Validate));
+    // The default path may be absent when flags carry everything; a named file must exist,
+    // and validate always needs one.
+    let explicit = is_validate
+        || cli.common.config != std::path::Path::new(cps_orchestrate::config::DEFAULT_PATH);
+    let overrides: Overrides = cli.overrides.into();
+    let config = match AttachConfig::load(&cli.common.config, explicit, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            if is_validate {
+                eprintln!("{e}");
+            } else {
+                error!("{e}");
+            }
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    if is_validate {
+        validate(&config, &cli.common.config);
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&cli.common, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            match &f {
+                Failure::Identity(e) => error!("cannot read the instance identity: {e}"),
+                Failure::Attach(e) => error!("{e}"),
+            }
+            ExitCode::from(f.code())
+        }
+    }
+}

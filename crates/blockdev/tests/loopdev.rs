@@ -3,10 +3,8 @@
 //! Needs root and the filesystem tools (ci/setup installs them). Locally the tier skips with one
 //! line when they are missing; in CI it fails instead.
 
-use std::collections::hash_map::DefaultHasher;
 use std::fs;
-use std::hash::Hasher;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -50,18 +48,8 @@ fn device_of(l: &LoopDevice) -> Device {
     }
 }
 
-/// A hash of the whole backing file: "untouched" means byte for byte.
 fn fingerprint(l: &LoopDevice) -> u64 {
-    let mut f = fs::File::open(l.backing_file()).unwrap();
-    let mut h = DefaultHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            return h.finish();
-        }
-        h.write(&buf[..n]);
-    }
+    cps_fixtures::fingerprint(l.backing_file()).unwrap()
 }
 
 fn kernel_has(fstype: &str) -> bool {

@@ -1,0 +1,130 @@
+//! The AWS emulator process (moto plus the patch layer in `ci/emulator/cps_emulator.py`).
+
+use std::io::{self, BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+
+/// Region every bench instance lives in.
+pub const REGION: &str = "us-east-1";
+
+/// The repository root (the bench runs from a checkout).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// The venv ci/setup creates: `CPS_EMULATOR_VENV`, else `~/.cache/cps-bench/moto-5.2.5`.
+pub fn venv() -> PathBuf {
+    if let Some(v) = std::env::var_os("CPS_EMULATOR_VENV") {
+        return PathBuf::from(v);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    cache.join("cps-bench/moto-5.2.5")
+}
+
+pub fn python() -> PathBuf {
+    venv().join("bin/python")
+}
+
+/// Simulated durations of EC2 state changes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Delays {
+    pub attach: Duration,
+    pub create: Duration,
+}
+
+/// A running emulator on 127.0.0.1; stopped (SIGINT, then SIGKILL) on drop.
+pub struct Emulator {
+    child: Child,
+    endpoint: String,
+    log: PathBuf,
+}
+
+impl Emulator {
+    pub fn start(delays: Delays, log: PathBuf) -> io::Result<Self> {
+        let script = repo_root().join("ci/emulator/cps_emulator.py");
+        let log_file = std::fs::File::create(&log)?;
+        let mut child = Command::new(python())
+            .arg(&script)
+            .args(["--port", "0"])
+            .arg("--attach-delay")
+            .arg(delays.attach.as_secs_f64().to_string())
+            .arg("--create-delay")
+            .arg(delays.create.as_secs_f64().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| io::Error::other(format!("starting {}: {e} (run ci/setup)", python().display())))?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let Some(addr) = line.trim().strip_prefix("cps-emulator listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(15).collect();
+            return Err(io::Error::other(format!(
+                "the emulator did not start (got {line:?}); its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        };
+        Ok(Self {
+            endpoint: format!("http://{addr}"),
+            child,
+            log,
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn log(&self) -> &PathBuf {
+        &self.log
+    }
+
+    /// An EC2 client for the emulator, as the bench's own tooling uses it.
+    pub fn ec2(&self) -> aws_sdk_ec2::Client {
+        client_for(&self.endpoint)
+    }
+}
+
+/// An EC2 client with static test credentials for an emulator endpoint.
+pub fn client_for(endpoint: &str) -> aws_sdk_ec2::Client {
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "cps-bench"))
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
+        }
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,240 @@
+//! A stand-in for udev and the Nitro NVMe driver.
+//!
+//! It watches the emulator; when a volume is attached to a simulated instance it backs the
+//! volume with a loop device (a sparse file sized like the volume, kept across attachments so
+//! data survives), and shows it to that instance only: the
+//! `disk/by-id/nvme-Amazon_Elastic_Block_Store_vol…` link under the instance's device root, and
+//! `block/<loopN>/{dev,device/serial}` under its sysfs root. When the volume leaves the instance
+//! (detach, termination) it lazily unmounts whatever was mounted from it — the machine is gone —
+//! and removes link, sysfs entry and loop device. Devices appear a little after the attachment,
+//! as on EC2.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cps_blockdev::nvme_link_name;
+
+/// Root devices moto creates inside RunInstances; they are not ours to back.
+const ROOT_DEVICES: [&str; 2] = ["/dev/sda1", "/dev/xvda"];
+const TICK: Duration = Duration::from_millis(50);
+
+/// What one simulated instance sees of devices.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub dev_root: PathBuf,
+    pub sys_root: PathBuf,
+}
+
+struct Backed {
+    instance: String,
+    loop_device: PathBuf,
+    link: PathBuf,
+    sys_dir: PathBuf,
+}
+
+#[derive(Default)]
+struct State {
+    machines: BTreeMap<String, Machine>,
+    backed: BTreeMap<String, Backed>,
+    /// First time an attachment was seen, for the appearance delay.
+    seen: BTreeMap<(String, String), Instant>,
+    errors: Vec<String>,
+    events: Vec<String>,
+}
+
+pub struct FakeUdev {
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FakeUdev {
+    /// Starts watching `endpoint`; volume images live in `storage`.
+    pub fn start(endpoint: &str, storage: PathBuf, appear_after: Duration) -> io::Result<Self> {
+        std::fs::create_dir_all(&storage)?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (state, stop, endpoint) = (state.clone(), stop.clone(), endpoint.to_owned());
+            std::thread::Builder::new().name("fake-udev".into()).spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let ec2 = crate::emulator::client_for(&endpoint);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = rt.block_on(tick(&ec2, &state, &storage, appear_after)) {
+                        lock(&state).errors.push(e);
+                    }
+                    std::thread::sleep(TICK);
+                }
+            })?
+        };
+        Ok(Self {
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Makes devices attached to `instance_id` visible under `machine`'s roots.
+    pub fn add_machine(&self, instance_id: &str, machine: Machine) {
+        lock(&self.state).machines.insert(instance_id.to_owned(), machine);
+    }
+
+    /// Problems the watcher ran into (a test should see none).
+    pub fn errors(&self) -> Vec<String> {
+        lock(&self.state).errors.clone()
+    }
+
+    /// What it did, in order ("backed vol-… for i-… as /dev/loop3", "removed …").
+    pub fn events(&self) -> Vec<String> {
+        lock(&self.state).events.clone()
+    }
+
+    /// The loop device currently backing `volume_id`, if any.
+    pub fn device_of(&self, volume_id: &str) -> Option<PathBuf> {
+        lock(&self.state).backed.get(volume_id).map(|b| b.loop_device.clone())
+    }
+
+    /// Waits (bounded) until `volume_id` is backed or not, as wanted.
+    pub fn wait_backed(&self, volume_id: &str, backed: bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.device_of(volume_id).is_some() == backed {
+                return true;
+            }
+            std::thread::sleep(TICK);
+        }
+        false
+    }
+}
+
+impl Drop for FakeUdev {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut state = lock(&self.state);
+        let all: Vec<String> = state.backed.keys().cloned().collect();
+        for volume_id in all {
+            if let Some(b) = state.backed.remove(&volume_id) {
+                if let Err(e) = unback(&b) {
+                    eprintln!("fake udev cleanup: {volume_id}: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn tick(ec2: &aws_sdk_ec2::Client, state: &Mutex<State>, storage: &Path, appear_after: Duration) -> Result<(), String> {
+    let mut attached: BTreeMap<String, (String, i32)> = BTreeMap::new();
+    let mut token = None;
+    for _ in 0..1000 {
+        let page = ec2
+            .describe_volumes()
+            .max_results(500)
+            .set_next_token(token.take())
+            .send()
+            .await
+            .map_err(|e| format!("DescribeVolumes: {}", aws_sdk_ec2::error::DisplayErrorContext(&e)))?;
+        for v in page.volumes() {
+            for a in v.attachments() {
+                let device = a.device().unwrap_or_default();
+                let is_attached = a.state().map(|s| s.as_str()) == Some("attached");
+                if is_attached && !ROOT_DEVICES.contains(&device) {
+                    attached.insert(
+                        v.volume_id().unwrap_or_default().to_owned(),
+                        (a.instance_id().unwrap_or_default().to_owned(), v.size().unwrap_or(1)),
+                    );
+                }
+            }
+        }
+        match page.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+            _ => break,
+        }
+    }
+
+    let mut st = lock(state);
+    // Gone or moved: tear down.
+    let stale: Vec<String> = st
+        .backed
+        .iter()
+        .filter(|(vol, b)| attached.get(*vol).is_none_or(|(i, _)| *i != b.instance))
+        .map(|(vol, _)| vol.clone())
+        .collect();
+    for vol in stale {
+        let b = st.backed.remove(&vol).expect("listed");
+        match unback(&b) {
+            Ok(()) => st.events.push(format!("removed {vol} from {}", b.instance)),
+            Err(e) => st.errors.push(format!("removing {vol}: {e}")),
+        }
+    }
+    let now = Instant::now();
+    st.seen.retain(|(vol, inst), _| attached.get(vol).is_some_and(|(i, _)| i == inst));
+    // New: back them once they have been attached for a moment.
+    for (vol, (instance, size_gib)) in attached {
+        if st.backed.contains_key(&vol) {
+            continue;
+        }
+        let Some(machine) = st.machines.get(&instance).cloned() else {
+            continue;
+        };
+        let first = *st.seen.entry((vol.clone(), instance.clone())).or_insert(now);
+        if now.duration_since(first) < appear_after {
+            continue;
+        }
+        match back(&vol, size_gib, &machine, storage) {
+            Ok((loop_device, link, sys_dir)) => {
+                st.events.push(format!("backed {vol} for {instance} as {}", loop_device.display()));
+                st.backed.insert(
+                    vol,
+                    Backed {
+                        instance,
+                        loop_device,
+                        link,
+                        sys_dir,
+                    },
+                );
+            }
+            Err(e) => st.errors.push(format!("backing {vol}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn back(volume_id: &str, size_gib: i32, machine: &Machine, storage: &Path) -> io::Result<(PathBuf, PathBuf, PathBuf)> {
+    let image = storage.join(format!("{volume_id}.img"));
+    if !image.exists() {
+        std::fs::File::create(&image)?.set_len(u64::try_from(size_gib.max(1)).unwrap_or(1) << 30)?;
+    }
+    let loop_device = cps_fixtures::losetup(&image)?;
+    let name = loop_device.file_name().expect("loop device name").to_owned();
+    let by_id = machine.dev_root.join("disk/by-id");
+    std::fs::create_dir_all(&by_id)?;
+    let link = by_id.join(nvme_link_name(volume_id));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&loop_device, &link)?;
+    let sys_dir = machine.sys_root.join("block").join(&name);
+    std::fs::create_dir_all(sys_dir.join("device"))?;
+    // The NVMe controller pads its serial; the agent must trim it.
+    std::fs::write(sys_dir.join("device/serial"), format!("{:<20}\n", volume_id.replace('-', "")))?;
+    let rdev = std::fs::metadata(&loop_device)?.rdev();
+    std::fs::write(sys_dir.join("dev"), format!("{}:{}\n", libc::major(rdev), libc::minor(rdev)))?;
+    Ok((loop_device, link, sys_dir))
+}
+
+fn unback(b: &Backed) -> io::Result<()> {
+    let _ = std::fs::remove_file(&b.link);
+    let _ = std::fs::remove_dir_all(&b.sys_dir);
+    cps_fixtures::release_loop(&b.loop_device)
+}
