@@ -22,7 +22,11 @@ mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "cps-attach", version, about = "Attach, format-if-empty and mount this node's persistent EBS volume")]
+#[command(
+    name = "cps-attach",
+    version,
+    about = "Attach, format-if-empty and mount this node's persistent EBS volume"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -99,7 +103,12 @@ struct OverrideArgs {
     #[arg(long, env = "CPS_MOUNT_TARGET", global = true)]
     mount_target: Option<String>,
     /// Repeatable or comma-separated; replaces mount.options.
-    #[arg(long = "mount-option", env = "CPS_MOUNT_OPTIONS", global = true, value_delimiter = ',')]
+    #[arg(
+        long = "mount-option",
+        env = "CPS_MOUNT_OPTIONS",
+        global = true,
+        value_delimiter = ','
+    )]
     mount_options: Option<Vec<String>>,
     #[arg(long, env = "CPS_OWNER", global = true)]
     owner: Option<String>,
@@ -164,9 +173,14 @@ impl From<OverrideArgs> for Overrides {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_ec2=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_ec2=warn",
+        )
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -200,7 +214,10 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     let mut settings = cps_aws::AwsSettings::new(identity.region.clone());
     settings.endpoint_url = common.aws_endpoint.clone();
     let cloud = cps_aws::Ec2Volumes::new(&settings.load().await);
-    let host = Arc::new(cps_blockdev::LinuxHost::new(&config.device_root, &config.sysfs_root));
+    let host = Arc::new(cps_blockdev::LinuxHost::new(
+        &config.device_root,
+        &config.sysfs_root,
+    ));
     let out = cps_orchestrate::attach(&cloud, host, &identity, &config)
         .await
         .map_err(Failure::Attach)?;
@@ -228,7 +245,11 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
 fn validate(config: &AttachConfig, path: &std::path::Path) {
     println!("{}: valid", path.display());
     println!("  block-device: {}", config.block_device);
-    let tags: Vec<String> = config.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let tags: Vec<String> = config
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     println!("  tags: {}", tags.join(", "));
     let v = &config.volume;
     println!(
@@ -236,17 +257,29 @@ fn validate(config: &AttachConfig, path: &std::path::Path) {
         v.volume_type,
         v.size_gib,
         v.iops.map(|i| format!(" iops={i}")).unwrap_or_default(),
-        v.throughput.map(|t| format!(" throughput={t}")).unwrap_or_default(),
+        v.throughput
+            .map(|t| format!(" throughput={t}"))
+            .unwrap_or_default(),
         v.encrypted,
-        v.kms_key_id.as_deref().map(|k| format!(" kms-key-id={k}")).unwrap_or_default(),
+        v.kms_key_id
+            .as_deref()
+            .map(|k| format!(" kms-key-id={k}"))
+            .unwrap_or_default(),
     );
     println!("  filesystem: {} ({:?})", config.mkfs.fstype(), config.mkfs);
-    println!("  mount: {} options={:?}", config.mount.target.display(), config.mount.options);
+    println!(
+        "  mount: {} options={:?}",
+        config.mount.target.display(),
+        config.mount.options
+    );
     if let Some(fstab) = &config.mount.fstab {
         println!("  persist: {}", fstab.display());
     }
     let t = &config.timeouts;
-    println!("  timeouts: create={:?} attach={:?} device={:?}", t.create, t.attach, t.device);
+    println!(
+        "  timeouts: create={:?} attach={:?} device={:?}",
+        t.create, t.attach, t.device
+    );
 }
 
 fn main() -> ExitCode {
@@ -273,7 +306,11 @@ fn main() -> ExitCode {
         validate(&config, &cli.common.config);
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!("cannot start the async runtime: {e}");

@@ -61,11 +61,18 @@ impl Run {
         self.log
             .iter()
             .find(|l| l["message"] == "volume ready")
-            .unwrap_or_else(|| panic!("no 'volume ready' line (exit {}):\n{}", self.code, self.stderr))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no 'volume ready' line (exit {}):\n{}",
+                    self.code, self.stderr
+                )
+            })
     }
 
     fn said(&self, text: &str) -> bool {
-        self.log.iter().any(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
+        self.log
+            .iter()
+            .any(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
     }
 }
 
@@ -77,7 +84,10 @@ fn run(bench: &Bench, instance: &Instance, config: &Path, extra_env: &[(&str, &s
     }
     let Output { status, stderr, .. } = cmd.output().expect("run cps-attach");
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
-    let log = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let log = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     Run {
         code: status.code().unwrap_or(-1),
         log,
@@ -92,7 +102,10 @@ fn write_config(instance: &Instance, text: &str) -> PathBuf {
 }
 
 fn tags(pairs: &[(&str, &str)]) -> Tags {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// The replacement story: A creates and formats, B gets the same data back, B re-runs as a
@@ -151,10 +164,20 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
     assert!(is_mountpoint(&mount));
     std::fs::write(mount.join("precious.txt"), "written by A").unwrap();
     let fstab = std::fs::read_to_string(bench.dir().join("fstab")).unwrap();
-    assert!(fstab.contains(&format!("UUID={} {} xfs noatime,nofail 0 0", ready["uuid"].as_str().unwrap(), mount.display())), "{fstab}");
+    assert!(
+        fstab.contains(&format!(
+            "UUID={} {} xfs noatime,nofail 0 0",
+            ready["uuid"].as_str().unwrap(),
+            mount.display()
+        )),
+        "{fstab}"
+    );
 
     bench.terminate(&a).await.unwrap();
-    assert!(bench.wait_devices_gone(&[&volume_id]), "A's devices were not taken away");
+    assert!(
+        bench.wait_devices_gone(&[&volume_id]),
+        "A's devices were not taken away"
+    );
     assert!(!is_mountpoint(&mount), "A's mount went away with A");
 
     let b = bench.launch("us-east-1a").await.unwrap();
@@ -165,12 +188,23 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
     assert_eq!(ready["volume_id"], volume_id.as_str(), "B got A's volume");
     assert_eq!(ready["origin"], "Claimed");
     assert_eq!(ready["formatted"], false, "never reformatted");
-    assert_eq!(std::fs::read_to_string(mount.join("precious.txt")).unwrap(), "written by A");
+    assert_eq!(
+        std::fs::read_to_string(mount.join("precious.txt")).unwrap(),
+        "written by A"
+    );
     // Reattach: one listing, one AttachVolume, then DescribeVolumes polls during the 400 ms the
     // emulator takes to attach (100 ms, then growing): a handful, not dozens.
     let calls = ready["calls"].as_str().unwrap();
-    assert!(calls.contains("AttachVolume=1") && !calls.contains("CreateVolume"), "{calls}");
-    let describes: u64 = calls.split(',').find_map(|c| c.strip_prefix("DescribeVolumes=")).unwrap().parse().unwrap();
+    assert!(
+        calls.contains("AttachVolume=1") && !calls.contains("CreateVolume"),
+        "{calls}"
+    );
+    let describes: u64 = calls
+        .split(',')
+        .find_map(|c| c.strip_prefix("DescribeVolumes="))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((2..=7).contains(&describes), "{calls}");
 
     let third = run(&bench, &b, &config_b, &[]);
@@ -179,10 +213,21 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
     assert_eq!(third.ready()["already_mounted"], true);
     assert_eq!(third.ready()["api_calls"], 1, "a re-run only lists");
     let volumes = bench.volumes_tagged(&node_tags).await;
-    assert_eq!(volumes.len(), 2, "the far volume and the node's: no second volume in us-east-1a");
+    assert_eq!(
+        volumes.len(),
+        2,
+        "the far volume and the node's: no second volume in us-east-1a"
+    );
     let far_now = volumes.iter().find(|v| v.id == far.id).unwrap();
-    assert!(far_now.attachments.is_empty(), "the far volume was never attached");
-    assert!(bench.udev().errors().is_empty(), "{:?}", bench.udev().errors());
+    assert!(
+        far_now.attachments.is_empty(),
+        "the far volume was never attached"
+    );
+    assert!(
+        bench.udev().errors().is_empty(),
+        "{:?}",
+        bench.udev().errors()
+    );
 }
 
 /// The original tool's README example, unchanged on disk; only the mount point is moved off the
@@ -197,16 +242,33 @@ async fn the_seed_example_config_works_unchanged() {
     let config = write_config(&a, SEED_EXAMPLE);
     let mount = bench.dir().join("mnt");
     let _guard = MountGuard(mount.clone());
-    let out = run(&bench, &a, &config, &[("CPS_MOUNT_TARGET", mount.to_str().unwrap())]);
+    let out = run(
+        &bench,
+        &a,
+        &config,
+        &[("CPS_MOUNT_TARGET", mount.to_str().unwrap())],
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ready()["fstype"], "ext4");
-    let volumes = bench.volumes_tagged(&tags(&[("environment", "Production"), ("role", "PostgreSQL")])).await;
+    let volumes = bench
+        .volumes_tagged(&tags(&[
+            ("environment", "Production"),
+            ("role", "PostgreSQL"),
+        ]))
+        .await;
     assert_eq!(volumes.len(), 1);
-    assert_eq!((volumes[0].size_gib, volumes[0].volume_type.as_str()), (200, "gp2"));
+    assert_eq!(
+        (volumes[0].size_gib, volumes[0].volume_type.as_str()),
+        (200, "gp2")
+    );
     assert!(volumes[0].encrypted, "encrypted by default");
     let device = bench.udev().device_of(&volumes[0].id).unwrap();
     let tune = cps_fixtures::run("tune2fs", &["-l", device.to_str().unwrap()]).unwrap();
-    assert!(tune.lines().any(|l| l.starts_with("Reserved block count:") && l.ends_with(" 0")), "-m 0 applied");
+    assert!(
+        tune.lines()
+            .any(|l| l.starts_with("Reserved block count:") && l.ends_with(" 0")),
+        "-m 0 applied"
+    );
 }
 
 /// A volume holding a partition table is refused with exit code 5 and left byte for byte.
@@ -237,8 +299,15 @@ async fn a_partitioned_volume_is_refused_and_untouched() {
     // What a previous owner left on it: a GPT (the image is the volume's data).
     let image = bench.dir().join("volumes").join(format!("{}.img", vol.id));
     std::fs::create_dir_all(image.parent().unwrap()).unwrap();
-    std::fs::File::create(&image).unwrap().set_len(1 << 30).unwrap();
-    cps_fixtures::run("sgdisk", &["-o", "-n", "1:2048:+64M", image.to_str().unwrap()]).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    cps_fixtures::run(
+        "sgdisk",
+        &["-o", "-n", "1:2048:+64M", image.to_str().unwrap()],
+    )
+    .unwrap();
     let before = cps_fixtures::fingerprint(&image).unwrap();
 
     let a = bench.launch("us-east-1a").await.unwrap();
@@ -250,10 +319,22 @@ async fn a_partitioned_volume_is_refused_and_untouched() {
         ),
     );
     let out = run(&bench, &a, &config, &[]);
-    assert_eq!(out.code, 5, "refused-unsafe-device exit code:\n{}", out.stderr);
+    assert_eq!(
+        out.code, 5,
+        "refused-unsafe-device exit code:\n{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("gpt partition table"), "{}", out.stderr);
-    assert!(out.stderr.contains(&vol.id), "names the volume: {}", out.stderr);
-    assert_eq!(cps_fixtures::fingerprint(&image).unwrap(), before, "not one byte changed");
+    assert!(
+        out.stderr.contains(&vol.id),
+        "names the volume: {}",
+        out.stderr
+    );
+    assert_eq!(
+        cps_fixtures::fingerprint(&image).unwrap(),
+        before,
+        "not one byte changed"
+    );
     assert!(!is_mountpoint(&bench.dir().join("never")));
 }
 
@@ -270,9 +351,19 @@ async fn a_device_that_never_appears_is_a_timeout() {
     );
     let empty = bench.dir().join("empty-dev");
     std::fs::create_dir_all(&empty).unwrap();
-    let out = run(&bench, &a, &config, &[("CPS_DEVICE_ROOT", empty.to_str().unwrap())]);
+    let out = run(
+        &bench,
+        &a,
+        &config,
+        &[("CPS_DEVICE_ROOT", empty.to_str().unwrap())],
+    );
     assert_eq!(out.code, 6, "timeout exit code:\n{}", out.stderr);
-    assert!(out.stderr.contains("timed out after 2s waiting for the kernel device"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("timed out after 2s waiting for the kernel device"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -280,17 +371,39 @@ fn validate_checks_without_touching_anything() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.yml");
     std::fs::write(&good, SEED_EXAMPLE).unwrap();
-    let out = std::process::Command::new(BIN).args(["validate", "-c"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(BIN)
+        .args(["validate", "-c"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("valid") && text.contains("gp2 200 GiB"), "{text}");
+    assert!(
+        text.contains("valid") && text.contains("gp2 200 GiB"),
+        "{text}"
+    );
 
     let bad = dir.path().join("bad.yml");
-    std::fs::write(&bad, "block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n    size: 1\nmount:\n  taget: /data\n").unwrap();
-    let out = std::process::Command::new(BIN).args(["validate", "-c"]).arg(&bad).output().unwrap();
+    std::fs::write(
+        &bad,
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {a: b}\n    size: 1\nmount:\n  taget: /data\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["validate", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with(&format!("{}:6:3: unknown field `taget`", bad.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("{}:6:3: unknown field `taget`", bad.display())),
+        "{err}"
+    );
 
     let out = std::process::Command::new(BIN)
         .args(["validate", "-c", "/nonexistent/attach.yml"])

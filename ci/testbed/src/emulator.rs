@@ -61,7 +61,12 @@ impl Emulator {
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
-            .map_err(|e| io::Error::other(format!("starting {}: {e} (run ci/setup)", python().display())))?;
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "starting {}: {e} (run ci/setup)",
+                    python().display()
+                ))
+            })?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -107,7 +112,13 @@ pub fn client_for(endpoint: &str) -> aws_sdk_ec2::Client {
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(REGION))
         .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "cps-bench"))
+        .credentials_provider(Credentials::new(
+            "testing",
+            "testing",
+            None,
+            None,
+            "cps-bench",
+        ))
         .build();
     aws_sdk_ec2::Client::from_conf(config)
 }

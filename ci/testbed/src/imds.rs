@@ -31,7 +31,11 @@ pub struct FakeImds {
 impl FakeImds {
     pub fn start(identity: InstanceIdentity) -> io::Result<Self> {
         let server = Arc::new(Server::http("127.0.0.1:0").map_err(io::Error::other)?);
-        let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or_default();
+        let port = server
+            .server_addr()
+            .to_ip()
+            .map(|a| a.port())
+            .unwrap_or_default();
         let stats = Arc::new(ImdsStats::default());
         let thread = {
             let (server, stats) = (server.clone(), stats.clone());
@@ -85,31 +89,47 @@ fn serve(server: &Server, identity: &InstanceIdentity, stats: &ImdsStats) {
     for req in server.incoming_requests() {
         let url = req.url().to_owned();
         let response = match (req.method(), url.as_str()) {
-            (Method::Put, "/latest/api/token") => match header(&req, TTL_HEADER).and_then(|t| t.parse::<u32>().ok()) {
+            (Method::Put, "/latest/api/token") => match header(&req, TTL_HEADER)
+                .and_then(|t| t.parse::<u32>().ok())
+            {
                 Some(ttl) if (1..=21_600).contains(&ttl) => {
                     let n = stats.tokens_issued.fetch_add(1, Ordering::Relaxed);
                     let token = format!("cps-bench-token-{}-{n}", identity.instance_id);
-                    tokens.lock().unwrap_or_else(|e| e.into_inner()).push(token.clone());
-                    Response::from_string(token)
-                        .with_header(Header::from_bytes(TTL_HEADER, ttl.to_string()).expect("valid header"))
+                    tokens
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(token.clone());
+                    Response::from_string(token).with_header(
+                        Header::from_bytes(TTL_HEADER, ttl.to_string()).expect("valid header"),
+                    )
                 }
                 _ => Response::from_string("missing or invalid TTL header").with_status_code(400),
             },
             (Method::Get, path) => {
-                let token_ok = header(&req, TOKEN_HEADER)
-                    .is_some_and(|t| tokens.lock().unwrap_or_else(|e| e.into_inner()).contains(&t));
+                let token_ok = header(&req, TOKEN_HEADER).is_some_and(|t| {
+                    tokens
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&t)
+                });
                 if !token_ok {
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
                     Response::from_string("").with_status_code(401)
                 } else {
                     stats.gets.fetch_add(1, Ordering::Relaxed);
                     match path {
-                        "/latest/dynamic/instance-identity/document" => Response::from_string(document.clone()),
-                        "/latest/meta-data/instance-id" => Response::from_string(identity.instance_id.clone()),
+                        "/latest/dynamic/instance-identity/document" => {
+                            Response::from_string(document.clone())
+                        }
+                        "/latest/meta-data/instance-id" => {
+                            Response::from_string(identity.instance_id.clone())
+                        }
                         "/latest/meta-data/placement/availability-zone" => {
                             Response::from_string(identity.availability_zone.clone())
                         }
-                        "/latest/meta-data/placement/region" => Response::from_string(identity.region.clone()),
+                        "/latest/meta-data/placement/region" => {
+                            Response::from_string(identity.region.clone())
+                        }
                         _ => Response::from_string("").with_status_code(404),
                     }
                 }

@@ -84,7 +84,6 @@ pub struct Bench {
     emulator: Emulator,
     ec2: aws_sdk_ec2::Client,
     instances: Mutex<BTreeMap<String, Arc<Instance>>>,
-    image_id: Mutex<Option<String>>,
     dir: tempfile::TempDir,
 }
 
@@ -92,13 +91,16 @@ impl Bench {
     pub fn start(options: BenchOptions) -> io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("cps-bench-").tempdir()?;
         let emulator = Emulator::start(options.delays, dir.path().join("emulator.log"))?;
-        let udev = FakeUdev::start(emulator.endpoint(), dir.path().join("volumes"), options.device_appears_after)?;
+        let udev = FakeUdev::start(
+            emulator.endpoint(),
+            dir.path().join("volumes"),
+            options.device_appears_after,
+        )?;
         Ok(Self {
             ec2: emulator.ec2(),
             udev,
             emulator,
             instances: Mutex::new(BTreeMap::new()),
-            image_id: Mutex::new(None),
             dir,
         })
     }
@@ -124,40 +126,9 @@ impl Bench {
         cps_aws::Ec2Volumes::from_client(self.ec2.clone())
     }
 
-    async fn image(&self) -> io::Result<String> {
-        if let Some(id) = self.image_id.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Ok(id);
-        }
-        let images = self.ec2.describe_images().send().await.map_err(sdk)?;
-        let id = images
-            .images()
-            .first()
-            .and_then(|i| i.image_id())
-            .ok_or_else(|| io::Error::other("the emulator has no images"))?
-            .to_owned();
-        *self.image_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.clone());
-        Ok(id)
-    }
-
     /// Launches an instance in `zone` (`us-east-1a`) with its own IMDS and device roots.
     pub async fn launch(&self, zone: &str) -> io::Result<Arc<Instance>> {
-        let out = self
-            .ec2
-            .run_instances()
-            .image_id(self.image().await?)
-            .min_count(1)
-            .max_count(1)
-            .instance_type(aws_sdk_ec2::types::InstanceType::M6iLarge)
-            .placement(aws_sdk_ec2::types::Placement::builder().availability_zone(zone).build())
-            .send()
-            .await
-            .map_err(sdk)?;
-        let id = out
-            .instances()
-            .first()
-            .and_then(|i| i.instance_id())
-            .ok_or_else(|| io::Error::other("RunInstances returned no instance"))?
-            .to_owned();
+        let id = run_instance(&self.ec2, zone).await?;
         let home = self.dir.path().join("instances").join(&id);
         let (dev_root, sys_root) = (home.join("dev"), home.join("sys"));
         std::fs::create_dir_all(&dev_root)?;
@@ -182,7 +153,10 @@ impl Bench {
             sys_root,
             home,
         });
-        self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(id, instance.clone());
+        self.instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, instance.clone());
         Ok(instance)
     }
 
@@ -226,10 +200,44 @@ impl Bench {
 
     /// Volumes carrying all `tags`, as the emulator reports them.
     pub async fn volumes_tagged(&self, tags: &Tags) -> Vec<Volume> {
-        self.volumes_api().volumes_tagged(tags).await.unwrap_or_default()
+        self.volumes_api()
+            .volumes_tagged(tags)
+            .await
+            .unwrap_or_default()
     }
 }
 
-fn sdk<E: std::error::Error + 'static, R: std::fmt::Debug>(e: aws_sdk_ec2::error::SdkError<E, R>) -> io::Error {
+/// Starts one instance in `zone` on the emulator (any of its images) and returns its id.
+pub async fn run_instance(ec2: &aws_sdk_ec2::Client, zone: &str) -> io::Result<String> {
+    let images = ec2.describe_images().send().await.map_err(sdk)?;
+    let image = images
+        .images()
+        .first()
+        .and_then(|i| i.image_id())
+        .ok_or_else(|| io::Error::other("the emulator has no images"))?;
+    let out = ec2
+        .run_instances()
+        .image_id(image)
+        .min_count(1)
+        .max_count(1)
+        .instance_type(aws_sdk_ec2::types::InstanceType::M6iLarge)
+        .placement(
+            aws_sdk_ec2::types::Placement::builder()
+                .availability_zone(zone)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(sdk)?;
+    out.instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .map(str::to_owned)
+        .ok_or_else(|| io::Error::other("RunInstances returned no instance"))
+}
+
+fn sdk<E: std::error::Error + 'static, R: std::fmt::Debug>(
+    e: aws_sdk_ec2::error::SdkError<E, R>,
+) -> io::Error {
     io::Error::other(aws_sdk_ec2::error::DisplayErrorContext(&e).to_string())
 }

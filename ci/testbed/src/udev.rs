@@ -66,16 +66,21 @@ impl FakeUdev {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (state, stop, endpoint) = (state.clone(), stop.clone(), endpoint.to_owned());
-            std::thread::Builder::new().name("fake-udev".into()).spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                let ec2 = crate::emulator::client_for(&endpoint);
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = rt.block_on(tick(&ec2, &state, &storage, appear_after)) {
-                        lock(&state).errors.push(e);
+            std::thread::Builder::new()
+                .name("fake-udev".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    let ec2 = crate::emulator::client_for(&endpoint);
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Err(e) = rt.block_on(tick(&ec2, &state, &storage, appear_after)) {
+                            lock(&state).errors.push(e);
+                        }
+                        std::thread::sleep(TICK);
                     }
-                    std::thread::sleep(TICK);
-                }
-            })?
+                })?
         };
         Ok(Self {
             state,
@@ -86,7 +91,9 @@ impl FakeUdev {
 
     /// Makes devices attached to `instance_id` visible under `machine`'s roots.
     pub fn add_machine(&self, instance_id: &str, machine: Machine) {
-        lock(&self.state).machines.insert(instance_id.to_owned(), machine);
+        lock(&self.state)
+            .machines
+            .insert(instance_id.to_owned(), machine);
     }
 
     /// Problems the watcher ran into (a test should see none).
@@ -101,7 +108,10 @@ impl FakeUdev {
 
     /// The loop device currently backing `volume_id`, if any.
     pub fn device_of(&self, volume_id: &str) -> Option<PathBuf> {
-        lock(&self.state).backed.get(volume_id).map(|b| b.loop_device.clone())
+        lock(&self.state)
+            .backed
+            .get(volume_id)
+            .map(|b| b.loop_device.clone())
     }
 
     /// Waits (bounded) until `volume_id` is backed or not, as wanted.
@@ -135,7 +145,12 @@ impl Drop for FakeUdev {
     }
 }
 
-async fn tick(ec2: &aws_sdk_ec2::Client, state: &Mutex<State>, storage: &Path, appear_after: Duration) -> Result<(), String> {
+async fn tick(
+    ec2: &aws_sdk_ec2::Client,
+    state: &Mutex<State>,
+    storage: &Path,
+    appear_after: Duration,
+) -> Result<(), String> {
     let mut attached: BTreeMap<String, (String, i32)> = BTreeMap::new();
     let mut token = None;
     for _ in 0..1000 {
@@ -145,7 +160,12 @@ async fn tick(ec2: &aws_sdk_ec2::Client, state: &Mutex<State>, storage: &Path, a
             .set_next_token(token.take())
             .send()
             .await
-            .map_err(|e| format!("DescribeVolumes: {}", aws_sdk_ec2::error::DisplayErrorContext(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "DescribeVolumes: {}",
+                    aws_sdk_ec2::error::DisplayErrorContext(&e)
+                )
+            })?;
         for v in page.volumes() {
             for a in v.attachments() {
                 let device = a.device().unwrap_or_default();
@@ -153,7 +173,10 @@ async fn tick(ec2: &aws_sdk_ec2::Client, state: &Mutex<State>, storage: &Path, a
                 if is_attached && !ROOT_DEVICES.contains(&device) {
                     attached.insert(
                         v.volume_id().unwrap_or_default().to_owned(),
-                        (a.instance_id().unwrap_or_default().to_owned(), v.size().unwrap_or(1)),
+                        (
+                            a.instance_id().unwrap_or_default().to_owned(),
+                            v.size().unwrap_or(1),
+                        ),
                     );
                 }
             }
@@ -180,7 +203,8 @@ async fn tick(ec2: &aws_sdk_ec2::Client, state: &Mutex<State>, storage: &Path, a
         }
     }
     let now = Instant::now();
-    st.seen.retain(|(vol, inst), _| attached.get(vol).is_some_and(|(i, _)| i == inst));
+    st.seen
+        .retain(|(vol, inst), _| attached.get(vol).is_some_and(|(i, _)| i == inst));
     // New: back them once they have been attached for a moment.
     for (vol, (instance, size_gib)) in attached {
         if st.backed.contains_key(&vol) {
@@ -189,13 +213,19 @@ async fn tick(ec2: &aws_sdk_ec2::Client, state: &Mutex<State>, storage: &Path, a
         let Some(machine) = st.machines.get(&instance).cloned() else {
             continue;
         };
-        let first = *st.seen.entry((vol.clone(), instance.clone())).or_insert(now);
+        let first = *st
+            .seen
+            .entry((vol.clone(), instance.clone()))
+            .or_insert(now);
         if now.duration_since(first) < appear_after {
             continue;
         }
         match back(&vol, size_gib, &machine, storage) {
             Ok((loop_device, link, sys_dir)) => {
-                st.events.push(format!("backed {vol} for {instance} as {}", loop_device.display()));
+                st.events.push(format!(
+                    "backed {vol} for {instance} as {}",
+                    loop_device.display()
+                ));
                 st.backed.insert(
                     vol,
                     Backed {
@@ -212,13 +242,22 @@ async fn tick(ec2: &aws_sdk_ec2::Client, state: &Mutex<State>, storage: &Path, a
     Ok(())
 }
 
-fn back(volume_id: &str, size_gib: i32, machine: &Machine, storage: &Path) -> io::Result<(PathBuf, PathBuf, PathBuf)> {
+fn back(
+    volume_id: &str,
+    size_gib: i32,
+    machine: &Machine,
+    storage: &Path,
+) -> io::Result<(PathBuf, PathBuf, PathBuf)> {
     let image = storage.join(format!("{volume_id}.img"));
     if !image.exists() {
-        std::fs::File::create(&image)?.set_len(u64::try_from(size_gib.max(1)).unwrap_or(1) << 30)?;
+        std::fs::File::create(&image)?
+            .set_len(u64::try_from(size_gib.max(1)).unwrap_or(1) << 30)?;
     }
     let loop_device = cps_fixtures::losetup(&image)?;
-    let name = loop_device.file_name().expect("loop device name").to_owned();
+    let name = loop_device
+        .file_name()
+        .expect("loop device name")
+        .to_owned();
     let by_id = machine.dev_root.join("disk/by-id");
     std::fs::create_dir_all(&by_id)?;
     let link = by_id.join(nvme_link_name(volume_id));
@@ -227,9 +266,15 @@ fn back(volume_id: &str, size_gib: i32, machine: &Machine, storage: &Path) -> io
     let sys_dir = machine.sys_root.join("block").join(&name);
     std::fs::create_dir_all(sys_dir.join("device"))?;
     // The NVMe controller pads its serial; the agent must trim it.
-    std::fs::write(sys_dir.join("device/serial"), format!("{:<20}\n", volume_id.replace('-', "")))?;
+    std::fs::write(
+        sys_dir.join("device/serial"),
+        format!("{:<20}\n", volume_id.replace('-', "")),
+    )?;
     let rdev = std::fs::metadata(&loop_device)?.rdev();
-    std::fs::write(sys_dir.join("dev"), format!("{}:{}\n", libc::major(rdev), libc::minor(rdev)))?;
+    std::fs::write(
+        sys_dir.join("dev"),
+        format!("{}:{}\n", libc::major(rdev), libc::minor(rdev)),
+    )?;
     Ok((loop_device, link, sys_dir))
 }
 

@@ -16,6 +16,7 @@ use crate::classify::{Context, classify};
 pub struct Ec2Volumes {
     client: aws_sdk_ec2::Client,
     calls: Arc<CallLog>,
+    page_size: i32,
 }
 
 impl Ec2Volumes {
@@ -27,14 +28,21 @@ impl Ec2Volumes {
         Self {
             client,
             calls: Arc::new(CallLog::default()),
+            page_size: Self::PAGE_SIZE,
         }
+    }
+
+    /// DescribeVolumes page size (clamped to the 5–500 AWS accepts).
+    pub fn with_page_size(mut self, page_size: i32) -> Self {
+        self.page_size = page_size.clamp(5, 500);
+        self
     }
 
     pub fn calls(&self) -> &CallLog {
         &self.calls
     }
 
-    /// The page size for DescribeVolumes (AWS allows 5–500).
+    /// The default DescribeVolumes page size: the most AWS allows.
     pub const PAGE_SIZE: i32 = 500;
 }
 
@@ -87,7 +95,7 @@ impl VolumeService for Ec2Volumes {
                 .client
                 .describe_volumes()
                 .set_filters(Some(filters.clone()))
-                .max_results(Self::PAGE_SIZE)
+                .max_results(self.page_size)
                 .set_next_token(token.take())
                 .send()
                 .await
