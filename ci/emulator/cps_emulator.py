@@ -4,7 +4,7 @@ moto accepts operations that AWS refuses, and the agent's safety depends on thos
 (AttachVolume is the only lock between agents racing for one volume). This module patches moto in
 this process, then serves it on 127.0.0.1. Every patch says which AWS behaviour it restores.
 
-Usage: python cps_emulator.py [--port N] [--attach-delay S] [--create-delay S]
+Usage: python cps_emulator.py [--port N] [--attach-delay S] [--create-delay S] [--detach-delay S]
 Prints one line `cps-emulator listening on 127.0.0.1:PORT` once it accepts requests.
 """
 
@@ -52,6 +52,7 @@ class Timing:
 
     attach_delay = 0.0
     create_delay = 0.0
+    detach_delay = 0.0
 
 
 def aws_error(code, message):
@@ -164,8 +165,26 @@ _plain_detach_volume = EBSBackend.detach_volume
 
 
 def _detach_volume(self, volume_id, instance_id, device_path):
+    """AWS detaches over seconds (`detaching`, volume still in-use); termination too."""
     with LOCK:
-        return _plain_detach_volume(self, volume_id, instance_id, device_path)
+        volume = self.get_volume(volume_id)
+        attachment = volume.attachment
+        instance = self.get_instance(instance_id)
+        mapping = instance.block_device_mapping.get(device_path or getattr(attachment, "device", ""))
+        root = mapping is not None and mapping.delete_on_termination
+        if Timing.detach_delay <= 0 or attachment is None or root:
+            return _plain_detach_volume(self, volume_id, instance_id, device_path)
+        attachment.status = "detaching"
+
+    def finish():
+        with LOCK:
+            if volume.attachment is attachment:
+                _plain_detach_volume(self, volume_id, instance_id, device_path)
+
+    timer = threading.Timer(Timing.detach_delay, finish)
+    timer.daemon = True
+    timer.start()
+    return attachment
 
 
 EBSBackend.detach_volume = _detach_volume
@@ -254,9 +273,11 @@ def main():
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--attach-delay", type=float, default=0.0)
     parser.add_argument("--create-delay", type=float, default=0.0)
+    parser.add_argument("--detach-delay", type=float, default=0.0)
     args = parser.parse_args()
     Timing.attach_delay = args.attach_delay
     Timing.create_delay = args.create_delay
+    Timing.detach_delay = args.detach_delay
 
     app = DomainDispatcherApplication(create_backend_app)
     server = make_server(

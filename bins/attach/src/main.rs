@@ -232,7 +232,7 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
         fstype = %fs.fstype,
         uuid = fs.uuid.as_deref().unwrap_or(""),
         formatted,
-        target = %config.mount.target.display(),
+        mount_target = %config.mount.target.display(),
         already_mounted = out.mount == MountOutcome::AlreadyMounted,
         attach_attempts = out.attach_attempts,
         api_calls = cloud.calls().total(),

@@ -37,6 +37,8 @@ pub fn python() -> PathBuf {
 pub struct Delays {
     pub attach: Duration,
     pub create: Duration,
+    /// Detaching, also when an instance terminates.
+    pub detach: Duration,
 }
 
 /// A running emulator on 127.0.0.1; stopped (SIGINT, then SIGKILL) on drop.
@@ -57,6 +59,8 @@ impl Emulator {
             .arg(delays.attach.as_secs_f64().to_string())
             .arg("--create-delay")
             .arg(delays.create.as_secs_f64().to_string())
+            .arg("--detach-delay")
+            .arg(delays.detach.as_secs_f64().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)

@@ -96,6 +96,7 @@ impl Bench {
             dir.path().join("volumes"),
             options.device_appears_after,
         )?;
+        std::fs::write(dir.path().join("aws-config"), "")?;
         Ok(Self {
             ec2: emulator.ec2(),
             udev,
@@ -123,7 +124,7 @@ impl Bench {
 
     /// The cps-aws provider on this emulator (counts its own calls).
     pub fn volumes_api(&self) -> cps_aws::Ec2Volumes {
-        cps_aws::Ec2Volumes::from_client(self.ec2.clone())
+        emulator_volumes(&self.emulator)
     }
 
     /// Launches an instance in `zone` (`us-east-1a`) with its own IMDS and device roots.
@@ -192,9 +193,12 @@ impl Bench {
             .env("CPS_SYSFS_ROOT", &instance.sys_root)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
-            // No shared config or credential files from the machine running the bench.
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+            // Not the shared config or credentials of the machine running the bench.
+            .env("AWS_CONFIG_FILE", self.dir.path().join("aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                self.dir.path().join("aws-config"),
+            );
         cmd
     }
 
@@ -207,8 +211,24 @@ impl Bench {
     }
 }
 
+/// The cps-aws provider on an emulator (counts its own calls).
+pub fn emulator_volumes(emulator: &Emulator) -> cps_aws::Ec2Volumes {
+    cps_aws::Ec2Volumes::from_client(emulator.ec2())
+}
+
 /// Starts one instance in `zone` on the emulator (any of its images) and returns its id.
 pub async fn run_instance(ec2: &aws_sdk_ec2::Client, zone: &str) -> io::Result<String> {
+    let mut ids = run_instances(ec2, zone, 1).await?;
+    ids.pop()
+        .ok_or_else(|| io::Error::other("RunInstances returned no instance"))
+}
+
+/// Starts `count` instances in `zone` in one request and returns their ids.
+pub async fn run_instances(
+    ec2: &aws_sdk_ec2::Client,
+    zone: &str,
+    count: i32,
+) -> io::Result<Vec<String>> {
     let images = ec2.describe_images().send().await.map_err(sdk)?;
     let image = images
         .images()
@@ -218,8 +238,8 @@ pub async fn run_instance(ec2: &aws_sdk_ec2::Client, zone: &str) -> io::Result<S
     let out = ec2
         .run_instances()
         .image_id(image)
-        .min_count(1)
-        .max_count(1)
+        .min_count(count)
+        .max_count(count)
         .instance_type(aws_sdk_ec2::types::InstanceType::M6iLarge)
         .placement(
             aws_sdk_ec2::types::Placement::builder()
@@ -229,11 +249,12 @@ pub async fn run_instance(ec2: &aws_sdk_ec2::Client, zone: &str) -> io::Result<S
         .send()
         .await
         .map_err(sdk)?;
-    out.instances()
-        .first()
-        .and_then(|i| i.instance_id())
+    Ok(out
+        .instances()
+        .iter()
+        .filter_map(|i| i.instance_id())
         .map(str::to_owned)
-        .ok_or_else(|| io::Error::other("RunInstances returned no instance"))
+        .collect())
 }
 
 fn sdk<E: std::error::Error + 'static, R: std::fmt::Debug>(

@@ -136,11 +136,10 @@ impl Drop for FakeUdev {
         let mut state = lock(&self.state);
         let all: Vec<String> = state.backed.keys().cloned().collect();
         for volume_id in all {
-            if let Some(b) = state.backed.remove(&volume_id) {
-                if let Err(e) = unback(&b) {
+            if let Some(b) = state.backed.remove(&volume_id)
+                && let Err(e) = unback(&b) {
                     eprintln!("fake udev cleanup: {volume_id}: {e}");
                 }
-            }
         }
     }
 }

@@ -101,14 +101,12 @@ fn candidate(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let nvme = is_nvme_link || name.starts_with("nvme");
-    if nvme {
-        if let Some(mismatch) = serial_mismatch(sys_root, &name, meta.rdev(), volume_id) {
-            return Ok(Lookup::NotYet(format!(
-                "{} → {}: {mismatch}",
-                path.display(),
-                node.display()
-            )));
-        }
+    if nvme && let Some(mismatch) = serial_mismatch(sys_root, &name, meta.rdev(), volume_id) {
+        return Ok(Lookup::NotYet(format!(
+            "{} → {}: {mismatch}",
+            path.display(),
+            node.display()
+        )));
     }
     Ok(Lookup::Found(Device {
         path: node,

@@ -261,7 +261,8 @@ fn refusal_matrix() {
         }
     }
 
-    let refused: Vec<(&str, Maker, fn(&Refusal) -> bool)> = vec![
+    type Expect = fn(&Refusal) -> bool;
+    let refused: Vec<(&str, Maker, Expect)> = vec![
         (
             "swap",
             Box::new(move |l| {

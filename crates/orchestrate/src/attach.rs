@@ -152,8 +152,10 @@ pub async fn claim_volume(
     let mut attach_attempts = 0u32;
     let mut creates = 0u32;
     let mut logged_elsewhere = false;
-    let mut max_rounds: Option<u32> = None;
-    let mut round = 0u32;
+    // Lost races are bounded by the pool first seen; waiting for a detach by the attach timeout.
+    let mut race_budget: Option<u32> = None;
+    let mut lost_races = 0u32;
+    let mut detach_wait: Option<(tokio::time::Instant, u32)> = None;
 
     loop {
         let volumes = backoff::retry(policy, "DescribeVolumes", seed, || {
@@ -161,14 +163,12 @@ pub async fn claim_volume(
         })
         .await
         .map_err(cloud("listing volumes by tag"))?;
-        round += 1;
-        // Every lost race consumes a candidate; the budget scales with the pool first seen.
-        let budget = *max_rounds.get_or_insert(4 * volumes.len() as u32 + 16);
-        if round > budget {
+        let budget = *race_budget.get_or_insert(4 * volumes.len() as u32 + 16);
+        if lost_races > budget {
             return Err(AttachError::Exhausted {
                 attempts: attach_attempts,
                 detail: format!(
-                    "{round} rounds of listing and attaching; the pool keeps being taken by other instances"
+                    "lost {lost_races} races for a volume; the pool keeps being taken by other instances"
                 ),
             });
         }
@@ -252,8 +252,54 @@ pub async fn claim_volume(
                         attach_attempts,
                     });
                 }
-                false => continue,
+                false => {
+                    lost_races += 1;
+                    continue;
+                }
             }
+        }
+
+        // A matching volume still detaching here (its old instance shutting down) will be
+        // available shortly: wait for it rather than create a second volume for the same data.
+        let detaching: Vec<&Volume> = volumes
+            .iter()
+            .filter(|v| {
+                v.availability_zone == identity.availability_zone
+                    && !v.attachments.is_empty()
+                    && v.attachments.iter().all(|a| {
+                        matches!(
+                            a.state,
+                            AttachmentState::Detaching | AttachmentState::Detached
+                        )
+                    })
+            })
+            .collect();
+        if !detaching.is_empty() {
+            let (since, looks) = detach_wait.get_or_insert((tokio::time::Instant::now(), 0));
+            let held: Vec<String> = detaching
+                .iter()
+                .map(|v| {
+                    let from: Vec<&str> = v
+                        .attachments
+                        .iter()
+                        .map(|a| a.instance_id.as_str())
+                        .collect();
+                    format!("{} (detaching from {})", v.id, from.join(", "))
+                })
+                .collect();
+            if since.elapsed() >= config.timeouts.attach {
+                return Err(AttachError::Timeout {
+                    what: "a matching volume to finish detaching (not creating a second volume meanwhile)".into(),
+                    waited: since.elapsed(),
+                    last: held.join("; "),
+                });
+            }
+            if *looks == 0 {
+                info!(volumes = %held.join("; "), "a matching volume is detaching from another instance; waiting for it");
+            }
+            tokio::time::sleep(Schedule::CLOUD_STATE.delay(*looks)).await;
+            *looks += 1;
+            continue;
         }
 
         // 3. Nothing to claim: create one.
@@ -277,6 +323,7 @@ pub async fn claim_volume(
         info!(volume_id = %created.id, "volume created");
         if !wait_available(cloud_api, config, &created.id, seed, policy).await? {
             debug!(volume_id = %created.id, "the new volume was claimed by another instance; looking again");
+            lost_races += 1;
             continue;
         }
         attach_attempts += 1;
@@ -289,6 +336,7 @@ pub async fn claim_volume(
                 attach_attempts,
             });
         }
+        lost_races += 1;
     }
 }
 
@@ -476,7 +524,7 @@ pub async fn prepare_device(
         .map_err(AttachError::host(vid))?;
     let (filesystem, mount) = match state {
         MountState::Mounted { fstype } => {
-            info!(volume_id = vid, device = %device.path.display(), target = %target.display(), fstype, "already mounted; nothing to do");
+            info!(volume_id = vid, device = %device.path.display(), mount_target = %target.display(), fstype, "already mounted; nothing to do");
             let d = device.clone();
             let fs = match on_host(&host, vid, move |h| h.identify(&d)).await? {
                 Probe::Filesystem(fs) => fs,
@@ -549,7 +597,7 @@ pub async fn prepare_device(
                 config.mount.options.clone(),
             );
             on_host(&host, vid, move |h| h.mount(&d, &fs, &t, &options)).await?;
-            info!(volume_id = vid, device = %device.path.display(), target = %target.display(), "mounted");
+            info!(volume_id = vid, device = %device.path.display(), mount_target = %target.display(), "mounted");
             (outcome, MountOutcome::Mounted)
         }
     };
@@ -557,7 +605,7 @@ pub async fn prepare_device(
     if !config.mount.ownership.is_empty() {
         let (t, own) = (target.clone(), config.mount.ownership.clone());
         on_host(&host, vid, move |h| h.set_ownership(&t, &own)).await?;
-        debug!(volume_id = vid, target = %target.display(), "ownership applied");
+        debug!(volume_id = vid, mount_target = %target.display(), "ownership applied");
     }
 
     let fstab_changed = match &config.mount.fstab {

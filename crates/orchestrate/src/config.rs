@@ -520,19 +520,17 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         "--kms-key-id (CPS_KMS_KEY_ID)",
         ebs.kms_key_id.take(),
     );
-    if let (Some(enc), Some(kms)) = (&encrypted, &kms_key_id) {
-        if !enc.value {
+    if let (Some(enc), Some(kms)) = (&encrypted, &kms_key_id)
+        && !enc.value {
             return Err(src.at(
                 kms,
                 "kms-key-id is set but encrypted is false; remove one of them",
             ));
         }
-    }
-    if let Some(kms) = &kms_key_id {
-        if kms.value.trim().is_empty() {
+    if let Some(kms) = &kms_key_id
+        && kms.value.trim().is_empty() {
             return Err(src.at(kms, "kms-key-id is empty"));
         }
-    }
 
     let volume = VolumeOptions {
         volume_type: type_name.to_owned(),
@@ -652,14 +650,12 @@ fn reject_force(
     if let Some(flag) = args
         .iter()
         .find(|a| matches!(a.as_str(), "-f" | "-F" | "--force"))
-    {
-        if managed {
+        && managed {
             return Err(src.error(origin, format!(
                 "mkfs option {flag} forces overwriting existing data; cps-attach only formats devices it proved empty, \
                  so remove it"
             )));
         }
-    }
     Ok(())
 }
 
@@ -729,8 +725,8 @@ fn build_mkfs(
     let parsed = FsType::parse(&fs_type.value).ok_or_else(|| {
         src.at(&fs_type, format!("unknown filesystem type {:?}; one of ext4, xfs, btrfs (or give raw mkfs arguments)", fs_type.value))
     })?;
-    if let Some(l) = &label {
-        if l.value.is_empty() || l.value.len() > parsed.max_label_len() {
+    if let Some(l) = &label
+        && (l.value.is_empty() || l.value.len() > parsed.max_label_len()) {
             return Err(src.at(
                 l,
                 format!(
@@ -739,7 +735,6 @@ fn build_mkfs(
                 ),
             ));
         }
-    }
     let options = match file_options {
         Some(opts) => {
             let opts = from_file(opts);

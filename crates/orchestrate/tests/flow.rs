@@ -323,6 +323,54 @@ async fn replacement_gets_the_same_volume_unformatted_and_rerun_is_a_no_op() {
     assert_eq!(b.volumes_with_tags(), 1);
 }
 
+/// The old server is still shutting down when the new one boots: the node's volume is
+/// `detaching`. The new server waits for it instead of creating a second, empty volume.
+#[tokio::test(start_paused = true)]
+async fn a_volume_still_detaching_from_the_old_instance_is_waited_for() {
+    let b = Bench::new(Timing::default());
+    let a = b.instance("i-a");
+    let first = b.boot(&a).await.unwrap();
+    a.unmount_all();
+    b.cloud
+        .with(|w| w.begin_detach(&first.volume_id, Duration::from_secs(40)));
+
+    let new = b.instance("i-b");
+    let started = tokio::time::Instant::now();
+    let out = b.boot(&new).await.unwrap();
+    assert_eq!(out.volume_id, first.volume_id);
+    assert_eq!(out.origin, Origin::Claimed);
+    assert!(
+        started.elapsed() >= Duration::from_secs(40),
+        "it waited for the detach"
+    );
+    assert_eq!(b.volumes_with_tags(), 1, "no second volume");
+    assert_eq!(new.st().mkfs_runs, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_volume_stuck_detaching_is_a_timeout_not_a_second_volume() {
+    let b = Bench::new(Timing::default());
+    let a = b.instance("i-a");
+    let first = b.boot(&a).await.unwrap();
+    b.cloud
+        .with(|w| w.begin_detach(&first.volume_id, Duration::from_secs(24 * 3600)));
+    let new = b.instance("i-b");
+    let err = b.boot(&new).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Timeout);
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&first.volume_id) && msg.contains("detaching from i-a"),
+        "{msg}"
+    );
+    assert_eq!(b.volumes_with_tags(), 1);
+    // Bounded polling: about a minute of 3 s looks, not a busy loop.
+    assert!(
+        b.cloud.calls().count(DESCRIBE_VOLUMES) < 120,
+        "{:?}",
+        b.cloud.calls().snapshot()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn losing_the_race_moves_on_to_another_candidate() {
     let b = Bench::new(Timing::default());
@@ -515,7 +563,8 @@ async fn a_create_that_fails_after_tagging_is_claimed_on_the_rerun() {
 async fn crash_and_rerun_at_every_step_converges() {
     let cloud_steps = [DESCRIBE_VOLUMES, CREATE_VOLUME, ATTACH_VOLUME];
     let host_steps = ["locate", "probe", "mkfs", "mount", "ownership", "persist"];
-    let mut cases: Vec<(String, Box<dyn Fn(&Bench, &FakeHost)>)> = Vec::new();
+    type Arm = Box<dyn Fn(&Bench, &FakeHost)>;
+    let mut cases: Vec<(String, Arm)> = Vec::new();
     for op in cloud_steps {
         for after in [false, true] {
             cases.push((
@@ -740,13 +789,11 @@ async fn a_herd_claims_the_pool_without_creating_or_piling_up() {
     }
 }
 
-/// Runs futures concurrently on the current task (no extra dependency for a join).
-async fn futures_join_all<F: std::future::Future>(
-    futs: impl IntoIterator<Item = F>,
-) -> Vec<F::Output>
+/// Runs futures as concurrent tasks and collects their outputs in order.
+async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
-    F: Send + 'static,
 {
     let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
     let mut out = Vec::new();

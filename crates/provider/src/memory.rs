@@ -86,6 +86,19 @@ struct StoredVolume {
     volume: Volume,
     available_at: Instant,
     attached_at: Option<Instant>,
+    /// A detach in progress completes at this time.
+    detached_at: Option<Instant>,
+}
+
+impl StoredVolume {
+    /// Applies a detach whose time has come.
+    fn settle(&mut self, now: Instant) {
+        if self.detached_at.is_some_and(|at| now >= at) {
+            self.volume.attachments.clear();
+            self.attached_at = None;
+            self.detached_at = None;
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +145,7 @@ impl World {
             if stored.volume.attachment_to(instance_id).is_some() {
                 stored.volume.attachments.clear();
                 stored.attached_at = None;
+                stored.detached_at = None;
             }
         }
     }
@@ -155,6 +169,7 @@ impl World {
                 volume,
                 available_at: Instant::now(),
                 attached_at: None,
+                detached_at: None,
             },
         );
         id
@@ -199,6 +214,7 @@ impl World {
                 resource: volume_id.to_owned(),
                 message: format!("The volume '{volume_id}' does not exist."),
             })?;
+        stored.settle(now);
         if !stored.volume.attachments.is_empty() {
             return Err(Error::VolumeInUse {
                 volume_id: volume_id.to_owned(),
@@ -240,12 +256,31 @@ impl World {
         if let Some(stored) = self.volumes.get_mut(volume_id) {
             stored.volume.attachments.clear();
             stored.attached_at = None;
+            stored.detached_at = None;
+        }
+    }
+
+    /// Starts detaching a volume: `detaching` for `takes`, then available (an old instance
+    /// shutting down).
+    pub fn begin_detach(&mut self, volume_id: &str, takes: Duration) {
+        if let Some(stored) = self.volumes.get_mut(volume_id)
+            && !stored.volume.attachments.is_empty()
+        {
+            stored.detached_at = Some(Instant::now() + takes);
         }
     }
 
     /// The volume as an observer sees it now.
     fn observe(stored: &StoredVolume, now: Instant) -> Volume {
         let mut volume = stored.volume.clone();
+        let detaching = match stored.detached_at {
+            Some(at) if now >= at => {
+                volume.attachments.clear();
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
         volume.state = if !volume.attachments.is_empty() {
             VolumeState::InUse
         } else if now < stored.available_at {
@@ -255,7 +290,9 @@ impl World {
         };
         if let Some(at) = stored.attached_at {
             for a in &mut volume.attachments {
-                a.state = if now >= at {
+                a.state = if detaching {
+                    AttachmentState::Detaching
+                } else if now >= at {
                     AttachmentState::Attached
                 } else {
                     AttachmentState::Attaching
@@ -302,6 +339,7 @@ impl World {
             },
             available_at: now + self.timing.create_delay,
             attached_at: None,
+            detached_at: None,
         };
         let observed = Self::observe(&stored, now);
         self.volumes.insert(id.clone(), stored);

@@ -1,0 +1,352 @@
+//! Benchmarks: counts first (API calls, attach attempts, volumes created), wall time second.
+//! Prints a Markdown report; docs/benchmarks.md records a run of it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cps_orchestrate::attach::{Claim, claim_volume};
+use cps_orchestrate::backoff::RetryPolicy;
+use cps_orchestrate::{AttachConfig, Overrides};
+use cps_provider::memory::{MemoryCloud, Timing};
+use cps_provider::{CallLog, InstanceIdentity, Tags, VolumeService, VolumeSpec};
+use cps_testbed::{Bench, BenchOptions, Delays, Emulator, REGION, run_instances};
+
+const AZ: &str = "us-east-1a";
+
+fn config() -> AttachConfig {
+    AttachConfig::parse(
+        "bench.yml",
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: bench}\n    size: 1\n",
+        &Overrides::default(),
+    )
+    .expect("bench config")
+}
+
+fn identity(id: &str) -> InstanceIdentity {
+    InstanceIdentity {
+        instance_id: id.into(),
+        region: REGION.into(),
+        availability_zone: AZ.into(),
+    }
+}
+
+fn calls_text(calls: &BTreeMap<&'static str, u64>) -> String {
+    calls
+        .iter()
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn total(calls: &BTreeMap<&'static str, u64>) -> u64 {
+    calls.values().sum()
+}
+
+pub async fn run(attach_bin: &Path, herd: &[usize]) -> io::Result<()> {
+    println!("# cps bench report\n");
+    memory_paths().await;
+    for &n in herd {
+        memory_herd(n).await;
+    }
+    for &n in herd {
+        emulator_herd(n).await?;
+    }
+    binary_paths(attach_bin).await?;
+    Ok(())
+}
+
+/// One agent's three paths on the in-memory cloud with simulated latency (real time).
+async fn memory_paths() {
+    let timing = Timing {
+        latency: Duration::from_millis(50),
+        create_delay: Duration::from_millis(1000),
+        attach_delay: Duration::from_millis(1000),
+    };
+    println!("## One agent, in-memory cloud\n");
+    println!(
+        "Simulated: {} ms per API request, volumes take {} ms to create and {} ms to attach. \
+         Ideal = the requests a path cannot do without (create: list, create, look, attach, look = 5; \
+         reattach: list, attach, look = 3; re-run: list = 1) × latency + the cloud's own create/attach \
+         time. Overhead = wall − ideal: polling lag and the agent's own work.\n",
+        timing.latency.as_millis(),
+        timing.create_delay.as_millis(),
+        timing.attach_delay.as_millis()
+    );
+    println!("| path | API calls | wall | agent overhead |");
+    println!("|---|---|---|---|");
+    let cloud = MemoryCloud::new(timing);
+    let cfg = config();
+    cloud.with(|w| {
+        w.add_instance("i-a", AZ);
+        w.add_instance("i-b", AZ);
+    });
+    let measure = async |name: &str, instance: &str, required: u32, inherent: Duration| {
+        cloud.calls().reset();
+        let start = Instant::now();
+        claim_volume(&cloud, &identity(instance), &cfg, RetryPolicy::default())
+            .await
+            .expect("claim");
+        let wall = start.elapsed();
+        let calls = cloud.calls().snapshot();
+        let overhead = wall.saturating_sub(timing.latency * required + inherent);
+        println!(
+            "| {name} | {} ({}) | {:.2} s | {:.3} s |",
+            total(&calls),
+            calls_text(&calls),
+            wall.as_secs_f64(),
+            overhead.as_secs_f64()
+        );
+    };
+    measure(
+        "create (first boot)",
+        "i-a",
+        5,
+        timing.create_delay + timing.attach_delay,
+    )
+    .await;
+    cloud.with(|w| w.terminate_instance("i-a"));
+    measure("reattach (replacement)", "i-b", 3, timing.attach_delay).await;
+    measure("re-run", "i-b", 1, Duration::ZERO).await;
+    println!();
+}
+
+fn herd_line(
+    where_: &str,
+    n: usize,
+    claims: &[Claim],
+    calls: &CallLog,
+    wall: Duration,
+    created: u64,
+) {
+    let attempts: u32 = claims.iter().map(|c| c.attach_attempts).sum();
+    let mut ids: Vec<&str> = claims.iter().map(|c| c.volume.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    println!(
+        "| {where_} | {n} | {attempts} ({:.2}×N) | {} | {} | {created} | {} | {:.1} s |",
+        f64::from(attempts) / n as f64,
+        claims.iter().map(|c| c.attach_attempts).max().unwrap_or(0),
+        calls.count("DescribeVolumes"),
+        ids.len(),
+        wall.as_secs_f64()
+    );
+}
+
+fn herd_header(title: &str) {
+    println!("## {title}\n");
+    println!(
+        "| cloud | agents N | AttachVolume attempts | worst agent | DescribeVolumes | volumes created | distinct volumes claimed | wall |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+}
+
+/// N agents at once against N pooled volumes, in memory with 50 ms latency.
+async fn memory_herd(n: usize) {
+    herd_header(&format!("Herd of {n}, in-memory cloud (50 ms per request)"));
+    let cloud = MemoryCloud::new(Timing {
+        latency: Duration::from_millis(50),
+        ..Timing::default()
+    });
+    let cfg = Arc::new(config());
+    let ids: Vec<String> = (0..n).map(|i| format!("i-{i:04}")).collect();
+    cloud.with(|w| {
+        for id in &ids {
+            w.add_instance(id, AZ);
+            w.add_volume(AZ, 1, &cfg.tags);
+        }
+    });
+    let start = Instant::now();
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (cloud, cfg, id) = (cloud.clone(), cfg.clone(), id.clone());
+            tokio::spawn(async move {
+                claim_volume(&cloud, &identity(&id), &cfg, RetryPolicy::default()).await
+            })
+        })
+        .collect();
+    let mut claims = Vec::new();
+    for t in tasks {
+        claims.push(t.await.expect("task").expect("claim"));
+    }
+    let created = cloud.calls().count("CreateVolume");
+    herd_line(
+        "in-memory",
+        n,
+        &claims,
+        cloud.calls(),
+        start.elapsed(),
+        created,
+    );
+    println!();
+}
+
+/// The same herd over the wire, against the emulator (its patch layer makes AttachVolume the
+/// lock it is on AWS).
+async fn emulator_herd(n: usize) -> io::Result<()> {
+    herd_header(&format!("Herd of {n}, AWS emulator"));
+    let dir = tempfile::tempdir()?;
+    let emu = Emulator::start(Delays::default(), dir.path().join("emulator.log"))?;
+    let ec2 = emu.ec2();
+    let cfg = Arc::new(config());
+    let api = Arc::new(cps_testbed::emulator_volumes(&emu));
+    let ids = run_instances(&ec2, AZ, n as i32).await?;
+    for i in 0..n {
+        let spec = VolumeSpec {
+            availability_zone: AZ.into(),
+            size_gib: 1,
+            volume_type: "gp3".into(),
+            iops: None,
+            throughput: None,
+            encrypted: true,
+            kms_key_id: None,
+            tags: cfg.tags.clone(),
+        };
+        api.create_volume(&spec, &format!("pool-{i}"))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+    }
+    api.calls().reset();
+    let start = Instant::now();
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (api, cfg, id) = (api.clone(), cfg.clone(), id.clone());
+            tokio::spawn(async move {
+                claim_volume(api.as_ref(), &identity(&id), &cfg, RetryPolicy::default()).await
+            })
+        })
+        .collect();
+    let mut claims = Vec::new();
+    for t in tasks {
+        claims.push(
+            t.await
+                .expect("task")
+                .map_err(|e| io::Error::other(e.to_string()))?,
+        );
+    }
+    let wall = start.elapsed();
+    let created = api.calls().count("CreateVolume");
+    let volumes = api
+        .volumes_tagged(&Tags::from([("cluster".to_owned(), "bench".to_owned())]))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    herd_line("emulator", n, &claims, api.calls(), wall, created);
+    println!(
+        "\n(volumes with the tags afterwards: {}; pool was {n})\n",
+        volumes.len()
+    );
+    Ok(())
+}
+
+struct ChildRun {
+    code: i32,
+    wall: Duration,
+    max_rss_kib: i64,
+    calls: String,
+}
+
+/// Runs a child and reads its own peak RSS with wait4.
+fn run_measured(mut cmd: std::process::Command) -> io::Result<ChildRun> {
+    cmd.env("CPS_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn()?;
+    let stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || io::read_to_string(stderr).unwrap_or_default());
+    let mut status = 0;
+    // SAFETY: rusage is plain data; we wait for our own child exactly once (not via std).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let wall = start.elapsed();
+    let log = reader.join().unwrap_or_default();
+    let calls = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "volume ready")
+        .and_then(|v| v["calls"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("(no result) {}", log.lines().last().unwrap_or("")));
+    Ok(ChildRun {
+        code: if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        },
+        wall,
+        max_rss_kib: usage.ru_maxrss,
+        calls,
+    })
+}
+
+/// The real binary on the bench (emulator, IMDS, loop devices), attach and create immediate.
+async fn binary_paths(attach_bin: &Path) -> io::Result<()> {
+    println!("## The cps-attach binary on the bench\n");
+    let size = std::fs::metadata(attach_bin)?.len();
+    println!(
+        "Binary: `{}`, {:.1} MiB.\n",
+        attach_bin.display(),
+        size as f64 / (1 << 20) as f64
+    );
+    println!(
+        "Emulator state changes are immediate here, so wall time is the agent itself plus the emulator's and the tools' own time (mkfs.xfs on create).\n"
+    );
+    println!("| path | exit | API calls | wall | peak RSS |");
+    println!("|---|---|---|---|---|");
+    let bench = Bench::start(BenchOptions {
+        delays: Delays::default(),
+        device_appears_after: Duration::ZERO,
+    })?;
+    let target = bench.dir().join("data");
+    let _guard = cps_fixtures::MountGuard(target.clone());
+    let config = bench.dir().join("attach.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: bench-bin}}\n    size: 1\nfile-system:\n  type: xfs\nmount:\n  target: {}\n",
+            target.display()
+        ),
+    )?;
+    let row = |name: &str, r: &ChildRun| {
+        println!(
+            "| {name} | {} | {} | {:.2} s | {:.1} MiB |",
+            r.code,
+            r.calls.replace(',', ", ").replace('=', " "),
+            r.wall.as_secs_f64(),
+            r.max_rss_kib as f64 / 1024.0
+        );
+    };
+    let a = bench.launch(AZ).await?;
+    let first = run_measured(bench.attach_command(attach_bin, &a, &config))?;
+    row("create (first boot)", &first);
+    let vols: Vec<String> = bench
+        .volumes_tagged(&Tags::from([(
+            "cluster".to_owned(),
+            "bench-bin".to_owned(),
+        )]))
+        .await
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    bench.terminate(&a).await?;
+    let ids: Vec<&str> = vols.iter().map(String::as_str).collect();
+    bench.wait_devices_gone(&ids);
+    let b = bench.launch(AZ).await?;
+    row(
+        "reattach (replacement)",
+        &run_measured(bench.attach_command(attach_bin, &b, &config))?,
+    );
+    row(
+        "re-run",
+        &run_measured(bench.attach_command(attach_bin, &b, &config))?,
+    );
+    println!();
+    Ok(())
+}
