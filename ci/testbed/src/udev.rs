@@ -137,9 +137,10 @@ impl Drop for FakeUdev {
         let all: Vec<String> = state.backed.keys().cloned().collect();
         for volume_id in all {
             if let Some(b) = state.backed.remove(&volume_id)
-                && let Err(e) = unback(&b) {
-                    eprintln!("fake udev cleanup: {volume_id}: {e}");
-                }
+                && let Err(e) = unback(&b)
+            {
+                eprintln!("fake udev cleanup: {volume_id}: {e}");
+            }
         }
     }
 }

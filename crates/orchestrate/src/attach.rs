@@ -46,6 +46,8 @@ pub enum Origin {
 #[derive(Clone, Debug)]
 pub struct Claim {
     pub volume: Volume,
+    /// The instance it is attached to (this one).
+    pub instance_id: String,
     pub origin: Origin,
     /// AttachVolume requests made (0 when reused).
     pub attach_attempts: u32,
@@ -199,6 +201,7 @@ pub async fn claim_volume(
                 };
                 return Ok(Claim {
                     volume,
+                    instance_id: me.to_owned(),
                     origin: Origin::Reused,
                     attach_attempts,
                 });
@@ -248,6 +251,7 @@ pub async fn claim_volume(
                         wait_attached(cloud_api, identity, config, &candidate.id, policy).await?;
                     return Ok(Claim {
                         volume,
+                        instance_id: me.to_owned(),
                         origin: Origin::Claimed,
                         attach_attempts,
                     });
@@ -332,6 +336,7 @@ pub async fn claim_volume(
             let volume = wait_attached(cloud_api, identity, config, &created.id, policy).await?;
             return Ok(Claim {
                 volume,
+                instance_id: me.to_owned(),
                 origin: Origin::Created,
                 attach_attempts,
             });
@@ -495,10 +500,11 @@ pub async fn prepare_device(
 ) -> Result<AttachOutcome, AttachError> {
     let volume_id = claim.volume.id.clone();
     let vid = volume_id.as_str();
+    // The name it was attached under may differ from the configured one (a reused volume
+    // attached by an older configuration); the kernel's Xen name follows the attachment.
     let requested = claim
         .volume
-        .attachments
-        .first()
+        .attachment_to(&claim.instance_id)
         .map(|a| a.device.clone())
         .unwrap_or_else(|| config.block_device.clone());
 

@@ -521,16 +521,18 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         ebs.kms_key_id.take(),
     );
     if let (Some(enc), Some(kms)) = (&encrypted, &kms_key_id)
-        && !enc.value {
-            return Err(src.at(
-                kms,
-                "kms-key-id is set but encrypted is false; remove one of them",
-            ));
-        }
+        && !enc.value
+    {
+        return Err(src.at(
+            kms,
+            "kms-key-id is set but encrypted is false; remove one of them",
+        ));
+    }
     if let Some(kms) = &kms_key_id
-        && kms.value.trim().is_empty() {
-            return Err(src.at(kms, "kms-key-id is empty"));
-        }
+        && kms.value.trim().is_empty()
+    {
+        return Err(src.at(kms, "kms-key-id is empty"));
+    }
 
     let volume = VolumeOptions {
         volume_type: type_name.to_owned(),
@@ -650,12 +652,13 @@ fn reject_force(
     if let Some(flag) = args
         .iter()
         .find(|a| matches!(a.as_str(), "-f" | "-F" | "--force"))
-        && managed {
-            return Err(src.error(origin, format!(
+        && managed
+    {
+        return Err(src.error(origin, format!(
                 "mkfs option {flag} forces overwriting existing data; cps-attach only formats devices it proved empty, \
                  so remove it"
             )));
-        }
+    }
     Ok(())
 }
 
@@ -726,15 +729,16 @@ fn build_mkfs(
         src.at(&fs_type, format!("unknown filesystem type {:?}; one of ext4, xfs, btrfs (or give raw mkfs arguments)", fs_type.value))
     })?;
     if let Some(l) = &label
-        && (l.value.is_empty() || l.value.len() > parsed.max_label_len()) {
-            return Err(src.at(
-                l,
-                format!(
-                    "a {parsed} label must be 1 to {} bytes",
-                    parsed.max_label_len()
-                ),
-            ));
-        }
+        && (l.value.is_empty() || l.value.len() > parsed.max_label_len())
+    {
+        return Err(src.at(
+            l,
+            format!(
+                "a {parsed} label must be 1 to {} bytes",
+                parsed.max_label_len()
+            ),
+        ));
+    }
     let options = match file_options {
         Some(opts) => {
             let opts = from_file(opts);
