@@ -10,6 +10,7 @@ use cps_testbed::{Bench, BenchOptions, Delays, Instance};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cps-attach");
+const TIER: &str = "end to end (emulator + loop devices)";
 
 /// The complete example from the original tool's README, byte for byte.
 const SEED_EXAMPLE: &str = "\
@@ -95,6 +96,16 @@ fn run(bench: &Bench, instance: &Instance, config: &Path, extra_env: &[(&str, &s
     }
 }
 
+/// A bench with one instance in us-east-1a, or `None` when the tier skips here.
+async fn bench_with_instance() -> Option<(Bench, std::sync::Arc<Instance>)> {
+    if !cps_testbed::ready(TIER) {
+        return None;
+    }
+    let bench = Bench::start(BenchOptions::default()).unwrap();
+    let instance = bench.launch("us-east-1a").await.unwrap();
+    Some((bench, instance))
+}
+
 fn write_config(instance: &Instance, text: &str) -> PathBuf {
     let path = instance.home.join("attach.yml");
     std::fs::write(&path, text).unwrap();
@@ -113,7 +124,7 @@ fn tags(pairs: &[(&str, &str)]) -> Tags {
 /// another zone is never touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
-    if !cps_testbed::ready("end to end (emulator + loop devices)") {
+    if !cps_testbed::ready(TIER) {
         return;
     }
     let bench = Bench::start(BenchOptions {
@@ -138,16 +149,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
     let far = bench
         .volumes_api()
         .create_volume(
-            &cps_provider::VolumeSpec {
-                availability_zone: "us-east-1b".into(),
-                size_gib: 1,
-                volume_type: "gp3".into(),
-                iops: None,
-                throughput: None,
-                encrypted: true,
-                kms_key_id: None,
-                tags: node_tags.clone(),
-            },
+            &cps_provider::VolumeSpec::gp3("us-east-1b", 1, &node_tags),
             "far-away",
         )
         .await
@@ -241,11 +243,9 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
 /// machine's real /mnt by the environment override.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_example_config_works_unchanged() {
-    if !cps_testbed::ready("end to end (emulator + loop devices)") {
+    let Some((bench, a)) = bench_with_instance().await else {
         return;
-    }
-    let bench = Bench::start(BenchOptions::default()).unwrap();
-    let a = bench.launch("us-east-1a").await.unwrap();
+    };
     let config = write_config(&a, SEED_EXAMPLE);
     let mount = bench.dir().join("mnt");
     let _guard = MountGuard(mount.clone());
@@ -281,24 +281,14 @@ async fn the_seed_example_config_works_unchanged() {
 /// A volume holding a partition table is refused with exit code 5 and left byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_volume_is_refused_and_untouched() {
-    if !cps_testbed::ready("end to end (emulator + loop devices)") {
+    let Some((bench, a)) = bench_with_instance().await else {
         return;
-    }
-    let bench = Bench::start(BenchOptions::default()).unwrap();
+    };
     let t = tags(&[("cluster", "refuse")]);
     let vol = bench
         .volumes_api()
         .create_volume(
-            &cps_provider::VolumeSpec {
-                availability_zone: "us-east-1a".into(),
-                size_gib: 1,
-                volume_type: "gp3".into(),
-                iops: None,
-                throughput: None,
-                encrypted: true,
-                kms_key_id: None,
-                tags: t.clone(),
-            },
+            &cps_provider::VolumeSpec::gp3("us-east-1a", 1, &t),
             "pre-made",
         )
         .await
@@ -317,7 +307,6 @@ async fn a_partitioned_volume_is_refused_and_untouched() {
     .unwrap();
     let before = cps_fixtures::fingerprint(&image).unwrap();
 
-    let a = bench.launch("us-east-1a").await.unwrap();
     let config = write_config(
         &a,
         &format!(
@@ -347,11 +336,9 @@ async fn a_partitioned_volume_is_refused_and_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_never_appears_is_a_timeout() {
-    if !cps_testbed::ready("end to end (emulator + loop devices)") {
+    let Some((bench, a)) = bench_with_instance().await else {
         return;
-    }
-    let bench = Bench::start(BenchOptions::default()).unwrap();
-    let a = bench.launch("us-east-1a").await.unwrap();
+    };
     let config = write_config(
         &a,
         "block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: lost}\n    size: 1\ntimeouts:\n  device: 2s\n",

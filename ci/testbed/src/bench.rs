@@ -144,6 +144,28 @@ fn herd_header(title: &str) {
     println!("|---|---|---|---|---|---|---|---|");
 }
 
+/// Every instance in `ids` claims a volume at the same moment, each as its own task.
+async fn herd<V: VolumeService + 'static>(
+    api: Arc<V>,
+    ids: &[String],
+    cfg: &Arc<AttachConfig>,
+) -> Result<Vec<Claim>, cps_orchestrate::AttachError> {
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (api, cfg, id) = (api.clone(), cfg.clone(), id.clone());
+            tokio::spawn(async move {
+                claim_volume(api.as_ref(), &identity(&id), &cfg, RetryPolicy::default()).await
+            })
+        })
+        .collect();
+    let mut claims = Vec::new();
+    for t in tasks {
+        claims.push(t.await.expect("claim task panicked")?);
+    }
+    Ok(claims)
+}
+
 /// N agents at once against N pooled volumes, in memory with 50 ms latency.
 async fn memory_herd(n: usize) {
     herd_header(&format!("Herd of {n}, in-memory cloud (50 ms per request)"));
@@ -160,19 +182,9 @@ async fn memory_herd(n: usize) {
         }
     });
     let start = Instant::now();
-    let tasks: Vec<_> = ids
-        .iter()
-        .map(|id| {
-            let (cloud, cfg, id) = (cloud.clone(), cfg.clone(), id.clone());
-            tokio::spawn(async move {
-                claim_volume(&cloud, &identity(&id), &cfg, RetryPolicy::default()).await
-            })
-        })
-        .collect();
-    let mut claims = Vec::new();
-    for t in tasks {
-        claims.push(t.await.expect("task").expect("claim"));
-    }
+    let claims = herd(Arc::new(cloud.clone()), &ids, &cfg)
+        .await
+        .expect("claim");
     let created = cloud.calls().count("CreateVolume");
     herd_line(
         "in-memory",
@@ -196,39 +208,16 @@ async fn emulator_herd(n: usize) -> io::Result<()> {
     let api = Arc::new(cps_testbed::emulator_volumes(&emu));
     let ids = run_instances(&ec2, AZ, n as i32).await?;
     for i in 0..n {
-        let spec = VolumeSpec {
-            availability_zone: AZ.into(),
-            size_gib: 1,
-            volume_type: "gp3".into(),
-            iops: None,
-            throughput: None,
-            encrypted: true,
-            kms_key_id: None,
-            tags: cfg.tags.clone(),
-        };
+        let spec = VolumeSpec::gp3(AZ, 1, &cfg.tags);
         api.create_volume(&spec, &format!("pool-{i}"))
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
     }
     api.calls().reset();
     let start = Instant::now();
-    let tasks: Vec<_> = ids
-        .iter()
-        .map(|id| {
-            let (api, cfg, id) = (api.clone(), cfg.clone(), id.clone());
-            tokio::spawn(async move {
-                claim_volume(api.as_ref(), &identity(&id), &cfg, RetryPolicy::default()).await
-            })
-        })
-        .collect();
-    let mut claims = Vec::new();
-    for t in tasks {
-        claims.push(
-            t.await
-                .expect("task")
-                .map_err(|e| io::Error::other(e.to_string()))?,
-        );
-    }
+    let claims = herd(api.clone(), &ids, &cfg)
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
     let wall = start.elapsed();
     let created = api.calls().count("CreateVolume");
     let volumes = api

@@ -25,18 +25,9 @@ pub use udev::{FakeUdev, Machine};
 /// [`cps_fixtures::require`]).
 pub fn ready(tier: &str) -> bool {
     let python = emulator::python();
-    require(
-        tier,
-        &[
-            Need::Root,
-            Need::Tool("losetup", "mount"),
-            Need::Tool("blkid", "util-linux"),
-            Need::Tool("wipefs", "util-linux"),
-            Need::Tool("mkfs.ext4", "e2fsprogs"),
-            Need::Tool("mkfs.xfs", "xfsprogs"),
-            Need::Path(&python, "the emulator venv; run ci/setup"),
-        ],
-    )
+    let mut needs = cps_fixtures::kernel_needs();
+    needs.push(Need::Path(&python, "the emulator venv; run ci/setup"));
+    require(tier, &needs)
 }
 
 /// A simulated EC2 instance: its id, zone, metadata service and device/sysfs roots.

@@ -41,14 +41,9 @@ async fn provider(emu: &Emulator) -> Ec2Volumes {
 
 fn spec(zone: &str, tags: &Tags) -> VolumeSpec {
     VolumeSpec {
-        availability_zone: zone.into(),
-        size_gib: 2,
-        volume_type: "gp3".into(),
         iops: Some(4000),
         throughput: Some(200),
-        encrypted: true,
-        kms_key_id: None,
-        tags: tags.clone(),
+        ..VolumeSpec::gp3(zone, 2, tags)
     }
 }
 

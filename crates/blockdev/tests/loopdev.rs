@@ -20,23 +20,16 @@ const SIZE: u64 = 320 << 20;
 const SMALL: u64 = 128 << 20;
 
 fn ready() -> bool {
-    require(
-        "blockdev on loop devices",
-        &[
-            Need::Root,
-            Need::Tool("losetup", "mount"),
-            Need::Tool("blkid", "util-linux"),
-            Need::Tool("wipefs", "util-linux"),
-            Need::Tool("mkfs.ext4", "e2fsprogs"),
-            Need::Tool("mkfs.xfs", "xfsprogs"),
-            Need::Tool("mkfs.btrfs", "btrfs-progs"),
-            Need::Tool("mkfs.vfat", "dosfstools"),
-            Need::Tool("mkswap", "util-linux"),
-            Need::Tool("cryptsetup", "cryptsetup-bin"),
-            Need::Tool("pvcreate", "lvm2"),
-            Need::Tool("sfdisk", "fdisk"),
-        ],
-    )
+    let mut needs = cps_fixtures::kernel_needs();
+    needs.extend([
+        Need::Tool("mkfs.btrfs", "btrfs-progs"),
+        Need::Tool("mkfs.vfat", "dosfstools"),
+        Need::Tool("mkswap", "util-linux"),
+        Need::Tool("cryptsetup", "cryptsetup-bin"),
+        Need::Tool("pvcreate", "lvm2"),
+        Need::Tool("sfdisk", "fdisk"),
+    ]);
+    require("blockdev on loop devices", &needs)
 }
 
 fn device_of(l: &LoopDevice) -> Device {

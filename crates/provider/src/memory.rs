@@ -583,16 +583,7 @@ mod tests {
             ..Timing::default()
         });
         cloud.with(|w| w.add_instance("i-1", "az-a"));
-        let spec = VolumeSpec {
-            availability_zone: "az-a".into(),
-            size_gib: 1,
-            volume_type: "gp3".into(),
-            iops: None,
-            throughput: None,
-            encrypted: true,
-            kms_key_id: None,
-            tags: tags(),
-        };
+        let spec = VolumeSpec::gp3("az-a", 1, &tags());
         let first = cloud.create_volume(&spec, "tok").await.unwrap();
         let again = cloud.create_volume(&spec, "tok").await.unwrap();
         assert_eq!(first.id, again.id);

@@ -136,3 +136,19 @@ pub struct VolumeSpec {
     pub kms_key_id: Option<String>,
     pub tags: Tags,
 }
+
+impl VolumeSpec {
+    /// An encrypted gp3 volume with the AWS-managed key and baseline performance.
+    pub fn gp3(availability_zone: &str, size_gib: i32, tags: &Tags) -> Self {
+        Self {
+            availability_zone: availability_zone.to_owned(),
+            size_gib,
+            volume_type: "gp3".into(),
+            iops: None,
+            throughput: None,
+            encrypted: true,
+            kms_key_id: None,
+            tags: tags.clone(),
+        }
+    }
+}
