@@ -4,12 +4,13 @@ moto accepts operations that AWS refuses, and the agent's safety depends on thos
 (AttachVolume is the only lock between agents racing for one volume). This module patches moto in
 this process, then serves it on 127.0.0.1. Every patch says which AWS behaviour it restores.
 
-Usage: python cps_emulator.py [--port N] [--attach-delay S] [--create-delay S] [--detach-delay S]
+Usage: python cps_emulator.py [--port N] [--attach-delay S] [--create-delay S] [--detach-delay S] [--shutdown-delay S]
 Prints one line `cps-emulator listening on 127.0.0.1:PORT` once it accepts requests.
 """
 
 import argparse
 import base64
+import copy
 import hashlib
 import json
 import signal
@@ -53,6 +54,7 @@ class Timing:
     attach_delay = 0.0
     create_delay = 0.0
     detach_delay = 0.0
+    shutdown_delay = 0.0
 
 
 def aws_error(code, message):
@@ -189,6 +191,35 @@ def _detach_volume(self, volume_id, instance_id, device_path):
 
 EBSBackend.detach_volume = _detach_volume
 
+# --- TerminateInstances: `shutting-down`, volumes still attached, for a while ----------------
+
+_plain_terminate = Instance.terminate
+
+
+def _terminate(self):
+    """AWS shows a terminated instance `shutting-down` (volumes attached) before it is gone."""
+    if Timing.shutdown_delay <= 0:
+        return _plain_terminate(self)
+    with LOCK:
+        if getattr(self, "_cps_terminating", False) or self._state.name == "terminated":
+            return copy.copy(self._state)
+        previous = copy.copy(self._state)
+        self._cps_terminating = True
+        self._state.name = "shutting-down"
+        self._state.code = 32
+
+    def finish():
+        with LOCK:
+            _plain_terminate(self)
+
+    timer = threading.Timer(Timing.shutdown_delay, finish)
+    timer.daemon = True
+    timer.start()
+    return previous
+
+
+Instance.terminate = _terminate
+
 # --- CreateVolume: ClientToken idempotency ---------------------------------------------------
 
 _CLIENT_TOKENS = {}
@@ -274,10 +305,12 @@ def main():
     parser.add_argument("--attach-delay", type=float, default=0.0)
     parser.add_argument("--create-delay", type=float, default=0.0)
     parser.add_argument("--detach-delay", type=float, default=0.0)
+    parser.add_argument("--shutdown-delay", type=float, default=0.0)
     args = parser.parse_args()
     Timing.attach_delay = args.attach_delay
     Timing.create_delay = args.create_delay
     Timing.detach_delay = args.detach_delay
+    Timing.shutdown_delay = args.shutdown_delay
 
     app = DomainDispatcherApplication(create_backend_app)
     server = make_server(

@@ -95,11 +95,29 @@ struct OverrideArgs {
     encrypted: Option<bool>,
     #[arg(long, env = "CPS_KMS_KEY_ID", global = true)]
     kms_key_id: Option<String>,
+    /// Raw mkfs argument; repeatable or space-separated (replaces file-system).
+    #[arg(
+        long = "mkfs-arg",
+        env = "CPS_MKFS_ARGS",
+        global = true,
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    mkfs_args: Option<Vec<String>>,
     /// ext4, xfs or btrfs (replaces file-system.mkfs).
     #[arg(long, env = "CPS_FS_TYPE", global = true)]
     fs_type: Option<String>,
     #[arg(long, env = "CPS_FS_LABEL", global = true)]
     fs_label: Option<String>,
+    /// Extra mkfs.<type> argument; repeatable or space-separated.
+    #[arg(
+        long = "fs-option",
+        env = "CPS_FS_OPTIONS",
+        global = true,
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    fs_options: Option<Vec<String>>,
     #[arg(long, env = "CPS_MOUNT_TARGET", global = true)]
     mount_target: Option<String>,
     /// Repeatable or comma-separated; replaces mount.options.
@@ -154,8 +172,10 @@ impl From<OverrideArgs> for Overrides {
             throughput: a.throughput,
             encrypted: a.encrypted,
             kms_key_id: a.kms_key_id,
+            mkfs_args: a.mkfs_args,
             fs_type: a.fs_type,
             fs_label: a.fs_label,
+            fs_options: a.fs_options,
             mount_target: a.mount_target,
             mount_options: a.mount_options,
             owner: a.owner,

@@ -131,7 +131,8 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
         delays: Delays {
             attach: std::time::Duration::from_millis(400),
             create: std::time::Duration::from_millis(300),
-            detach: std::time::Duration::from_secs(5),
+            detach: std::time::Duration::from_secs(2),
+            shutdown: std::time::Duration::from_secs(3),
         },
         ..BenchOptions::default()
     })
@@ -177,20 +178,26 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
         "{fstab}"
     );
 
+    // A is terminated; as on EC2 it first shows shutting-down with the volume still attached,
+    // then the volume detaches. B boots inside that window.
     bench.terminate(&a).await.unwrap();
-    assert!(
-        bench.wait_devices_gone(&[&volume_id]),
-        "A's devices were not taken away"
-    );
-    assert!(!is_mountpoint(&mount), "A's mount went away with A");
+    let held = bench.volumes_tagged(&node_tags).await;
+    let held = held.iter().find(|v| v.id == volume_id).unwrap();
+    assert_eq!(held.attachments[0].instance_id, a.id, "still attached to A");
+    let states = bench
+        .volumes_api()
+        .instance_states(std::slice::from_ref(&a.id))
+        .await
+        .unwrap();
+    assert_eq!(states[&a.id], cps_provider::InstanceState::ShuttingDown);
 
     let b = bench.launch("us-east-1a").await.unwrap();
     let config_b = write_config(&b, &config_text);
     let second = run(&bench, &b, &config_b, &[]);
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert!(
-        second.said("waiting for it"),
-        "B waited for the detach:\n{}",
+        second.said("held by a server that is going away; waiting for it"),
+        "B waited for A to let go:\n{}",
         second.stderr
     );
     let ready = second.ready();
@@ -201,8 +208,9 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
         std::fs::read_to_string(mount.join("precious.txt")).unwrap(),
         "written by A"
     );
-    // Reattach: listings while the volume detaches (up to 5 s), one AttachVolume, polls during the
-    // 400 ms attach; the schedule (100 ms, growing by half) keeps it to a dozen or so, not dozens.
+    // Reattach: listings while A shuts down and the volume detaches (up to 5 s), one
+    // AttachVolume, polls during the 400 ms attach; the schedule (100 ms, growing by half, at
+    // most 3 s apart) keeps it to a dozen or so, not dozens.
     let calls = ready["calls"].as_str().unwrap();
     assert!(
         calls.contains("AttachVolume=1") && !calls.contains("CreateVolume"),

@@ -23,8 +23,9 @@ pub fn venv() -> PathBuf {
     }
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache")
+        });
     cache.join("cps-bench/moto-5.2.5")
 }
 
@@ -39,6 +40,8 @@ pub struct Delays {
     pub create: Duration,
     /// Detaching, also when an instance terminates.
     pub detach: Duration,
+    /// A terminated instance stays `shutting-down`, volumes attached, this long.
+    pub shutdown: Duration,
 }
 
 /// A running emulator on 127.0.0.1; stopped (SIGINT, then SIGKILL) on drop.
@@ -61,6 +64,8 @@ impl Emulator {
             .arg(delays.create.as_secs_f64().to_string())
             .arg("--detach-delay")
             .arg(delays.detach.as_secs_f64().to_string())
+            .arg("--shutdown-delay")
+            .arg(delays.shutdown.as_secs_f64().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)

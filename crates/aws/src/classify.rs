@@ -47,7 +47,9 @@ where
                 message,
             }
         }
-        Some("IncorrectState" | "IncorrectInstanceState") => Error::IncorrectState {
+        // IncorrectInstanceState (this instance is not running) is no reason to try another
+        // volume: it falls through to Api, a plain failure.
+        Some("IncorrectState") => Error::IncorrectState {
             operation,
             resource: ctx
                 .volume_id

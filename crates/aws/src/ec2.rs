@@ -1,12 +1,13 @@
 //! [`VolumeService`] on the EC2 API.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 use cps_provider::{
-    Attachment, AttachmentState, CallLog, Error, Tags, Volume, VolumeService, VolumeSpec,
-    VolumeState,
+    Attachment, AttachmentState, CallLog, Error, InstanceState, Tags, Volume, VolumeService,
+    VolumeSpec, VolumeState,
 };
 
 use crate::classify::{Context, classify};
@@ -222,5 +223,48 @@ impl VolumeService for Ec2Volumes {
         Ok(AttachmentState::parse(
             out.state().map(|s| s.as_str()).unwrap_or("attaching"),
         ))
+    }
+
+    async fn instance_states(
+        &self,
+        instance_ids: &[String],
+    ) -> Result<BTreeMap<String, InstanceState>, Error> {
+        // A filter, not InstanceIds: an id EC2 has already forgotten must not fail the call.
+        let mut states: BTreeMap<String, InstanceState> = instance_ids
+            .iter()
+            .map(|id| (id.clone(), InstanceState::Terminated))
+            .collect();
+        if instance_ids.is_empty() {
+            return Ok(states);
+        }
+        let filter = Filter::builder()
+            .name("instance-id")
+            .set_values(Some(instance_ids.to_vec()))
+            .build();
+        let mut token: Option<String> = None;
+        for _ in 0..100 {
+            self.calls.record("DescribeInstances");
+            let page = self
+                .client
+                .describe_instances()
+                .filters(filter.clone())
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify("DescribeInstances", Context::default(), e))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                if let (Some(id), Some(state)) = (
+                    instance.instance_id(),
+                    instance.state().and_then(|s| s.name()),
+                ) {
+                    states.insert(id.to_owned(), InstanceState::parse(state.as_str()));
+                }
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(states)
     }
 }

@@ -62,7 +62,7 @@ async fn create_find_attach_describe() {
     let (emu, _dir) = emulator(Delays {
         create: Duration::from_secs(2),
         attach: Duration::from_millis(300),
-        detach: Duration::ZERO,
+        ..Delays::default()
     });
     let api = provider(&emu).await;
     let t = tags(&[("cluster", "kafka"), ("node", "1")]);

@@ -69,7 +69,8 @@ pub(crate) fn rewrite(existing: &str, entry: &FstabEntry) -> String {
     let mut placed = false;
     for line in existing.lines() {
         let trimmed = line.trim_start();
-        if trimmed.starts_with(MARKER) {
+        // This volume's marker goes with the entry; another volume's stays with its own line.
+        if trimmed == ours[0] {
             continue;
         }
         let fields: Vec<&str> = trimmed.split_whitespace().collect();
@@ -77,6 +78,13 @@ pub(crate) fn rewrite(existing: &str, entry: &FstabEntry) -> String {
             && fields.len() >= 2
             && (fields[1] == target || fields[0] == uuid);
         if replaced {
+            // A marker right above a replaced line belonged to it.
+            if out
+                .last()
+                .is_some_and(|l| l.trim_start().starts_with(MARKER))
+            {
+                out.pop();
+            }
             if !placed {
                 out.extend(ours.iter().cloned());
                 placed = true;
@@ -183,6 +191,23 @@ mod tests {
         assert_eq!(lines[2], entry().line());
         assert_eq!(lines[3], "UUID=swap none swap sw 0 0");
         assert_eq!(lines.len(), 4);
+    }
+
+    #[test]
+    fn two_volumes_keep_their_own_entries_and_markers() {
+        let mut logs = entry();
+        logs.volume_id = "vol-2".into();
+        logs.uuid = "5555".into();
+        logs.target = "/var/log/kafka".into();
+        let once = rewrite(&rewrite("", &entry()), &logs);
+        let twice = rewrite(&rewrite(&once, &entry()), &logs);
+        assert_eq!(once, twice, "stable: no rewrite on every boot");
+        assert_eq!(once.matches("# cps-attach:").count(), 2, "{once}");
+        assert!(
+            once.contains("# cps-attach: vol-1\nUUID=1111-2222 "),
+            "{once}"
+        );
+        assert!(once.contains("# cps-attach: vol-2\nUUID=5555 "), "{once}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::Error;
 pub use fstab::FstabEntry;
-pub use locate::{Lookup, Verification, nvme_link_name};
+pub use locate::{Lookup, Verification, Wanted, nvme_link_name};
 pub use mkfs::{FsType, MkfsSpec};
 pub use mount::{MountInfo, MountState, Ownership, split_mount_options};
 pub use probe::{Probe, Refusal};
@@ -47,9 +47,8 @@ pub struct Filesystem {
 
 /// The host operations of the attach flow.
 pub trait BlockHost: Send + Sync {
-    /// Looks once for the device of `volume_id`, attached under the requested name `requested`
-    /// (`/dev/xvdc`). Waiting and timeouts are the caller's.
-    fn locate(&self, volume_id: &str, requested: &str) -> Result<Lookup, Error>;
+    /// Looks once for the device of the wanted volume. Waiting and timeouts are the caller's.
+    fn locate(&self, wanted: Wanted<'_>) -> Result<Lookup, Error>;
 
     /// How `device` and `target` relate to what is mounted now.
     fn mount_state(&self, device: &Device, target: &Path) -> Result<MountState, Error>;
@@ -107,11 +106,12 @@ impl LinuxHost {
 }
 
 impl BlockHost for LinuxHost {
-    fn locate(&self, volume_id: &str, requested: &str) -> Result<Lookup, Error> {
-        locate::locate(&self.device_root, &self.sys_root, volume_id, requested)
+    fn locate(&self, wanted: Wanted<'_>) -> Result<Lookup, Error> {
+        locate::locate(&self.device_root, &self.sys_root, wanted)
     }
 
     fn mount_state(&self, device: &Device, target: &Path) -> Result<MountState, Error> {
+        probe::check_node(device)?;
         let table = mount::MountInfo::read(&self.mountinfo)?;
         Ok(table.state_of(device, target))
     }

@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::{Device, Error};
 
@@ -38,22 +38,35 @@ pub fn nvme_link_name(volume_id: &str) -> String {
     )
 }
 
+/// The volume being looked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Wanted<'a> {
+    pub volume_id: &'a str,
+    /// The device name it was attached under (`/dev/xvdc`).
+    pub requested: &'a str,
+    pub size_gib: i32,
+}
+
 pub(crate) fn locate(
     device_root: &Path,
     sys_root: &Path,
-    volume_id: &str,
-    requested: &str,
+    wanted: Wanted<'_>,
 ) -> Result<Lookup, Error> {
+    let Wanted {
+        volume_id,
+        requested,
+        ..
+    } = wanted;
     let mut reasons = Vec::new();
     let link = device_root
         .join("disk/by-id")
         .join(nvme_link_name(volume_id));
-    match candidate(&link, sys_root, volume_id, true)? {
+    match candidate(&link, sys_root, wanted, true)? {
         Lookup::Found(device) => return Ok(Lookup::Found(device)),
         Lookup::NotYet(why) => reasons.push(why),
     }
     for name in xen_names(requested) {
-        match candidate(&device_root.join(&name), sys_root, volume_id, false)? {
+        match candidate(&device_root.join(&name), sys_root, wanted, false)? {
             Lookup::Found(device) => return Ok(Lookup::Found(device)),
             Lookup::NotYet(why) => reasons.push(why),
         }
@@ -76,7 +89,7 @@ fn xen_names(requested: &str) -> Vec<String> {
 fn candidate(
     path: &Path,
     sys_root: &Path,
-    volume_id: &str,
+    wanted: Wanted<'_>,
     is_nvme_link: bool,
 ) -> Result<Lookup, Error> {
     if fs::symlink_metadata(path).is_err() {
@@ -88,7 +101,10 @@ fn candidate(
             path.display()
         )));
     };
-    let meta = fs::metadata(&node).map_err(Error::io(&node, "stat"))?;
+    // The node can vanish between the two looks (a detach racing with udev): look again later.
+    let Ok(meta) = fs::metadata(&node) else {
+        return Ok(Lookup::NotYet(format!("{} vanished", node.display())));
+    };
     if !meta.file_type().is_block_device() {
         return Ok(Lookup::NotYet(format!(
             "{} leads to {}, which is not a block device",
@@ -101,9 +117,18 @@ fn candidate(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let nvme = is_nvme_link || name.starts_with("nvme");
-    if nvme && let Some(mismatch) = serial_mismatch(sys_root, &name, meta.rdev(), volume_id) {
+    let dir = sys_root.join("block").join(&name);
+    // NVMe: the serial is the volume id. Xen has no serial; the name is unique per instance (EC2
+    // refuses a busy name), and the size must match too, so a disk that was there before under
+    // that name is not taken for the volume.
+    let mismatch = if nvme {
+        serial_mismatch(&dir, wanted.volume_id)
+    } else {
+        size_mismatch(&dir, wanted.size_gib)
+    };
+    if let Some(why) = mismatch.or_else(|| dev_mismatch(&dir, meta.rdev())) {
         return Ok(Lookup::NotYet(format!(
-            "{} → {}: {mismatch}",
+            "{} → {}: {why}",
             path.display(),
             node.display()
         )));
@@ -111,7 +136,7 @@ fn candidate(
     Ok(Lookup::Found(Device {
         path: node,
         rdev: meta.rdev(),
-        volume_id: volume_id.to_owned(),
+        volume_id: wanted.volume_id.to_owned(),
         verification: if nvme {
             Verification::NvmeSerial
         } else {
@@ -120,30 +145,41 @@ fn candidate(
     }))
 }
 
-/// Why the device `name` is not provably `volume_id`, or `None` when its serial and device
-/// number both match.
-fn serial_mismatch(sys_root: &Path, name: &str, rdev: u64, volume_id: &str) -> Option<String> {
-    let dir: PathBuf = sys_root.join("block").join(name);
-    let expected_serial = volume_id.replace('-', "");
-    let serial = match fs::read_to_string(dir.join("device/serial")) {
-        Ok(s) => s.trim().to_owned(),
-        Err(e) => {
-            return Some(format!(
-                "cannot read its serial ({}: {e})",
-                dir.join("device/serial").display()
-            ));
-        }
-    };
-    if serial != expected_serial {
-        return Some(format!(
-            "serial is {serial:?}, expected {expected_serial:?} (stale link?)"
-        ));
-    }
-    let expected_dev = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
-    match fs::read_to_string(dir.join("dev")) {
-        Ok(s) if s.trim() == expected_dev => None,
+/// Why the device described by sysfs `dir` is not provably `volume_id`'s, if it is not.
+fn serial_mismatch(dir: &Path, volume_id: &str) -> Option<String> {
+    let expected = volume_id.replace('-', "");
+    match fs::read_to_string(dir.join("device/serial")) {
+        Ok(s) if s.trim() == expected => None,
         Ok(s) => Some(format!(
-            "sysfs says device {} but the node is {expected_dev}",
+            "serial is {:?}, expected {expected:?} (stale link?)",
+            s.trim()
+        )),
+        Err(e) => Some(format!(
+            "cannot read its serial ({}: {e})",
+            dir.join("device/serial").display()
+        )),
+    }
+}
+
+/// Why the device's size (sysfs counts 512-byte sectors) is not the volume's, if it is not.
+fn size_mismatch(dir: &Path, size_gib: i32) -> Option<String> {
+    let expected = u64::try_from(size_gib).unwrap_or(0) << 21;
+    match fs::read_to_string(dir.join("size")).map(|s| s.trim().parse::<u64>()) {
+        Ok(Ok(sectors)) if sectors == expected => None,
+        Ok(Ok(sectors)) => Some(format!(
+            "it has {sectors} sectors, the volume {size_gib} GiB ({expected})"
+        )),
+        _ => Some(format!("cannot read {}", dir.join("size").display())),
+    }
+}
+
+/// Why sysfs `dir` does not describe the node with device number `rdev`, if it does not.
+fn dev_mismatch(dir: &Path, rdev: u64) -> Option<String> {
+    let expected = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+    match fs::read_to_string(dir.join("dev")) {
+        Ok(s) if s.trim() == expected => None,
+        Ok(s) => Some(format!(
+            "sysfs says device {} but the node is {expected}",
             s.trim()
         )),
         Err(e) => Some(format!("cannot read {}: {e}", dir.join("dev").display())),
@@ -153,6 +189,12 @@ fn serial_mismatch(sys_root: &Path, name: &str, rdev: u64, volume_id: &str) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const WANTED: Wanted<'static> = Wanted {
+        volume_id: "vol-1",
+        requested: "/dev/xvdc",
+        size_gib: 1,
+    };
 
     #[test]
     fn link_name_drops_the_dash() {
@@ -172,7 +214,7 @@ mod tests {
     #[test]
     fn nothing_there_is_not_yet_with_reasons() {
         let root = tempfile::tempdir().unwrap();
-        let found = locate(root.path(), root.path(), "vol-1", "/dev/xvdc").unwrap();
+        let found = locate(root.path(), root.path(), WANTED).unwrap();
         let Lookup::NotYet(why) = found else {
             panic!("found something in an empty root")
         };
@@ -193,8 +235,7 @@ mod tests {
             root.path().join("disk/by-id").join(nvme_link_name("vol-1")),
         )
         .unwrap();
-        let Lookup::NotYet(why) = locate(root.path(), root.path(), "vol-1", "/dev/xvdc").unwrap()
-        else {
+        let Lookup::NotYet(why) = locate(root.path(), root.path(), WANTED).unwrap() else {
             panic!("a regular file was accepted as a device")
         };
         assert!(why.contains("not a block device"), "{why}");

@@ -140,21 +140,33 @@ pub(crate) fn identify(device: &Device) -> Result<Probe, Error> {
 fn open_exclusive(device: &Device) -> Result<File, Error> {
     check_node(device)?;
     // O_EXCL on a block device fails with EBUSY while anything holds it (mount, swap, dm, md).
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(&device.path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EBUSY) {
-                Error::Busy {
+    // Tools that just closed it (mkfs, a udev probe, a filesystem scan) can hold it for a
+    // moment, so EBUSY is believed only when it persists.
+    let mut attempt = 0;
+    loop {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(&device.path)
+        {
+            Ok(file) => return Ok(file),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < BUSY_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(BUSY_PAUSE);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(Error::Busy {
                     path: device.path.clone(),
                     volume_id: device.volume_id.clone(),
-                }
-            } else {
-                Error::io(&device.path, "open exclusively")(e)
+                });
             }
-        })
+            Err(e) => return Err(Error::io(&device.path, "open exclusively")(e)),
+        }
+    }
 }
+
+const BUSY_RETRIES: u32 = 10;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The path must still be a block device with the device number that was verified.
 pub(crate) fn check_node(device: &Device) -> Result<(), Error> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use cps_blockdev::{
     BlockHost, Device, Error, FsType, FstabEntry, LinuxHost, Lookup, MkfsSpec, MountState,
-    Ownership, Probe, Refusal, Verification, nvme_link_name,
+    Ownership, Probe, Refusal, Verification, Wanted, nvme_link_name,
 };
 use cps_fixtures::{LoopDevice, MountGuard, Need, require, run};
 
@@ -412,6 +412,14 @@ fn what_is_not_the_verified_block_device_is_an_error_not_empty() {
     );
 }
 
+fn wanted(requested: &str) -> Wanted<'_> {
+    Wanted {
+        volume_id: "vol-0abc",
+        requested,
+        size_gib: 1,
+    }
+}
+
 /// A device root and sysfs as udev and the kernel would show an EBS volume, built by hand.
 struct FakeRoots {
     dir: tempfile::TempDir,
@@ -457,13 +465,13 @@ fn nvme_links_are_trusted_only_when_the_serial_matches() {
     let roots = FakeRoots::new();
     let host = LinuxHost::new(roots.dev(), roots.sys());
     assert!(matches!(
-        host.locate("vol-0abc", "/dev/xvdc").unwrap(),
+        host.locate(wanted("/dev/xvdc")).unwrap(),
         Lookup::NotYet(_)
     ));
 
     // A stale link: the node behind it reports another volume's serial.
     roots.link_nvme("vol-0abc", &l, "vol0def");
-    let Lookup::NotYet(why) = host.locate("vol-0abc", "/dev/xvdc").unwrap() else {
+    let Lookup::NotYet(why) = host.locate(wanted("/dev/xvdc")).unwrap() else {
         panic!("a link with the wrong serial was trusted")
     };
     assert!(
@@ -472,7 +480,7 @@ fn nvme_links_are_trusted_only_when_the_serial_matches() {
     );
 
     roots.link_nvme("vol-0abc", &l, "vol0abc");
-    let Lookup::Found(dev) = host.locate("vol-0abc", "/dev/xvdc").unwrap() else {
+    let Lookup::Found(dev) = host.locate(wanted("/dev/xvdc")).unwrap() else {
         panic!("a verified link was not found")
     };
     assert_eq!(dev.path, l.path());
@@ -482,7 +490,7 @@ fn nvme_links_are_trusted_only_when_the_serial_matches() {
     let name = l.path().file_name().unwrap().to_owned();
     fs::write(roots.sys().join("block").join(&name).join("dev"), "7:999\n").unwrap();
     assert!(
-        matches!(host.locate("vol-0abc", "/dev/xvdc").unwrap(), Lookup::NotYet(w) if w.contains("sysfs says device 7:999"))
+        matches!(host.locate(wanted("/dev/xvdc")).unwrap(), Lookup::NotYet(w) if w.contains("sysfs says device 7:999"))
     );
 }
 
@@ -491,16 +499,24 @@ fn xen_names_are_found_under_the_translated_name() {
     if !ready() {
         return;
     }
-    let l = LoopDevice::new(SIZE).unwrap();
+    // Xen has no serial to check: the name and the size must both match. The kernel's own
+    // sysfs describes loop devices, so it is used as it is here.
+    let right = LoopDevice::new(1 << 30).unwrap();
+    let wrong = LoopDevice::new(SIZE).unwrap();
     let roots = FakeRoots::new();
     fs::create_dir_all(roots.dev()).unwrap();
-    std::os::unix::fs::symlink(l.path(), roots.dev().join("xvdf")).unwrap();
-    let host = LinuxHost::new(roots.dev(), roots.sys());
-    let Lookup::Found(dev) = host.locate("vol-0abc", "/dev/sdf").unwrap() else {
+    std::os::unix::fs::symlink(wrong.path(), roots.dev().join("xvdg")).unwrap();
+    std::os::unix::fs::symlink(right.path(), roots.dev().join("xvdf")).unwrap();
+    let host = LinuxHost::new(roots.dev(), "/sys");
+    let Lookup::Found(dev) = host.locate(wanted("/dev/sdf")).unwrap() else {
         panic!("/dev/sdf should appear as xvdf on Xen")
     };
     assert_eq!(dev.verification, Verification::XenName);
-    assert_eq!(dev.path, l.path());
+    assert_eq!(dev.path, right.path());
+    let Lookup::NotYet(why) = host.locate(wanted("/dev/sdg")).unwrap() else {
+        panic!("a 320 MiB disk was taken for a 1 GiB volume")
+    };
+    assert!(why.contains("655360 sectors, the volume 1 GiB"), "{why}");
 }
 
 #[test]

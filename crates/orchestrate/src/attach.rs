@@ -15,10 +15,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cps_blockdev::{BlockHost, Device, Filesystem, FstabEntry, Lookup, MountState, Probe};
+use cps_blockdev::{BlockHost, Device, Filesystem, FstabEntry, Lookup, MountState, Probe, Wanted};
 use cps_provider::{
-    AttachmentState, Error as CloudError, InstanceIdentity, Volume, VolumeService, VolumeSpec,
-    VolumeState,
+    AttachmentState, Error as CloudError, InstanceIdentity, InstanceState, Volume, VolumeService,
+    VolumeSpec, VolumeState,
 };
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
@@ -141,7 +141,7 @@ fn cloud(step: &'static str) -> impl FnOnce(CloudError) -> AttachError {
     move |source| AttachError::Cloud { step, source }
 }
 
-/// Steps 1–3 and the wait until EC2 reports the volume attached here.
+/// Steps 1–4 and the wait until EC2 reports the volume attached here.
 pub async fn claim_volume(
     cloud_api: &dyn VolumeService,
     identity: &InstanceIdentity,
@@ -151,31 +151,39 @@ pub async fn claim_volume(
     let me = identity.instance_id.as_str();
     let seed = hash_str(me);
     let device_name = config.block_device.as_str();
+    let started = tokio::time::Instant::now();
+    // The whole claim may take as long as creating and attaching one volume.
+    let claim_deadline = config.timeouts.create + config.timeouts.attach;
     let mut attach_attempts = 0u32;
     let mut creates = 0u32;
     let mut logged_elsewhere = false;
-    // Lost races are bounded by the pool first seen; waiting for a detach by the attach timeout.
+    let mut logged_in_use = false;
+    // Lost races are bounded by the pool first seen; waiting for a holder by the attach timeout.
     let mut race_budget: Option<u32> = None;
     let mut lost_races = 0u32;
-    let mut detach_wait: Option<(tokio::time::Instant, u32)> = None;
+    let mut holder_wait: Option<(tokio::time::Instant, u32)> = None;
+    let claimed = |volume: Volume, origin: Origin, attach_attempts: u32| Claim {
+        volume,
+        instance_id: me.to_owned(),
+        origin,
+        attach_attempts,
+    };
 
     loop {
+        if started.elapsed() > claim_deadline {
+            return Err(AttachError::Timeout {
+                what: "a volume to claim".into(),
+                waited: started.elapsed(),
+                last: format!("{attach_attempts} attach attempts, {creates} volumes created"),
+            });
+        }
         let volumes = backoff::retry(policy, "DescribeVolumes", seed, || {
             cloud_api.volumes_tagged(&config.tags)
         })
         .await
         .map_err(cloud("listing volumes by tag"))?;
-        let budget = *race_budget.get_or_insert(4 * volumes.len() as u32 + 16);
-        if lost_races > budget {
-            return Err(AttachError::Exhausted {
-                attempts: attach_attempts,
-                detail: format!(
-                    "lost {lost_races} races for a volume; the pool keeps being taken by other instances"
-                ),
-            });
-        }
 
-        // 1. Already attached to this instance?
+        // 1. Already attached to this instance? (Also what a lost AttachVolume reply looks like.)
         let mine: Vec<&Volume> = volumes
             .iter()
             .filter(|v| {
@@ -199,12 +207,7 @@ pub async fn claim_volume(
                 } else {
                     wait_attached(cloud_api, identity, config, &volume.id, policy).await?
                 };
-                return Ok(Claim {
-                    volume,
-                    instance_id: me.to_owned(),
-                    origin: Origin::Reused,
-                    attach_attempts,
-                });
+                return Ok(claimed(volume, Origin::Reused, attach_attempts));
             }
             many => {
                 return Err(AttachError::Ambiguous {
@@ -217,6 +220,15 @@ pub async fn claim_volume(
                         .join(", "),
                 });
             }
+        }
+        let budget = *race_budget.get_or_insert(4 * volumes.len() as u32 + 16);
+        if lost_races > budget {
+            return Err(AttachError::Exhausted {
+                attempts: attach_attempts,
+                detail: format!(
+                    "lost {lost_races} races for a volume; the pool keeps being taken by other instances"
+                ),
+            });
         }
 
         // 2. An available volume in this zone, in this agent's own order.
@@ -233,80 +245,104 @@ pub async fn claim_volume(
                 "skipping matching volumes in other availability zones (EBS attaches within a zone only)"
             );
         }
-        let mut candidates: Vec<&Volume> = volumes
-            .iter()
-            .filter(|v| {
-                v.availability_zone == identity.availability_zone
-                    && v.state == VolumeState::Available
-                    && v.attachments.is_empty()
-            })
+        let here = || {
+            volumes
+                .iter()
+                .filter(|v| v.availability_zone == identity.availability_zone)
+        };
+        let mut candidates: Vec<&Volume> = here()
+            .filter(|v| v.state == VolumeState::Available && v.attachments.is_empty())
             .collect();
         candidates.sort_by_key(|v| mix(seed ^ hash_str(&v.id)));
         if let Some(candidate) = candidates.first() {
             attach_attempts += 1;
             info!(volume_id = %candidate.id, device = device_name, candidates = candidates.len(), "attaching existing volume");
-            match try_attach(cloud_api, &candidate.id, me, device_name, seed, policy).await? {
-                true => {
-                    let volume =
-                        wait_attached(cloud_api, identity, config, &candidate.id, policy).await?;
-                    return Ok(Claim {
-                        volume,
-                        instance_id: me.to_owned(),
-                        origin: Origin::Claimed,
-                        attach_attempts,
-                    });
-                }
-                false => {
-                    lost_races += 1;
-                    continue;
-                }
+            if try_attach(cloud_api, &candidate.id, me, device_name, seed, policy).await? {
+                let volume =
+                    wait_attached(cloud_api, identity, config, &candidate.id, policy).await?;
+                return Ok(claimed(volume, Origin::Claimed, attach_attempts));
             }
-        }
-
-        // A matching volume still detaching here (its old instance shutting down) will be
-        // available shortly: wait for it rather than create a second volume for the same data.
-        let detaching: Vec<&Volume> = volumes
-            .iter()
-            .filter(|v| {
-                v.availability_zone == identity.availability_zone
-                    && !v.attachments.is_empty()
-                    && v.attachments.iter().all(|a| {
-                        matches!(
-                            a.state,
-                            AttachmentState::Detaching | AttachmentState::Detached
-                        )
-                    })
-            })
-            .collect();
-        if !detaching.is_empty() {
-            let (since, looks) = detach_wait.get_or_insert((tokio::time::Instant::now(), 0));
-            let held: Vec<String> = detaching
-                .iter()
-                .map(|v| {
-                    let from: Vec<&str> = v
-                        .attachments
-                        .iter()
-                        .map(|a| a.instance_id.as_str())
-                        .collect();
-                    format!("{} (detaching from {})", v.id, from.join(", "))
-                })
-                .collect();
-            if since.elapsed() >= config.timeouts.attach {
-                return Err(AttachError::Timeout {
-                    what: "a matching volume to finish detaching (not creating a second volume meanwhile)".into(),
-                    waited: since.elapsed(),
-                    last: held.join("; "),
-                });
-            }
-            if *looks == 0 {
-                info!(volumes = %held.join("; "), "a matching volume is detaching from another instance; waiting for it");
-            }
-            tokio::time::sleep(Schedule::CLOUD_STATE.delay(*looks)).await;
-            *looks += 1;
+            lost_races += 1;
             continue;
         }
 
-        // 3. Nothing to claim: create one.
+        // 3. A matching volume here held by a server that is going away (shutting down, or
+        // already detaching) will be available shortly: wait for it rather than create a second
+        // volume for the same data. Held by a running server, it is that server's.
+        let held: Vec<&Volume> = here().filter(|v| !v.attachments.is_empty()).collect();
+        if !held.is_empty() {
+            let holders: Vec<String> = held
+                .iter()
+                .flat_map(|v| v.attachments.iter())
+                .filter(|a| {
+                    !matches!(
+                        a.state,
+                        AttachmentState::Detaching | AttachmentState::Detached
+                    )
+                })
+                .map(|a| a.instance_id.clone())
+                .collect();
+            let states = if holders.is_empty() {
+                Default::default()
+            } else {
+                backoff::retry(policy, "DescribeInstances", seed, || {
+                    cloud_api.instance_states(&holders)
+                })
+                .await
+                .map_err(cloud("looking up the instances holding matching volumes"))?
+            };
+            let describe = |v: &Volume| -> (bool, String) {
+                let mut leaving = true;
+                let parts: Vec<String> = v
+                    .attachments
+                    .iter()
+                    .map(|a| match a.state {
+                        AttachmentState::Detaching | AttachmentState::Detached => {
+                            format!("detaching from {}", a.instance_id)
+                        }
+                        _ => {
+                            let state = states
+                                .get(&a.instance_id)
+                                .map(ToString::to_string)
+                                .unwrap_or_else(|| "unknown".into());
+                            leaving &= states
+                                .get(&a.instance_id)
+                                .is_some_and(InstanceState::is_going_away);
+                            format!("{} to {}, which is {state}", a.state, a.instance_id)
+                        }
+                    })
+                    .collect();
+                (leaving, format!("{} ({})", v.id, parts.join("; ")))
+            };
+            let (leaving, staying): (Vec<_>, Vec<_>) =
+                held.iter().map(|v| describe(v)).partition(|(l, _)| *l);
+            if !leaving.is_empty() {
+                let what: Vec<&str> = leaving.iter().map(|(_, d)| d.as_str()).collect();
+                let (since, looks) = holder_wait.get_or_insert((tokio::time::Instant::now(), 0));
+                if since.elapsed() >= config.timeouts.attach {
+                    return Err(AttachError::Timeout {
+                        what: "a matching volume to be released by a server that is going away \
+                               (not creating a second volume meanwhile)"
+                            .into(),
+                        waited: since.elapsed(),
+                        last: what.join("; "),
+                    });
+                }
+                if *looks == 0 {
+                    info!(volumes = %what.join("; "), "a matching volume is held by a server that is going away; waiting for it");
+                }
+                tokio::time::sleep(Schedule::CLOUD_STATE.delay(*looks)).await;
+                *looks += 1;
+                continue;
+            }
+            if !logged_in_use {
+                logged_in_use = true;
+                let what: Vec<&str> = staying.iter().map(|(_, d)| d.as_str()).collect();
+                info!(volumes = %what.join("; "), "matching volumes here are in use by running servers");
+            }
+        }
+
+        // 4. Nothing to claim: create one.
         if creates >= MAX_CREATES {
             return Err(AttachError::Exhausted {
                 attempts: attach_attempts,
@@ -334,12 +370,7 @@ pub async fn claim_volume(
         info!(volume_id = %created.id, device = device_name, "attaching new volume");
         if try_attach(cloud_api, &created.id, me, device_name, seed, policy).await? {
             let volume = wait_attached(cloud_api, identity, config, &created.id, policy).await?;
-            return Ok(Claim {
-                volume,
-                instance_id: me.to_owned(),
-                origin: Origin::Created,
-                attach_attempts,
-            });
+            return Ok(claimed(volume, Origin::Created, attach_attempts));
         }
         lost_races += 1;
     }
@@ -509,7 +540,12 @@ pub async fn prepare_device(
         .unwrap_or_else(|| config.block_device.clone());
 
     let located = backoff::poll(Schedule::DEVICE, config.timeouts.device, || {
-        let result = host.locate(vid, &requested).map(|l| match l {
+        let wanted = Wanted {
+            volume_id: vid,
+            requested: &requested,
+            size_gib: claim.volume.size_gib,
+        };
+        let result = host.locate(wanted).map(|l| match l {
             Lookup::Found(d) => Poll::Ready(d),
             Lookup::NotYet(why) => Poll::Pending(why),
         });

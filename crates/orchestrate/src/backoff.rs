@@ -58,7 +58,8 @@ pub struct TimedOut {
 }
 
 /// Calls `look` until it is ready, an error, or `timeout` has passed (it always looks at
-/// least once, and once more right at the deadline).
+/// least once, and once more right at the deadline). A look still running at the deadline (a
+/// request being retried) is abandoned, so the timeout is a real bound.
 pub async fn poll<T, E, F, Fut>(
     schedule: Schedule,
     timeout: Duration,
@@ -71,10 +72,21 @@ where
     let start = Instant::now();
     let deadline = start + timeout;
     let mut n = 0;
+    let mut last = String::from("nothing seen yet");
     loop {
-        let last = match look().await? {
-            Poll::Ready(v) => return Ok(Ok(v)),
-            Poll::Pending(why) => why,
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        // The first look gets its chance even with no time left; later ones only the rest.
+        let budget = if n == 0 {
+            remaining.max(LOOK_GRACE)
+        } else {
+            remaining
+        };
+        last = match tokio::time::timeout(budget, look()).await {
+            Ok(result) => match result? {
+                Poll::Ready(v) => return Ok(Ok(v)),
+                Poll::Pending(why) => why,
+            },
+            Err(_) => format!("{last} (then a request was still unanswered at the deadline)"),
         };
         let now = Instant::now();
         if now >= deadline {
@@ -89,6 +101,9 @@ where
         tokio::time::sleep(delay).await;
     }
 }
+
+/// How long the first look may take even when the timeout is shorter.
+const LOOK_GRACE: Duration = Duration::from_secs(30);
 
 /// Retries for throttling and transient failures, on top of the SDK's own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +223,35 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(11));
         // 100ms growing to 3s over 10s: a handful of looks, not hundreds.
         assert!((5..=12).contains(&timed_out.looks), "{}", timed_out.looks);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_look_that_hangs_does_not_stretch_the_timeout() {
+        let start = Instant::now();
+        let mut looks = 0;
+        let out: Result<Result<(), TimedOut>, ()> =
+            poll(Schedule::CLOUD_STATE, Duration::from_secs(10), || {
+                looks += 1;
+                let hang = looks > 1;
+                async move {
+                    if hang {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    Ok(Poll::Pending("attaching".into()))
+                }
+            })
+            .await;
+        let timed_out = out.unwrap().unwrap_err();
+        assert!(
+            start.elapsed() <= Duration::from_secs(11),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            timed_out.last.contains("attaching") && timed_out.last.contains("unanswered"),
+            "{}",
+            timed_out.last
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -97,8 +97,11 @@ pub struct Overrides {
     pub throughput: Option<i64>,
     pub encrypted: Option<bool>,
     pub kms_key_id: Option<String>,
+    /// Raw `mkfs` arguments; replace the whole file-system section.
+    pub mkfs_args: Option<Vec<String>>,
     pub fs_type: Option<String>,
     pub fs_label: Option<String>,
+    pub fs_options: Option<Vec<String>>,
     pub mount_target: Option<String>,
     pub mount_options: Option<Vec<String>>,
     pub owner: Option<String>,
@@ -273,11 +276,21 @@ fn pick<T>(flag: Option<T>, name: &'static str, file: Option<Spanned<T>>) -> Opt
 struct Source<'a> {
     name: String,
     text: &'a str,
+    /// No file was there: settings come from flags and variables alone.
+    missing: bool,
 }
 
 impl Source<'_> {
     fn error(&self, origin: &Origin, message: impl Into<String>) -> ConfigError {
         match *origin {
+            Origin::File { .. } if self.missing => ConfigError::Invalid {
+                at: format!(
+                    "{} (no such file; settings from flags and CPS_* only)",
+                    self.name
+                ),
+                message: message.into(),
+                snippet: None,
+            },
             Origin::File { line, column } => ConfigError::Invalid {
                 at: format!("{}:{line}:{column}", self.name),
                 message: message.into(),
@@ -315,9 +328,11 @@ impl AttachConfig {
     /// Reads `path` and applies `overrides`. A missing file is an error when `required`;
     /// otherwise the configuration comes from the overrides alone.
     pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+        let (text, missing) = match std::fs::read_to_string(path) {
+            Ok(text) => (text, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                (String::new(), true)
+            }
             Err(source) => {
                 return Err(ConfigError::Read {
                     path: path.to_path_buf(),
@@ -325,15 +340,28 @@ impl AttachConfig {
                 });
             }
         };
-        Self::parse(&path.display().to_string(), &text, overrides)
+        let source = Source {
+            name: path.display().to_string(),
+            text: &text,
+            missing,
+        };
+        source.parse(overrides)
     }
 
     /// Parses `text` (named `name` in errors) and applies `overrides`.
     pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let source = Source {
+        Source {
             name: name.to_owned(),
             text,
-        };
+            missing: false,
+        }
+        .parse(overrides)
+    }
+}
+
+impl Source<'_> {
+    fn parse(&self, overrides: &Overrides) -> Result<AttachConfig, ConfigError> {
+        let (source, text) = (self, self.text);
         let file: FileConfig = if text.trim().is_empty() {
             FileConfig::default()
         } else {
@@ -350,7 +378,7 @@ impl AttachConfig {
                 source.error(&Origin::File { line, column }, message)
             })?
         };
-        build(&source, file, overrides)
+        build(source, file, overrides)
     }
 }
 
@@ -363,16 +391,10 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         file.block_device,
     ) {
         Some(v) => {
-            let name = v.value.trim_start_matches("/dev/");
-            let valid = v.value.starts_with("/dev/")
-                && (name.starts_with("sd") || name.starts_with("xvd"))
-                && name.len() >= 3
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-            if !valid {
+            if !is_data_device_name(&v.value) {
                 return Err(src.at(&v, format!(
-                    "block-device {:?} is not an EC2 device name; use one like /dev/xvdc or /dev/sdf",
+                    "block-device {:?} is not an EC2 name for a data volume; use /dev/sd[b-z], /dev/xvd[b-z] \
+                     or /dev/xvd[b-c][a-z] (like /dev/xvdc or /dev/sdf; sda and xvda are the root disk)",
                     v.value
                 )));
             }
@@ -613,6 +635,17 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
     })
 }
 
+/// The names EC2 accepts for an EBS data volume on Linux (not the root disk's `a`).
+fn is_data_device_name(name: &str) -> bool {
+    let letter = |c: u8| (b'b'..=b'z').contains(&c);
+    match name.strip_prefix("/dev/").map(str::as_bytes) {
+        Some([b's', b'd', l]) => letter(*l),
+        Some([b'x', b'v', b'd', l]) => letter(*l),
+        Some([b'x', b'v', b'd', l1, l2]) => matches!(l1, b'b' | b'c') && l2.is_ascii_lowercase(),
+        _ => false,
+    }
+}
+
 fn validate_tags(src: &Source<'_>, tags: &Val<Tags>) -> Result<(), ConfigError> {
     if tags.value.is_empty() {
         return Err(src.at(
@@ -667,61 +700,61 @@ fn build_mkfs(
     fs: Option<Spanned<FileSystem>>,
     o: &Overrides,
 ) -> Result<MkfsSpec, ConfigError> {
-    let (raw, file_type, file_label, file_options) = match fs.map(|s| s.value) {
+    let (file_raw, file_type, file_label, file_options) = match fs.map(|s| s.value) {
         Some(s) => (s.mkfs, s.fs_type, s.label, s.options),
         None => (None, None, None, None),
     };
+    let typed_flags = o.fs_type.is_some() || o.fs_label.is_some() || o.fs_options.is_some();
+    // Flags replace the file's file-system section: raw arguments replace it all, typed flags
+    // replace the file's raw arguments.
+    if let Some(args) = &o.mkfs_args {
+        let raw = Val {
+            value: args.clone(),
+            origin: Origin::Flag("--mkfs-arg (CPS_MKFS_ARGS)"),
+        };
+        if typed_flags {
+            return Err(src.at(
+                &raw,
+                "raw mkfs arguments and --fs-type/--fs-label/--fs-option are alternatives; give one",
+            ));
+        }
+        return raw_spec(src, raw);
+    }
     let fs_type = pick(o.fs_type.clone(), "--fs-type (CPS_FS_TYPE)", file_type);
     let label = pick(o.fs_label.clone(), "--fs-label (CPS_FS_LABEL)", file_label);
+    let options = pick(
+        o.fs_options.clone(),
+        "--fs-option (CPS_FS_OPTIONS)",
+        file_options,
+    );
 
-    if let Some(raw) = raw {
-        // A typed setting from the command line replaces the file's raw arguments.
-        if fs_type.is_none() && label.is_none() {
-            if let Some(opts) = file_options {
-                return Err(src.at(
-                    &from_file(opts),
-                    "file-system.options goes with file-system.type, not with mkfs",
-                ));
-            }
-            let raw = from_file(raw);
-            if raw.value.is_empty() {
-                return Err(src.at(
-                    &raw,
-                    "file-system.mkfs is empty; remove it to get the default (-t ext4 -m 0)",
-                ));
-            }
-            let spec = MkfsSpec::Raw {
-                args: raw.value.clone(),
-            };
-            reject_force(src, &raw.origin, &raw.value, &spec.fstype())?;
-            return Ok(spec);
-        }
-        if let Some(v) = fs_type
-            .as_ref()
-            .filter(|v| matches!(v.origin, Origin::File { .. }))
-        {
+    if let Some(raw) = file_raw
+        && !typed_flags
+    {
+        if let Some(v) = &fs_type {
             return Err(src.at(
                 v,
                 "file-system.mkfs and file-system.type are alternatives; keep one",
             ));
         }
-        if let Some(v) = label
-            .as_ref()
-            .filter(|v| matches!(v.origin, Origin::File { .. }))
-        {
+        if let Some(v) = &label {
             return Err(src.at(v, "file-system.label goes with file-system.type, not with mkfs; put -L in the mkfs list"));
         }
+        if let Some(v) = &options {
+            return Err(src.at(
+                v,
+                "file-system.options goes with file-system.type, not with mkfs",
+            ));
+        }
+        return raw_spec(src, from_file(raw));
     }
 
     let Some(fs_type) = fs_type else {
         if let Some(l) = &label {
             return Err(src.at(l, "a label needs file-system.type (ext4, xfs or btrfs)"));
         }
-        if let Some(opts) = file_options {
-            return Err(src.at(
-                &from_file(opts),
-                "file-system.options needs file-system.type",
-            ));
+        if let Some(v) = &options {
+            return Err(src.at(v, "file-system.options needs file-system.type"));
         }
         return Ok(MkfsSpec::default());
     };
@@ -739,11 +772,10 @@ fn build_mkfs(
             ),
         ));
     }
-    let options = match file_options {
-        Some(opts) => {
-            let opts = from_file(opts);
-            reject_force(src, &opts.origin, &opts.value, parsed.name())?;
-            opts.value
+    let options = match options {
+        Some(v) => {
+            reject_force(src, &v.origin, &v.value, parsed.name())?;
+            v.value
         }
         None => Vec::new(),
     };
@@ -752,6 +784,21 @@ fn build_mkfs(
         label: label.map(|l| l.value),
         options,
     })
+}
+
+/// Raw `mkfs` arguments, as the original format has them.
+fn raw_spec(src: &Source<'_>, raw: Val<Vec<String>>) -> Result<MkfsSpec, ConfigError> {
+    if raw.value.is_empty() {
+        return Err(src.at(
+            &raw,
+            "the mkfs argument list is empty; remove it to get the default (-t ext4 -m 0)",
+        ));
+    }
+    let spec = MkfsSpec::Raw {
+        args: raw.value.clone(),
+    };
+    reject_force(src, &raw.origin, &raw.value, &spec.fstype())?;
+    Ok(spec)
 }
 
 fn build_mount(

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use cps_blockdev::{
     BlockHost, Device, Error as HostError, Filesystem, FstabEntry, Lookup, MkfsSpec, MountState,
-    Ownership, Probe, Refusal, Verification,
+    Ownership, Probe, Refusal, Verification, Wanted,
 };
 use cps_orchestrate::attach::{self, Origin};
 use cps_orchestrate::{AttachConfig, AttachError, ErrorClass, FsOutcome, MountOutcome, Overrides};
 use cps_provider::memory::{
-    ATTACH_VOLUME, CREATE_VOLUME, DESCRIBE_VOLUMES, Fault, MemoryCloud, Timing,
+    ATTACH_VOLUME, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES, Fault, MemoryCloud, Timing,
 };
 use cps_provider::{AttachmentState, Error as CloudError, InstanceIdentity, Tags};
 
@@ -111,7 +111,8 @@ impl FakeHost {
 }
 
 impl BlockHost for FakeHost {
-    fn locate(&self, volume_id: &str, _requested: &str) -> Result<Lookup, HostError> {
+    fn locate(&self, wanted: Wanted<'_>) -> Result<Lookup, HostError> {
+        let volume_id = wanted.volume_id;
         self.fail("locate")?;
         let attached = self.cloud.volumes().iter().any(|v| {
             v.id == volume_id
@@ -345,6 +346,57 @@ async fn a_volume_still_detaching_from_the_old_instance_is_waited_for() {
     );
     assert_eq!(b.volumes_with_tags(), 1, "no second volume");
     assert_eq!(new.st().mkfs_runs, 0);
+}
+
+/// On EC2 a terminated server shows `shutting-down` for a while with its volumes still
+/// `attached`. The new server sees who holds the node's volume and waits, instead of creating.
+#[tokio::test(start_paused = true)]
+async fn a_volume_still_attached_to_a_server_shutting_down_is_waited_for() {
+    let b = Bench::new(Timing::default());
+    let a = b.instance("i-a");
+    let first = b.boot(&a).await.unwrap();
+    a.unmount_all();
+    b.cloud
+        .with(|w| w.begin_terminate("i-a", Duration::from_secs(30)));
+
+    let new = b.instance("i-b");
+    let started = tokio::time::Instant::now();
+    let out = b.boot(&new).await.unwrap();
+    assert_eq!(out.volume_id, first.volume_id);
+    assert_eq!(out.origin, Origin::Claimed);
+    assert!(started.elapsed() >= Duration::from_secs(30));
+    assert_eq!(b.volumes_with_tags(), 1, "no second volume");
+    assert!(
+        b.cloud.calls().count(DESCRIBE_INSTANCES) >= 1,
+        "it looked up the holder"
+    );
+}
+
+/// A matching volume held by a running server is that server's: in a pool, create another.
+#[tokio::test(start_paused = true)]
+async fn a_volume_held_by_a_running_server_is_left_to_it() {
+    let b = Bench::new(Timing::default());
+    let a = b.instance("i-a");
+    let first = b.boot(&a).await.unwrap();
+    let new = b.instance("i-b");
+    let out = b.boot(&new).await.unwrap();
+    assert_ne!(out.volume_id, first.volume_id);
+    assert_eq!(out.origin, Origin::Created);
+    assert_eq!(b.volumes_with_tags(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_that_is_not_running_fails_clearly_instead_of_burning_the_pool() {
+    let b = Bench::new(Timing::default());
+    b.cloud.with(|w| {
+        w.add_volume(AZ, 10, &tags());
+    });
+    let me = b.instance("i-me");
+    b.cloud.with(|w| w.terminate_instance("i-me"));
+    let err = b.boot(&me).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Cloud);
+    assert!(err.to_string().contains("IncorrectInstanceState"), "{err}");
+    assert_eq!(b.cloud.calls().count(ATTACH_VOLUME), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -14,8 +14,11 @@ mod types;
 pub use calls::CallLog;
 pub use error::Error;
 pub use types::{
-    Attachment, AttachmentState, InstanceIdentity, Tags, Volume, VolumeSpec, VolumeState,
+    Attachment, AttachmentState, InstanceIdentity, InstanceState, Tags, Volume, VolumeSpec,
+    VolumeState,
 };
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
@@ -43,4 +46,11 @@ pub trait VolumeService: Send + Sync {
         instance_id: &str,
         device: &str,
     ) -> Result<AttachmentState, Error>;
+
+    /// The states of the given instances (one request). Instances the cloud no longer knows
+    /// are reported as [`InstanceState::Terminated`].
+    async fn instance_states(
+        &self,
+        instance_ids: &[String],
+    ) -> Result<BTreeMap<String, InstanceState>, Error>;
 }

@@ -17,13 +17,14 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::{
-    Attachment, AttachmentState, CallLog, Error, Tags, Volume, VolumeService, VolumeSpec,
-    VolumeState,
+    Attachment, AttachmentState, CallLog, Error, InstanceState, Tags, Volume, VolumeService,
+    VolumeSpec, VolumeState,
 };
 
 pub const DESCRIBE_VOLUMES: &str = "DescribeVolumes";
 pub const CREATE_VOLUME: &str = "CreateVolume";
 pub const ATTACH_VOLUME: &str = "AttachVolume";
+pub const DESCRIBE_INSTANCES: &str = "DescribeInstances";
 
 /// How long simulated things take.
 #[derive(Clone, Copy, Debug, Default)]
@@ -104,7 +105,9 @@ impl StoredVolume {
 #[derive(Clone, Debug)]
 struct Instance {
     availability_zone: String,
-    running: bool,
+    state: InstanceState,
+    /// A termination in progress: `shutting-down` until then, its volumes still attached.
+    terminates_at: Option<Instant>,
 }
 
 /// The state of the simulated cloud. Hooks receive it to change the world mid-flow.
@@ -131,15 +134,40 @@ impl World {
             instance_id.to_owned(),
             Instance {
                 availability_zone: availability_zone.to_owned(),
-                running: true,
+                state: InstanceState::Running,
+                terminates_at: None,
             },
         );
+    }
+
+    /// Starts terminating an instance: `shutting-down` for `takes` with its volumes still
+    /// attached (as EC2 shows a server being replaced), then terminated and detached.
+    pub fn begin_terminate(&mut self, instance_id: &str, takes: Duration) {
+        if let Some(instance) = self.instances.get_mut(instance_id) {
+            instance.state = InstanceState::ShuttingDown;
+            instance.terminates_at = Some(Instant::now() + takes);
+        }
+    }
+
+    /// Completes terminations whose time has come.
+    fn settle(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.terminates_at.is_some_and(|at| now >= at))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.terminate_instance(&id);
+        }
     }
 
     /// Terminates an instance: its volumes detach at once.
     pub fn terminate_instance(&mut self, instance_id: &str) {
         if let Some(instance) = self.instances.get_mut(instance_id) {
-            instance.running = false;
+            instance.state = InstanceState::Terminated;
+            instance.terminates_at = None;
         }
         for stored in self.volumes.values_mut() {
             if stored.volume.attachment_to(instance_id).is_some() {
@@ -193,10 +221,10 @@ impl World {
                 resource: instance_id.to_owned(),
                 message: format!("The instance ID '{instance_id}' does not exist"),
             })?;
-        if !instance.running {
-            return Err(Error::IncorrectState {
+        if instance.state != InstanceState::Running {
+            return Err(Error::Api {
                 operation: ATTACH_VOLUME,
-                resource: instance_id.to_owned(),
+                code: Some("IncorrectInstanceState".into()),
                 message: format!("The instance '{instance_id}' is not in the 'running' state."),
             });
         }
@@ -406,7 +434,9 @@ impl MemoryCloud {
     }
 
     pub fn volumes(&self) -> Vec<Volume> {
-        self.world().volumes()
+        let mut world = self.world();
+        world.settle();
+        world.volumes()
     }
 
     fn world(&self) -> MutexGuard<'_, World> {
@@ -424,6 +454,7 @@ impl MemoryCloud {
         tokio::time::sleep(half).await;
         let result = {
             let mut world = self.world();
+            world.settle();
             let hooks: Vec<Hook> = {
                 let (due, keep) = std::mem::take(&mut world.hooks)
                     .into_iter()
@@ -521,6 +552,26 @@ impl VolumeService for MemoryCloud {
             world
                 .attach(volume_id, instance_id, device)
                 .map(|()| AttachmentState::Attaching)
+        })
+        .await
+    }
+
+    async fn instance_states(
+        &self,
+        instance_ids: &[String],
+    ) -> Result<BTreeMap<String, InstanceState>, Error> {
+        self.request(DESCRIBE_INSTANCES, |world| {
+            Ok(instance_ids
+                .iter()
+                .map(|id| {
+                    let state = world
+                        .instances
+                        .get(id)
+                        .map(|i| i.state.clone())
+                        .unwrap_or(InstanceState::Terminated);
+                    (id.clone(), state)
+                })
+                .collect())
         })
         .await
     }

@@ -168,6 +168,32 @@ fn semantic_errors_point_at_the_value() {
 }
 
 #[test]
+fn block_device_must_be_a_data_volume_name() {
+    for good in [
+        "/dev/xvdc",
+        "/dev/sdf",
+        "/dev/xvdz",
+        "/dev/xvdba",
+        "/dev/sdb",
+    ] {
+        let text = format!("block-device: {good}\n{MINIMAL}");
+        assert_eq!(parse(&text).unwrap().block_device, good);
+    }
+    for bad in [
+        "/dev/sda",
+        "/dev/xvda",
+        "/dev/nvme1n1",
+        "xvdc",
+        "/dev/xvdda",
+        "/dev/sdf1",
+        "/dev/xvdc/../sda",
+    ] {
+        let e = err(&format!("block-device: {bad}\n{MINIMAL}"));
+        assert!(e.starts_with("attach.yml:1:15: block-device"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn missing_required_keys_say_what_they_are_for() {
     let e = err("block-provider:\n  aws-ebs:\n    size: 10\n");
     assert!(
@@ -218,6 +244,55 @@ fn overrides_win_and_their_errors_name_the_flag() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("--size (CPS_SIZE): size 0 GiB"), "{e}");
+}
+
+#[test]
+fn mkfs_flags_replace_the_file_system_section() {
+    let raw = Overrides {
+        mkfs_args: Some(vec!["-t".into(), "xfs".into()]),
+        ..Overrides::default()
+    };
+    let typed_file = format!("{MINIMAL}file-system:\n  type: btrfs\n  label: x\n");
+    let c = AttachConfig::parse("attach.yml", &typed_file, &raw).unwrap();
+    assert_eq!(
+        c.mkfs,
+        MkfsSpec::Raw {
+            args: vec!["-t".into(), "xfs".into()]
+        }
+    );
+
+    let opts = Overrides {
+        fs_options: Some(vec!["-K".into()]),
+        ..Overrides::default()
+    };
+    let c = AttachConfig::parse("attach.yml", &typed_file, &opts).unwrap();
+    assert!(matches!(c.mkfs, MkfsSpec::Typed { ref options, .. } if options == &["-K"]));
+
+    let both = Overrides {
+        mkfs_args: Some(vec!["-t".into(), "xfs".into()]),
+        fs_type: Some("xfs".into()),
+        ..Overrides::default()
+    };
+    let e = AttachConfig::parse("attach.yml", MINIMAL, &both)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("--mkfs-arg (CPS_MKFS_ARGS): raw mkfs arguments"),
+        "{e}"
+    );
+
+    let forced = Overrides {
+        fs_type: Some("xfs".into()),
+        fs_options: Some(vec!["-f".into()]),
+        ..Overrides::default()
+    };
+    let e = AttachConfig::parse("attach.yml", MINIMAL, &forced)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("--fs-option (CPS_FS_OPTIONS): mkfs option -f forces"),
+        "{e}"
+    );
 }
 
 #[test]
