@@ -233,7 +233,7 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     info!(instance_id = %identity.instance_id, zone = %identity.availability_zone, region = %identity.region, "instance identity");
     let mut settings = cps_aws::AwsSettings::new(identity.region.clone());
     settings.endpoint_url = common.aws_endpoint.clone();
-    let cloud = cps_aws::Ec2Volumes::new(&settings.load().await);
+    let cloud = cps_aws::Ec2Api::new(&settings.load().await);
     let host = Arc::new(cps_blockdev::LinuxHost::new(
         &config.device_root,
         &config.sysfs_root,

@@ -114,7 +114,7 @@ impl Bench {
     }
 
     /// The cps-aws provider on this emulator (counts its own calls).
-    pub fn volumes_api(&self) -> cps_aws::Ec2Volumes {
+    pub fn volumes_api(&self) -> cps_aws::Ec2Api {
         emulator_volumes(&self.emulator)
     }
 
@@ -203,8 +203,8 @@ impl Bench {
 }
 
 /// The cps-aws provider on an emulator (counts its own calls).
-pub fn emulator_volumes(emulator: &Emulator) -> cps_aws::Ec2Volumes {
-    cps_aws::Ec2Volumes::from_client(emulator.ec2())
+pub fn emulator_volumes(emulator: &Emulator) -> cps_aws::Ec2Api {
+    cps_aws::Ec2Api::from_client(emulator.ec2())
 }
 
 /// Starts one instance in `zone` on the emulator (any of its images) and returns its id.

@@ -1,4 +1,4 @@
-//! SDK errors → [`cps_provider::Error`], by the EC2 error code.
+//! SDK errors → [`cps_provider::Error`], by the EC2 / Auto Scaling error code.
 
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -8,9 +8,27 @@ use cps_provider::Error;
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Context<'a> {
     pub volume_id: Option<&'a str>,
+    pub interface_id: Option<&'a str>,
     pub instance_id: Option<&'a str>,
     pub device: Option<&'a str>,
+    pub device_index: Option<i32>,
     pub client_token: Option<&'a str>,
+    pub group: Option<&'a str>,
+}
+
+impl Context<'_> {
+    fn resource(&self) -> String {
+        self.volume_id
+            .or(self.interface_id)
+            .or(self.group)
+            .or(self.instance_id)
+            .unwrap_or("the resource")
+            .to_owned()
+    }
+
+    fn instance(&self) -> String {
+        self.instance_id.unwrap_or("the instance").to_owned()
+    }
 }
 
 pub(crate) fn classify<E>(
@@ -23,27 +41,52 @@ where
 {
     let message = DisplayErrorContext(&err).to_string();
     let code = err.code().map(str::to_owned);
-    let volume_id = ctx.volume_id.unwrap_or("the volume").to_owned();
-    match &err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            return Error::Transient { operation, message };
-        }
-        SdkError::ServiceError(_) | SdkError::ConstructionFailure(_) => {}
-        _ => {}
+    if matches!(
+        err,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
+    ) {
+        return Error::Transient { operation, message };
     }
     match code.as_deref() {
-        Some("VolumeInUse") => Error::VolumeInUse { volume_id, message },
-        Some("InvalidVolume.ZoneMismatch") => Error::ZoneMismatch {
-            volume_id,
-            instance_id: ctx.instance_id.unwrap_or("the instance").to_owned(),
+        Some("VolumeInUse") => Error::VolumeInUse {
+            volume_id: ctx.resource(),
             message,
         },
+        Some("InvalidNetworkInterface.InUse") => Error::InterfaceInUse {
+            interface_id: ctx.resource(),
+            message,
+        },
+        Some("InvalidVolume.ZoneMismatch") => Error::ZoneMismatch {
+            resource: ctx.resource(),
+            instance_id: ctx.instance(),
+            message,
+        },
+        Some("InvalidParameterCombination") if message.contains("availability zone") => {
+            Error::ZoneMismatch {
+                resource: ctx.resource(),
+                instance_id: ctx.instance(),
+                message,
+            }
+        }
         Some("InvalidParameterValue")
             if operation == "AttachVolume" && message.contains("already in use") =>
         {
             Error::DeviceNameInUse {
                 device: ctx.device.unwrap_or("the device").to_owned(),
-                instance_id: ctx.instance_id.unwrap_or("the instance").to_owned(),
+                instance_id: ctx.instance(),
+                message,
+            }
+        }
+        Some("InvalidParameterValue") if message.contains("device index") => {
+            Error::DeviceIndexInUse {
+                instance_id: ctx.instance(),
+                device_index: ctx.device_index.unwrap_or_default(),
+                message,
+            }
+        }
+        Some("ValidationError") if message.contains("No active Lifecycle Action") => {
+            Error::NoActiveLifecycleAction {
+                instance_id: ctx.instance(),
                 message,
             }
         }
@@ -51,25 +94,19 @@ where
         // volume: it falls through to Api, a plain failure.
         Some("IncorrectState") => Error::IncorrectState {
             operation,
-            resource: ctx
-                .volume_id
-                .or(ctx.instance_id)
-                .unwrap_or("the resource")
-                .to_owned(),
+            resource: ctx.resource(),
             message,
         },
         Some(
             "InvalidVolume.NotFound"
             | "InvalidInstanceID.NotFound"
             | "InvalidInstanceID.Malformed"
-            | "InvalidVolumeID.Malformed",
+            | "InvalidVolumeID.Malformed"
+            | "InvalidNetworkInterfaceID.NotFound"
+            | "InvalidNetworkInterfaceID.Malformed",
         ) => Error::NotFound {
             operation,
-            resource: ctx
-                .volume_id
-                .or(ctx.instance_id)
-                .unwrap_or("the resource")
-                .to_owned(),
+            resource: ctx.resource(),
             message,
         },
         Some("IdempotentParameterMismatch") => Error::IdempotencyMismatch {

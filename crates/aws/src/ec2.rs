@@ -1,4 +1,4 @@
-//! [`VolumeService`] on the EC2 API.
+//! [`VolumeService`] and [`InterfaceService`] on the EC2 API.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -6,21 +6,21 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 use cps_provider::{
-    Attachment, AttachmentState, CallLog, Error, InstanceState, Tags, Volume, VolumeService,
-    VolumeSpec, VolumeState,
+    Attachment, AttachmentState, CallLog, Error, InstanceState, InterfaceAttachment,
+    InterfaceService, NetworkInterface, Tags, Volume, VolumeService, VolumeSpec, VolumeState,
 };
 
 use crate::classify::{Context, classify};
 
-/// EBS volumes through an EC2 client. Counts every request it sends (pages included).
+/// EBS volumes, instances and network interfaces through an EC2 client. Counts every request it sends (pages included).
 #[derive(Clone, Debug)]
-pub struct Ec2Volumes {
+pub struct Ec2Api {
     client: aws_sdk_ec2::Client,
     calls: Arc<CallLog>,
     page_size: i32,
 }
 
-impl Ec2Volumes {
+impl Ec2Api {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         Self::from_client(aws_sdk_ec2::Client::new(config))
     }
@@ -81,7 +81,7 @@ fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
 }
 
 #[async_trait]
-impl VolumeService for Ec2Volumes {
+impl VolumeService for Ec2Api {
     async fn volumes_tagged(&self, tags: &Tags) -> Result<Vec<Volume>, Error> {
         let filters: Vec<Filter> = tags
             .iter()
@@ -225,6 +225,45 @@ impl VolumeService for Ec2Volumes {
         ))
     }
 
+    async fn instance_tags(&self, instance_id: &str) -> Result<Tags, Error> {
+        let filter = Filter::builder()
+            .name("resource-id")
+            .values(instance_id)
+            .build();
+        let mut tags = Tags::new();
+        let mut token: Option<String> = None;
+        for _ in 0..100 {
+            self.calls.record("DescribeTags");
+            let page = self
+                .client
+                .describe_tags()
+                .filters(filter.clone())
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| {
+                    classify(
+                        "DescribeTags",
+                        Context {
+                            instance_id: Some(instance_id),
+                            ..Context::default()
+                        },
+                        e,
+                    )
+                })?;
+            for t in page.tags() {
+                if let (Some(k), Some(v)) = (t.key(), t.value()) {
+                    tags.insert(k.to_owned(), v.to_owned());
+                }
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(tags)
+    }
+
     async fn instance_states(
         &self,
         instance_ids: &[String],
@@ -266,5 +305,119 @@ impl VolumeService for Ec2Volumes {
             }
         }
         Ok(states)
+    }
+}
+
+fn to_interface(e: &aws_sdk_ec2::types::NetworkInterface) -> NetworkInterface {
+    NetworkInterface {
+        id: e.network_interface_id().unwrap_or_default().to_owned(),
+        availability_zone: e.availability_zone().unwrap_or_default().to_owned(),
+        subnet_id: e.subnet_id().unwrap_or_default().to_owned(),
+        mac: e.mac_address().unwrap_or_default().to_ascii_lowercase(),
+        private_ip: e.private_ip_address().map(str::to_owned),
+        status: e
+            .status()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        attachment: e.attachment().and_then(|a| {
+            Some(InterfaceAttachment {
+                attachment_id: a.attachment_id().unwrap_or_default().to_owned(),
+                instance_id: a.instance_id()?.to_owned(),
+                device_index: a.device_index().unwrap_or_default(),
+                state: AttachmentState::parse(a.status().map(|s| s.as_str()).unwrap_or("attached")),
+            })
+        }),
+        tags: e
+            .tag_set()
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+#[async_trait]
+impl InterfaceService for Ec2Api {
+    async fn interfaces_tagged(&self, tags: &Tags) -> Result<Vec<NetworkInterface>, Error> {
+        let filters: Vec<Filter> = tags
+            .iter()
+            .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+            .collect();
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..1_000 {
+            self.calls.record("DescribeNetworkInterfaces");
+            let page = self
+                .client
+                .describe_network_interfaces()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify("DescribeNetworkInterfaces", Context::default(), e))?;
+            found.extend(page.network_interfaces().iter().map(to_interface));
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+                _ => return Ok(found),
+            }
+        }
+        Err(Error::Api {
+            operation: "DescribeNetworkInterfaces",
+            code: None,
+            message: "pagination did not end after 1000 pages".into(),
+        })
+    }
+
+    async fn interface(&self, interface_id: &str) -> Result<NetworkInterface, Error> {
+        self.calls.record("DescribeNetworkInterfaces");
+        let ctx = Context {
+            interface_id: Some(interface_id),
+            ..Context::default()
+        };
+        let out = self
+            .client
+            .describe_network_interfaces()
+            .network_interface_ids(interface_id)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeNetworkInterfaces", ctx, e))?;
+        out.network_interfaces()
+            .iter()
+            .find(|e| e.network_interface_id() == Some(interface_id))
+            .map(to_interface)
+            .ok_or_else(|| Error::NotFound {
+                operation: "DescribeNetworkInterfaces",
+                resource: interface_id.to_owned(),
+                message: "not in the DescribeNetworkInterfaces response".into(),
+            })
+    }
+
+    async fn attach_interface(
+        &self,
+        interface_id: &str,
+        instance_id: &str,
+        device_index: i32,
+    ) -> Result<String, Error> {
+        self.calls.record("AttachNetworkInterface");
+        let ctx = Context {
+            interface_id: Some(interface_id),
+            instance_id: Some(instance_id),
+            device_index: Some(device_index),
+            ..Context::default()
+        };
+        let out = self
+            .client
+            .attach_network_interface()
+            .network_interface_id(interface_id)
+            .instance_id(instance_id)
+            .device_index(device_index)
+            .send()
+            .await
+            .map_err(|e| classify("AttachNetworkInterface", ctx, e))?;
+        Ok(out.attachment_id().unwrap_or_default().to_owned())
     }
 }

@@ -1,16 +1,19 @@
-//! The cps cloud traits on AWS: EBS volumes through `aws-sdk-ec2`, instance identity through
-//! IMDSv2.
+//! The cps cloud traits on AWS: volumes, instances and network interfaces through
+//! `aws-sdk-ec2`, groups and lifecycle hooks through `aws-sdk-autoscaling`, instance identity
+//! through IMDSv2.
 //!
 //! Every SDK failure is classified into a [`cps_provider::Error`] the orchestration can act on;
 //! its message is the SDK's full error chain (`DisplayErrorContext`), never a bare "service
 //! error". Endpoints are overridable so the same code runs against the local emulator.
 
+mod autoscaling;
 mod classify;
 mod ec2;
 mod error;
 mod imds;
 
-pub use ec2::Ec2Volumes;
+pub use autoscaling::AutoScalingApi;
+pub use ec2::Ec2Api;
 pub use error::Error;
 pub use imds::fetch_identity;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cps_aws::{AwsSettings, Ec2Volumes, fetch_identity};
+use cps_aws::{AwsSettings, Ec2Api, fetch_identity};
 use cps_fixtures::{Need, require};
 use cps_provider::{
     AttachmentState, Error, InstanceIdentity, Tags, VolumeService, VolumeSpec, VolumeState,
@@ -27,7 +27,7 @@ fn emulator(delays: Delays) -> (Emulator, tempfile::TempDir) {
 }
 
 /// The provider as cps-attach builds it: SDK config with region, endpoint, timeouts, retries.
-async fn provider(emu: &Emulator) -> Ec2Volumes {
+async fn provider(emu: &Emulator) -> Ec2Api {
     // Credentials come from the environment in the binary; here, from the variables too.
     // SAFETY: set before any thread reads them; every test sets the same values.
     unsafe {
@@ -36,7 +36,7 @@ async fn provider(emu: &Emulator) -> Ec2Volumes {
     }
     let mut settings = AwsSettings::new(REGION);
     settings.endpoint_url = Some(emu.endpoint().to_owned());
-    Ec2Volumes::new(&settings.load().await)
+    Ec2Api::new(&settings.load().await)
 }
 
 fn spec(zone: &str, tags: &Tags) -> VolumeSpec {
@@ -247,7 +247,7 @@ async fn aws_refusals_are_classified() {
     settings.endpoint_url = Some("http://127.0.0.1:9".into());
     settings.max_attempts = 1;
     settings.attempt_timeout = Duration::from_secs(2);
-    let dead = Ec2Volumes::new(&settings.load().await);
+    let dead = Ec2Api::new(&settings.load().await);
     let err = dead.volumes_tagged(&t).await.unwrap_err();
     assert!(
         matches!(err, Error::Transient { .. }) && err.is_retryable(),

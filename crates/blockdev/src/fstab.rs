@@ -6,7 +6,6 @@
 //! byte for byte; a line for the same mount point or the same UUID is replaced in place.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -111,39 +110,11 @@ pub(crate) fn ensure_entry(path: &Path, entry: &FstabEntry) -> Result<bool, Erro
     if wanted == existing {
         return Ok(false);
     }
-    write_atomically(path, &wanted)?;
-    Ok(true)
-}
-
-/// Temp file in the same directory, fsync, rename: readers see the old or the new file, whole.
-fn write_atomically(path: &Path, text: &str) -> Result<(), Error> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Fstab {
-            path: path.to_path_buf(),
-            message: "not a file path".into(),
-        })?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.cps-{}", std::process::id()));
     let mode = fs::metadata(path)
-        .map(|m| m.permissions().mode())
+        .map(|m| m.permissions().mode() & 0o7777)
         .unwrap_or(0o644);
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, "write")(e)
-    })
+    crate::write_atomically(path, wanted.as_bytes(), mode, &crate::Ownership::default())?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! The orchestration uses the [`BlockHost`] trait, so its tests can substitute a fake host.
 
 mod error;
+mod files;
 mod fstab;
 mod locate;
 mod mkfs;
@@ -20,10 +21,11 @@ mod probe;
 use std::path::{Path, PathBuf};
 
 pub use error::Error;
+pub use files::write_atomically;
 pub use fstab::FstabEntry;
 pub use locate::{Lookup, Verification, Wanted, nvme_link_name};
 pub use mkfs::{FsType, MkfsSpec};
-pub use mount::{MountInfo, MountState, Ownership, split_mount_options};
+pub use mount::{MountInfo, MountState, Ownership, set_ownership, split_mount_options};
 pub use probe::{Probe, Refusal};
 
 /// A kernel block device verified to be the block device of `volume_id`.

@@ -221,7 +221,7 @@ impl Ownership {
     }
 }
 
-pub(crate) fn set_ownership(target: &Path, ownership: &Ownership) -> Result<(), Error> {
+pub fn set_ownership(target: &Path, ownership: &Ownership) -> Result<(), Error> {
     let uid = ownership.owner.as_deref().map(resolve_user).transpose()?;
     let gid = ownership.group.as_deref().map(resolve_group).transpose()?;
     if uid.is_some() || gid.is_some() {

@@ -8,10 +8,35 @@ pub enum Error {
     #[error("{volume_id} is in use by another instance (VolumeInUse): {message}")]
     VolumeInUse { volume_id: String, message: String },
 
-    /// Volume and instance are in different availability zones.
-    #[error("{volume_id} is not in the availability zone of {instance_id}: {message}")]
+    /// The network interface is attached elsewhere.
+    #[error("{interface_id} is in use by another instance: {message}")]
+    InterfaceInUse {
+        interface_id: String,
+        message: String,
+    },
+
+    /// A volume or interface and the instance are in different availability zones.
+    #[error("{resource} is not in the availability zone of {instance_id}: {message}")]
     ZoneMismatch {
-        volume_id: String,
+        resource: String,
+        instance_id: String,
+        message: String,
+    },
+
+    /// The instance already has an interface at that device index.
+    #[error(
+        "{instance_id} already has an interface at device index {device_index}; choose another network-interface.device-index: {message}"
+    )]
+    DeviceIndexInUse {
+        instance_id: String,
+        device_index: i32,
+        message: String,
+    },
+
+    /// The instance is not waiting in a lifecycle hook (not in Pending:Wait): a re-run, or the
+    /// hook's timeout already decided.
+    #[error("no lifecycle action is waiting for {instance_id}: {message}")]
+    NoActiveLifecycleAction {
         instance_id: String,
         message: String,
     },

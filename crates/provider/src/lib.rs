@@ -1,6 +1,8 @@
-//! Domain types and the cloud traits the cps orchestration is written against.
+//! Domain types and the cloud traits the cps orchestration is written against: volumes and
+//! instances ([`VolumeService`]), network interfaces ([`InterfaceService`]), and Auto Scaling
+//! membership and lifecycle hooks ([`LifecycleService`]).
 //!
-//! Two implementations exist: `cps-aws` (EC2 over the real wire protocol) and [`memory`], an
+//! Two implementations exist: `cps-aws` (EC2 and Auto Scaling over the real wire protocol) and [`memory`], an
 //! in-process cloud with simulated latency and fault injection for logic tests and benchmarks.
 //! Nothing here knows about AWS SDK types; errors are classified into [`Error`] variants the
 //! orchestration can act on (a `VolumeInUse` means "try the next candidate", a `Throttled`
@@ -14,8 +16,9 @@ mod types;
 pub use calls::CallLog;
 pub use error::Error;
 pub use types::{
-    Attachment, AttachmentState, InstanceIdentity, InstanceState, Tags, Volume, VolumeSpec,
-    VolumeState,
+    Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceState,
+    InterfaceAttachment, LifecycleHook, LifecycleResult, NetworkInterface, ScalingGroup, Tags,
+    Volume, VolumeSpec, VolumeState,
 };
 
 use std::collections::BTreeMap;
@@ -53,4 +56,52 @@ pub trait VolumeService: Send + Sync {
         &self,
         instance_ids: &[String],
     ) -> Result<BTreeMap<String, InstanceState>, Error>;
+
+    /// The tags of one instance.
+    async fn instance_tags(&self, instance_id: &str) -> Result<Tags, Error>;
+}
+
+/// Elastic network interfaces: the fixed-IP identity of a node.
+#[async_trait]
+pub trait InterfaceService: Send + Sync {
+    /// Every interface carrying all of `tags`, in any state and zone.
+    async fn interfaces_tagged(&self, tags: &Tags) -> Result<Vec<NetworkInterface>, Error>;
+
+    /// One interface by id.
+    async fn interface(&self, interface_id: &str) -> Result<NetworkInterface, Error>;
+
+    /// Attaches an interface at `device_index`; returns the attachment id. One caller wins
+    /// while it is available; the others get [`Error::InterfaceInUse`].
+    async fn attach_interface(
+        &self,
+        interface_id: &str,
+        instance_id: &str,
+        device_index: i32,
+    ) -> Result<String, Error>;
+}
+
+/// Auto Scaling: which group an instance is in, and its lifecycle hooks.
+#[async_trait]
+pub trait LifecycleService: Send + Sync {
+    /// The group and lifecycle state of an instance; `None` when it is in no group.
+    async fn membership(&self, instance_id: &str) -> Result<Option<GroupMember>, Error>;
+
+    /// A group with its tags and instances; `None` when it does not exist.
+    async fn group(&self, name: &str) -> Result<Option<ScalingGroup>, Error>;
+
+    /// A lifecycle hook of a group; `None` when it does not exist.
+    async fn lifecycle_hook(&self, group: &str, hook: &str)
+    -> Result<Option<LifecycleHook>, Error>;
+
+    /// Extends the wait of an instance held by a lifecycle hook.
+    async fn heartbeat(&self, group: &str, hook: &str, instance_id: &str) -> Result<(), Error>;
+
+    /// Ends the wait: CONTINUE puts the instance in service, ABANDON terminates it.
+    async fn complete(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+        result: LifecycleResult,
+    ) -> Result<(), Error>;
 }

@@ -25,6 +25,16 @@ pub const DESCRIBE_VOLUMES: &str = "DescribeVolumes";
 pub const CREATE_VOLUME: &str = "CreateVolume";
 pub const ATTACH_VOLUME: &str = "AttachVolume";
 pub const DESCRIBE_INSTANCES: &str = "DescribeInstances";
+pub const DESCRIBE_TAGS: &str = "DescribeTags";
+
+mod asg;
+mod eni;
+
+pub use asg::{
+    COMPLETE_LIFECYCLE_ACTION, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_AUTO_SCALING_INSTANCES,
+    DESCRIBE_LIFECYCLE_HOOKS, LifecycleEvent, RECORD_LIFECYCLE_ACTION_HEARTBEAT,
+};
+pub use eni::{ATTACH_NETWORK_INTERFACE, DESCRIBE_NETWORK_INTERFACES};
 
 /// How long simulated things take.
 #[derive(Clone, Copy, Debug, Default)]
@@ -108,12 +118,17 @@ struct Instance {
     state: InstanceState,
     /// A termination in progress: `shutting-down` until then, its volumes still attached.
     terminates_at: Option<Instant>,
+    tags: Tags,
 }
 
 /// The state of the simulated cloud. Hooks receive it to change the world mid-flow.
 pub struct World {
     volumes: BTreeMap<String, StoredVolume>,
     instances: BTreeMap<String, Instance>,
+    interfaces: BTreeMap<String, eni::StoredInterface>,
+    groups: BTreeMap<String, asg::Group>,
+    /// Every lifecycle call, in order, for tests to check cadence and outcome.
+    lifecycle_log: Vec<asg::LifecycleEvent>,
     tokens: HashMap<String, (String, VolumeSpec)>,
     next_id: u64,
     faults: Vec<Fault>,
@@ -136,6 +151,7 @@ impl World {
                 availability_zone: availability_zone.to_owned(),
                 state: InstanceState::Running,
                 terminates_at: None,
+                tags: Tags::new(),
             },
         );
     }
@@ -161,6 +177,14 @@ impl World {
         for id in due {
             self.terminate_instance(&id);
         }
+        self.expire_lifecycle_actions(now);
+    }
+
+    /// Sets a tag on an instance.
+    pub fn tag_instance(&mut self, instance_id: &str, key: &str, value: &str) {
+        if let Some(i) = self.instances.get_mut(instance_id) {
+            i.tags.insert(key.to_owned(), value.to_owned());
+        }
     }
 
     /// Terminates an instance: its volumes detach at once.
@@ -169,6 +193,8 @@ impl World {
             instance.state = InstanceState::Terminated;
             instance.terminates_at = None;
         }
+        self.release_interfaces_of(instance_id);
+        self.leave_groups(instance_id);
         for stored in self.volumes.values_mut() {
             if stored.volume.attachment_to(instance_id).is_some() {
                 stored.volume.attachments.clear();
@@ -258,7 +284,7 @@ impl World {
         }
         if stored.volume.availability_zone != instance.availability_zone {
             return Err(Error::ZoneMismatch {
-                volume_id: volume_id.to_owned(),
+                resource: volume_id.to_owned(),
                 instance_id: instance_id.to_owned(),
                 message: "The volume is not in the same availability zone as the instance".into(),
             });
@@ -395,6 +421,9 @@ impl MemoryCloud {
             world: Arc::new(Mutex::new(World {
                 volumes: BTreeMap::new(),
                 instances: BTreeMap::new(),
+                interfaces: BTreeMap::new(),
+                groups: BTreeMap::new(),
+                lifecycle_log: Vec::new(),
                 tokens: HashMap::new(),
                 next_id: 0,
                 faults: Vec::new(),
@@ -444,7 +473,7 @@ impl MemoryCloud {
     }
 
     /// One simulated request: latency, hooks, faults, then `effect` half-way through.
-    async fn request<T>(
+    pub(crate) async fn request<T>(
         &self,
         operation: &'static str,
         effect: impl FnOnce(&mut World) -> Result<T, Error>,
@@ -552,6 +581,17 @@ impl VolumeService for MemoryCloud {
             world
                 .attach(volume_id, instance_id, device)
                 .map(|()| AttachmentState::Attaching)
+        })
+        .await
+    }
+
+    async fn instance_tags(&self, instance_id: &str) -> Result<Tags, Error> {
+        self.request(DESCRIBE_TAGS, |world| {
+            Ok(world
+                .instances
+                .get(instance_id)
+                .map(|i| i.tags.clone())
+                .unwrap_or_default())
         })
         .await
     }

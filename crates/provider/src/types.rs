@@ -170,6 +170,89 @@ impl Volume {
     }
 }
 
+/// An elastic network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkInterface {
+    pub id: String,
+    pub availability_zone: String,
+    pub subnet_id: String,
+    /// Lower-case, as the kernel shows it.
+    pub mac: String,
+    pub private_ip: Option<String>,
+    /// `available`, `in-use`, `attaching`, `detaching`.
+    pub status: String,
+    pub attachment: Option<InterfaceAttachment>,
+    pub tags: Tags,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAttachment {
+    pub attachment_id: String,
+    pub instance_id: String,
+    pub device_index: i32,
+    pub state: AttachmentState,
+}
+
+/// An instance's place in an Auto Scaling group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMember {
+    pub group: String,
+    /// `Pending`, `Pending:Wait`, `InService`, `Terminating`…
+    pub lifecycle_state: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInstance {
+    pub instance_id: String,
+    pub availability_zone: String,
+    pub lifecycle_state: String,
+    pub health_status: String,
+}
+
+/// An Auto Scaling group, as far as cps looks at it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScalingGroup {
+    pub name: String,
+    pub tags: Tags,
+    pub desired_capacity: i32,
+    pub instances: Vec<GroupInstance>,
+}
+
+impl ScalingGroup {
+    /// Instances still on their way in (launching, or held by a launch lifecycle hook).
+    pub fn booting(&self) -> usize {
+        self.instances
+            .iter()
+            .filter(|i| i.lifecycle_state.starts_with("Pending"))
+            .count()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifecycleHook {
+    pub group: String,
+    pub name: String,
+    /// `autoscaling:EC2_INSTANCE_LAUNCHING` or `…_TERMINATING`.
+    pub transition: String,
+    pub heartbeat_timeout: std::time::Duration,
+    pub default_result: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleResult {
+    Continue,
+    Abandon,
+}
+
+impl LifecycleResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Continue => "CONTINUE",
+            Self::Abandon => "ABANDON",
+        }
+    }
+}
+
 /// What to create when no existing volume can be claimed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct VolumeSpec {
