@@ -8,8 +8,8 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cps_orchestrate::attach::{Claim, claim_volume};
 use cps_orchestrate::backoff::RetryPolicy;
+use cps_orchestrate::claim::{Claim, ClaimTarget, claim_volume};
 use cps_orchestrate::{AttachConfig, Overrides};
 use cps_provider::memory::{MemoryCloud, Timing};
 use cps_provider::{CallLog, InstanceIdentity, Tags, VolumeService, VolumeSpec};
@@ -87,9 +87,15 @@ async fn memory_paths() {
     let measure = async |name: &str, instance: &str, required: u32, inherent: Duration| {
         cloud.calls().reset();
         let start = Instant::now();
-        claim_volume(&cloud, &identity(instance), &cfg, RetryPolicy::default())
-            .await
-            .expect("claim");
+        claim_volume(
+            &cloud,
+            &identity(instance),
+            &cfg,
+            &ClaimTarget::pool(&cfg),
+            RetryPolicy::default(),
+        )
+        .await
+        .expect("claim");
         let wall = start.elapsed();
         let calls = cloud.calls().snapshot();
         let overhead = wall.saturating_sub(timing.latency * required + inherent);
@@ -155,7 +161,14 @@ async fn herd<V: VolumeService + 'static>(
         .map(|id| {
             let (api, cfg, id) = (api.clone(), cfg.clone(), id.clone());
             tokio::spawn(async move {
-                claim_volume(api.as_ref(), &identity(&id), &cfg, RetryPolicy::default()).await
+                claim_volume(
+                    api.as_ref(),
+                    &identity(&id),
+                    &cfg,
+                    &ClaimTarget::pool(&cfg),
+                    RetryPolicy::default(),
+                )
+                .await
             })
         })
         .collect();

@@ -111,6 +111,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     pub base: Duration,
     pub cap: Duration,
+    /// Stop retrying one request once this much time has passed since its first attempt.
+    pub deadline: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -119,11 +121,22 @@ impl Default for RetryPolicy {
             max_attempts: 6,
             base: Duration::from_millis(250),
             cap: Duration::from_secs(8),
+            deadline: None,
         }
     }
 }
 
 impl RetryPolicy {
+    /// Retries as long as `total` allows (the "command timeout"): for boots that should ride
+    /// out an API brown-out rather than fail.
+    pub fn within(total: Duration) -> Self {
+        Self {
+            max_attempts: u32::MAX,
+            deadline: Some(total),
+            ..Self::default()
+        }
+    }
+
     /// Exponential backoff with "equal jitter": half fixed, half spread by `seed`, so agents
     /// throttled together do not come back together.
     pub fn delay(&self, attempt: u32, seed: u64) -> Duration {
@@ -148,10 +161,17 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, cps_provider::Error>>,
 {
-    let mut attempt = 0;
+    let mut attempt: u32 = 0;
+    let started = Instant::now();
     loop {
         match call().await {
-            Err(e) if e.is_retryable() && attempt + 1 < policy.max_attempts => {
+            Err(e)
+                if e.is_retryable()
+                    && attempt.saturating_add(1) < policy.max_attempts
+                    && policy
+                        .deadline
+                        .is_none_or(|d| started.elapsed() + policy.delay(attempt, seed) < d) =>
+            {
                 let delay = policy.delay(attempt, seed);
                 tracing::warn!(operation, attempt = attempt + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "retrying");
                 tokio::time::sleep(delay).await;
@@ -251,6 +271,33 @@ mod tests {
             timed_out.last.contains("attaching") && timed_out.last.contains("unanswered"),
             "{}",
             timed_out.last
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_within_a_command_timeout_stops_at_the_deadline() {
+        let start = Instant::now();
+        let mut calls = 0u32;
+        let out: Result<(), Error> =
+            retry(RetryPolicy::within(Duration::from_secs(60)), "X", 3, || {
+                calls += 1;
+                async {
+                    Err(Error::Throttled {
+                        operation: "X",
+                        message: "slow down".into(),
+                    })
+                }
+            })
+            .await;
+        assert!(out.is_err());
+        assert!(
+            start.elapsed() <= Duration::from_secs(60),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            calls > 6,
+            "kept going past the attempt count of the default policy: {calls}"
         );
     }
 

@@ -44,6 +44,8 @@ pub struct AttachConfig {
     pub device_root: PathBuf,
     /// Where sysfs is mounted (`/sys`); serials are read from `block/<dev>/device/serial`.
     pub sysfs_root: PathBuf,
+    /// Identity, interface, files, hooks and lifecycle.
+    pub node: NodeOptions,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,6 +116,14 @@ pub struct Overrides {
     pub device_timeout: Option<String>,
     pub device_root: Option<String>,
     pub sysfs_root: Option<String>,
+    /// `pool`, `node-id` or `slot`.
+    pub identity_mode: Option<String>,
+    pub node_id: Option<String>,
+    pub max_slots: Option<i64>,
+    pub lifecycle_hook: Option<String>,
+    pub env_file: Option<String>,
+    pub run_dir: Option<String>,
+    pub command_timeout: Option<String>,
 }
 
 /// A configuration that cannot be used, and where the problem is.
@@ -146,6 +156,14 @@ struct FileConfig {
     timeouts: Option<TimeoutsSection>,
     device_root: Option<Spanned<String>>,
     sysfs_root: Option<Spanned<String>>,
+    identity: Option<Spanned<node::IdentitySection>>,
+    network_interface: Option<Spanned<node::InterfaceSection>>,
+    files: Option<Spanned<Vec<node::FileEntry>>>,
+    hooks: Option<Spanned<node::HooksSection>>,
+    lifecycle: Option<Spanned<node::LifecycleSection>>,
+    env_file: Option<Spanned<String>>,
+    run_dir: Option<Spanned<String>>,
+    command_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -623,6 +641,31 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         "/sys",
     )?;
 
+    let node = node::build(
+        src,
+        node::NodeSections {
+            identity: file.identity,
+            interface: file.network_interface,
+            files: file.files,
+            hooks: file.hooks,
+            lifecycle: file.lifecycle,
+            env_file: file.env_file,
+            run_dir: file.run_dir,
+            command_timeout: file.command_timeout,
+        },
+        o,
+    )?;
+    if let Some(key) = node.identity.id_tag()
+        && tags.value.contains_key(key)
+    {
+        return Err(src.at(
+            &tags,
+            format!(
+                "ebs-tags must not contain the identity tag {key:?}: cps-attach sets it per node"
+            ),
+        ));
+    }
+
     Ok(AttachConfig {
         block_device,
         tags: tags.value,
@@ -632,6 +675,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         timeouts,
         device_root,
         sysfs_root,
+        node,
     })
 }
 
@@ -837,34 +881,12 @@ fn build_mount(
         Some(list) => list.iter().flat_map(|s| split_commas(s)).collect(),
         None => options.map(|s| s.value.0).unwrap_or_default(),
     };
-    let owner = pick(o.owner.clone(), "--owner (CPS_OWNER)", owner);
-    let group = pick(o.group.clone(), "--group (CPS_GROUP)", group);
-    for v in [&owner, &group].into_iter().flatten() {
-        if v.value.trim().is_empty() || v.value.contains([':', ' ', '\n']) {
-            return Err(src.at(
-                v,
-                format!("{:?} is not a user or group name or number", v.value),
-            ));
-        }
-    }
-    let mode = match pick(o.mode.clone(), "--mode (CPS_MODE)", mode) {
-        Some(v) => {
-            let digits = v.value.trim_start_matches("0o");
-            match u32::from_str_radix(digits, 8) {
-                Ok(m) if m <= 0o7777 && !digits.is_empty() => Some(m),
-                _ => {
-                    return Err(src.at(
-                        &v,
-                        format!(
-                            "mode {:?} is not an octal permission like \"0750\"",
-                            v.value
-                        ),
-                    ));
-                }
-            }
-        }
-        None => None,
-    };
+    let ownership = ownership(
+        src,
+        pick(o.owner.clone(), "--owner (CPS_OWNER)", owner),
+        pick(o.group.clone(), "--group (CPS_GROUP)", group),
+        pick(o.mode.clone(), "--mode (CPS_MODE)", mode),
+    )?;
     let persist = pick(o.persist.clone(), "--persist (CPS_PERSIST)", persist);
     let fstab_path = pick(o.fstab.clone(), "--fstab (CPS_FSTAB)", fstab);
     let fstab = match persist.as_ref().map(|v| v.value.as_str()) {
@@ -887,12 +909,48 @@ fn build_mount(
     Ok(MountOptions {
         target,
         options,
-        ownership: Ownership {
-            owner: owner.map(|v| v.value),
-            group: group.map(|v| v.value),
-            mode,
-        },
+        ownership,
         fstab,
+    })
+}
+
+/// Owner and group (names or numbers) and an octal mode, checked.
+fn ownership(
+    src: &Source<'_>,
+    owner: Option<Val<String>>,
+    group: Option<Val<String>>,
+    mode: Option<Val<String>>,
+) -> Result<Ownership, ConfigError> {
+    for v in [&owner, &group].into_iter().flatten() {
+        if v.value.trim().is_empty() || v.value.contains([':', ' ', '\n']) {
+            return Err(src.at(
+                v,
+                format!("{:?} is not a user or group name or number", v.value),
+            ));
+        }
+    }
+    let mode = match mode {
+        Some(v) => {
+            let digits = v.value.trim_start_matches("0o");
+            match u32::from_str_radix(digits, 8) {
+                Ok(m) if m <= 0o7777 && !digits.is_empty() => Some(m),
+                _ => {
+                    return Err(src.at(
+                        &v,
+                        format!(
+                            "mode {:?} is not an octal permission like \"0750\"",
+                            v.value
+                        ),
+                    ));
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(Ownership {
+        owner: owner.map(|v| v.value),
+        group: group.map(|v| v.value),
+        mode,
     })
 }
 
@@ -958,6 +1016,12 @@ fn absolute(
         Some(v) => Err(src.at(&v, format!("{:?} must be an absolute path", v.value))),
     }
 }
+
+mod node;
+
+pub use node::{
+    FileSpec, HookOptions, Identity, InterfaceOptions, LifecycleOptions, NodeOptions, OnFailure,
+};
 
 #[cfg(test)]
 mod tests;

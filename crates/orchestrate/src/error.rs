@@ -46,6 +46,29 @@ pub enum AttachError {
         state: String,
     },
 
+    /// The node's volume exists, but only in another availability zone.
+    #[error(
+        "this node's volume is in another availability zone ({volumes}), this instance is in {zone}; \
+         EBS attaches within a zone only: launch the node in its volume's zone (pin its group to that subnet)"
+    )]
+    WrongZone { volumes: String, zone: String },
+
+    /// More than one volume claims to be one identity.
+    #[error(
+        "{what} has more than one volume ({volumes}); cps-attach will not choose. Remove or retag the extra one"
+    )]
+    Duplicates { what: String, volumes: String },
+
+    /// Every slot is taken.
+    #[error(
+        "no free slot: all {max} slots have a volume, none available in {zone} ({detail}); raise identity.max-slots or free a slot"
+    )]
+    NoFreeSlot {
+        max: u32,
+        zone: String,
+        detail: String,
+    },
+
     /// Could not claim or create a volume within the attempt budget.
     #[error("gave up claiming a volume after {attempts} attempts: {detail}")]
     Exhausted { attempts: u32, detail: String },
@@ -69,6 +92,10 @@ pub enum ErrorClass {
     Refused,
     /// The host (a tool, mount(2), the filesystem) failed.
     Host,
+    /// No identity for this instance: no node id, no free slot, its volume in another zone.
+    Identity,
+    /// A user hook failed: configure exited non-zero, or health never passed.
+    Hook,
 }
 
 impl AttachError {
@@ -76,7 +103,10 @@ impl AttachError {
         match self {
             Self::Cloud { .. } | Self::Lost { .. } | Self::Exhausted { .. } => ErrorClass::Cloud,
             Self::Timeout { .. } => ErrorClass::Timeout,
-            Self::Refused { .. } | Self::Ambiguous { .. } => ErrorClass::Refused,
+            Self::Refused { .. } | Self::Ambiguous { .. } | Self::Duplicates { .. } => {
+                ErrorClass::Refused
+            }
+            Self::WrongZone { .. } | Self::NoFreeSlot { .. } => ErrorClass::Identity,
             Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,
             Self::Host { .. } => ErrorClass::Host,
         }

@@ -10,11 +10,11 @@
 
 pub mod attach;
 pub mod backoff;
+pub mod claim;
 pub mod config;
 mod error;
 
-pub use attach::{
-    AttachOutcome, Claim, FsOutcome, MountOutcome, Origin, attach, claim_volume, prepare_device,
-};
+pub use attach::{AttachOutcome, FsOutcome, MountOutcome, attach, prepare_device};
+pub use claim::{Claim, ClaimTarget, Origin, claim_volume};
 pub use config::{AttachConfig, ConfigError, Overrides};
 pub use error::{AttachError, ErrorClass};

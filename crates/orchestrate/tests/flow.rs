@@ -11,7 +11,8 @@ use cps_blockdev::{
     BlockHost, Device, Error as HostError, Filesystem, FstabEntry, Lookup, MkfsSpec, MountState,
     Ownership, Probe, Refusal, Verification, Wanted,
 };
-use cps_orchestrate::attach::{self, Origin};
+use cps_orchestrate::attach;
+use cps_orchestrate::claim::{self, ClaimTarget, Origin};
 use cps_orchestrate::{AttachConfig, AttachError, ErrorClass, FsOutcome, MountOutcome, Overrides};
 use cps_provider::memory::{
     ATTACH_VOLUME, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES, Fault, MemoryCloud, Timing,
@@ -824,7 +825,14 @@ async fn a_herd_claims_the_pool_without_creating_or_piling_up() {
         let runs = ids.iter().map(|id| {
             let (cloud, config, id) = (b.cloud.clone(), b.config.clone(), id.clone());
             async move {
-                attach::claim_volume(&cloud, &identity(&id), &config, Default::default()).await
+                claim::claim_volume(
+                    &cloud,
+                    &identity(&id),
+                    &config,
+                    &ClaimTarget::pool(&config),
+                    Default::default(),
+                )
+                .await
             }
         });
         let claims = futures_join_all(runs).await;
@@ -858,10 +866,10 @@ where
 #[tokio::test(start_paused = true)]
 async fn the_client_token_is_stable_per_instance_spec_and_attempt() {
     let c = config("");
-    let spec = attach::volume_spec(&identity("i-a"), &c);
-    let t = attach::client_token(&identity("i-a"), &spec, 0);
-    assert_eq!(t, attach::client_token(&identity("i-a"), &spec, 0));
-    assert_ne!(t, attach::client_token(&identity("i-b"), &spec, 0));
-    assert_ne!(t, attach::client_token(&identity("i-a"), &spec, 1));
+    let spec = claim::volume_spec(&identity("i-a"), &c, &c.tags);
+    let t = claim::client_token(&identity("i-a"), &spec, 0);
+    assert_eq!(t, claim::client_token(&identity("i-a"), &spec, 0));
+    assert_ne!(t, claim::client_token(&identity("i-b"), &spec, 0));
+    assert_ne!(t, claim::client_token(&identity("i-a"), &spec, 1));
     assert!(t.len() <= 64 && t.is_ascii());
 }

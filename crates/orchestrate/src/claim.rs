@@ -1,0 +1,730 @@
+//! Claiming the volume in the cloud, in one of three modes.
+//!
+//! Every mode first lists the volumes with its tags (one DescribeVolumes, paginated) and reuses
+//! one already attached to this instance (a re-run is a no-op). Then:
+//!
+//! - **pool** (the original tool): any available volume in this zone, tried in this agent's own
+//!   pseudo-random order so a herd spreads out; `VolumeInUse` means another agent won, so list
+//!   again and take the next pick. A volume held by a server that is going away is waited for.
+//!   Nothing to claim → create one (client token from instance, spec and attempt).
+//! - **node-id**: the one volume carrying this node's id. Held by another instance (the old one
+//!   shutting down, or still running) → wait for it to be released, logging who holds it and in
+//!   what state, never detaching it. Only in another zone → refuse. None at all → create it, with
+//!   a token shared by every instance of the node, so two can never make two.
+//! - **slot**: the lowest free slot (1..=max) whose volume is in this zone, or the lowest slot
+//!   that has no volume yet (created with a token shared by everyone creating that slot). With
+//!   several instances booting at once, each picks within the lowest *booting* candidates in
+//!   its own order, so a herd spreads over the slots instead of piling onto slot 1.
+//!
+//! After AttachVolume, wait until EC2 reports the attachment attached.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cps_provider::{
+    AttachmentState, Error as CloudError, InstanceIdentity, InstanceState, Tags, Volume,
+    VolumeService, VolumeSpec, VolumeState,
+};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str, mix};
+use crate::config::AttachConfig;
+use crate::error::AttachError;
+
+/// How many volumes one run may create before giving up (each creation after the first means
+/// another agent claimed the volume this one had just created).
+const MAX_CREATES: u32 = 3;
+
+/// Where the claimed volume came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// It was already attached to this instance.
+    Reused,
+    /// An existing available volume was attached.
+    Claimed,
+    /// No volume could be claimed; this one was created.
+    Created,
+}
+
+/// Which volume this instance may claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimTarget {
+    /// Any volume with these tags.
+    Pool { tags: Tags },
+    /// The volume with these tags (which include the node id).
+    Node {
+        tags: Tags,
+        release_timeout: Duration,
+    },
+    /// Slots 1..=max: volumes with `tags` and `key = slot`. `window`: how many instances are
+    /// booting at once in this group (1 when unknown).
+    Slot {
+        tags: Tags,
+        key: String,
+        max: u32,
+        window: usize,
+    },
+}
+
+impl ClaimTarget {
+    /// The pool target of a configuration (the original tool's behaviour).
+    pub fn pool(config: &AttachConfig) -> Self {
+        Self::Pool {
+            tags: config.tags.clone(),
+        }
+    }
+
+    fn tags(&self) -> &Tags {
+        match self {
+            Self::Pool { tags } | Self::Node { tags, .. } | Self::Slot { tags, .. } => tags,
+        }
+    }
+
+    fn slot_of(&self, v: &Volume) -> Option<u32> {
+        match self {
+            Self::Slot { key, max, .. } => v
+                .tags
+                .get(key)
+                .and_then(|s| s.parse::<u32>().ok())
+                .filter(|k| (1..=*max).contains(k)),
+            _ => None,
+        }
+    }
+}
+
+/// A volume attached to this instance, as EC2 reports it.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub volume: Volume,
+    /// The instance it is attached to (this one).
+    pub instance_id: String,
+    pub origin: Origin,
+    /// AttachVolume requests made (0 when reused).
+    pub attach_attempts: u32,
+    /// In slot mode, the slot claimed.
+    pub slot: Option<u32>,
+}
+
+/// The volume this run creates when it must: the configured one, in this zone, with `tags`.
+pub fn volume_spec(identity: &InstanceIdentity, config: &AttachConfig, tags: &Tags) -> VolumeSpec {
+    VolumeSpec {
+        availability_zone: identity.availability_zone.clone(),
+        size_gib: config.volume.size_gib,
+        volume_type: config.volume.volume_type.clone(),
+        iops: config.volume.iops,
+        throughput: config.volume.throughput,
+        encrypted: config.volume.encrypted,
+        kms_key_id: config.volume.kms_key_id.clone(),
+        tags: tags.clone(),
+    }
+}
+
+fn token(parts: &[&str], spec: &VolumeSpec, with_zone: bool, attempt: u32) -> String {
+    let mut h = Sha256::new();
+    let mut field = |s: &str| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    for p in parts {
+        field(p);
+    }
+    if with_zone {
+        field(&spec.availability_zone);
+    }
+    field(&spec.volume_type);
+    field(&spec.size_gib.to_string());
+    field(&format!("{:?}/{:?}", spec.iops, spec.throughput));
+    field(&format!("{}/{:?}", spec.encrypted, spec.kms_key_id));
+    for (k, v) in &spec.tags {
+        field(k);
+        field(v);
+    }
+    field(&attempt.to_string());
+    let digest = h.finalize();
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("cps-{hex}")
+}
+
+/// Pool mode: same instance, same spec, same attempt → same token; the cloud then returns the
+/// volume the first request made instead of making another.
+pub fn client_token(identity: &InstanceIdentity, spec: &VolumeSpec, attempt: u32) -> String {
+    token(&[&identity.instance_id], spec, true, attempt)
+}
+
+/// Node and slot modes: the same for every instance creating this node's (slot's) volume, and
+/// without the zone — an instance in another zone gets IdempotentParameterMismatch instead of a
+/// second volume for the same identity.
+pub fn shared_token(spec: &VolumeSpec, attempt: u32) -> String {
+    token(&["shared"], spec, false, attempt)
+}
+
+fn cloud(step: &'static str) -> impl FnOnce(CloudError) -> AttachError {
+    move |source| AttachError::Cloud { step, source }
+}
+
+/// What the loop does next.
+enum Next {
+    Attach {
+        volume_id: String,
+        slot: Option<u32>,
+    },
+    Create {
+        tags: Tags,
+        slot: Option<u32>,
+    },
+    /// Someone holds what this instance needs; wait up to the timeout.
+    Wait {
+        what: String,
+        timeout: Duration,
+    },
+}
+
+/// Claims a volume for `target` and waits until EC2 reports it attached here.
+pub async fn claim_volume(
+    cloud_api: &dyn VolumeService,
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+    target: &ClaimTarget,
+    policy: RetryPolicy,
+) -> Result<Claim, AttachError> {
+    let me = identity.instance_id.as_str();
+    let seed = hash_str(me);
+    let device_name = config.block_device.as_str();
+    let started = Instant::now();
+    let release_timeout = match target {
+        ClaimTarget::Node {
+            release_timeout, ..
+        } => *release_timeout,
+        _ => config.timeouts.attach,
+    };
+    // The whole claim may take as long as creating and attaching one volume, plus waiting for
+    // a holder to let go.
+    let claim_deadline = config.timeouts.create + config.timeouts.attach + release_timeout;
+    let mut attach_attempts = 0u32;
+    let mut creates = 0u32;
+    let mut logged_elsewhere = false;
+    let mut race_budget: Option<u32> = None;
+    let mut lost_races = 0u32;
+    let mut waiting: Option<(Instant, u32, String)> = None;
+    let claimed = |volume: Volume, origin: Origin, attach_attempts: u32, slot: Option<u32>| Claim {
+        volume,
+        instance_id: me.to_owned(),
+        origin,
+        attach_attempts,
+        slot,
+    };
+
+    loop {
+        if started.elapsed() > claim_deadline {
+            return Err(AttachError::Timeout {
+                what: "a volume to claim".into(),
+                waited: started.elapsed(),
+                last: format!("{attach_attempts} attach attempts, {creates} volumes created"),
+            });
+        }
+        let volumes = backoff::retry(policy, "DescribeVolumes", seed, || {
+            cloud_api.volumes_tagged(target.tags())
+        })
+        .await
+        .map_err(cloud("listing volumes by tag"))?;
+
+        // Already attached to this instance? (Also what a lost AttachVolume reply looks like.)
+        let mine: Vec<&Volume> = volumes
+            .iter()
+            .filter(|v| {
+                v.attachment_to(me).is_some_and(|a| {
+                    matches!(
+                        a.state,
+                        AttachmentState::Attaching | AttachmentState::Attached
+                    )
+                }) && (!matches!(target, ClaimTarget::Slot { .. }) || target.slot_of(v).is_some())
+            })
+            .collect();
+        match mine.as_slice() {
+            [] => {}
+            [volume] => {
+                info!(volume_id = %volume.id, "volume with these tags is already attached to this instance; reusing it");
+                let attached = volume
+                    .attachment_to(me)
+                    .is_some_and(|a| a.state == AttachmentState::Attached);
+                let slot = target.slot_of(volume);
+                let volume = if attached {
+                    (*volume).clone()
+                } else {
+                    wait_attached(cloud_api, identity, config, &volume.id, policy).await?
+                };
+                return Ok(claimed(volume, Origin::Reused, attach_attempts, slot));
+            }
+            many => {
+                return Err(AttachError::Ambiguous {
+                    instance_id: me.to_owned(),
+                    count: many.len(),
+                    volumes: many
+                        .iter()
+                        .map(|v| v.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+        let budget = *race_budget.get_or_insert(4 * volumes.len() as u32 + 16);
+        if lost_races > budget {
+            return Err(AttachError::Exhausted {
+                attempts: attach_attempts,
+                detail: format!(
+                    "lost {lost_races} races for a volume; the volumes keep being taken by other instances"
+                ),
+            });
+        }
+
+        let elsewhere: Vec<&Volume> = volumes
+            .iter()
+            .filter(|v| v.availability_zone != identity.availability_zone)
+            .collect();
+        if !elsewhere.is_empty() && !logged_elsewhere && !matches!(target, ClaimTarget::Node { .. })
+        {
+            logged_elsewhere = true;
+            info!(
+                zone = %identity.availability_zone,
+                skipped = %elsewhere.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(","),
+                "skipping matching volumes in other availability zones (EBS attaches within a zone only)"
+            );
+        }
+        let here: Vec<&Volume> = volumes
+            .iter()
+            .filter(|v| v.availability_zone == identity.availability_zone)
+            .collect();
+        let free = |v: &&Volume| v.state == VolumeState::Available && v.attachments.is_empty();
+
+        let next = match target {
+            ClaimTarget::Pool { tags } => {
+                let mut candidates: Vec<&Volume> = here.iter().copied().filter(free).collect();
+                candidates.sort_by_key(|v| mix(seed ^ hash_str(&v.id)));
+                match candidates.first() {
+                    Some(v) => Next::Attach {
+                        volume_id: v.id.clone(),
+                        slot: None,
+                    },
+                    None => match leaving(cloud_api, &here, seed, policy).await? {
+                        Some(what) => Next::Wait {
+                            what,
+                            timeout: config.timeouts.attach,
+                        },
+                        None => Next::Create {
+                            tags: tags.clone(),
+                            slot: None,
+                        },
+                    },
+                }
+            }
+            ClaimTarget::Node {
+                tags,
+                release_timeout,
+            } => match (here.as_slice(), elsewhere.as_slice()) {
+                ([], []) => Next::Create {
+                    tags: tags.clone(),
+                    slot: None,
+                },
+                ([], far) => {
+                    return Err(AttachError::WrongZone {
+                        volumes: far
+                            .iter()
+                            .map(|v| format!("{} in {}", v.id, v.availability_zone))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        zone: identity.availability_zone.clone(),
+                    });
+                }
+                ([v], _) if free(v) => Next::Attach {
+                    volume_id: v.id.clone(),
+                    slot: None,
+                },
+                ([v], _) if v.attachments.is_empty() => Next::Wait {
+                    what: format!("{} is {}", v.id, v.state),
+                    timeout: *release_timeout,
+                },
+                ([v], _) => Next::Wait {
+                    what: holders(cloud_api, &[*v], seed, policy).await?.1,
+                    timeout: *release_timeout,
+                },
+                (many, _) => {
+                    return Err(AttachError::Duplicates {
+                        what: "this node".into(),
+                        volumes: many
+                            .iter()
+                            .map(|v| v.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+            },
+            ClaimTarget::Slot {
+                tags,
+                key,
+                max,
+                window,
+            } => {
+                let mut by_slot: BTreeMap<u32, Vec<&Volume>> = BTreeMap::new();
+                for v in &volumes {
+                    match target.slot_of(v) {
+                        Some(k) => by_slot.entry(k).or_default().push(v),
+                        None => {
+                            debug!(volume_id = %v.id, "volume has no valid {key} tag; not a slot")
+                        }
+                    }
+                }
+                let duplicated: Vec<String> = by_slot
+                    .iter()
+                    .filter(|(_, vs)| vs.len() > 1)
+                    .map(|(k, vs)| {
+                        format!(
+                            "slot {k}: {}",
+                            vs.iter()
+                                .map(|v| v.id.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })
+                    .collect();
+                if !duplicated.is_empty() {
+                    warn!(duplicates = %duplicated.join("; "), "slots with more than one volume are skipped; remove or retag the extra volumes");
+                }
+                // Existing free slots here first (lowest first), then slots with no volume yet.
+                let mut candidates: Vec<(u32, Option<&Volume>)> = by_slot
+                    .iter()
+                    .filter(|(_, vs)| vs.len() == 1)
+                    .filter(|(_, vs)| {
+                        vs[0].availability_zone == identity.availability_zone && free(&vs[0])
+                    })
+                    .map(|(k, vs)| (*k, Some(vs[0])))
+                    .collect();
+                candidates.extend(
+                    (1..=*max)
+                        .filter(|k| !by_slot.contains_key(k))
+                        .map(|k| (k, None)),
+                );
+                let window = (*window).clamp(1, candidates.len().max(1));
+                let pick = candidates[..candidates.len().min(window)]
+                    .iter()
+                    .min_by_key(|(k, _)| mix(seed ^ u64::from(*k)));
+                match pick {
+                    Some((k, Some(v))) => Next::Attach {
+                        volume_id: v.id.clone(),
+                        slot: Some(*k),
+                    },
+                    Some((k, None)) => {
+                        let mut t = tags.clone();
+                        t.insert(key.clone(), k.to_string());
+                        Next::Create {
+                            tags: t,
+                            slot: Some(*k),
+                        }
+                    }
+                    None => match leaving(cloud_api, &here, seed, policy).await? {
+                        Some(what) => Next::Wait {
+                            what,
+                            timeout: config.timeouts.attach,
+                        },
+                        None => {
+                            let (_, held) = holders(
+                                cloud_api,
+                                &volumes.iter().collect::<Vec<_>>(),
+                                seed,
+                                policy,
+                            )
+                            .await?;
+                            return Err(AttachError::NoFreeSlot {
+                                max: *max,
+                                zone: identity.availability_zone.clone(),
+                                detail: held,
+                            });
+                        }
+                    },
+                }
+            }
+        };
+
+        match next {
+            Next::Wait { what, timeout } => {
+                let (since, looks, last) =
+                    waiting.get_or_insert_with(|| (Instant::now(), 0, String::new()));
+                if since.elapsed() >= timeout {
+                    return Err(AttachError::Timeout {
+                        what: "the volume to be released by the instance holding it (never detached by cps)".into(),
+                        waited: since.elapsed(),
+                        last: what,
+                    });
+                }
+                if *last != what {
+                    info!(held = %what, "the volume is held by another instance; waiting for it to be released");
+                    *last = what;
+                }
+                tokio::time::sleep(Schedule::CLOUD_STATE.delay(*looks)).await;
+                *looks += 1;
+            }
+            Next::Attach { volume_id, slot } => {
+                attach_attempts += 1;
+                info!(volume_id = %volume_id, device = device_name, slot, "attaching existing volume");
+                if try_attach(cloud_api, &volume_id, me, device_name, seed, policy).await? {
+                    let volume =
+                        wait_attached(cloud_api, identity, config, &volume_id, policy).await?;
+                    return Ok(claimed(volume, Origin::Claimed, attach_attempts, slot));
+                }
+                lost_races += 1;
+            }
+            Next::Create { tags, slot } => {
+                if creates >= MAX_CREATES {
+                    return Err(AttachError::Exhausted {
+                        attempts: attach_attempts,
+                        detail: format!(
+                            "created {creates} volumes and another instance claimed each before this one could attach it"
+                        ),
+                    });
+                }
+                let spec = volume_spec(identity, config, &tags);
+                let token = match target {
+                    ClaimTarget::Pool { .. } => client_token(identity, &spec, creates),
+                    _ => shared_token(&spec, creates),
+                };
+                creates += 1;
+                info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
+                let created = match backoff::retry(policy, "CreateVolume", seed, || {
+                    cloud_api.create_volume(&spec, &token)
+                })
+                .await
+                {
+                    Ok(v) => v,
+                    // Another instance in another zone created this identity's volume first.
+                    Err(CloudError::IdempotencyMismatch { .. })
+                        if !matches!(target, ClaimTarget::Pool { .. }) =>
+                    {
+                        debug!("this identity's volume was just created elsewhere; looking again");
+                        lost_races += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(cloud("creating a volume")(e)),
+                };
+                info!(volume_id = %created.id, slot, "volume created");
+                if !wait_available(cloud_api, config, &created.id, seed, policy).await? {
+                    debug!(volume_id = %created.id, "the new volume was claimed by another instance; looking again");
+                    lost_races += 1;
+                    continue;
+                }
+                attach_attempts += 1;
+                info!(volume_id = %created.id, device = device_name, "attaching new volume");
+                if try_attach(cloud_api, &created.id, me, device_name, seed, policy).await? {
+                    let volume =
+                        wait_attached(cloud_api, identity, config, &created.id, policy).await?;
+                    return Ok(claimed(volume, Origin::Created, attach_attempts, slot));
+                }
+                lost_races += 1;
+            }
+        }
+    }
+}
+
+/// Who holds `held` volumes and in what state: whether all of them are held only by
+/// instances going away, and a description for logs and errors.
+async fn holders(
+    cloud_api: &dyn VolumeService,
+    held: &[&Volume],
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<(bool, String), AttachError> {
+    let ids: Vec<String> = held
+        .iter()
+        .flat_map(|v| v.attachments.iter())
+        .filter(|a| {
+            !matches!(
+                a.state,
+                AttachmentState::Detaching | AttachmentState::Detached
+            )
+        })
+        .map(|a| a.instance_id.clone())
+        .collect();
+    let states = if ids.is_empty() {
+        BTreeMap::new()
+    } else {
+        backoff::retry(policy, "DescribeInstances", seed, || {
+            cloud_api.instance_states(&ids)
+        })
+        .await
+        .map_err(cloud("looking up the instances holding matching volumes"))?
+    };
+    let mut going_away = true;
+    let parts: Vec<String> = held
+        .iter()
+        .filter(|v| !v.attachments.is_empty())
+        .map(|v| {
+            let by: Vec<String> = v
+                .attachments
+                .iter()
+                .map(|a| match a.state {
+                    AttachmentState::Detaching | AttachmentState::Detached => {
+                        format!("detaching from {}", a.instance_id)
+                    }
+                    _ => {
+                        let state = states.get(&a.instance_id);
+                        going_away &= state.is_some_and(InstanceState::is_going_away);
+                        let state = state
+                            .map(ToString::to_string)
+                            .unwrap_or_else(|| "unknown".into());
+                        format!("{} to {}, which is {state}", a.state, a.instance_id)
+                    }
+                })
+                .collect();
+            format!("{} ({})", v.id, by.join("; "))
+        })
+        .collect();
+    Ok((going_away && !parts.is_empty(), parts.join("; ")))
+}
+
+/// A description of the volumes here held by servers going away, if any: worth waiting for.
+async fn leaving(
+    cloud_api: &dyn VolumeService,
+    here: &[&Volume],
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<Option<String>, AttachError> {
+    let held: Vec<&Volume> = here
+        .iter()
+        .copied()
+        .filter(|v| !v.attachments.is_empty())
+        .collect();
+    let mut leaving = Vec::new();
+    for v in held {
+        let (going_away, what) = holders(cloud_api, &[v], seed, policy).await?;
+        if going_away {
+            leaving.push(what);
+        }
+    }
+    Ok((!leaving.is_empty()).then(|| leaving.join("; ")))
+}
+
+/// AttachVolume; `Ok(false)` when another instance got the volume first.
+async fn try_attach(
+    cloud_api: &dyn VolumeService,
+    volume_id: &str,
+    me: &str,
+    device: &str,
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<bool, AttachError> {
+    match backoff::retry(policy, "AttachVolume", seed, || {
+        cloud_api.attach_volume(volume_id, me, device)
+    })
+    .await
+    {
+        Ok(_) => Ok(true),
+        // Lost the race, or the volume changed state under us: list again. (If an earlier try of
+        // this very request took effect and only its reply was lost, the next listing shows the
+        // volume attached here and it is reused.)
+        Err(CloudError::VolumeInUse { .. } | CloudError::IncorrectState { .. }) => {
+            debug!(
+                volume_id,
+                "volume was taken by another instance; looking again"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(AttachError::Cloud {
+            step: "attaching the volume",
+            source: e,
+        }),
+    }
+}
+
+/// Polls until the new volume is available; `Ok(false)` if someone else attached it first.
+async fn wait_available(
+    cloud_api: &dyn VolumeService,
+    config: &AttachConfig,
+    volume_id: &str,
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<bool, AttachError> {
+    let waited = backoff::poll(Schedule::CLOUD_STATE, config.timeouts.create, || async {
+        match backoff::retry(policy, "DescribeVolumes", seed, || {
+            cloud_api.volume(volume_id)
+        })
+        .await
+        {
+            Ok(v) => match v.state {
+                VolumeState::Available => Ok(Poll::Ready(true)),
+                VolumeState::InUse => Ok(Poll::Ready(false)),
+                VolumeState::Creating => Ok(Poll::Pending("creating".into())),
+                other => Err(AttachError::Cloud {
+                    step: "waiting for the new volume",
+                    source: CloudError::Api {
+                        operation: "CreateVolume",
+                        code: None,
+                        message: format!("{volume_id} went to state {other} instead of available"),
+                    },
+                }),
+            },
+            // Describe is eventually consistent: a fresh volume may not be visible yet.
+            Err(CloudError::NotFound { .. }) => Ok(Poll::Pending("not visible yet".into())),
+            Err(e) => Err(cloud("waiting for the new volume")(e)),
+        }
+    })
+    .await?;
+    waited.map_err(|t| AttachError::Timeout {
+        what: format!("{volume_id} to become available"),
+        waited: t.waited,
+        last: t.last,
+    })
+}
+
+/// Polls until EC2 reports the attachment to this instance as attached.
+async fn wait_attached(
+    cloud_api: &dyn VolumeService,
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+    volume_id: &str,
+    policy: RetryPolicy,
+) -> Result<Volume, AttachError> {
+    let me = identity.instance_id.as_str();
+    let seed = hash_str(me);
+    let waited = backoff::poll(Schedule::CLOUD_STATE, config.timeouts.attach, || async {
+        let v = backoff::retry(policy, "DescribeVolumes", seed, || {
+            cloud_api.volume(volume_id)
+        })
+        .await
+        .map_err(cloud("waiting for the attachment"))?;
+        match v.attachment_to(me).map(|a| a.state.clone()) {
+            Some(AttachmentState::Attached) => Ok(Poll::Ready(v)),
+            Some(AttachmentState::Attaching) => {
+                Ok(Poll::Pending(format!("{volume_id} is attaching")))
+            }
+            // Describe is eventually consistent: right after AttachVolume it may not show yet.
+            None if v.attachments.is_empty() => Ok(Poll::Pending(format!(
+                "{volume_id} shows no attachment yet"
+            ))),
+            None => Err(AttachError::Lost {
+                volume_id: volume_id.to_owned(),
+                instance_id: me.to_owned(),
+                state: format!(
+                    "attached to {}",
+                    v.attachments
+                        .iter()
+                        .map(|a| a.instance_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+            Some(other) => Err(AttachError::Lost {
+                volume_id: volume_id.to_owned(),
+                instance_id: me.to_owned(),
+                state: other.to_string(),
+            }),
+        }
+    })
+    .await?;
+    let volume = waited.map_err(|t| AttachError::Timeout {
+        what: format!("{volume_id} to be attached to {me}"),
+        waited: t.waited,
+        last: t.last,
+    })?;
+    info!(volume_id, "volume attached");
+    Ok(volume)
+}

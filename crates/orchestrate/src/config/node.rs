@@ -1,0 +1,497 @@
+//! The node part of the configuration: identity mode, network interface, node files, hooks,
+//! lifecycle hook, and where the identity environment file goes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use cps_blockdev::Ownership;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::{
+    ConfigError, Origin, Overrides, Source, Val, absolute, duration, from_file, origin, ownership,
+    pick,
+};
+
+/// How this instance finds its identity (and with it, its volume and interface).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// Any volume with the tags (the original tool's behaviour); no identity beyond the volume.
+    Pool,
+    /// One node, named by an id: given here, or read from `source_tag` on the instance or its
+    /// Auto Scaling group. The node's volume and interface carry `id_tag = id`.
+    NodeId {
+        id: Option<String>,
+        source_tag: String,
+        id_tag: String,
+    },
+    /// The lowest free slot of a pool of `max` (numbered 1..=max), claimed by attaching its
+    /// volume; the number is the identity. Volumes carry `id_tag = slot`.
+    Slot { max: u32, id_tag: String },
+}
+
+impl Identity {
+    pub fn id_tag(&self) -> Option<&str> {
+        match self {
+            Self::Pool => None,
+            Self::NodeId { id_tag, .. } | Self::Slot { id_tag, .. } => Some(id_tag),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceOptions {
+    /// A fixed interface id, or `None` to find it by tags.
+    pub id: Option<String>,
+    /// Tags besides the node's own (cluster tags and id tag).
+    pub extra_tags: BTreeMap<String, String>,
+    pub device_index: i32,
+    /// From attach to the OS showing the interface.
+    pub timeout: Duration,
+}
+
+/// A node file; `content` may hold `${CPS_…}` placeholders, filled from the identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileSpec {
+    pub path: PathBuf,
+    pub content: Vec<u8>,
+    /// `content` came as text and placeholders are filled; base64 content is written as is.
+    pub template: bool,
+    pub mode: u32,
+    pub ownership: Ownership,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookOptions {
+    pub configure: Option<Vec<String>>,
+    pub health: Option<Vec<String>>,
+    /// Longest a single run of either hook may take.
+    pub run_timeout: Duration,
+    /// How long health is retried before the node counts as failed.
+    pub health_timeout: Duration,
+    /// Pause between failed health runs.
+    pub health_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// CompleteLifecycleAction ABANDON: the group replaces the instance at once.
+    Abandon,
+    /// Leave the instance in Pending:Wait for an operator (the hook's timeout decides later).
+    Leave,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifecycleOptions {
+    pub hook: String,
+    /// `None`: the group the instance is in (DescribeAutoScalingInstances).
+    pub group: Option<String>,
+    pub on_failure: OnFailure,
+    /// `None`: a third of the hook's heartbeat timeout.
+    pub heartbeat_interval: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeOptions {
+    pub identity: Identity,
+    /// How long to wait for another instance to let go of this node's volume or interface.
+    pub release_timeout: Duration,
+    pub interface: Option<InterfaceOptions>,
+    pub files: Vec<FileSpec>,
+    pub hooks: HookOptions,
+    pub lifecycle: Option<LifecycleOptions>,
+    pub env_file: PathBuf,
+    /// Where the once-per-boot marker of the configure hook lives.
+    pub run_dir: PathBuf,
+    /// Overall deadline for retrying one cloud request (throttling, transient failures).
+    pub command_timeout: Duration,
+}
+
+// ---- the file format ------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct IdentitySection {
+    mode: Option<Spanned<String>>,
+    node_id: Option<Spanned<String>>,
+    node_id_tag: Option<Spanned<String>>,
+    id_tag: Option<Spanned<String>>,
+    max_slots: Option<Spanned<i64>>,
+    release_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct InterfaceSection {
+    id: Option<Spanned<String>>,
+    tags: Option<Spanned<BTreeMap<String, String>>>,
+    device_index: Option<Spanned<i64>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct FileEntry {
+    path: Spanned<String>,
+    content: Option<Spanned<String>>,
+    content_base64: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    owner: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct HooksSection {
+    configure: Option<Spanned<Vec<String>>>,
+    health: Option<Spanned<Vec<String>>>,
+    timeout: Option<Spanned<String>>,
+    health_timeout: Option<Spanned<String>>,
+    health_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct LifecycleSection {
+    hook: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    on_failure: Option<Spanned<String>>,
+    heartbeat_interval: Option<Spanned<String>>,
+}
+
+/// The node sections of the file, as read.
+#[derive(Debug, Default)]
+pub(super) struct NodeSections {
+    pub identity: Option<Spanned<IdentitySection>>,
+    pub interface: Option<Spanned<InterfaceSection>>,
+    pub files: Option<Spanned<Vec<FileEntry>>>,
+    pub hooks: Option<Spanned<HooksSection>>,
+    pub lifecycle: Option<Spanned<LifecycleSection>>,
+    pub env_file: Option<Spanned<String>>,
+    pub run_dir: Option<Spanned<String>>,
+    pub command_timeout: Option<Spanned<String>>,
+}
+
+fn tag_key(src: &Source<'_>, v: &Val<String>) -> Result<(), ConfigError> {
+    if v.value.is_empty() || v.value.len() > 128 || v.value.to_ascii_lowercase().starts_with("aws:")
+    {
+        return Err(src.at(
+            v,
+            format!(
+                "{:?} is not a usable tag key (1–128 characters, not aws:)",
+                v.value
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn argv(src: &Source<'_>, v: Spanned<Vec<String>>, what: &str) -> Result<Vec<String>, ConfigError> {
+    let v = from_file(v);
+    if v.value.first().is_none_or(|p| p.trim().is_empty()) {
+        return Err(src.at(
+            &v,
+            format!("{what} must be a command: a list whose first item is the program"),
+        ));
+    }
+    Ok(v.value)
+}
+
+pub(super) fn build(
+    src: &Source<'_>,
+    s: NodeSections,
+    o: &Overrides,
+) -> Result<NodeOptions, ConfigError> {
+    let whole_file = Origin::File { line: 1, column: 1 };
+    let (id_section, id_at) = match s.identity {
+        Some(i) => {
+            let at = origin(&i);
+            (Some(i.value), at)
+        }
+        None => (None, whole_file),
+    };
+    let (mode, node_id, node_id_tag, id_tag, max_slots, release) = match id_section {
+        Some(i) => (
+            i.mode,
+            i.node_id,
+            i.node_id_tag,
+            i.id_tag,
+            i.max_slots,
+            i.release_timeout,
+        ),
+        None => (None, None, None, None, None, None),
+    };
+    let mode = pick(o.identity_mode.clone(), "--identity (CPS_IDENTITY)", mode);
+    let node_id = pick(o.node_id.clone(), "--node-id (CPS_NODE_ID)", node_id);
+    let max_slots = pick(o.max_slots, "--max-slots (CPS_MAX_SLOTS)", max_slots);
+    let node_id_tag = node_id_tag.map(from_file);
+    let id_tag = id_tag.map(from_file);
+    for t in [&node_id_tag, &id_tag].into_iter().flatten() {
+        tag_key(src, t)?;
+    }
+    let mode_name = mode
+        .as_ref()
+        .map(|m| m.value.as_str())
+        .unwrap_or(if node_id.is_some() { "node-id" } else { "pool" });
+    let identity = match mode_name {
+        "pool" => {
+            for (v, key) in [
+                (node_id.as_ref().map(|v| &v.origin), "node-id"),
+                (max_slots.as_ref().map(|v| &v.origin), "max-slots"),
+            ] {
+                if let Some(at) = v {
+                    return Err(src.error(
+                        at,
+                        format!("identity.{key} needs identity.mode node-id or slot"),
+                    ));
+                }
+            }
+            Identity::Pool
+        }
+        "node-id" => {
+            if let Some(v) = &max_slots {
+                return Err(src.at(v, "identity.max-slots goes with mode slot, not node-id"));
+            }
+            if let Some(v) = &node_id {
+                if v.value.trim().is_empty() || v.value.len() > 256 {
+                    return Err(src.at(v, "identity.node-id must be 1 to 256 characters"));
+                }
+            }
+            Identity::NodeId {
+                id: node_id.map(|v| v.value),
+                source_tag: node_id_tag
+                    .map(|v| v.value)
+                    .unwrap_or_else(|| "cps:node-id".into()),
+                id_tag: id_tag
+                    .map(|v| v.value)
+                    .unwrap_or_else(|| "cps:node-id".into()),
+            }
+        }
+        "slot" => {
+            if let Some(v) = &node_id {
+                return Err(src.at(v, "identity.node-id goes with mode node-id, not slot"));
+            }
+            let Some(max) = max_slots else {
+                return Err(src.error(
+                    &id_at,
+                    "identity mode slot needs max-slots: how many slots (nodes) the pool has",
+                ));
+            };
+            if !(1..=10_000).contains(&max.value) {
+                return Err(src.at(&max, "identity.max-slots must be between 1 and 10000"));
+            }
+            Identity::Slot {
+                max: max.value as u32,
+                id_tag: id_tag.map(|v| v.value).unwrap_or_else(|| "cps:slot".into()),
+            }
+        }
+        other => {
+            let at = mode.as_ref().map(|m| m.origin.clone()).unwrap_or(id_at);
+            return Err(src.error(
+                &at,
+                format!("identity mode {other:?} is not one of pool, node-id, slot"),
+            ));
+        }
+    };
+    let release_timeout = duration(src, release.map(from_file), Duration::from_secs(600))?;
+
+    let interface = match s.interface {
+        None => None,
+        Some(section) => {
+            let at = origin(&section);
+            let i = section.value;
+            let id = i.id.map(from_file);
+            if id.is_none() && matches!(identity, Identity::Pool) {
+                return Err(src.error(
+                    &at,
+                    "network-interface needs an id, or identity mode node-id or slot to find the node's interface by its tags",
+                ));
+            }
+            if let Some(v) = &id {
+                if !v.value.starts_with("eni-") {
+                    return Err(src.at(
+                        v,
+                        format!("{:?} is not a network interface id (eni-…)", v.value),
+                    ));
+                }
+            }
+            let index = i.device_index.map(from_file);
+            if let Some(v) = &index {
+                if !(1..=31).contains(&v.value) {
+                    return Err(src.at(v, "network-interface.device-index must be between 1 and 31 (0 is the primary interface)"));
+                }
+            }
+            Some(InterfaceOptions {
+                id: id.map(|v| v.value),
+                extra_tags: i.tags.map(|t| t.value).unwrap_or_default(),
+                device_index: index.map(|v| v.value as i32).unwrap_or(1),
+                timeout: duration(src, i.timeout.map(from_file), Duration::from_secs(180))?,
+            })
+        }
+    };
+
+    let mut files = Vec::new();
+    if let Some(list) = s.files {
+        let mut seen = std::collections::BTreeSet::new();
+        for entry in list.value {
+            let path = from_file(entry.path);
+            if !Path::new(&path.value).is_absolute() || path.value.ends_with('/') {
+                return Err(src.at(
+                    &path,
+                    format!("file path {:?} must be an absolute file path", path.value),
+                ));
+            }
+            if !seen.insert(path.value.clone()) {
+                return Err(src.at(&path, format!("{} is listed twice", path.value)));
+            }
+            let (content, template) = match (entry.content, entry.content_base64) {
+                (Some(c), None) => (c.value.into_bytes(), true),
+                (None, Some(b)) => {
+                    let b = from_file(b);
+                    let compact: String = b.value.split_whitespace().collect();
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(compact)
+                        .map_err(|e| {
+                            src.at(&b, format!("content-base64 is not valid base64: {e}"))
+                        })?;
+                    (bytes, false)
+                }
+                (Some(c), Some(_)) => {
+                    return Err(src.at(&from_file(c), "give content or content-base64, not both"));
+                }
+                (None, None) => return Err(src.at(&path, "a file needs content or content-base64")),
+            };
+            let own = ownership(
+                src,
+                entry.owner.map(from_file),
+                entry.group.map(from_file),
+                entry.mode.map(from_file),
+            )?;
+            files.push(FileSpec {
+                path: PathBuf::from(path.value),
+                content,
+                template,
+                mode: own.mode.unwrap_or(0o644),
+                ownership: Ownership { mode: None, ..own },
+            });
+        }
+    }
+
+    let hooks = match s.hooks {
+        None => HookOptions {
+            configure: None,
+            health: None,
+            run_timeout: Duration::from_secs(300),
+            health_timeout: Duration::from_secs(900),
+            health_interval: Duration::from_secs(10),
+        },
+        Some(h) => {
+            let h = h.value;
+            HookOptions {
+                configure: h
+                    .configure
+                    .map(|v| argv(src, v, "hooks.configure"))
+                    .transpose()?,
+                health: h.health.map(|v| argv(src, v, "hooks.health")).transpose()?,
+                run_timeout: duration(src, h.timeout.map(from_file), Duration::from_secs(300))?,
+                health_timeout: duration(
+                    src,
+                    h.health_timeout.map(from_file),
+                    Duration::from_secs(900),
+                )?,
+                health_interval: duration(
+                    src,
+                    h.health_interval.map(from_file),
+                    Duration::from_secs(10),
+                )?,
+            }
+        }
+    };
+
+    let (hook, group, on_failure, heartbeat) = match s.lifecycle {
+        Some(l) => {
+            let at = origin(&l);
+            let l = l.value;
+            (
+                Some((l.hook, at)),
+                l.group,
+                l.on_failure,
+                l.heartbeat_interval,
+            )
+        }
+        None => (None, None, None, None),
+    };
+    let hook_name = match (o.lifecycle_hook.clone(), hook) {
+        (Some(name), _) => Some(Val {
+            value: name,
+            origin: Origin::Flag("--lifecycle-hook (CPS_LIFECYCLE_HOOK)"),
+        }),
+        (None, Some((Some(h), _))) => Some(from_file(h)),
+        (None, Some((None, at))) => {
+            return Err(src.error(
+                &at,
+                "lifecycle needs hook: the name of the group's launching lifecycle hook",
+            ));
+        }
+        (None, None) => None,
+    };
+    let lifecycle = match hook_name {
+        None => None,
+        Some(h) => {
+            if h.value.is_empty() || h.value.len() > 255 {
+                return Err(src.at(&h, "the lifecycle hook name must be 1 to 255 characters"));
+            }
+            let on_failure = match on_failure.map(from_file) {
+                None => OnFailure::Abandon,
+                Some(v) if v.value == "abandon" => OnFailure::Abandon,
+                Some(v) if v.value == "leave" => OnFailure::Leave,
+                Some(v) => {
+                    return Err(src.at(
+                        &v,
+                        format!("on-failure {:?} is not one of abandon, leave", v.value),
+                    ));
+                }
+            };
+            let heartbeat_interval = match heartbeat.map(from_file) {
+                None => None,
+                Some(v) => Some(duration(src, Some(v), Duration::ZERO)?),
+            };
+            Some(LifecycleOptions {
+                hook: h.value,
+                group: group.map(|g| g.value),
+                on_failure,
+                heartbeat_interval,
+            })
+        }
+    };
+
+    Ok(NodeOptions {
+        identity,
+        release_timeout,
+        interface,
+        files,
+        hooks,
+        lifecycle,
+        env_file: absolute(
+            src,
+            pick(o.env_file.clone(), "--env-file (CPS_ENV_FILE)", s.env_file),
+            "/run/cps/node.env",
+        )?,
+        run_dir: absolute(
+            src,
+            pick(o.run_dir.clone(), "--run-dir (CPS_RUN_DIR)", s.run_dir),
+            "/run/cps",
+        )?,
+        command_timeout: duration(
+            src,
+            pick(
+                o.command_timeout.clone(),
+                "--command-timeout (CPS_COMMAND_TIMEOUT)",
+                s.command_timeout,
+            ),
+            Duration::from_secs(600),
+        )?,
+    })
+}
