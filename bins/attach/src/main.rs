@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cps_orchestrate::{AttachConfig, AttachError, ErrorClass, FsOutcome, MountOutcome, Overrides};
+use cps_orchestrate::{
+    AttachConfig, AttachError, ErrorClass, FsOutcome, Hosts, MountOutcome, Overrides, Services,
+};
 use tracing::{error, info};
 
 /// Exit codes (documented in the README).
@@ -19,6 +21,8 @@ mod exit {
     pub const REFUSED: u8 = 5;
     pub const TIMEOUT: u8 = 6;
     pub const HOST: u8 = 7;
+    pub const HOOK: u8 = 8;
+    pub const IDENTITY: u8 = 9;
 }
 
 #[derive(Parser, Debug)]
@@ -152,6 +156,27 @@ struct OverrideArgs {
     /// Where sysfs is (default /sys).
     #[arg(long, env = "CPS_SYSFS_ROOT", global = true)]
     sysfs_root: Option<String>,
+    /// pool, node-id or slot (identity.mode).
+    #[arg(long = "identity", env = "CPS_IDENTITY", global = true)]
+    identity_mode: Option<String>,
+    /// This node's id (identity.node-id).
+    #[arg(long, env = "CPS_NODE_ID", global = true)]
+    node_id: Option<String>,
+    /// Slots in the pool (identity.max-slots).
+    #[arg(long, env = "CPS_MAX_SLOTS", global = true)]
+    max_slots: Option<i64>,
+    /// Name of the group's launch lifecycle hook (lifecycle.hook).
+    #[arg(long, env = "CPS_LIFECYCLE_HOOK", global = true)]
+    lifecycle_hook: Option<String>,
+    /// Where to write the identity environment (default /run/cps/node.env).
+    #[arg(long, env = "CPS_ENV_FILE", global = true)]
+    env_file: Option<String>,
+    /// Where the once-per-boot marker lives (default /run/cps).
+    #[arg(long, env = "CPS_RUN_DIR", global = true)]
+    run_dir: Option<String>,
+    /// Overall retry deadline for one AWS request (default 10m).
+    #[arg(long, env = "CPS_COMMAND_TIMEOUT", global = true)]
+    command_timeout: Option<String>,
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -188,6 +213,13 @@ impl From<OverrideArgs> for Overrides {
             device_timeout: a.device_timeout,
             device_root: a.device_root,
             sysfs_root: a.sysfs_root,
+            identity_mode: a.identity_mode,
+            node_id: a.node_id,
+            max_slots: a.max_slots,
+            lifecycle_hook: a.lifecycle_hook,
+            env_file: a.env_file,
+            run_dir: a.run_dir,
+            command_timeout: a.command_timeout,
         }
     }
 }
@@ -221,6 +253,8 @@ impl Failure {
                 ErrorClass::Refused => exit::REFUSED,
                 ErrorClass::Timeout => exit::TIMEOUT,
                 ErrorClass::Host => exit::HOST,
+                ErrorClass::Hook => exit::HOOK,
+                ErrorClass::Identity => exit::IDENTITY,
             },
         }
     }
@@ -233,30 +267,50 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     info!(instance_id = %identity.instance_id, zone = %identity.availability_zone, region = %identity.region, "instance identity");
     let mut settings = cps_aws::AwsSettings::new(identity.region.clone());
     settings.endpoint_url = common.aws_endpoint.clone();
-    let cloud = cps_aws::Ec2Api::new(&settings.load().await);
-    let host = Arc::new(cps_blockdev::LinuxHost::new(
-        &config.device_root,
-        &config.sysfs_root,
-    ));
-    let out = cps_orchestrate::attach(&cloud, host, &identity, &config)
+    let sdk = settings.load().await;
+    let ec2 = cps_aws::Ec2Api::new(&sdk);
+    let autoscaling = cps_aws::AutoScalingApi::new(&sdk);
+    let services = Services {
+        volumes: &ec2,
+        interfaces: &ec2,
+        lifecycle: &autoscaling,
+    };
+    let hosts = Hosts {
+        block: Arc::new(cps_blockdev::LinuxHost::new(
+            &config.device_root,
+            &config.sysfs_root,
+        )),
+        node: Arc::new(cps_node::LinuxNode::new(&config.sysfs_root)),
+    };
+    let out = cps_orchestrate::boot(services, hosts, &identity, &config)
         .await
         .map_err(Failure::Attach)?;
-    let (formatted, fs) = match &out.filesystem {
+    let a = &out.attach;
+    let (formatted, fs) = match &a.filesystem {
         FsOutcome::Created(fs) => (true, fs),
         FsOutcome::Existing(fs) => (false, fs),
     };
+    let mut calls = ec2.calls().snapshot();
+    calls.extend(autoscaling.calls().snapshot());
     info!(
-        volume_id = %out.volume_id,
-        origin = ?out.origin,
-        device = %out.device.display(),
+        volume_id = %a.volume_id,
+        origin = ?a.origin,
+        node_id = out.node_id.as_deref().unwrap_or(""),
+        device = %a.device.display(),
         fstype = %fs.fstype,
         uuid = fs.uuid.as_deref().unwrap_or(""),
         formatted,
         mount_target = %config.mount.target.display(),
-        already_mounted = out.mount == MountOutcome::AlreadyMounted,
-        attach_attempts = out.attach_attempts,
-        api_calls = cloud.calls().total(),
-        calls = %cloud.calls().snapshot().iter().map(|(op, n)| format!("{op}={n}")).collect::<Vec<_>>().join(","),
+        already_mounted = a.mount == MountOutcome::AlreadyMounted,
+        interface_id = out.interface.as_ref().map(|i| i.id.as_str()).unwrap_or(""),
+        ip = out.interface.as_ref().and_then(|i| i.private_ip.as_deref()).unwrap_or(""),
+        files_changed = out.files_changed,
+        configured = ?out.configured,
+        health_runs = out.health_runs,
+        lifecycle = ?out.lifecycle,
+        attach_attempts = a.attach_attempts,
+        api_calls = calls.values().sum::<u64>(),
+        calls = %calls.iter().map(|(op, n)| format!("{op}={n}")).collect::<Vec<_>>().join(","),
         "volume ready"
     );
     Ok(())

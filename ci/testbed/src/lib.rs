@@ -182,6 +182,8 @@ impl Bench {
             .env("CPS_AWS_ENDPOINT", self.endpoint())
             .env("CPS_DEVICE_ROOT", &instance.dev_root)
             .env("CPS_SYSFS_ROOT", &instance.sys_root)
+            .env("CPS_ENV_FILE", instance.home.join("run/node.env"))
+            .env("CPS_RUN_DIR", instance.home.join("run"))
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             // Not the shared config or credentials of the machine running the bench.

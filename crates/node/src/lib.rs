@@ -21,7 +21,7 @@ pub enum Error {
     File {
         path: PathBuf,
         #[source]
-        source: cps_blockdev::Error,
+        source: Box<cps_blockdev::Error>,
     },
 
     #[error("{path}: {action}: {source}")]
@@ -202,7 +202,7 @@ impl NodeHost for LinuxNode {
         write_atomically(&file.path, &file.content, file.mode, &file.ownership).map_err(
             |source| Error::File {
                 path: file.path.clone(),
-                source,
+                source: Box::new(source),
             },
         )?;
         Ok(!unchanged)
@@ -217,7 +217,7 @@ impl NodeHost for LinuxNode {
         write_atomically(path, text.as_bytes(), 0o644, &Ownership::default()).map_err(|source| {
             Error::File {
                 path: path.to_path_buf(),
-                source,
+                source: Box::new(source),
             }
         })
     }
@@ -243,7 +243,7 @@ impl NodeHost for LinuxNode {
         )
         .map_err(|source| Error::File {
             path: marker.to_path_buf(),
-            source,
+            source: Box::new(source),
         })
     }
 

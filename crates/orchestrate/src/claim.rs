@@ -329,7 +329,8 @@ pub async fn claim_volume(
                 },
                 ([], far) => {
                     return Err(AttachError::WrongZone {
-                        volumes: far
+                        what: "this node's volume",
+                        resources: far
                             .iter()
                             .map(|v| format!("{} in {}", v.id, v.availability_zone))
                             .collect::<Vec<_>>()

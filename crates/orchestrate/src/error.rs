@@ -46,12 +46,43 @@ pub enum AttachError {
         state: String,
     },
 
-    /// The node's volume exists, but only in another availability zone.
+    /// The node's volume or interface exists, but only in another availability zone.
     #[error(
-        "this node's volume is in another availability zone ({volumes}), this instance is in {zone}; \
-         EBS attaches within a zone only: launch the node in its volume's zone (pin its group to that subnet)"
+        "{what} is in another availability zone ({resources}), this instance is in {zone}; \
+         volumes and interfaces attach within a zone only: launch the node in that zone (pin its group to that subnet)"
     )]
-    WrongZone { volumes: String, zone: String },
+    WrongZone {
+        what: &'static str,
+        resources: String,
+        zone: String,
+    },
+
+    /// Node-id mode, but no id in the configuration or the tags.
+    #[error(
+        "no node id for {instance_id}: set identity.node-id, or tag the instance or its Auto Scaling group with {tag}"
+    )]
+    NoNodeId { instance_id: String, tag: String },
+
+    /// The node's network interface does not exist.
+    #[error(
+        "no network interface {what}; cps-attach does not create interfaces (their fixed IPs are planned, e.g. by Terraform)"
+    )]
+    NoInterface { what: String },
+
+    /// The lifecycle hook named in the configuration does not exist on the group.
+    #[error("lifecycle hook {hook} does not exist on group {group}; check lifecycle.hook")]
+    NoLifecycleHook { group: String, hook: String },
+
+    /// Node files, the environment file or the boot marker could not be written.
+    #[error("{source}")]
+    Node {
+        #[source]
+        source: cps_node::Error,
+    },
+
+    /// A user hook failed.
+    #[error("hook {hook} failed: {detail}")]
+    Hook { hook: String, detail: String },
 
     /// More than one volume claims to be one identity.
     #[error(
@@ -106,7 +137,13 @@ impl AttachError {
             Self::Refused { .. } | Self::Ambiguous { .. } | Self::Duplicates { .. } => {
                 ErrorClass::Refused
             }
-            Self::WrongZone { .. } | Self::NoFreeSlot { .. } => ErrorClass::Identity,
+            Self::WrongZone { .. }
+            | Self::NoFreeSlot { .. }
+            | Self::NoNodeId { .. }
+            | Self::NoInterface { .. } => ErrorClass::Identity,
+            Self::NoLifecycleHook { .. } => ErrorClass::Cloud,
+            Self::Node { .. } => ErrorClass::Host,
+            Self::Hook { .. } => ErrorClass::Hook,
             Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,
             Self::Host { .. } => ErrorClass::Host,
         }

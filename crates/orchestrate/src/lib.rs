@@ -10,11 +10,13 @@
 
 pub mod attach;
 pub mod backoff;
+pub mod boot;
 pub mod claim;
 pub mod config;
 mod error;
 
 pub use attach::{AttachOutcome, FsOutcome, MountOutcome, attach, prepare_device};
+pub use boot::{BootOutcome, Hosts, InterfaceOutcome, LifecycleOutcome, Services, boot};
 pub use claim::{Claim, ClaimTarget, Origin, claim_volume};
 pub use config::{AttachConfig, ConfigError, Overrides};
 pub use error::{AttachError, ErrorClass};

@@ -254,10 +254,10 @@ pub(super) fn build(
             if let Some(v) = &max_slots {
                 return Err(src.at(v, "identity.max-slots goes with mode slot, not node-id"));
             }
-            if let Some(v) = &node_id {
-                if v.value.trim().is_empty() || v.value.len() > 256 {
-                    return Err(src.at(v, "identity.node-id must be 1 to 256 characters"));
-                }
+            if let Some(v) = &node_id
+                && (v.value.trim().is_empty() || v.value.len() > 256)
+            {
+                return Err(src.at(v, "identity.node-id must be 1 to 256 characters"));
             }
             Identity::NodeId {
                 id: node_id.map(|v| v.value),
@@ -309,19 +309,19 @@ pub(super) fn build(
                     "network-interface needs an id, or identity mode node-id or slot to find the node's interface by its tags",
                 ));
             }
-            if let Some(v) = &id {
-                if !v.value.starts_with("eni-") {
-                    return Err(src.at(
-                        v,
-                        format!("{:?} is not a network interface id (eni-…)", v.value),
-                    ));
-                }
+            if let Some(v) = &id
+                && !v.value.starts_with("eni-")
+            {
+                return Err(src.at(
+                    v,
+                    format!("{:?} is not a network interface id (eni-…)", v.value),
+                ));
             }
             let index = i.device_index.map(from_file);
-            if let Some(v) = &index {
-                if !(1..=31).contains(&v.value) {
-                    return Err(src.at(v, "network-interface.device-index must be between 1 and 31 (0 is the primary interface)"));
-                }
+            if let Some(v) = &index
+                && !(1..=31).contains(&v.value)
+            {
+                return Err(src.at(v, "network-interface.device-index must be between 1 and 31 (0 is the primary interface)"));
             }
             Some(InterfaceOptions {
                 id: id.map(|v| v.value),

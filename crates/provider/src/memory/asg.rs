@@ -132,19 +132,19 @@ impl World {
         let mut expired = Vec::new();
         for g in self.groups.values() {
             for (id, m) in &g.members {
-                if let Some((hook, deadline)) = &m.waiting {
-                    if now >= *deadline {
-                        let result = if g
-                            .hooks
-                            .get(hook)
-                            .is_some_and(|h| h.default_result == "CONTINUE")
-                        {
-                            LifecycleResult::Continue
-                        } else {
-                            LifecycleResult::Abandon
-                        };
-                        expired.push((id.clone(), result));
-                    }
+                if let Some((hook, deadline)) = &m.waiting
+                    && now >= *deadline
+                {
+                    let result = if g
+                        .hooks
+                        .get(hook)
+                        .is_some_and(|h| h.default_result == "CONTINUE")
+                    {
+                        LifecycleResult::Continue
+                    } else {
+                        LifecycleResult::Abandon
+                    };
+                    expired.push((id.clone(), result));
                 }
             }
         }

@@ -1,0 +1,737 @@
+//! The whole boot of a node: identity, volume, interface, files, hooks, lifecycle.
+//!
+//! 1. If a lifecycle hook is configured, find the instance's group and the hook, and send
+//!    heartbeats for as long as the rest runs (at a third of the hook's heartbeat timeout).
+//! 2. Identity: pool, node id (configured, or from a tag on the instance or its group), or slot.
+//! 3. Claim and prepare the volume (see [`crate::claim`] and [`crate::attach`]).
+//! 4. The node's network interface: found by tags (or id), waited for while another instance
+//!    holds it, attached at the configured index, then waited for in the OS by its MAC.
+//! 5. The identity environment file and the node files (after the mount: they may live on it).
+//! 6. `configure` once per boot, then `health` until it passes or its timeout expires.
+//! 7. CompleteLifecycleAction: CONTINUE on success; on failure ABANDON (unless told to leave
+//!    the instance waiting), so the group replaces it at once instead of after the hook timeout.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cps_blockdev::BlockHost;
+use cps_node::{Hook, HookExit, NodeFile, NodeHost};
+use cps_provider::{
+    AttachmentState, Error as CloudError, InstanceIdentity, InterfaceService, LifecycleResult,
+    LifecycleService, NetworkInterface, ScalingGroup, Tags, VolumeService,
+};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::attach::{AttachOutcome, prepare_device};
+use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str};
+use crate::claim::{ClaimTarget, claim_volume};
+use crate::config::{AttachConfig, Identity, InterfaceOptions, OnFailure};
+use crate::error::AttachError;
+
+/// The cloud services a boot uses (one object may provide all three).
+#[derive(Clone, Copy)]
+pub struct Services<'a> {
+    pub volumes: &'a dyn VolumeService,
+    pub interfaces: &'a dyn InterfaceService,
+    pub lifecycle: &'a dyn LifecycleService,
+}
+
+/// The host sides a boot uses.
+#[derive(Clone)]
+pub struct Hosts {
+    pub block: Arc<dyn BlockHost>,
+    pub node: Arc<dyn NodeHost>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceOutcome {
+    pub id: String,
+    pub private_ip: Option<String>,
+    pub mac: String,
+    /// The OS name of the interface (`eth1`, `ens6`).
+    pub os_name: String,
+    /// `false` when it was attached here already.
+    pub attached_now: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleOutcome {
+    /// No lifecycle hook configured.
+    NotConfigured,
+    /// Configured, but the instance is in no Auto Scaling group.
+    NotInGroup,
+    /// The instance was not waiting (a re-run, or the hook already timed out).
+    NotWaiting,
+    Completed(LifecycleResult),
+}
+
+/// What a boot did.
+#[derive(Clone, Debug)]
+pub struct BootOutcome {
+    pub attach: AttachOutcome,
+    pub node_id: Option<String>,
+    pub slot: Option<u32>,
+    pub interface: Option<InterfaceOutcome>,
+    /// The identity environment, as written to the env file and given to the hooks.
+    pub env: Vec<(String, String)>,
+    pub files_changed: usize,
+    /// `Some(true)` ran now, `Some(false)` already ran this boot, `None` no configure hook.
+    pub configured: Option<bool>,
+    /// Health runs until it passed (0 without a health hook).
+    pub health_runs: u32,
+    pub lifecycle: LifecycleOutcome,
+}
+
+struct LifecycleContext {
+    group: String,
+    hook: String,
+    interval: Duration,
+}
+
+fn cloud(step: &'static str) -> impl FnOnce(CloudError) -> AttachError {
+    move |source| AttachError::Cloud { step, source }
+}
+
+/// Boots the node. On failure, the lifecycle action is abandoned (if configured so) before the
+/// error is returned.
+pub async fn boot(
+    services: Services<'_>,
+    hosts: Hosts,
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+) -> Result<BootOutcome, AttachError> {
+    let policy = RetryPolicy::within(config.node.command_timeout);
+    let seed = hash_str(&identity.instance_id);
+    let me = identity.instance_id.as_str();
+
+    // The group is looked up once, if anything needs it.
+    let needs_group = config.node.lifecycle.is_some()
+        || matches!(config.node.identity, Identity::Slot { .. })
+        || matches!(config.node.identity, Identity::NodeId { id: None, .. });
+    let group_name = match (&config.node.lifecycle, needs_group) {
+        (Some(l), _) if l.group.is_some() => l.group.clone(),
+        (_, true) => backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
+            services.lifecycle.membership(me)
+        })
+        .await
+        .map_err(cloud("finding the instance's Auto Scaling group"))?
+        .map(|m| m.group),
+        _ => None,
+    };
+    let group: Option<ScalingGroup> = match &group_name {
+        Some(name) if needs_group => {
+            backoff::retry(policy, "DescribeAutoScalingGroups", seed, || {
+                services.lifecycle.group(name)
+            })
+            .await
+            .map_err(cloud("describing the Auto Scaling group"))?
+        }
+        _ => None,
+    };
+
+    let lifecycle = match (&config.node.lifecycle, &group_name) {
+        (None, _) => None,
+        (Some(_), None) => {
+            warn!(
+                instance_id = me,
+                "a lifecycle hook is configured but this instance is in no Auto Scaling group; nothing to complete"
+            );
+            None
+        }
+        (Some(opts), Some(group)) => {
+            let hook = backoff::retry(policy, "DescribeLifecycleHooks", seed, || {
+                services.lifecycle.lifecycle_hook(group, &opts.hook)
+            })
+            .await
+            .map_err(cloud("describing the lifecycle hook"))?
+            .ok_or_else(|| AttachError::NoLifecycleHook {
+                group: group.clone(),
+                hook: opts.hook.clone(),
+            })?;
+            let interval = opts
+                .heartbeat_interval
+                .unwrap_or(hook.heartbeat_timeout / 3)
+                .max(Duration::from_secs(1));
+            info!(group = %group, hook = %opts.hook, heartbeat_timeout_s = hook.heartbeat_timeout.as_secs(), heartbeat_every_s = interval.as_secs(), "lifecycle hook found");
+            Some(LifecycleContext {
+                group: group.clone(),
+                hook: opts.hook.clone(),
+                interval,
+            })
+        }
+    };
+
+    let steps = run_steps(services, &hosts, identity, config, group.as_ref(), policy);
+    let result = match &lifecycle {
+        Some(lc) => with_heartbeats(services.lifecycle, lc, me, steps).await,
+        None => steps.await,
+    };
+
+    let Some(lc) = lifecycle else {
+        return result.map(|mut out| {
+            out.lifecycle = if config.node.lifecycle.is_some() {
+                LifecycleOutcome::NotInGroup
+            } else {
+                LifecycleOutcome::NotConfigured
+            };
+            out
+        });
+    };
+    match result {
+        Ok(mut out) => {
+            out.lifecycle = complete(
+                services.lifecycle,
+                &lc,
+                me,
+                LifecycleResult::Continue,
+                policy,
+                seed,
+            )
+            .await?;
+            Ok(out)
+        }
+        Err(e) => {
+            let on_failure = config.node.lifecycle.as_ref().map(|l| l.on_failure);
+            if on_failure == Some(OnFailure::Abandon) {
+                warn!(error = %e, "boot failed; abandoning the lifecycle action so the group replaces this instance");
+                if let Err(abandon) = complete(
+                    services.lifecycle,
+                    &lc,
+                    me,
+                    LifecycleResult::Abandon,
+                    policy,
+                    seed,
+                )
+                .await
+                {
+                    warn!(error = %abandon, "could not abandon the lifecycle action; the hook's timeout will decide");
+                }
+            } else {
+                warn!(error = %e, "boot failed; leaving the instance in Pending:Wait (lifecycle.on-failure: leave)");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn complete(
+    lifecycle: &dyn LifecycleService,
+    lc: &LifecycleContext,
+    me: &str,
+    result: LifecycleResult,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<LifecycleOutcome, AttachError> {
+    match backoff::retry(policy, "CompleteLifecycleAction", seed, || {
+        lifecycle.complete(&lc.group, &lc.hook, me, result)
+    })
+    .await
+    {
+        Ok(()) => {
+            info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
+            Ok(LifecycleOutcome::Completed(result))
+        }
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) => {
+            info!(group = %lc.group, hook = %lc.hook, detail = %message, "no lifecycle action is waiting for this instance (a re-run?); nothing to complete");
+            Ok(LifecycleOutcome::NotWaiting)
+        }
+        Err(e) => Err(cloud("completing the lifecycle action")(e)),
+    }
+}
+
+/// Runs `steps` while sending lifecycle heartbeats every `lc.interval`.
+async fn with_heartbeats<T>(
+    lifecycle: &dyn LifecycleService,
+    lc: &LifecycleContext,
+    me: &str,
+    steps: impl Future<Output = T>,
+) -> T {
+    let beats = async {
+        loop {
+            tokio::time::sleep(lc.interval).await;
+            match lifecycle.heartbeat(&lc.group, &lc.hook, me).await {
+                Ok(()) => info!(group = %lc.group, hook = %lc.hook, "lifecycle heartbeat sent"),
+                Err(CloudError::NoActiveLifecycleAction { .. }) => {
+                    info!("no lifecycle action is waiting for this instance; no more heartbeats");
+                    break;
+                }
+                // A missed heartbeat is not fatal: the next one may get through in time.
+                Err(e) => warn!(error = %e, "lifecycle heartbeat failed"),
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        biased;
+        out = steps => out,
+        () = beats => unreachable!("the heartbeat loop never returns"),
+    }
+}
+
+async fn run_steps(
+    services: Services<'_>,
+    hosts: &Hosts,
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+    group: Option<&ScalingGroup>,
+    policy: RetryPolicy,
+) -> Result<BootOutcome, AttachError> {
+    let me = identity.instance_id.as_str();
+    let seed = hash_str(me);
+
+    // Identity → which volume (and interface) is this node's.
+    let (target, node_id) = match &config.node.identity {
+        Identity::Pool => (ClaimTarget::pool(config), None),
+        Identity::NodeId {
+            id,
+            source_tag,
+            id_tag,
+        } => {
+            let id = match id {
+                Some(id) => id.clone(),
+                None => {
+                    let tags = backoff::retry(policy, "DescribeTags", seed, || {
+                        services.volumes.instance_tags(me)
+                    })
+                    .await
+                    .map_err(cloud("reading the instance's tags"))?;
+                    tags.get(source_tag)
+                        .or_else(|| group.and_then(|g| g.tags.get(source_tag)))
+                        .cloned()
+                        .ok_or_else(|| AttachError::NoNodeId {
+                            instance_id: me.to_owned(),
+                            tag: source_tag.clone(),
+                        })?
+                }
+            };
+            info!(node_id = %id, "node identity");
+            let mut tags = config.tags.clone();
+            tags.insert(id_tag.clone(), id.clone());
+            (
+                ClaimTarget::Node {
+                    tags,
+                    release_timeout: config.node.release_timeout,
+                },
+                Some(id),
+            )
+        }
+        Identity::Slot { max, id_tag } => {
+            let window = group.map(|g| g.booting()).unwrap_or(1).max(1);
+            (
+                ClaimTarget::Slot {
+                    tags: config.tags.clone(),
+                    key: id_tag.clone(),
+                    max: *max,
+                    window,
+                },
+                None,
+            )
+        }
+    };
+
+    let claim = claim_volume(services.volumes, identity, config, &target, policy).await?;
+    let slot = claim.slot;
+    let node_id = node_id.or_else(|| slot.map(|s| s.to_string()));
+    if let Some(s) = slot {
+        info!(slot = s, volume_id = %claim.volume.id, "slot claimed");
+    }
+    let attach = prepare_device(hosts.block.clone(), &claim, config).await?;
+
+    // The node's own tags: the cluster's plus its id, for finding its interface.
+    let mut node_tags: Tags = config.tags.clone();
+    if let (Some(key), Some(id)) = (config.node.identity.id_tag(), &node_id) {
+        node_tags.insert(key.to_owned(), id.clone());
+    }
+    let interface = match &config.node.interface {
+        None => None,
+        Some(opts) => Some(
+            attach_interface(
+                services.interfaces,
+                services.volumes,
+                hosts.node.as_ref(),
+                identity,
+                &node_tags,
+                opts,
+                config,
+                policy,
+            )
+            .await?,
+        ),
+    };
+
+    let env = environment(
+        identity,
+        config,
+        &attach,
+        node_id.as_deref(),
+        slot,
+        interface.as_ref(),
+    );
+    let node = hosts.node.clone();
+    let (path, vars) = (config.node.env_file.clone(), env.clone());
+    blocking(move || node.write_env_file(&path, &vars)).await?;
+    info!(env_file = %config.node.env_file.display(), "identity written");
+
+    let mut files_changed = 0;
+    for spec in &config.node.files {
+        let content = if spec.template {
+            fill(&String::from_utf8_lossy(&spec.content), &env).into_bytes()
+        } else {
+            spec.content.clone()
+        };
+        let file = NodeFile {
+            path: spec.path.clone(),
+            content,
+            mode: spec.mode,
+            ownership: spec.ownership.clone(),
+        };
+        let node = hosts.node.clone();
+        if blocking(move || node.write_file(&file)).await? {
+            files_changed += 1;
+            info!(path = %spec.path.display(), "node file written");
+        }
+    }
+
+    let hooks = &config.node.hooks;
+    let configured = match &hooks.configure {
+        None => None,
+        Some(argv) => {
+            let marker: PathBuf = config.node.run_dir.join("configure.done");
+            let node = hosts.node.clone();
+            let m = marker.clone();
+            if blocking(move || node.ran_this_boot(&m)).await? {
+                info!("configure already ran in this boot; not running it again");
+                Some(false)
+            } else {
+                let hook = Hook {
+                    name: "configure".into(),
+                    argv: argv.clone(),
+                };
+                info!(command = %argv.join(" "), "running the configure hook");
+                let exit = hosts
+                    .node
+                    .run_hook(&hook, &env, hooks.run_timeout)
+                    .await
+                    .map_err(|source| AttachError::Node { source })?;
+                if exit != HookExit::Success {
+                    return Err(AttachError::Hook {
+                        hook: "configure".into(),
+                        detail: format!("`{}`: {exit}", argv.join(" ")),
+                    });
+                }
+                let node = hosts.node.clone();
+                blocking(move || node.mark_ran_this_boot(&marker)).await?;
+                Some(true)
+            }
+        }
+    };
+
+    let mut health_runs = 0;
+    if let Some(argv) = &hooks.health {
+        let hook = Hook {
+            name: "health".into(),
+            argv: argv.clone(),
+        };
+        let started = Instant::now();
+        loop {
+            health_runs += 1;
+            let remaining = hooks.health_timeout.saturating_sub(started.elapsed());
+            let exit = hosts
+                .node
+                .run_hook(
+                    &hook,
+                    &env,
+                    hooks.run_timeout.min(remaining.max(Duration::from_secs(1))),
+                )
+                .await
+                .map_err(|source| AttachError::Node { source })?;
+            if exit == HookExit::Success {
+                info!(runs = health_runs, "health check passed");
+                break;
+            }
+            if started.elapsed() + hooks.health_interval >= hooks.health_timeout {
+                return Err(AttachError::Hook {
+                    hook: "health".into(),
+                    detail: format!(
+                        "`{}` did not pass within {}s ({health_runs} runs, last: {exit})",
+                        argv.join(" "),
+                        hooks.health_timeout.as_secs()
+                    ),
+                });
+            }
+            info!(run = health_runs, result = %exit, retry_in_s = hooks.health_interval.as_secs(), "health check not passing yet");
+            tokio::time::sleep(hooks.health_interval).await;
+        }
+    }
+
+    Ok(BootOutcome {
+        attach,
+        node_id,
+        slot,
+        interface,
+        env,
+        files_changed,
+        configured,
+        health_runs,
+        lifecycle: LifecycleOutcome::NotConfigured,
+    })
+}
+
+/// Runs a blocking node-host call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, cps_node::Error> + Send + 'static,
+) -> Result<T, AttachError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AttachError::Node {
+            source: cps_node::Error::Io {
+                path: PathBuf::new(),
+                action: "run a host task",
+                source: std::io::Error::other(e.to_string()),
+            },
+        })?
+        .map_err(|source| AttachError::Node { source })
+}
+
+/// The identity environment: the env file's content and the hooks' extra environment.
+fn environment(
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+    attach: &AttachOutcome,
+    node_id: Option<&str>,
+    slot: Option<u32>,
+    interface: Option<&InterfaceOutcome>,
+) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("CPS_INSTANCE_ID", identity.instance_id.clone()),
+        ("CPS_REGION", identity.region.clone()),
+        ("CPS_AVAILABILITY_ZONE", identity.availability_zone.clone()),
+    ];
+    if let Some(id) = node_id {
+        env.push(("CPS_NODE_ID", id.to_owned()));
+    }
+    if let Some(s) = slot {
+        env.push(("CPS_SLOT", s.to_string()));
+    }
+    env.extend([
+        ("CPS_VOLUME_ID", attach.volume_id.clone()),
+        ("CPS_DEVICE", attach.device.display().to_string()),
+        ("CPS_MOUNT_PATH", config.mount.target.display().to_string()),
+        (
+            "CPS_FILESYSTEM",
+            attach.filesystem.filesystem().fstype.clone(),
+        ),
+    ]);
+    if let Some(i) = interface {
+        env.push(("CPS_ENI_ID", i.id.clone()));
+        if let Some(ip) = &i.private_ip {
+            env.push(("CPS_ENI_IP", ip.clone()));
+        }
+        env.push(("CPS_ENI_MAC", i.mac.clone()));
+        env.push(("CPS_ENI_INTERFACE", i.os_name.clone()));
+    }
+    env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// Replaces `${NAME}` for every NAME in `env`; anything else is left as written.
+pub fn fill(text: &str, env: &[(String, String)]) -> String {
+    let mut out = text.to_owned();
+    for (k, v) in env {
+        out = out.replace(&format!("${{{k}}}"), v);
+    }
+    out
+}
+
+/// Finds this node's interface, waits while another instance holds it, attaches it, and waits
+/// until both EC2 and the OS show it.
+#[allow(clippy::too_many_arguments)]
+async fn attach_interface(
+    interfaces: &dyn InterfaceService,
+    instances: &dyn VolumeService,
+    node: &dyn NodeHost,
+    identity: &InstanceIdentity,
+    node_tags: &Tags,
+    opts: &InterfaceOptions,
+    config: &AttachConfig,
+    policy: RetryPolicy,
+) -> Result<InterfaceOutcome, AttachError> {
+    let me = identity.instance_id.as_str();
+    let seed = hash_str(me);
+    let find = || async {
+        match &opts.id {
+            Some(id) => match backoff::retry(policy, "DescribeNetworkInterfaces", seed, || {
+                interfaces.interface(id)
+            })
+            .await
+            {
+                Ok(e) => Ok(e),
+                Err(CloudError::NotFound { .. }) => {
+                    Err(AttachError::NoInterface { what: id.clone() })
+                }
+                Err(e) => Err(cloud("describing the network interface")(e)),
+            },
+            None => {
+                let mut tags = node_tags.clone();
+                tags.extend(opts.extra_tags.clone());
+                let found = backoff::retry(policy, "DescribeNetworkInterfaces", seed, || {
+                    interfaces.interfaces_tagged(&tags)
+                })
+                .await
+                .map_err(cloud("finding the node's network interface"))?;
+                let describe = || {
+                    tags.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                match found.as_slice() {
+                    [one] => Ok(one.clone()),
+                    [] => Err(AttachError::NoInterface {
+                        what: format!("tagged {}", describe()),
+                    }),
+                    many => Err(AttachError::Duplicates {
+                        what: format!("the network interface tagged {}", describe()),
+                        volumes: many
+                            .iter()
+                            .map(|e| e.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }),
+                }
+            }
+        }
+    };
+
+    let started = Instant::now();
+    let mut looks = 0;
+    let mut last_holder = String::new();
+    let mut attached_now = false;
+    let eni: NetworkInterface = loop {
+        let eni = find().await?;
+        if eni.availability_zone != identity.availability_zone {
+            return Err(AttachError::WrongZone {
+                what: "this node's network interface",
+                resources: format!("{} in {}", eni.id, eni.availability_zone),
+                zone: identity.availability_zone.clone(),
+            });
+        }
+        match &eni.attachment {
+            Some(a) if a.instance_id == me => break eni,
+            Some(a) => {
+                let states = backoff::retry(policy, "DescribeInstances", seed, || {
+                    instances.instance_states(std::slice::from_ref(&a.instance_id))
+                })
+                .await
+                .map_err(cloud("looking up the instance holding the interface"))?;
+                let state = states
+                    .get(&a.instance_id)
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| "unknown".into());
+                let holder = format!(
+                    "{} ({} to {}, which is {state})",
+                    eni.id, a.state, a.instance_id
+                );
+                if started.elapsed() >= config.node.release_timeout {
+                    return Err(AttachError::Timeout {
+                        what: "the network interface to be released by the instance holding it (never detached by cps)".into(),
+                        waited: started.elapsed(),
+                        last: holder,
+                    });
+                }
+                if holder != last_holder {
+                    info!(held = %holder, "the node's network interface is held by another instance; waiting for it to be released");
+                    last_holder = holder;
+                }
+                tokio::time::sleep(Schedule::CLOUD_STATE.delay(looks)).await;
+                looks += 1;
+            }
+            None => {
+                info!(interface_id = %eni.id, device_index = opts.device_index, ip = eni.private_ip.as_deref().unwrap_or(""), "attaching the node's network interface");
+                match backoff::retry(policy, "AttachNetworkInterface", seed, || {
+                    interfaces.attach_interface(&eni.id, me, opts.device_index)
+                })
+                .await
+                {
+                    Ok(_) => {
+                        attached_now = true;
+                        break eni;
+                    }
+                    // Someone got it first (the old instance again?): look again.
+                    Err(CloudError::InterfaceInUse { .. } | CloudError::IncorrectState { .. }) => {
+                        continue;
+                    }
+                    Err(e) => return Err(cloud("attaching the network interface")(e)),
+                }
+            }
+        }
+    };
+
+    let id = eni.id.clone();
+    let waited = backoff::poll(Schedule::CLOUD_STATE, opts.timeout, || async {
+        let e = backoff::retry(policy, "DescribeNetworkInterfaces", seed, || {
+            interfaces.interface(&id)
+        })
+        .await
+        .map_err(cloud("waiting for the interface attachment"))?;
+        Ok::<_, AttachError>(match &e.attachment {
+            Some(a) if a.instance_id == me && a.state == AttachmentState::Attached => {
+                Poll::Ready(e)
+            }
+            Some(a) => Poll::Pending(format!("{id} is {} to {}", a.state, a.instance_id)),
+            None => Poll::Pending(format!("{id} shows no attachment yet")),
+        })
+    })
+    .await?;
+    let eni = waited.map_err(|t| AttachError::Timeout {
+        what: format!("{id} to be attached to {me}"),
+        waited: t.waited,
+        last: t.last,
+    })?;
+
+    let mac = eni.mac.clone();
+    let seen = backoff::poll(Schedule::DEVICE, opts.timeout, || {
+        let r = node.interface_by_mac(&mac).map(|n| match n {
+            Some(name) => Poll::Ready(name),
+            None => Poll::Pending(format!("no network interface with MAC {mac} in the OS yet")),
+        });
+        async move { r }
+    })
+    .await
+    .map_err(|source| AttachError::Node { source })?;
+    let os_name = seen.map_err(|t| AttachError::Timeout {
+        what: format!("{id} to appear in the OS"),
+        waited: t.waited,
+        last: t.last,
+    })?;
+    info!(interface_id = %eni.id, ip = eni.private_ip.as_deref().unwrap_or(""), os_name = %os_name, attached_now, "network interface ready");
+    Ok(InterfaceOutcome {
+        id: eni.id,
+        private_ip: eni.private_ip,
+        mac: eni.mac,
+        os_name,
+        attached_now,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_filled_and_others_left() {
+        let env = vec![
+            ("CPS_NODE_ID".to_string(), "2".to_string()),
+            ("CPS_ENI_IP".to_string(), "10.0.1.12".to_string()),
+        ];
+        assert_eq!(
+            fill(
+                "broker.id=${CPS_NODE_ID}\nlisteners=PLAINTEXT://${CPS_ENI_IP}:9092\nhome=${HOME}\n",
+                &env
+            ),
+            "broker.id=2\nlisteners=PLAINTEXT://10.0.1.12:9092\nhome=${HOME}\n"
+        );
+    }
+}
