@@ -27,8 +27,15 @@ if moto.__version__ != PINNED_MOTO:
         f"{PINNED_MOTO}; run ci/setup to rebuild the venv"
     )
 
-from moto.core.responses import ActionResult  # noqa: E402
+from moto.autoscaling.exceptions import ValidationError as AsgValidationError  # noqa: E402
+from moto.autoscaling.models import (  # noqa: E402
+    FakeAutoScalingGroup,
+    InstanceState,
+)
+from moto.autoscaling.responses import AutoScalingResponse  # noqa: E402
+from moto.core.responses import ActionResult, EmptyResult  # noqa: E402
 from moto.ec2.exceptions import EC2ClientError  # noqa: E402
+from moto.ec2.models.elastic_network_interfaces import NetworkInterfaceBackend  # noqa: E402
 from moto.ec2.models.elastic_block_store import (  # noqa: E402
     EBSBackend,
     Volume,
@@ -196,10 +203,18 @@ EBSBackend.detach_volume = _detach_volume
 _plain_terminate = Instance.terminate
 
 
+def _terminate_now(self):
+    # Secondary interfaces detach (and stay) when their instance is gone.
+    for index, nic in list(self.nics.items()):
+        if index != 0 and not nic.delete_on_termination:
+            self.detach_eni(nic)
+    return _plain_terminate(self)
+
+
 def _terminate(self):
     """AWS shows a terminated instance `shutting-down` (volumes attached) before it is gone."""
     if Timing.shutdown_delay <= 0:
-        return _plain_terminate(self)
+        return _terminate_now(self)
     with LOCK:
         if getattr(self, "_cps_terminating", False) or self._state.name == "terminated":
             return copy.copy(self._state)
@@ -210,7 +225,7 @@ def _terminate(self):
 
     def finish():
         with LOCK:
-            _plain_terminate(self)
+            _terminate_now(self)
 
     timer = threading.Timer(Timing.shutdown_delay, finish)
     timer.daemon = True
@@ -219,6 +234,167 @@ def _terminate(self):
 
 
 Instance.terminate = _terminate
+
+# --- Auto Scaling: launch lifecycle hooks hold new instances in Pending:Wait -----------------
+
+LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
+# Instance states waiting on a hook: (group backend, instance state) — scanned for timeouts.
+_WAITING = []
+_plain_instance_state_init = InstanceState.__init__
+
+
+def _launch_hook(group):
+    backend = group.autoscaling_backend
+    for hook in backend.lifecycle_hooks.values():
+        if hook.auto_scaling_group_name == group.name and hook.lifecycle_transition == LAUNCHING:
+            return hook
+    return None
+
+
+def _instance_state_init(self, instance, lifecycle_state="InService", *args, **kwargs):
+    _plain_instance_state_init(self, instance, lifecycle_state, *args, **kwargs)
+    group = self.auto_scaling_group
+    # AWS reports the launch template version the instance was launched from, not the
+    # template's current default.
+    self._cps_lt_version = None
+    if group is not None and group.ec2_launch_template is not None:
+        version = group.ec2_launch_template.get_version(group.launch_template_version)
+        self._cps_lt_version = str(version.number)
+    hook = _launch_hook(group) if group is not None and lifecycle_state == "InService" else None
+    if hook is not None:
+        self.lifecycle_state = "Pending:Wait"
+        self._cps_hook = hook.name
+        self._cps_deadline = time.monotonic() + float(hook.heartbeat_timeout)
+        with LOCK:
+            _WAITING.append((group.autoscaling_backend, self))
+
+
+def _launch_template(self):
+    if self.auto_scaling_group is None or self.auto_scaling_group.ec2_launch_template is None:
+        return None
+    lt = self.auto_scaling_group.ec2_launch_template
+    return {
+        "LaunchTemplateId": lt.id,
+        "LaunchTemplateName": lt.name,
+        "Version": getattr(self, "_cps_lt_version", None) or str(lt.default_version_number),
+    }
+
+
+InstanceState.__init__ = _instance_state_init
+InstanceState.launch_template = property(_launch_template)
+
+# Instances on their way in count towards the group's capacity, or moto launches more.
+FakeAutoScalingGroup.active_instances = lambda self: [
+    x for x in self.instance_states if x.lifecycle_state in ("InService", "Pending", "Pending:Wait", "Pending:Proceed")
+]
+
+
+def _find_waiting(backend, group_name, hook_name, instance_id):
+    group = backend.autoscaling_groups.get(group_name)
+    if group is None:
+        raise AsgValidationError(f"AutoScalingGroup name not found - {group_name}")
+    for state in group.instance_states:
+        if (
+            state.instance.id == instance_id
+            and state.lifecycle_state == "Pending:Wait"
+            and getattr(state, "_cps_hook", None) == hook_name
+        ):
+            return group, state
+    raise AsgValidationError(f"No active Lifecycle Action found with instance ID {instance_id}")
+
+
+def _finish(backend, group, state, result):
+    """CONTINUE → InService; ABANDON → terminated, and the group launches a replacement."""
+    try:
+        _WAITING.remove((backend, state))
+    except ValueError:
+        pass
+    if result == "CONTINUE":
+        state.lifecycle_state = "InService"
+    else:
+        state.lifecycle_state = "Terminating"
+        backend.terminate_instance(state.instance.id, should_decrement=False)
+
+
+def _complete_lifecycle_action(self):
+    result = (self._get_param("LifecycleActionResult") or "").upper()
+    if result not in ("CONTINUE", "ABANDON"):
+        raise AsgValidationError("LifecycleActionResult must be CONTINUE or ABANDON")
+    with LOCK:
+        backend = self.autoscaling_backend
+        group, state = _find_waiting(
+            backend,
+            self._get_param("AutoScalingGroupName"),
+            self._get_param("LifecycleHookName"),
+            self._get_param("InstanceId"),
+        )
+        _finish(backend, group, state, result)
+    return EmptyResult()
+
+
+def _record_lifecycle_action_heartbeat(self):
+    with LOCK:
+        backend = self.autoscaling_backend
+        group, state = _find_waiting(
+            backend,
+            self._get_param("AutoScalingGroupName"),
+            self._get_param("LifecycleHookName"),
+            self._get_param("InstanceId"),
+        )
+        hook = _launch_hook(group)
+        state._cps_deadline = time.monotonic() + float(hook.heartbeat_timeout)
+    return EmptyResult()
+
+
+AutoScalingResponse.complete_lifecycle_action = _complete_lifecycle_action
+AutoScalingResponse.record_lifecycle_action_heartbeat = _record_lifecycle_action_heartbeat
+
+
+def _expire_lifecycle_actions():
+    """When a hook's heartbeat timeout passes, its default result applies."""
+    while True:
+        time.sleep(0.25)
+        with LOCK:
+            now = time.monotonic()
+            for backend, state in list(_WAITING):
+                if state.lifecycle_state != "Pending:Wait":
+                    _WAITING.remove((backend, state))
+                elif now >= state._cps_deadline:
+                    group = state.auto_scaling_group
+                    hook = _launch_hook(group)
+                    _finish(backend, group, state, (hook.default_result if hook else "ABANDON").upper())
+
+
+# --- AttachNetworkInterface: refuse what AWS refuses; secondary interfaces detach on termination
+
+_plain_attach_eni = NetworkInterfaceBackend.attach_network_interface
+
+
+def _attach_network_interface(self, eni_id, instance_id, device_index):
+    with LOCK:
+        eni = self.get_network_interface(eni_id)
+        instance = self.get_instance(instance_id)
+        if instance._state.name not in ("running", "stopped"):
+            raise aws_error(
+                "IncorrectInstanceState",
+                f"The instance '{instance_id}' is not in the 'running' or 'stopped' states.",
+            )
+        if eni.instance is not None:
+            raise aws_error("InvalidNetworkInterface.InUse", f"Interface: [{eni_id}] in use.")
+        if eni.subnet.availability_zone != instance.placement.zone:
+            raise aws_error(
+                "InvalidParameterCombination",
+                "You may not attach a network interface to an instance if they are not in the same availability zone",
+            )
+        if int(device_index) in instance.nics:
+            raise aws_error(
+                "InvalidParameterValue",
+                f"Instance '{instance_id}' already has an interface attached at device index '{device_index}'.",
+            )
+        return _plain_attach_eni(self, eni_id, instance_id, device_index)
+
+
+NetworkInterfaceBackend.attach_network_interface = _attach_network_interface
 
 # --- CreateVolume: ClientToken idempotency ---------------------------------------------------
 
@@ -323,6 +499,7 @@ def main():
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    threading.Thread(target=_expire_lifecycle_actions, daemon=True).start()
     print(f"cps-emulator listening on 127.0.0.1:{server.server_port}", flush=True)
     server.serve_forever()
 

@@ -115,6 +115,23 @@ impl Emulator {
     }
 }
 
+/// An Auto Scaling client with static test credentials for an emulator endpoint.
+pub fn autoscaling_for(endpoint: &str) -> aws_sdk_autoscaling::Client {
+    let config = aws_sdk_autoscaling::Config::builder()
+        .behavior_version(aws_sdk_autoscaling::config::BehaviorVersion::latest())
+        .region(aws_sdk_autoscaling::config::Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_autoscaling::config::Credentials::new(
+            "testing",
+            "testing",
+            None,
+            None,
+            "cps-bench",
+        ))
+        .build();
+    aws_sdk_autoscaling::Client::from_conf(config)
+}
+
 /// An EC2 client with static test credentials for an emulator endpoint.
 pub fn client_for(endpoint: &str) -> aws_sdk_ec2::Client {
     let config = aws_sdk_ec2::Config::builder()

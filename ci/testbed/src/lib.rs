@@ -3,6 +3,7 @@
 //! udev stand-in that turns EBS attachments into loop devices. Used by the end-to-end tests,
 //! the demo (`cps-testbed demo`) and the benchmarks (`cps-testbed bench`).
 
+mod cluster;
 pub mod emulator;
 pub mod imds;
 pub mod udev;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use cps_fixtures::{Need, require};
 use cps_provider::{InstanceIdentity, Tags, Volume, VolumeService};
 
+pub use cluster::Member;
 pub use emulator::{Delays, Emulator, REGION};
 pub use imds::FakeImds;
 pub use udev::{FakeUdev, Machine};
@@ -74,6 +76,7 @@ pub struct Bench {
     udev: FakeUdev,
     emulator: Emulator,
     ec2: aws_sdk_ec2::Client,
+    asg: aws_sdk_autoscaling::Client,
     instances: Mutex<BTreeMap<String, Arc<Instance>>>,
     dir: tempfile::TempDir,
 }
@@ -90,6 +93,7 @@ impl Bench {
         std::fs::write(dir.path().join("aws-config"), "")?;
         Ok(Self {
             ec2: emulator.ec2(),
+            asg: emulator::autoscaling_for(emulator.endpoint()),
             udev,
             emulator,
             instances: Mutex::new(BTreeMap::new()),
@@ -109,6 +113,10 @@ impl Bench {
         &self.ec2
     }
 
+    pub fn asg(&self) -> &aws_sdk_autoscaling::Client {
+        &self.asg
+    }
+
     pub fn udev(&self) -> &FakeUdev {
         &self.udev
     }
@@ -121,6 +129,36 @@ impl Bench {
     /// Launches an instance in `zone` (`us-east-1a`) with its own IMDS and device roots.
     pub async fn launch(&self, zone: &str) -> io::Result<Arc<Instance>> {
         let id = run_instance(&self.ec2, zone).await?;
+        self.adopt(&id).await
+    }
+
+    /// Gives an instance the emulator launched (for an Auto Scaling group) its machine: IMDS,
+    /// device and sysfs roots, a home directory. Idempotent.
+    pub async fn adopt(&self, id: &str) -> io::Result<Arc<Instance>> {
+        if let Some(i) = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            return Ok(i.clone());
+        }
+        let out = self
+            .ec2
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map_err(sdk)?;
+        let zone = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find_map(|i| i.placement().and_then(|p| p.availability_zone()))
+            .ok_or_else(|| io::Error::other(format!("{id} has no placement")))?
+            .to_owned();
+        let zone = zone.as_str();
+        let id = id.to_owned();
         let home = self.dir.path().join("instances").join(&id);
         let (dev_root, sys_root) = (home.join("dev"), home.join("sys"));
         std::fs::create_dir_all(&dev_root)?;
@@ -250,7 +288,7 @@ pub async fn run_instances(
         .collect())
 }
 
-fn sdk<E: std::error::Error + 'static, R: std::fmt::Debug>(
+pub(crate) fn sdk<E: std::error::Error + 'static, R: std::fmt::Debug>(
     e: aws_sdk_ec2::error::SdkError<E, R>,
 ) -> io::Error {
     io::Error::other(aws_sdk_ec2::error::DisplayErrorContext(&e).to_string())

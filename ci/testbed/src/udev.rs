@@ -8,6 +8,9 @@
 //! (detach, termination) it lazily unmounts whatever was mounted from it — the machine is gone —
 //! and removes link, sysfs entry and loop device. Devices appear a little after the attachment,
 //! as on EC2.
+//!
+//! Network interfaces likewise: a secondary ENI attached to an instance appears under its sysfs
+//! root as `class/net/eth<index>/address` holding the ENI's MAC, and disappears on detach.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -42,6 +45,8 @@ struct Backed {
 struct State {
     machines: BTreeMap<String, Machine>,
     backed: BTreeMap<String, Backed>,
+    /// ENI id → the sysfs directory shown for it.
+    nics: BTreeMap<String, PathBuf>,
     /// First time an attachment was seen, for the appearance delay.
     seen: BTreeMap<(String, String), Instant>,
     errors: Vec<String>,
@@ -134,6 +139,9 @@ impl Drop for FakeUdev {
             let _ = t.join();
         }
         let mut state = lock(&self.state);
+        for dir in std::mem::take(&mut state.nics).into_values() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let all: Vec<String> = state.backed.keys().cloned().collect();
         for volume_id in all {
             if let Some(b) = state.backed.remove(&volume_id)
@@ -187,7 +195,52 @@ async fn tick(
         }
     }
 
+    let nics = attached_interfaces(ec2).await?;
+
     let mut st = lock(state);
+    // Interfaces: show the attached ones to their instance, hide the others.
+    let wanted: BTreeMap<String, PathBuf> = nics
+        .iter()
+        .filter_map(|(eni, (instance, index, _))| {
+            let machine = st.machines.get(instance)?;
+            Some((
+                eni.clone(),
+                machine
+                    .sys_root
+                    .join("class/net")
+                    .join(format!("eth{index}")),
+            ))
+        })
+        .collect();
+    let gone: Vec<String> = st
+        .nics
+        .iter()
+        .filter(|(eni, dir)| wanted.get(*eni) != Some(*dir))
+        .map(|(eni, _)| eni.clone())
+        .collect();
+    for eni in gone {
+        if let Some(dir) = st.nics.remove(&eni) {
+            let _ = std::fs::remove_dir_all(&dir);
+            st.events.push(format!("removed interface {eni}"));
+        }
+    }
+    for (eni, dir) in wanted {
+        if st.nics.contains_key(&eni) {
+            continue;
+        }
+        let mac = &nics[&eni].2;
+        match std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("address"), format!("{mac}\n")))
+        {
+            Ok(()) => {
+                st.events
+                    .push(format!("showed interface {eni} as {}", dir.display()));
+                st.nics.insert(eni, dir);
+            }
+            Err(e) => st.errors.push(format!("showing interface {eni}: {e}")),
+        }
+    }
+
     // Gone or moved: tear down.
     let stale: Vec<String> = st
         .backed
@@ -240,6 +293,41 @@ async fn tick(
         }
     }
     Ok(())
+}
+
+/// Secondary interfaces attached to instances: ENI id → (instance, device index, MAC).
+async fn attached_interfaces(
+    ec2: &aws_sdk_ec2::Client,
+) -> Result<BTreeMap<String, (String, i32, String)>, String> {
+    let out = ec2
+        .describe_network_interfaces()
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "DescribeNetworkInterfaces: {}",
+                aws_sdk_ec2::error::DisplayErrorContext(&e)
+            )
+        })?;
+    Ok(out
+        .network_interfaces()
+        .iter()
+        .filter_map(|e| {
+            let a = e.attachment()?;
+            let index = a.device_index()?;
+            let attached = a.status().map(|s| s.as_str()) == Some("attached");
+            (attached && index != 0).then(|| {
+                (
+                    e.network_interface_id().unwrap_or_default().to_owned(),
+                    (
+                        a.instance_id().unwrap_or_default().to_owned(),
+                        index,
+                        e.mac_address().unwrap_or_default().to_ascii_lowercase(),
+                    ),
+                )
+            })
+        })
+        .collect())
 }
 
 fn back(

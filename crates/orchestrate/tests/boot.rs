@@ -11,7 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{Disks, FakeHost};
 use cps_node::{Hook, HookExit, NodeFile, NodeHost};
-use cps_orchestrate::{AttachConfig, AttachError, BootOutcome, ErrorClass, Hosts, LifecycleOutcome, Overrides, Services, boot};
+use cps_orchestrate::{
+    AttachConfig, AttachError, BootOutcome, ErrorClass, Hosts, LifecycleOutcome, Overrides,
+    Services, boot,
+};
 use cps_provider::memory::{LifecycleEvent, MemoryCloud, Timing};
 use cps_provider::{AttachmentState, InstanceIdentity, LifecycleResult, Tags};
 use tokio::time::Instant;
@@ -38,6 +41,9 @@ fn node_tags(id: &str) -> Tags {
     t
 }
 
+/// (hook, start time, environment)
+type HookRun = (String, Instant, Vec<(String, String)>);
+
 /// The node side: hooks take simulated time and follow a script; the OS shows an interface
 /// once the cloud says it is attached here.
 #[derive(Default)]
@@ -45,8 +51,7 @@ struct NodeState {
     files: BTreeMap<PathBuf, Vec<u8>>,
     env: Vec<(String, String)>,
     marker: bool,
-    /// (hook, start time, environment)
-    runs: Vec<(String, Instant, Vec<(String, String)>)>,
+    runs: Vec<HookRun>,
     configure: Option<(Duration, HookExit)>,
     /// Health runs, in order; when empty, health passes at once.
     health: VecDeque<(Duration, HookExit)>,
@@ -73,17 +78,24 @@ impl NodeHost for FakeNode {
     fn interface_by_mac(&self, mac: &str) -> Result<Option<String>, cps_node::Error> {
         let shown = self.cloud.with(|w| w.interfaces()).into_iter().any(|e| {
             e.mac == mac
-                && e.attachment
-                    .as_ref()
-                    .is_some_and(|a| a.instance_id == self.instance && a.state == AttachmentState::Attached)
+                && e.attachment.as_ref().is_some_and(|a| {
+                    a.instance_id == self.instance && a.state == AttachmentState::Attached
+                })
         });
         Ok(shown.then(|| "eth1".to_string()))
     }
     fn write_file(&self, file: &NodeFile) -> Result<bool, cps_node::Error> {
-        let old = self.st().files.insert(file.path.clone(), file.content.clone());
+        let old = self
+            .st()
+            .files
+            .insert(file.path.clone(), file.content.clone());
         Ok(old.as_ref() != Some(&file.content))
     }
-    fn write_env_file(&self, _path: &Path, vars: &[(String, String)]) -> Result<(), cps_node::Error> {
+    fn write_env_file(
+        &self,
+        _path: &Path,
+        vars: &[(String, String)],
+    ) -> Result<(), cps_node::Error> {
         self.st().env = vars.to_vec();
         Ok(())
     }
@@ -94,14 +106,27 @@ impl NodeHost for FakeNode {
         self.st().marker = true;
         Ok(())
     }
-    async fn run_hook(&self, hook: &Hook, env: &[(String, String)], timeout: Duration) -> Result<HookExit, cps_node::Error> {
+    async fn run_hook(
+        &self,
+        hook: &Hook,
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<HookExit, cps_node::Error> {
         let (takes, exit) = {
             let mut st = self.st();
-            st.runs.push((hook.name.clone(), Instant::now(), env.to_vec()));
+            st.runs
+                .push((hook.name.clone(), Instant::now(), env.to_vec()));
             match hook.name.as_str() {
-                "configure" => st.configure.unwrap_or((Duration::from_secs(5), HookExit::Success)),
-                _ if st.health_always_fails => (Duration::from_secs(2), HookExit::Failed { code: Some(1) }),
-                _ => st.health.pop_front().unwrap_or((Duration::from_secs(1), HookExit::Success)),
+                "configure" => st
+                    .configure
+                    .unwrap_or((Duration::from_secs(5), HookExit::Success)),
+                _ if st.health_always_fails => {
+                    (Duration::from_secs(2), HookExit::Failed { code: Some(1) })
+                }
+                _ => st
+                    .health
+                    .pop_front()
+                    .unwrap_or((Duration::from_secs(1), HookExit::Success)),
             }
         };
         if takes > timeout {
@@ -130,7 +155,12 @@ impl Cluster {
         let cloud = MemoryCloud::new(timing);
         cloud.with(|w| {
             w.add_group(GROUP, &cluster_tags());
-            w.add_launch_hook(GROUP, HOOK, Duration::from_secs(300), LifecycleResult::Abandon);
+            w.add_launch_hook(
+                GROUP,
+                HOOK,
+                Duration::from_secs(300),
+                LifecycleResult::Abandon,
+            );
         });
         Self {
             cloud,
@@ -214,13 +244,21 @@ async fn heartbeats_keep_a_slow_boot_alive_and_continue_is_sent_once() {
         (Duration::from_secs(80), HookExit::Failed { code: Some(1) }),
         (Duration::from_secs(80), HookExit::Success),
     ]);
-    let cfg = config(&format!("{NODE}hooks:\n  configure: [/bin/configure]\n  health: [/bin/health]\n  health-interval: 10s\n  health-timeout: 10m\n"));
+    let cfg = config(&format!(
+        "{NODE}hooks:\n  configure: [/bin/configure]\n  health: [/bin/health]\n  health-interval: 10s\n  health-timeout: 10m\n"
+    ));
     let started = Instant::now();
     let out = c.boot(&m, &cfg).await.unwrap();
-    assert_eq!(out.lifecycle, LifecycleOutcome::Completed(LifecycleResult::Continue));
+    assert_eq!(
+        out.lifecycle,
+        LifecycleOutcome::Completed(LifecycleResult::Continue)
+    );
     assert_eq!(out.health_runs, 4);
     assert_eq!(out.node_id.as_deref(), Some("1"));
-    assert!(started.elapsed() > Duration::from_secs(300), "the boot outlived the heartbeat timeout");
+    assert!(
+        started.elapsed() > Duration::from_secs(300),
+        "the boot outlived the heartbeat timeout"
+    );
 
     // Heartbeats every 100 s (a third of 300 s), none missing, and CONTINUE exactly once, last.
     let log = c.log_for("i-1");
@@ -240,11 +278,24 @@ async fn heartbeats_keep_a_slow_boot_alive_and_continue_is_sent_once() {
     }
     assert_eq!(c.completions("i-1"), [LifecycleResult::Continue]);
     assert!(matches!(log.last(), Some(LifecycleEvent::Completed { .. })));
-    assert!(!log.iter().any(|e| matches!(e, LifecycleEvent::TimedOut { .. })));
-    assert_eq!(c.cloud.with(|w| w.lifecycle_state("i-1")).as_deref(), Some("InService"));
+    assert!(
+        !log.iter()
+            .any(|e| matches!(e, LifecycleEvent::TimedOut { .. }))
+    );
+    assert_eq!(
+        c.cloud.with(|w| w.lifecycle_state("i-1")).as_deref(),
+        Some("InService")
+    );
     // The hooks saw the identity.
     let runs = &m.node.st().runs;
-    assert!(runs[0].2.iter().any(|(k, v)| k == "CPS_NODE_ID" && v == "1"), "{:?}", runs[0].2);
+    assert!(
+        runs[0]
+            .2
+            .iter()
+            .any(|(k, v)| k == "CPS_NODE_ID" && v == "1"),
+        "{:?}",
+        runs[0].2
+    );
     assert!(runs[0].2.iter().any(|(k, _)| k == "CPS_VOLUME_ID"));
 }
 
@@ -253,14 +304,27 @@ async fn a_failing_health_hook_abandons_so_the_group_replaces_the_node() {
     let c = Cluster::new(Timing::default());
     let m = c.launch("i-1", AZ);
     m.node.st().health_always_fails = true;
-    let cfg = config(&format!("{NODE}  node-id: '1'\nhooks:\n  health: [/bin/health]\n  health-timeout: 2m\n  health-interval: 10s\n"));
+    let cfg = config(&format!(
+        "{NODE}  node-id: '1'\nhooks:\n  health: [/bin/health]\n  health-timeout: 2m\n  health-interval: 10s\n"
+    ));
     let err = c.boot(&m, &cfg).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Hook);
-    assert!(err.to_string().contains("did not pass within 120s"), "{err}");
+    assert!(
+        err.to_string().contains("did not pass within 120s"),
+        "{err}"
+    );
     assert_eq!(c.completions("i-1"), [LifecycleResult::Abandon]);
-    assert_eq!(c.cloud.with(|w| w.lifecycle_state("i-1")), None, "abandoned: terminated, out of the group");
+    assert_eq!(
+        c.cloud.with(|w| w.lifecycle_state("i-1")),
+        None,
+        "abandoned: terminated, out of the group"
+    );
     // Bounded: about 120 s / 12 s per try.
-    assert!((5..=12).contains(&m.node.runs_of("health")), "{}", m.node.runs_of("health"));
+    assert!(
+        (5..=12).contains(&m.node.runs_of("health")),
+        "{}",
+        m.node.runs_of("health")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -268,35 +332,52 @@ async fn on_failure_leave_keeps_the_instance_waiting() {
     let c = Cluster::new(Timing::default());
     let m = c.launch("i-1", AZ);
     m.node.st().configure = Some((Duration::from_secs(1), HookExit::Failed { code: Some(2) }));
-    let cfg = config(&format!("{NODE}  node-id: '1'\nhooks:\n  configure: [/bin/configure]\n"));
+    let cfg = config(&format!(
+        "{NODE}  node-id: '1'\nhooks:\n  configure: [/bin/configure]\n"
+    ));
     let cfg = AttachConfig {
         node: cps_orchestrate::config::NodeOptions {
-            lifecycle: cfg.node.lifecycle.clone().map(|l| cps_orchestrate::config::LifecycleOptions {
-                on_failure: cps_orchestrate::config::OnFailure::Leave,
-                ..l
+            lifecycle: cfg.node.lifecycle.clone().map(|l| {
+                cps_orchestrate::config::LifecycleOptions {
+                    on_failure: cps_orchestrate::config::OnFailure::Leave,
+                    ..l
+                }
             }),
             ..cfg.node.clone()
         },
         ..cfg
     };
     let err = c.boot(&m, &cfg).await.unwrap_err();
-    assert!(err.to_string().contains("hook configure failed: `/bin/configure`: exit 2"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("hook configure failed: `/bin/configure`: exit 2"),
+        "{err}"
+    );
     assert!(c.completions("i-1").is_empty());
-    assert_eq!(c.cloud.with(|w| w.lifecycle_state("i-1")).as_deref(), Some("Pending:Wait"));
+    assert_eq!(
+        c.cloud.with(|w| w.lifecycle_state("i-1")).as_deref(),
+        Some("Pending:Wait")
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_rerun_is_not_waiting_and_configure_runs_once_per_boot() {
     let c = Cluster::new(Timing::default());
     let m = c.launch("i-1", AZ);
-    let cfg = config(&format!("{NODE}  node-id: '1'\nhooks:\n  configure: [/bin/configure]\n  health: [/bin/health]\n"));
+    let cfg = config(&format!(
+        "{NODE}  node-id: '1'\nhooks:\n  configure: [/bin/configure]\n  health: [/bin/health]\n"
+    ));
     let first = c.boot(&m, &cfg).await.unwrap();
     assert_eq!(first.configured, Some(true));
     let second = c.boot(&m, &cfg).await.unwrap();
     assert_eq!(second.lifecycle, LifecycleOutcome::NotWaiting);
     assert_eq!(second.configured, Some(false));
     assert_eq!(m.node.runs_of("configure"), 1);
-    assert_eq!(m.node.runs_of("health"), 2, "health is checked on every run");
+    assert_eq!(
+        m.node.runs_of("health"),
+        2,
+        "health is checked on every run"
+    );
     assert_eq!(c.completions("i-1"), [LifecycleResult::Continue]);
 }
 
@@ -305,23 +386,46 @@ async fn a_rerun_is_not_waiting_and_configure_runs_once_per_boot() {
 #[tokio::test(start_paused = true)]
 async fn the_old_holder_releases_after_a_delay_and_the_node_gets_its_volume_and_ip() {
     let c = Cluster::new(Timing::default());
-    let cfg = config(&format!("{NODE}  node-id: '2'\nnetwork-interface:\n  device-index: 1\nfiles:\n  - path: /etc/kafka/id.properties\n    content: \"broker.id=${{CPS_NODE_ID}}\\nadvertised=${{CPS_ENI_IP}}\\n\"\n"));
-    let eni = c.cloud.with(|w| w.add_interface(AZ, "10.0.1.12", &node_tags("2")));
+    let cfg = config(&format!(
+        "{NODE}  node-id: '2'\nnetwork-interface:\n  device-index: 1\nfiles:\n  - path: /etc/kafka/id.properties\n    content: \"broker.id=${{CPS_NODE_ID}}\\nadvertised=${{CPS_ENI_IP}}\\n\"\n"
+    ));
+    let eni = c
+        .cloud
+        .with(|w| w.add_interface(AZ, "10.0.1.12", &node_tags("2")));
     let old = c.launch("i-old", AZ);
     let first = c.boot(&old, &cfg).await.unwrap();
     assert_eq!(first.interface.as_ref().unwrap().id, eni);
     old.block.unmount_all();
 
-    c.cloud.with(|w| w.begin_terminate("i-old", Duration::from_secs(45)));
+    c.cloud
+        .with(|w| w.begin_terminate("i-old", Duration::from_secs(45)));
     let new = c.launch("i-new", AZ);
     let started = Instant::now();
     let out = c.boot(&new, &cfg).await.unwrap();
-    assert!(started.elapsed() >= Duration::from_secs(45), "it waited for the old server");
-    assert_eq!(out.attach.volume_id, first.attach.volume_id, "node 2's volume");
+    assert!(
+        started.elapsed() >= Duration::from_secs(45),
+        "it waited for the old server"
+    );
+    assert_eq!(
+        out.attach.volume_id, first.attach.volume_id,
+        "node 2's volume"
+    );
     let i = out.interface.unwrap();
-    assert_eq!((i.id.as_str(), i.private_ip.as_deref(), i.attached_now), (eni.as_str(), Some("10.0.1.12"), true));
-    assert_eq!(new.node.st().files[Path::new("/etc/kafka/id.properties")], b"broker.id=2\nadvertised=10.0.1.12\n");
-    assert!(new.node.st().env.iter().any(|(k, v)| k == "CPS_ENI_INTERFACE" && v == "eth1"));
+    assert_eq!(
+        (i.id.as_str(), i.private_ip.as_deref(), i.attached_now),
+        (eni.as_str(), Some("10.0.1.12"), true)
+    );
+    assert_eq!(
+        new.node.st().files[Path::new("/etc/kafka/id.properties")],
+        b"broker.id=2\nadvertised=10.0.1.12\n"
+    );
+    assert!(
+        new.node
+            .st()
+            .env
+            .iter()
+            .any(|(k, v)| k == "CPS_ENI_INTERFACE" && v == "eth1")
+    );
     let volumes = c.cloud.volumes();
     assert_eq!(volumes.len(), 1, "no second volume for node 2");
 }
@@ -336,11 +440,17 @@ async fn a_holder_that_never_releases_is_a_timeout_and_nothing_is_detached() {
     let err = c.boot(&new, &cfg).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Timeout);
     let msg = err.to_string();
-    assert!(msg.contains(&first.attach.volume_id) && msg.contains("i-old, which is running"), "{msg}");
+    assert!(
+        msg.contains(&first.attach.volume_id) && msg.contains("i-old, which is running"),
+        "{msg}"
+    );
     assert!(msg.contains("never detached"), "{msg}");
     let vols = c.cloud.volumes();
     assert_eq!(vols.len(), 1);
-    assert_eq!(vols[0].attachments[0].instance_id, "i-old", "still the old server's");
+    assert_eq!(
+        vols[0].attachments[0].instance_id, "i-old",
+        "still the old server's"
+    );
     assert_eq!(c.completions("i-new"), [LifecycleResult::Abandon]);
 }
 
@@ -349,28 +459,57 @@ async fn the_node_id_comes_from_the_instance_or_its_group_or_nowhere() {
     let c = Cluster::new(Timing::default());
     let tagged = c.launch("i-a", AZ);
     c.cloud.with(|w| w.tag_instance("i-a", "cps:node-id", "7"));
-    assert_eq!(c.boot(&tagged, &config(NODE)).await.unwrap().node_id.as_deref(), Some("7"));
+    assert_eq!(
+        c.boot(&tagged, &config(NODE))
+            .await
+            .unwrap()
+            .node_id
+            .as_deref(),
+        Some("7")
+    );
 
     let c = Cluster::new(Timing::default());
     c.cloud.with(|w| w.add_group(GROUP, &node_tags("9")));
-    c.cloud.with(|w| w.add_launch_hook(GROUP, HOOK, Duration::from_secs(300), LifecycleResult::Abandon));
+    c.cloud.with(|w| {
+        w.add_launch_hook(
+            GROUP,
+            HOOK,
+            Duration::from_secs(300),
+            LifecycleResult::Abandon,
+        )
+    });
     let from_group = c.launch("i-b", AZ);
-    assert_eq!(c.boot(&from_group, &config(NODE)).await.unwrap().node_id.as_deref(), Some("9"));
+    assert_eq!(
+        c.boot(&from_group, &config(NODE))
+            .await
+            .unwrap()
+            .node_id
+            .as_deref(),
+        Some("9")
+    );
 
     let c = Cluster::new(Timing::default());
     let untagged = c.launch("i-c", AZ);
     let err = c.boot(&untagged, &config(NODE)).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Identity);
-    assert!(err.to_string().contains("tag the instance or its Auto Scaling group with cps:node-id"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("tag the instance or its Auto Scaling group with cps:node-id"),
+        "{err}"
+    );
     assert!(c.cloud.volumes().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_node_whose_volume_is_in_another_zone_is_refused() {
     let c = Cluster::new(Timing::default());
-    c.cloud.with(|w| w.add_volume("us-east-1b", 10, &node_tags("3")));
+    c.cloud
+        .with(|w| w.add_volume("us-east-1b", 10, &node_tags("3")));
     let m = c.launch("i-1", AZ);
-    let err = c.boot(&m, &config(&format!("{NODE}  node-id: '3'\n"))).await.unwrap_err();
+    let err = c
+        .boot(&m, &config(&format!("{NODE}  node-id: '3'\n")))
+        .await
+        .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Identity);
     assert!(err.to_string().contains("us-east-1b"), "{err}");
     assert_eq!(c.cloud.volumes().len(), 1, "no second volume for node 3");
@@ -386,7 +525,9 @@ async fn slot_claims_under_races_give_distinct_slots_and_clean_failures() {
         attach_delay: Duration::from_secs(1),
     }));
     let cfg = Arc::new(config("identity:\n  mode: slot\n  max-slots: 3\n"));
-    let machines: Vec<Arc<Machine>> = (0..5).map(|i| Arc::new(c.launch(&format!("i-{i}"), AZ))).collect();
+    let machines: Vec<Arc<Machine>> = (0..5)
+        .map(|i| Arc::new(c.launch(&format!("i-{i}"), AZ)))
+        .collect();
     let tasks: Vec<_> = machines
         .iter()
         .map(|m| {
@@ -410,7 +551,11 @@ async fn slot_claims_under_races_give_distinct_slots_and_clean_failures() {
         assert!(e.to_string().contains("no free slot: all 3 slots"), "{e}");
         assert_eq!(c.completions(id), [LifecycleResult::Abandon]);
     }
-    assert_eq!(c.cloud.volumes().len(), 3, "one volume per slot, none extra");
+    assert_eq!(
+        c.cloud.volumes().len(),
+        3,
+        "one volume per slot, none extra"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -428,7 +573,10 @@ async fn a_single_boot_takes_the_lowest_free_slot() {
         }
     });
     let m = c.launch("i-new", AZ);
-    let out = c.boot(&m, &config("identity:\n  mode: slot\n  max-slots: 5\n")).await.unwrap();
+    let out = c
+        .boot(&m, &config("identity:\n  mode: slot\n  max-slots: 5\n"))
+        .await
+        .unwrap();
     assert_eq!(out.slot, Some(2), "the free slot, not a new one");
     assert_eq!(out.node_id.as_deref(), Some("2"));
     assert_eq!(c.cloud.volumes().len(), 3);

@@ -378,11 +378,28 @@ command-timeout: 30m
     assert_eq!(n.files[0].mode, 0o640);
     assert!(n.files[0].template);
     assert_eq!(n.files[0].ownership.owner.as_deref(), Some("kafka"));
-    assert_eq!((n.files[1].content.as_slice(), n.files[1].template, n.files[1].mode), (&b"hello"[..], false, 0o644));
-    assert_eq!(n.hooks.configure.as_deref().unwrap(), ["/usr/local/bin/configure-node", "--join"]);
+    assert_eq!(
+        (
+            n.files[1].content.as_slice(),
+            n.files[1].template,
+            n.files[1].mode
+        ),
+        (&b"hello"[..], false, 0o644)
+    );
+    assert_eq!(
+        n.hooks.configure.as_deref().unwrap(),
+        ["/usr/local/bin/configure-node", "--join"]
+    );
     assert_eq!(n.hooks.health_interval, Duration::from_secs(15));
     let l = n.lifecycle.as_ref().unwrap();
-    assert_eq!((l.hook.as_str(), l.on_failure, l.heartbeat_interval), ("kafka-launch", OnFailure::Leave, Some(Duration::from_secs(60))));
+    assert_eq!(
+        (l.hook.as_str(), l.on_failure, l.heartbeat_interval),
+        (
+            "kafka-launch",
+            OnFailure::Leave,
+            Some(Duration::from_secs(60))
+        )
+    );
     assert_eq!(n.env_file, PathBuf::from("/run/kafka/node.env"));
     assert_eq!(n.command_timeout, Duration::from_secs(1800));
 }
@@ -393,43 +410,108 @@ fn node_defaults_keep_the_original_behaviour() {
     assert_eq!(c.node.identity, Identity::Pool);
     assert!(c.node.interface.is_none() && c.node.lifecycle.is_none() && c.node.files.is_empty());
     assert_eq!(c.node.env_file, PathBuf::from("/run/cps/node.env"));
-    let slot = parse(&format!("{MINIMAL}identity:\n  mode: slot\n  max-slots: 3\n")).unwrap();
-    assert_eq!(slot.node.identity, Identity::Slot { max: 3, id_tag: "cps:slot".into() });
+    let slot = parse(&format!(
+        "{MINIMAL}identity:\n  mode: slot\n  max-slots: 3\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        slot.node.identity,
+        Identity::Slot {
+            max: 3,
+            id_tag: "cps:slot".into()
+        }
+    );
     let o = Overrides {
         node_id: Some("4".into()),
         lifecycle_hook: Some("h".into()),
         ..Overrides::default()
     };
     let c = AttachConfig::parse("attach.yml", MINIMAL, &o).unwrap();
-    assert!(matches!(c.node.identity, Identity::NodeId { id: Some(ref id), .. } if id == "4"), "--node-id implies node-id mode");
+    assert!(
+        matches!(c.node.identity, Identity::NodeId { id: Some(ref id), .. } if id == "4"),
+        "--node-id implies node-id mode"
+    );
     assert_eq!(c.node.lifecycle.unwrap().hook, "h");
 }
 
 #[test]
 fn node_section_errors_point_at_the_value() {
     let cases: &[(&str, &str)] = &[
-        ("identity:\n  mode: leader\n", "6:9: identity mode \"leader\" is not one of pool, node-id, slot"),
-        ("identity:\n  mode: slot\n", "6:3: identity mode slot needs max-slots"),
-        ("identity:\n  mode: slot\n  max-slots: 0\n", "7:14: identity.max-slots must be between 1 and 10000"),
-        ("identity:\n  max-slots: 3\n", "identity.max-slots needs identity.mode node-id or slot"),
-        ("network-interface:\n  device-index: 1\n", "network-interface needs an id, or identity mode node-id or slot"),
-        ("identity:\n  mode: node-id\nnetwork-interface:\n  device-index: 0\n", "network-interface.device-index must be between 1 and 31"),
-        ("files:\n  - path: etc/x\n    content: a\n", "6:11: file path \"etc/x\" must be an absolute file path"),
-        ("files:\n  - path: /etc/x\n", "a file needs content or content-base64"),
-        ("files:\n  - path: /etc/x\n    content: a\n    content-base64: YQ==\n", "give content or content-base64, not both"),
-        ("files:\n  - path: /etc/x\n    content-base64: '%%%'\n", "content-base64 is not valid base64"),
-        ("files:\n  - path: /etc/x\n    content: a\n  - path: /etc/x\n    content: b\n", "/etc/x is listed twice"),
-        ("files:\n  - path: /etc/x\n    content: a\n    mode: rw\n", "mode \"rw\" is not an octal permission"),
+        (
+            "identity:\n  mode: leader\n",
+            "6:9: identity mode \"leader\" is not one of pool, node-id, slot",
+        ),
+        (
+            "identity:\n  mode: slot\n",
+            "6:3: identity mode slot needs max-slots",
+        ),
+        (
+            "identity:\n  mode: slot\n  max-slots: 0\n",
+            "7:14: identity.max-slots must be between 1 and 10000",
+        ),
+        (
+            "identity:\n  max-slots: 3\n",
+            "identity.max-slots needs identity.mode node-id or slot",
+        ),
+        (
+            "network-interface:\n  device-index: 1\n",
+            "network-interface needs an id, or identity mode node-id or slot",
+        ),
+        (
+            "identity:\n  mode: node-id\nnetwork-interface:\n  device-index: 0\n",
+            "network-interface.device-index must be between 1 and 31",
+        ),
+        (
+            "files:\n  - path: etc/x\n    content: a\n",
+            "6:11: file path \"etc/x\" must be an absolute file path",
+        ),
+        (
+            "files:\n  - path: /etc/x\n",
+            "a file needs content or content-base64",
+        ),
+        (
+            "files:\n  - path: /etc/x\n    content: a\n    content-base64: YQ==\n",
+            "give content or content-base64, not both",
+        ),
+        (
+            "files:\n  - path: /etc/x\n    content-base64: '%%%'\n",
+            "content-base64 is not valid base64",
+        ),
+        (
+            "files:\n  - path: /etc/x\n    content: a\n  - path: /etc/x\n    content: b\n",
+            "/etc/x is listed twice",
+        ),
+        (
+            "files:\n  - path: /etc/x\n    content: a\n    mode: rw\n",
+            "mode \"rw\" is not an octal permission",
+        ),
         ("hooks:\n  health: []\n", "hooks.health must be a command"),
-        ("lifecycle:\n  on-failure: abandon\n", "lifecycle needs hook"),
-        ("lifecycle:\n  hook: h\n  on-failure: retry\n", "on-failure \"retry\" is not one of abandon, leave"),
-        ("lifecycle:\n  hook: h\n  heartbat-interval: 1m\n", "unknown field `heartbat-interval`"),
+        (
+            "lifecycle:\n  on-failure: abandon\n",
+            "lifecycle needs hook",
+        ),
+        (
+            "lifecycle:\n  hook: h\n  on-failure: retry\n",
+            "on-failure \"retry\" is not one of abandon, leave",
+        ),
+        (
+            "lifecycle:\n  hook: h\n  heartbat-interval: 1m\n",
+            "unknown field `heartbat-interval`",
+        ),
     ];
     for (extra, expected) in cases {
         let e = err(&format!("{MINIMAL}{extra}"));
-        assert!(e.contains(expected), "{extra:?}\n  expected: {expected}\n  got: {e}");
+        assert!(
+            e.contains(expected),
+            "{extra:?}\n  expected: {expected}\n  got: {e}"
+        );
         assert!(e.starts_with("attach.yml:"), "{e}");
     }
-    let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: k, 'cps:slot': '1'}\n    size: 1\nidentity:\n  mode: slot\n  max-slots: 3\n");
-    assert!(e.contains("must not contain the identity tag \"cps:slot\""), "{e}");
+    let e = err(
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: k, 'cps:slot': '1'}\n    size: 1\nidentity:\n  mode: slot\n  max-slots: 3\n",
+    );
+    assert!(
+        e.contains("must not contain the identity tag \"cps:slot\""),
+        "{e}"
+    );
 }

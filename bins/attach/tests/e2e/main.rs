@@ -1,5 +1,10 @@
 //! The real cps-attach binary on the bench: the AWS emulator over the wire, a fake IMDS per
 //! instance, and loop devices that appear when EC2 says a volume is attached.
+//!
+//! This module: one node's volume (pool mode, the original tool's behaviour). `cluster`: node
+//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups.
+
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -9,8 +14,8 @@ use cps_provider::{Tags, VolumeService};
 use cps_testbed::{Bench, BenchOptions, Delays, Instance};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cps-attach");
-const TIER: &str = "end to end (emulator + loop devices)";
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_cps-attach");
+pub(crate) const TIER: &str = "end to end (emulator + loop devices)";
 
 /// The complete example from the original tool's README, byte for byte.
 const SEED_EXAMPLE: &str = "\
@@ -49,16 +54,16 @@ mount:
   target: /mnt
 ";
 
-struct Run {
-    code: i32,
+pub(crate) struct Run {
+    pub(crate) code: i32,
     /// The JSON log lines.
-    log: Vec<Value>,
-    stderr: String,
+    pub(crate) log: Vec<Value>,
+    pub(crate) stderr: String,
 }
 
 impl Run {
     /// The fields of the final "volume ready" line.
-    fn ready(&self) -> &Value {
+    pub(crate) fn ready(&self) -> &Value {
         self.log
             .iter()
             .find(|l| l["message"] == "volume ready")
@@ -70,14 +75,19 @@ impl Run {
             })
     }
 
-    fn said(&self, text: &str) -> bool {
+    pub(crate) fn said(&self, text: &str) -> bool {
         self.log
             .iter()
             .any(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
     }
 }
 
-fn run(bench: &Bench, instance: &Instance, config: &Path, extra_env: &[(&str, &str)]) -> Run {
+pub(crate) fn run(
+    bench: &Bench,
+    instance: &Instance,
+    config: &Path,
+    extra_env: &[(&str, &str)],
+) -> Run {
     let mut cmd = bench.attach_command(Path::new(BIN), instance, config);
     cmd.env("CPS_LOG_FORMAT", "json");
     for (k, v) in extra_env {
@@ -106,13 +116,13 @@ async fn bench_with_instance() -> Option<(Bench, std::sync::Arc<Instance>)> {
     Some((bench, instance))
 }
 
-fn write_config(instance: &Instance, text: &str) -> PathBuf {
+pub(crate) fn write_config(instance: &Instance, text: &str) -> PathBuf {
     let path = instance.home.join("attach.yml");
     std::fs::write(&path, text).unwrap();
     path
 }
 
-fn tags(pairs: &[(&str, &str)]) -> Tags {
+pub(crate) fn tags(pairs: &[(&str, &str)]) -> Tags {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -196,7 +206,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
     let second = run(&bench, &b, &config_b, &[]);
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert!(
-        second.said("held by a server that is going away; waiting for it"),
+        second.said("the volume is held by another instance; waiting for it to be released"),
         "B waited for A to let go:\n{}",
         second.stderr
     );
