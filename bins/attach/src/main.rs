@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cps_orchestrate::config::Identity;
 use cps_orchestrate::{
     AttachConfig, AttachError, ErrorClass, FsOutcome, Hosts, MountOutcome, Overrides, Services,
 };
@@ -354,6 +355,59 @@ fn validate(config: &AttachConfig, path: &std::path::Path) {
         "  timeouts: create={:?} attach={:?} device={:?}",
         t.create, t.attach, t.device
     );
+    let n = &config.node;
+    match &n.identity {
+        Identity::Pool => println!("  identity: pool (any volume with the tags)"),
+        Identity::NodeId {
+            id: Some(id),
+            id_tag,
+            ..
+        } => println!("  identity: node-id {id} ({id_tag}={id} on volume and interface)"),
+        Identity::NodeId {
+            id: None,
+            source_tag,
+            id_tag,
+        } => {
+            println!(
+                "  identity: node-id from the {source_tag} tag of the instance or its group ({id_tag} on volume and interface)"
+            )
+        }
+        Identity::Slot { max, id_tag } => {
+            println!("  identity: slot 1..={max} ({id_tag} on the volume)")
+        }
+    }
+    if let Some(i) = &n.interface {
+        let which =
+            i.id.clone()
+                .unwrap_or_else(|| "found by the node's tags".into());
+        println!(
+            "  network interface: {which} at device index {}",
+            i.device_index
+        );
+    }
+    for f in &n.files {
+        println!(
+            "  file: {} ({} bytes, mode {:o})",
+            f.path.display(),
+            f.content.len(),
+            f.mode
+        );
+    }
+    for (name, argv) in [
+        ("configure", &n.hooks.configure),
+        ("health", &n.hooks.health),
+    ] {
+        if let Some(argv) = argv {
+            println!("  hook {name}: {}", argv.join(" "));
+        }
+    }
+    if let Some(l) = &n.lifecycle {
+        println!(
+            "  lifecycle hook: {} (on failure: {:?})",
+            l.hook, l.on_failure
+        );
+    }
+    println!("  env file: {}", n.env_file.display());
 }
 
 fn main() -> ExitCode {

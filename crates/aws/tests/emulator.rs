@@ -298,3 +298,191 @@ async fn identity_comes_from_imdsv2() {
         "names the endpoint: {err}"
     );
 }
+
+fn bench() -> cps_testbed::Bench {
+    cps_testbed::Bench::start(cps_testbed::BenchOptions::default()).unwrap()
+}
+
+async fn aws_for(bench: &cps_testbed::Bench) -> (Ec2Api, cps_aws::AutoScalingApi) {
+    let mut settings = AwsSettings::new(REGION);
+    settings.endpoint_url = Some(bench.endpoint().to_owned());
+    // SAFETY: as in `provider`: the same static values for every test.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    }
+    let sdk = settings.load().await;
+    (Ec2Api::new(&sdk), cps_aws::AutoScalingApi::new(&sdk))
+}
+
+#[tokio::test]
+async fn network_interfaces_are_found_attached_and_refused_like_aws() {
+    use cps_provider::InterfaceService;
+    if !ready() {
+        return;
+    }
+    let bench = bench();
+    let (ec2, _) = aws_for(&bench).await;
+    let node = tags(&[("cluster", "eni"), ("cps:node-id", "1")]);
+    let (eni, ip) = bench
+        .create_interface("us-east-1a", 21, &node)
+        .await
+        .unwrap();
+    let (far, _) = bench
+        .create_interface("us-east-1b", 22, &tags(&[("cluster", "eni")]))
+        .await
+        .unwrap();
+    let found = ec2.interfaces_tagged(&node).await.unwrap();
+    assert_eq!(found.len(), 1);
+    let e = &found[0];
+    assert_eq!(
+        (
+            e.id.as_str(),
+            e.private_ip.as_deref(),
+            e.availability_zone.as_str()
+        ),
+        (eni.as_str(), Some(ip.as_str()), "us-east-1a")
+    );
+    assert!(e.mac.contains(':') && e.mac == e.mac.to_lowercase());
+    assert!(e.attachment.is_none());
+
+    let a = run_instance(bench.ec2(), "us-east-1a").await.unwrap();
+    let b = run_instance(bench.ec2(), "us-east-1a").await.unwrap();
+    let attachment = ec2.attach_interface(&eni, &a, 1).await.unwrap();
+    assert!(attachment.starts_with("eni-attach-"));
+    let e = ec2.interface(&eni).await.unwrap();
+    let att = e.attachment.unwrap();
+    assert_eq!(
+        (att.instance_id.as_str(), att.device_index, att.state),
+        (a.as_str(), 1, AttachmentState::Attached)
+    );
+
+    let err = ec2.attach_interface(&eni, &b, 1).await.unwrap_err();
+    assert!(matches!(err, Error::InterfaceInUse { .. }), "{err}");
+    let err = ec2.attach_interface(&far, &a, 2).await.unwrap_err();
+    assert!(matches!(err, Error::ZoneMismatch { .. }), "{err}");
+    let (other, _) = bench
+        .create_interface("us-east-1a", 23, &tags(&[("cluster", "eni")]))
+        .await
+        .unwrap();
+    let err = ec2.attach_interface(&other, &a, 1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DeviceIndexInUse {
+                device_index: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = ec2.interface("eni-00000000000000000").await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+
+    // A terminated instance lets go of its secondary interface.
+    bench
+        .ec2()
+        .terminate_instances()
+        .instance_ids(&a)
+        .send()
+        .await
+        .unwrap();
+    assert!(ec2.interface(&eni).await.unwrap().attachment.is_none());
+    let states = ec2
+        .instance_states(&[a.clone(), b.clone(), "i-00000000000000000".into()])
+        .await
+        .unwrap();
+    assert_eq!(states[&a], cps_provider::InstanceState::Terminated);
+    assert_eq!(states[&b], cps_provider::InstanceState::Running);
+    assert_eq!(
+        states["i-00000000000000000"],
+        cps_provider::InstanceState::Terminated,
+        "unknown counts as gone"
+    );
+}
+
+#[tokio::test]
+async fn lifecycle_hooks_hold_complete_and_report_no_active_action() {
+    use cps_provider::{LifecycleResult, LifecycleService};
+    if !ready() {
+        return;
+    }
+    let bench = bench();
+    let (ec2, asg) = aws_for(&bench).await;
+    let group_tags = tags(&[("cluster", "lc"), ("cps:node-id", "5")]);
+    bench
+        .create_group(
+            "lc-5",
+            "us-east-1a",
+            1,
+            &group_tags,
+            "launch",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    let id = bench
+        .wait_pending("lc-5", 1, Duration::from_secs(10))
+        .await
+        .unwrap()[0]
+        .clone();
+
+    let member = asg.membership(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (member.group.as_str(), member.lifecycle_state.as_str()),
+        ("lc-5", "Pending:Wait")
+    );
+    assert!(
+        asg.membership("i-00000000000000000")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let group = asg.group("lc-5").await.unwrap().unwrap();
+    assert_eq!(group.tags.get("cps:node-id").map(String::as_str), Some("5"));
+    assert_eq!(group.booting(), 1);
+    assert!(asg.group("no-such-group").await.unwrap().is_none());
+    let hook = asg.lifecycle_hook("lc-5", "launch").await.unwrap().unwrap();
+    assert_eq!(
+        (hook.heartbeat_timeout, hook.default_result.as_str()),
+        (Duration::from_secs(120), "ABANDON")
+    );
+    assert!(hook.transition.ends_with("EC2_INSTANCE_LAUNCHING"));
+    assert!(asg.lifecycle_hook("lc-5", "other").await.unwrap().is_none());
+
+    // The group's tags reach the instance.
+    let instance_tags = ec2.instance_tags(&id).await.unwrap();
+    assert_eq!(
+        instance_tags.get("cps:node-id").map(String::as_str),
+        Some("5")
+    );
+    assert_eq!(
+        instance_tags
+            .get("aws:autoscaling:groupName")
+            .map(String::as_str),
+        Some("lc-5")
+    );
+
+    asg.heartbeat("lc-5", "launch", &id).await.unwrap();
+    asg.complete("lc-5", "launch", &id, LifecycleResult::Continue)
+        .await
+        .unwrap();
+    assert_eq!(
+        asg.membership(&id).await.unwrap().unwrap().lifecycle_state,
+        "InService"
+    );
+    let err = asg
+        .complete("lc-5", "launch", &id, LifecycleResult::Continue)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NoActiveLifecycleAction { .. }),
+        "{err}"
+    );
+    let err = asg.heartbeat("lc-5", "launch", &id).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NoActiveLifecycleAction { .. }),
+        "{err}"
+    );
+    assert_eq!(asg.calls().count("CompleteLifecycleAction"), 2);
+}
