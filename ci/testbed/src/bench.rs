@@ -46,16 +46,52 @@ fn total(calls: &BTreeMap<&'static str, u64>) -> u64 {
     calls.values().sum()
 }
 
+/// What a herd claims.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HerdMode {
+    /// N pooled volumes exist; N agents claim them.
+    Pool,
+    /// No volumes; N agents claim slots 1..=N, creating each slot's volume.
+    Slot,
+}
+
+impl HerdMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Pool => "pool of N volumes",
+            Self::Slot => "N slots from zero",
+        }
+    }
+
+    fn target(self, cfg: &AttachConfig, n: usize) -> ClaimTarget {
+        match self {
+            Self::Pool => ClaimTarget::pool(cfg),
+            // The window is what boot() reads from the group: N instances booting.
+            Self::Slot => ClaimTarget::Slot {
+                tags: cfg.tags.clone(),
+                key: "cps:slot".into(),
+                max: n as u32,
+                window: n,
+            },
+        }
+    }
+}
+
 pub async fn run(attach_bin: &Path, herd: &[usize]) -> io::Result<()> {
     println!("# cps bench report\n");
     memory_paths().await;
-    for &n in herd {
-        memory_herd(n).await;
+    herd_header("Herds: N agents booting at once");
+    for mode in [HerdMode::Pool, HerdMode::Slot] {
+        for &n in herd {
+            memory_herd(n, mode).await;
+        }
+        for &n in herd {
+            emulator_herd(n, mode).await?;
+        }
     }
-    for &n in herd {
-        emulator_herd(n).await?;
-    }
+    println!();
     binary_paths(attach_bin).await?;
+    node_paths(attach_bin).await?;
     Ok(())
 }
 
@@ -120,23 +156,28 @@ async fn memory_paths() {
     println!();
 }
 
+#[allow(clippy::too_many_arguments)]
 fn herd_line(
+    mode: HerdMode,
     where_: &str,
     n: usize,
     claims: &[Claim],
     calls: &CallLog,
     wall: Duration,
     created: u64,
+    volumes_after: usize,
 ) {
     let attempts: u32 = claims.iter().map(|c| c.attach_attempts).sum();
     let mut ids: Vec<&str> = claims.iter().map(|c| c.volume.id.as_str()).collect();
     ids.sort();
     ids.dedup();
     println!(
-        "| {where_} | {n} | {attempts} ({:.2}×N) | {} | {} | {created} | {} | {:.1} s |",
+        "| {} | {where_} | {n} | {attempts} ({:.2}×N) | {} | {} | {created} | {} | {} | {:.1} s |",
+        mode.name(),
         f64::from(attempts) / n as f64,
         claims.iter().map(|c| c.attach_attempts).max().unwrap_or(0),
         calls.count("DescribeVolumes"),
+        volumes_after.saturating_sub(n),
         ids.len(),
         wall.as_secs_f64()
     );
@@ -145,9 +186,9 @@ fn herd_line(
 fn herd_header(title: &str) {
     println!("## {title}\n");
     println!(
-        "| cloud | agents N | AttachVolume attempts | worst agent | DescribeVolumes | volumes created | distinct volumes claimed | wall |"
+        "| claim | cloud | agents N | AttachVolume attempts | worst agent | DescribeVolumes | CreateVolume calls | extra volumes | distinct volumes claimed | wall |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
 }
 
 /// Every instance in `ids` claims a volume at the same moment, each as its own task.
@@ -155,17 +196,18 @@ async fn herd<V: VolumeService + 'static>(
     api: Arc<V>,
     ids: &[String],
     cfg: &Arc<AttachConfig>,
+    target: ClaimTarget,
 ) -> Result<Vec<Claim>, cps_orchestrate::AttachError> {
     let tasks: Vec<_> = ids
         .iter()
         .map(|id| {
-            let (api, cfg, id) = (api.clone(), cfg.clone(), id.clone());
+            let (api, cfg, id, target) = (api.clone(), cfg.clone(), id.clone(), target.clone());
             tokio::spawn(async move {
                 claim_volume(
                     api.as_ref(),
                     &identity(&id),
                     &cfg,
-                    &ClaimTarget::pool(&cfg),
+                    &target,
                     RetryPolicy::default(),
                 )
                 .await
@@ -179,11 +221,11 @@ async fn herd<V: VolumeService + 'static>(
     Ok(claims)
 }
 
-/// N agents at once against N pooled volumes, in memory with 50 ms latency.
-async fn memory_herd(n: usize) {
-    herd_header(&format!("Herd of {n}, in-memory cloud (50 ms per request)"));
+/// N agents at once, in memory with 50 ms latency (and 1 s to create a volume).
+async fn memory_herd(n: usize, mode: HerdMode) {
     let cloud = MemoryCloud::new(Timing {
         latency: Duration::from_millis(50),
+        create_delay: Duration::from_secs(1),
         ..Timing::default()
     });
     let cfg = Arc::new(config());
@@ -191,44 +233,49 @@ async fn memory_herd(n: usize) {
     cloud.with(|w| {
         for id in &ids {
             w.add_instance(id, AZ);
-            w.add_volume(AZ, 1, &cfg.tags);
+            if mode == HerdMode::Pool {
+                w.add_volume(AZ, 1, &cfg.tags);
+            }
         }
     });
     let start = Instant::now();
-    let claims = herd(Arc::new(cloud.clone()), &ids, &cfg)
+    let claims = herd(Arc::new(cloud.clone()), &ids, &cfg, mode.target(&cfg, n))
         .await
         .expect("claim");
     let created = cloud.calls().count("CreateVolume");
+    let after = cloud.volumes().len();
     herd_line(
+        mode,
         "in-memory",
         n,
         &claims,
         cloud.calls(),
         start.elapsed(),
         created,
+        after,
     );
-    println!();
 }
 
 /// The same herd over the wire, against the emulator (its patch layer makes AttachVolume the
 /// lock it is on AWS).
-async fn emulator_herd(n: usize) -> io::Result<()> {
-    herd_header(&format!("Herd of {n}, AWS emulator"));
+async fn emulator_herd(n: usize, mode: HerdMode) -> io::Result<()> {
     let dir = tempfile::tempdir()?;
     let emu = Emulator::start(Delays::default(), dir.path().join("emulator.log"))?;
     let ec2 = emu.ec2();
     let cfg = Arc::new(config());
     let api = Arc::new(cps_testbed::emulator_volumes(&emu));
     let ids = run_instances(&ec2, AZ, n as i32).await?;
-    for i in 0..n {
-        let spec = VolumeSpec::gp3(AZ, 1, &cfg.tags);
-        api.create_volume(&spec, &format!("pool-{i}"))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
+    if mode == HerdMode::Pool {
+        for i in 0..n {
+            let spec = VolumeSpec::gp3(AZ, 1, &cfg.tags);
+            api.create_volume(&spec, &format!("pool-{i}"))
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        }
     }
     api.calls().reset();
     let start = Instant::now();
-    let claims = herd(api.clone(), &ids, &cfg)
+    let claims = herd(api.clone(), &ids, &cfg, mode.target(&cfg, n))
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
     let wall = start.elapsed();
@@ -237,10 +284,15 @@ async fn emulator_herd(n: usize) -> io::Result<()> {
         .volumes_tagged(&Tags::from([("cluster".to_owned(), "bench".to_owned())]))
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
-    herd_line("emulator", n, &claims, api.calls(), wall, created);
-    println!(
-        "\n(volumes with the tags afterwards: {}; pool was {n})\n",
-        volumes.len()
+    herd_line(
+        mode,
+        "emulator",
+        n,
+        &claims,
+        api.calls(),
+        wall,
+        created,
+        volumes.len(),
     );
     Ok(())
 }
@@ -349,6 +401,75 @@ async fn binary_paths(attach_bin: &Path) -> io::Result<()> {
         "re-run",
         &run_measured(bench.attach_command(attach_bin, &b, &config))?,
     );
+    println!();
+    Ok(())
+}
+
+/// The node-id path with the real binary: identity from the group's tag, a fixed-IP interface,
+/// hooks and the launch lifecycle hook, on first boot, replacement and re-run.
+async fn node_paths(attach_bin: &Path) -> io::Result<()> {
+    println!("## A node with an id, an interface and a lifecycle hook (cps-attach on the bench)\n");
+    println!(
+        "First boot of node 1, its replacement (terminated in its group without lowering capacity), and a re-run on the replacement. Calls include the Auto Scaling ones.\n"
+    );
+    println!("| path | exit | API calls | wall | peak RSS |");
+    println!("|---|---|---|---|---|");
+    let bench = Bench::start(BenchOptions {
+        delays: Delays::default(),
+        device_appears_after: Duration::ZERO,
+    })?;
+    let node = Tags::from([
+        ("cluster".to_owned(), "bench-node".to_owned()),
+        ("cps:node-id".to_owned(), "1".to_owned()),
+    ]);
+    bench.create_interface(AZ, 40, &node).await?;
+    bench
+        .create_group(
+            "bench-node-1",
+            AZ,
+            1,
+            &node,
+            "launch",
+            Duration::from_secs(600),
+        )
+        .await?;
+    let mut guards = Vec::new();
+    let mut boot = async |instance_id: &str, name: &str| -> io::Result<()> {
+        let instance = bench.adopt(instance_id).await?;
+        let target = instance.home.join("data");
+        guards.push(cps_fixtures::MountGuard(target.clone()));
+        let config = instance.home.join("attach.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: bench-node}}\n    size: 1\nfile-system:\n  type: xfs\nmount:\n  target: {}\nidentity:\n  mode: node-id\nnetwork-interface:\n  device-index: 1\nhooks:\n  configure: ['true']\n  health: ['true']\nlifecycle:\n  hook: launch\n",
+                target.display()
+            ),
+        )?;
+        let r = run_measured(bench.attach_command(attach_bin, &instance, &config))?;
+        println!(
+            "| {name} | {} | {} | {:.2} s | {:.1} MiB |",
+            r.code,
+            r.calls.replace(',', ", ").replace('=', " "),
+            r.wall.as_secs_f64(),
+            r.max_rss_kib as f64 / 1024.0
+        );
+        Ok(())
+    };
+    let first = bench
+        .wait_pending("bench-node-1", 1, Duration::from_secs(10))
+        .await?[0]
+        .clone();
+    boot(&first, "first boot (creates the volume)").await?;
+    bench.terminate_in_group(&first).await?;
+    let next = bench
+        .wait_pending("bench-node-1", 1, Duration::from_secs(10))
+        .await?
+        .into_iter()
+        .find(|id| *id != first)
+        .ok_or_else(|| io::Error::other("no replacement launched"))?;
+    boot(&next, "replacement (reattach volume and interface)").await?;
+    boot(&next, "re-run").await?;
     println!();
     Ok(())
 }

@@ -121,17 +121,6 @@ pub async fn boot(
         .map(|m| m.group),
         _ => None,
     };
-    let group: Option<ScalingGroup> = match &group_name {
-        Some(name) if needs_group => {
-            backoff::retry(policy, "DescribeAutoScalingGroups", seed, || {
-                services.lifecycle.group(name)
-            })
-            .await
-            .map_err(cloud("describing the Auto Scaling group"))?
-        }
-        _ => None,
-    };
-
     let lifecycle = match (&config.node.lifecycle, &group_name) {
         (None, _) => None,
         (Some(_), None) => {
@@ -164,7 +153,14 @@ pub async fn boot(
         }
     };
 
-    let steps = run_steps(services, &hosts, identity, config, group.as_ref(), policy);
+    let steps = run_steps(
+        services,
+        &hosts,
+        identity,
+        config,
+        group_name.as_deref(),
+        policy,
+    );
     let result = match &lifecycle {
         Some(lc) => with_heartbeats(services.lifecycle, lc, me, steps).await,
         None => steps.await,
@@ -276,11 +272,22 @@ async fn run_steps(
     hosts: &Hosts,
     identity: &InstanceIdentity,
     config: &AttachConfig,
-    group: Option<&ScalingGroup>,
+    group_name: Option<&str>,
     policy: RetryPolicy,
 ) -> Result<BootOutcome, AttachError> {
     let me = identity.instance_id.as_str();
     let seed = hash_str(me);
+    // The group's details, only when the identity needs them (one request).
+    let describe_group = || async {
+        match group_name {
+            Some(name) => backoff::retry(policy, "DescribeAutoScalingGroups", seed, || {
+                services.lifecycle.group(name)
+            })
+            .await
+            .map_err(cloud("describing the Auto Scaling group")),
+            None => Ok(None::<ScalingGroup>),
+        }
+    };
 
     // Identity → which volume (and interface) is this node's.
     let (target, node_id) = match &config.node.identity {
@@ -298,9 +305,15 @@ async fn run_steps(
                     })
                     .await
                     .map_err(cloud("reading the instance's tags"))?;
+                    let from_group = match tags.get(source_tag) {
+                        Some(_) => None,
+                        None => describe_group()
+                            .await?
+                            .and_then(|g| g.tags.get(source_tag).cloned()),
+                    };
                     tags.get(source_tag)
-                        .or_else(|| group.and_then(|g| g.tags.get(source_tag)))
                         .cloned()
+                        .or(from_group)
                         .ok_or_else(|| AttachError::NoNodeId {
                             instance_id: me.to_owned(),
                             tag: source_tag.clone(),
@@ -319,7 +332,11 @@ async fn run_steps(
             )
         }
         Identity::Slot { max, id_tag } => {
-            let window = group.map(|g| g.booting()).unwrap_or(1).max(1);
+            let window = describe_group()
+                .await?
+                .map(|g| g.booting())
+                .unwrap_or(1)
+                .max(1);
             (
                 ClaimTarget::Slot {
                     tags: config.tags.clone(),
