@@ -160,8 +160,8 @@ struct OverrideArgs {
     /// pool, node-id or slot (identity.mode).
     #[arg(long = "identity", env = "CPS_IDENTITY", global = true)]
     identity_mode: Option<String>,
-    /// This node's id (identity.node-id).
-    #[arg(long, env = "CPS_NODE_ID", global = true)]
+    /// This node's id (identity.node-id). Not CPS_NODE_ID: that is the output in node.env.
+    #[arg(long, env = "CPS_IDENTITY_NODE_ID", global = true)]
     node_id: Option<String>,
     /// Slots in the pool (identity.max-slots).
     #[arg(long, env = "CPS_MAX_SLOTS", global = true)]

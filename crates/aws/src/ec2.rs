@@ -319,13 +319,15 @@ fn to_interface(e: &aws_sdk_ec2::types::NetworkInterface) -> NetworkInterface {
             .status()
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default(),
-        attachment: e.attachment().and_then(|a| {
-            Some(InterfaceAttachment {
-                attachment_id: a.attachment_id().unwrap_or_default().to_owned(),
-                instance_id: a.instance_id()?.to_owned(),
-                device_index: a.device_index().unwrap_or_default(),
-                state: AttachmentState::parse(a.status().map(|s| s.as_str()).unwrap_or("attached")),
-            })
+        // An attachment without an instance id (another account's service) still holds it.
+        attachment: e.attachment().map(|a| InterfaceAttachment {
+            attachment_id: a.attachment_id().unwrap_or_default().to_owned(),
+            instance_id: a
+                .instance_id()
+                .unwrap_or("an instance cps cannot see")
+                .to_owned(),
+            device_index: a.device_index().unwrap_or_default(),
+            state: AttachmentState::parse(a.status().map(|s| s.as_str()).unwrap_or("attached")),
         }),
         tags: e
             .tag_set()

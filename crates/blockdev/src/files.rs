@@ -2,8 +2,9 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::{Error, Ownership, set_ownership};
 
@@ -29,9 +30,20 @@ pub fn write_atomically(
         })?
         .to_string_lossy();
     fs::create_dir_all(dir).map_err(Error::io(dir, "create directory"))?;
-    let tmp = dir.join(format!(".{name}.cps-{}", std::process::id()));
+    // A fresh name, created exclusively and never through a link: the directory may belong to
+    // another user (a file on the data volume), who must not redirect this root-owned write.
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(".{name}.cps-{}-{nonce:08x}", std::process::id()));
     let written = (|| {
-        let mut file = fs::File::create(&tmp)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&tmp)?;
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()

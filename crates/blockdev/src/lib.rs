@@ -25,7 +25,9 @@ pub use files::write_atomically;
 pub use fstab::FstabEntry;
 pub use locate::{Lookup, Verification, Wanted, nvme_link_name};
 pub use mkfs::{FsType, MkfsSpec};
-pub use mount::{MountInfo, MountState, Ownership, set_ownership, split_mount_options};
+pub use mount::{
+    MountInfo, MountState, Ownership, resolve_ownership, set_ownership, split_mount_options,
+};
 pub use probe::{Probe, Refusal};
 
 /// A kernel block device verified to be the block device of `volume_id`.

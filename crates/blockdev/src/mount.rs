@@ -221,9 +221,16 @@ impl Ownership {
     }
 }
 
+/// The numeric uid and gid an ownership names (looked up in the user database).
+pub fn resolve_ownership(ownership: &Ownership) -> Result<(Option<u32>, Option<u32>), Error> {
+    Ok((
+        ownership.owner.as_deref().map(resolve_user).transpose()?,
+        ownership.group.as_deref().map(resolve_group).transpose()?,
+    ))
+}
+
 pub fn set_ownership(target: &Path, ownership: &Ownership) -> Result<(), Error> {
-    let uid = ownership.owner.as_deref().map(resolve_user).transpose()?;
-    let gid = ownership.group.as_deref().map(resolve_group).transpose()?;
+    let (uid, gid) = resolve_ownership(ownership)?;
     if uid.is_some() || gid.is_some() {
         std::os::unix::fs::chown(target, uid, gid).map_err(Error::io(target, "chown"))?;
     }

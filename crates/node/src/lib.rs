@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cps_blockdev::{Ownership, write_atomically};
+use cps_blockdev::{Ownership, resolve_ownership, write_atomically};
 
 pub use hooks::run_command;
 
@@ -171,32 +171,17 @@ impl NodeHost for LinuxNode {
 
     fn write_file(&self, file: &NodeFile) -> Result<bool, Error> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let (uid, gid) = resolve_ownership(&file.ownership).map_err(|source| Error::File {
+            path: file.path.clone(),
+            source: Box::new(source),
+        })?;
         let unchanged = std::fs::read(&file.path).is_ok_and(|c| c == file.content)
             && std::fs::metadata(&file.path).is_ok_and(|m| {
                 m.permissions().mode() & 0o7777 == file.mode
-                    && file
-                        .ownership
-                        .owner
-                        .as_deref()
-                        .is_none_or(|o| o.parse() == Ok(m.uid()))
-                    && file
-                        .ownership
-                        .group
-                        .as_deref()
-                        .is_none_or(|g| g.parse() == Ok(m.gid()))
+                    && uid.is_none_or(|u| u == m.uid())
+                    && gid.is_none_or(|g| g == m.gid())
             });
-        // Names (not numbers) are always re-applied: cheap, and a renamed user stays right.
-        let by_name = file
-            .ownership
-            .owner
-            .as_deref()
-            .is_some_and(|o| o.parse::<u32>().is_err())
-            || file
-                .ownership
-                .group
-                .as_deref()
-                .is_some_and(|g| g.parse::<u32>().is_err());
-        if unchanged && !by_name {
+        if unchanged {
             return Ok(false);
         }
         write_atomically(&file.path, &file.content, file.mode, &file.ownership).map_err(
@@ -205,7 +190,7 @@ impl NodeHost for LinuxNode {
                 source: Box::new(source),
             },
         )?;
-        Ok(!unchanged)
+        Ok(true)
     }
 
     fn write_env_file(&self, path: &Path, vars: &[(String, String)]) -> Result<(), Error> {

@@ -89,6 +89,8 @@ struct LifecycleContext {
     group: String,
     hook: String,
     interval: Duration,
+    /// The instance was in Pending:Wait when the boot began.
+    waiting_at_start: bool,
 }
 
 fn cloud(step: &'static str) -> impl FnOnce(CloudError) -> AttachError {
@@ -108,19 +110,25 @@ pub async fn boot(
     let me = identity.instance_id.as_str();
 
     // The group is looked up once, if anything needs it.
-    let needs_group = config.node.lifecycle.is_some()
+    let needs_membership = config.node.lifecycle.is_some()
         || matches!(config.node.identity, Identity::Slot { .. })
         || matches!(config.node.identity, Identity::NodeId { id: None, .. });
-    let group_name = match (&config.node.lifecycle, needs_group) {
-        (Some(l), _) if l.group.is_some() => l.group.clone(),
-        (_, true) => backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
+    let membership = if needs_membership {
+        backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
             services.lifecycle.membership(me)
         })
         .await
         .map_err(cloud("finding the instance's Auto Scaling group"))?
-        .map(|m| m.group),
-        _ => None,
+    } else {
+        None
     };
+    let configured_group = config.node.lifecycle.as_ref().and_then(|l| l.group.clone());
+    let group_name = configured_group.or_else(|| membership.as_ref().map(|m| m.group.clone()));
+    // Waiting in the hook now: a "no active action" at the end then means it expired.
+    let waiting_at_start = membership
+        .as_ref()
+        .is_some_and(|m| m.lifecycle_state == "Pending:Wait");
+
     let lifecycle = match (&config.node.lifecycle, &group_name) {
         (None, _) => None,
         (Some(_), None) => {
@@ -131,27 +139,26 @@ pub async fn boot(
             None
         }
         (Some(opts), Some(group)) => {
-            let hook = backoff::retry(policy, "DescribeLifecycleHooks", seed, || {
-                services.lifecycle.lifecycle_hook(group, &opts.hook)
-            })
-            .await
-            .map_err(cloud("describing the lifecycle hook"))?
-            .ok_or_else(|| AttachError::NoLifecycleHook {
-                group: group.clone(),
-                hook: opts.hook.clone(),
-            })?;
-            let interval = opts
-                .heartbeat_interval
-                .unwrap_or(hook.heartbeat_timeout / 3)
-                .max(Duration::from_secs(1));
-            info!(group = %group, hook = %opts.hook, heartbeat_timeout_s = hook.heartbeat_timeout.as_secs(), heartbeat_every_s = interval.as_secs(), "lifecycle hook found");
-            Some(LifecycleContext {
-                group: group.clone(),
-                hook: opts.hook.clone(),
-                interval,
-            })
+            match lifecycle_context(services.lifecycle, group, opts, policy, seed).await {
+                Ok(lc) => Some(lc),
+                Err(e) => {
+                    // The hook could not be read, but its name is known: still release the
+                    // instance rather than leave it to the hook's timeout (and default result).
+                    let lc = LifecycleContext {
+                        group: group.clone(),
+                        hook: opts.hook.clone(),
+                        interval: Duration::from_secs(10),
+                        waiting_at_start,
+                    };
+                    return Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await);
+                }
+            }
         }
     };
+    let lifecycle = lifecycle.map(|mut lc| {
+        lc.waiting_at_start = waiting_at_start;
+        lc
+    });
 
     let steps = run_steps(
         services,
@@ -161,13 +168,8 @@ pub async fn boot(
         group_name.as_deref(),
         policy,
     );
-    let result = match &lifecycle {
-        Some(lc) => with_heartbeats(services.lifecycle, lc, me, steps).await,
-        None => steps.await,
-    };
-
     let Some(lc) = lifecycle else {
-        return result.map(|mut out| {
+        return steps.await.map(|mut out| {
             out.lifecycle = if config.node.lifecycle.is_some() {
                 LifecycleOutcome::NotInGroup
             } else {
@@ -176,41 +178,93 @@ pub async fn boot(
             out
         });
     };
-    match result {
+    match with_heartbeats(Duration::ZERO, services.lifecycle, &lc, me, steps).await {
         Ok(mut out) => {
-            out.lifecycle = complete(
+            let done = complete(
                 services.lifecycle,
                 &lc,
                 me,
                 LifecycleResult::Continue,
                 policy,
                 seed,
-            )
-            .await?;
+            );
+            out.lifecycle = with_heartbeats(lc.interval, services.lifecycle, &lc, me, done).await?;
             Ok(out)
         }
-        Err(e) => {
-            let on_failure = config.node.lifecycle.as_ref().map(|l| l.on_failure);
-            if on_failure == Some(OnFailure::Abandon) {
-                warn!(error = %e, "boot failed; abandoning the lifecycle action so the group replaces this instance");
-                if let Err(abandon) = complete(
-                    services.lifecycle,
-                    &lc,
-                    me,
-                    LifecycleResult::Abandon,
-                    policy,
-                    seed,
-                )
-                .await
-                {
-                    warn!(error = %abandon, "could not abandon the lifecycle action; the hook's timeout will decide");
-                }
-            } else {
-                warn!(error = %e, "boot failed; leaving the instance in Pending:Wait (lifecycle.on-failure: leave)");
-            }
-            Err(e)
-        }
+        Err(e) => Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await),
     }
+}
+
+/// The hook as Auto Scaling has it, checked, and the heartbeat interval.
+async fn lifecycle_context(
+    lifecycle: &dyn LifecycleService,
+    group: &str,
+    opts: &crate::config::LifecycleOptions,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<LifecycleContext, AttachError> {
+    let hook = backoff::retry(policy, "DescribeLifecycleHooks", seed, || {
+        lifecycle.lifecycle_hook(group, &opts.hook)
+    })
+    .await
+    .map_err(cloud("describing the lifecycle hook"))?
+    .ok_or_else(|| AttachError::NoLifecycleHook {
+        group: group.to_owned(),
+        hook: opts.hook.clone(),
+    })?;
+    if !hook.transition.ends_with("EC2_INSTANCE_LAUNCHING") {
+        return Err(AttachError::NoLifecycleHook {
+            group: group.to_owned(),
+            hook: format!(
+                "{} as a launching hook (it is {})",
+                opts.hook, hook.transition
+            ),
+        });
+    }
+    let default = hook.heartbeat_timeout / 3;
+    let interval = match opts.heartbeat_interval {
+        Some(i) if i < hook.heartbeat_timeout => i,
+        Some(i) => {
+            warn!(configured_s = i.as_secs(), heartbeat_timeout_s = hook.heartbeat_timeout.as_secs(),
+                "lifecycle.heartbeat-interval is not below the hook's heartbeat timeout; using a third of the timeout");
+            default
+        }
+        None => default,
+    }
+    .max(Duration::from_secs(1));
+    info!(group = %group, hook = %opts.hook, heartbeat_timeout_s = hook.heartbeat_timeout.as_secs(), heartbeat_every_s = interval.as_secs(), "lifecycle hook found");
+    Ok(LifecycleContext {
+        group: group.to_owned(),
+        hook: opts.hook.clone(),
+        interval,
+        waiting_at_start: false,
+    })
+}
+
+/// A failed boot: abandon the lifecycle action (unless told to leave it), return the error.
+async fn fail(
+    lifecycle: &dyn LifecycleService,
+    lc: &LifecycleContext,
+    config: &AttachConfig,
+    me: &str,
+    error: AttachError,
+    policy: RetryPolicy,
+    seed: u64,
+) -> AttachError {
+    let on_failure = config.node.lifecycle.as_ref().map(|l| l.on_failure);
+    if on_failure == Some(OnFailure::Abandon) {
+        warn!(error = %error, "boot failed; abandoning the lifecycle action so the group replaces this instance");
+        let abandon = complete(lifecycle, lc, me, LifecycleResult::Abandon, policy, seed);
+        match with_heartbeats(lc.interval, lifecycle, lc, me, abandon).await {
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "could not abandon the lifecycle action; the hook's timeout will decide")
+            }
+        }
+    } else {
+        warn!(error = %error, "boot failed; leaving the instance in Pending:Wait (lifecycle.on-failure: leave) until an operator completes it or the hook's timeout applies its default result");
+    }
+    error
 }
 
 async fn complete(
@@ -230,9 +284,16 @@ async fn complete(
             info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
             Ok(LifecycleOutcome::Completed(result))
         }
-        Err(CloudError::NoActiveLifecycleAction { message, .. }) => {
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) if !lc.waiting_at_start => {
             info!(group = %lc.group, hook = %lc.hook, detail = %message, "no lifecycle action is waiting for this instance (a re-run?); nothing to complete");
             Ok(LifecycleOutcome::NotWaiting)
+        }
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) => {
+            Err(AttachError::LifecycleExpired {
+                group: lc.group.clone(),
+                hook: lc.hook.clone(),
+                detail: message,
+            })
         }
         Err(e) => Err(cloud("completing the lifecycle action")(e)),
     }
@@ -240,23 +301,38 @@ async fn complete(
 
 /// Runs `steps` while sending lifecycle heartbeats every `lc.interval`.
 async fn with_heartbeats<T>(
+    first_after: Duration,
     lifecycle: &dyn LifecycleService,
     lc: &LifecycleContext,
     me: &str,
     steps: impl Future<Output = T>,
 ) -> T {
-    let beats = async {
-        loop {
-            tokio::time::sleep(lc.interval).await;
-            match lifecycle.heartbeat(&lc.group, &lc.hook, me).await {
-                Ok(()) => info!(group = %lc.group, hook = %lc.hook, "lifecycle heartbeat sent"),
-                Err(CloudError::NoActiveLifecycleAction { .. }) => {
-                    info!("no lifecycle action is waiting for this instance; no more heartbeats");
-                    break;
-                }
-                // A missed heartbeat is not fatal: the next one may get through in time.
-                Err(e) => warn!(error = %e, "lifecycle heartbeat failed"),
+    let beat = || async {
+        match lifecycle.heartbeat(&lc.group, &lc.hook, me).await {
+            Ok(()) => {
+                info!(group = %lc.group, hook = %lc.hook, "lifecycle heartbeat sent");
+                true
             }
+            Err(CloudError::NoActiveLifecycleAction { .. }) => {
+                info!("no lifecycle action is waiting for this instance; no more heartbeats");
+                false
+            }
+            // A missed heartbeat is not fatal: the next one may get through in time.
+            Err(e) => {
+                warn!(error = %e, "lifecycle heartbeat failed");
+                true
+            }
+        }
+    };
+    // The boot's first one before anything else: the instance has waited since it launched.
+    let mut go_on = true;
+    if first_after.is_zero() {
+        go_on = beat().await;
+    }
+    let beats = async {
+        while go_on {
+            tokio::time::sleep(lc.interval).await;
+            go_on = beat().await;
         }
         std::future::pending::<()>().await;
     };
@@ -334,7 +410,7 @@ async fn run_steps(
         Identity::Slot { max, id_tag } => {
             let window = describe_group()
                 .await?
-                .map(|g| g.booting())
+                .map(|g| g.booting_in(&identity.availability_zone))
                 .unwrap_or(1)
                 .max(1);
             (
@@ -553,12 +629,32 @@ fn environment(
     env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
-/// Replaces `${NAME}` for every NAME in `env`; anything else is left as written.
+/// Replaces `${NAME}` for every NAME in `env`, in one pass (a value is never expanded again);
+/// anything else is left as written. The configuration already refused unknown `${CPS_…}`.
 pub fn fill(text: &str, env: &[(String, String)]) -> String {
-    let mut out = text.to_owned();
-    for (k, v) in env {
-        out = out.replace(&format!("${{{k}}}"), v);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}').map(|end| (&after[..end], end)) {
+            Some((name, end)) => match env.iter().find(|(k, _)| k == name) {
+                Some((_, v)) => {
+                    out.push_str(v);
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    out.push_str("${");
+                    rest = after;
+                }
+            },
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
     }
+    out.push_str(rest);
     out
 }
 
@@ -604,8 +700,20 @@ async fn attach_interface(
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                match found.as_slice() {
+                let (here, far): (Vec<_>, Vec<_>) = found
+                    .into_iter()
+                    .partition(|e| e.availability_zone == identity.availability_zone);
+                match here.as_slice() {
                     [one] => Ok(one.clone()),
+                    [] if !far.is_empty() => Err(AttachError::WrongZone {
+                        what: "this node's network interface",
+                        resources: far
+                            .iter()
+                            .map(|e| format!("{} in {}", e.id, e.availability_zone))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        zone: identity.availability_zone.clone(),
+                    }),
                     [] => Err(AttachError::NoInterface {
                         what: format!("tagged {}", describe()),
                     }),
@@ -749,6 +857,15 @@ mod tests {
                 &env
             ),
             "broker.id=2\nlisteners=PLAINTEXT://10.0.1.12:9092\nhome=${HOME}\n"
+        );
+        let tricky = vec![
+            ("CPS_A".to_string(), "${CPS_B}".to_string()),
+            ("CPS_B".to_string(), "b".to_string()),
+        ];
+        assert_eq!(
+            fill("${CPS_A} ${CPS_B} ${ unclosed", &tricky),
+            "${CPS_B} b ${ unclosed",
+            "no second expansion"
         );
     }
 }

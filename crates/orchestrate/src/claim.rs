@@ -121,7 +121,7 @@ pub fn volume_spec(identity: &InstanceIdentity, config: &AttachConfig, tags: &Ta
     }
 }
 
-fn token(parts: &[&str], spec: &VolumeSpec, with_zone: bool, attempt: u32) -> String {
+fn token(parts: &[&str], spec: &VolumeSpec, attempt: u32) -> String {
     let mut h = Sha256::new();
     let mut field = |s: &str| {
         h.update((s.len() as u64).to_le_bytes());
@@ -130,9 +130,7 @@ fn token(parts: &[&str], spec: &VolumeSpec, with_zone: bool, attempt: u32) -> St
     for p in parts {
         field(p);
     }
-    if with_zone {
-        field(&spec.availability_zone);
-    }
+    field(&spec.availability_zone);
     field(&spec.volume_type);
     field(&spec.size_gib.to_string());
     field(&format!("{:?}/{:?}", spec.iops, spec.throughput));
@@ -150,14 +148,30 @@ fn token(parts: &[&str], spec: &VolumeSpec, with_zone: bool, attempt: u32) -> St
 /// Pool mode: same instance, same spec, same attempt → same token; the cloud then returns the
 /// volume the first request made instead of making another.
 pub fn client_token(identity: &InstanceIdentity, spec: &VolumeSpec, attempt: u32) -> String {
-    token(&[&identity.instance_id], spec, true, attempt)
+    token(&[&identity.instance_id], spec, attempt)
 }
 
-/// Node and slot modes: the same for every instance creating this node's (slot's) volume, and
-/// without the zone — an instance in another zone gets IdempotentParameterMismatch instead of a
-/// second volume for the same identity.
-pub fn shared_token(spec: &VolumeSpec, attempt: u32) -> String {
-    token(&["shared"], spec, false, attempt)
+/// Node and slot modes: a function of the identity alone (its tags) — not of the instance, the
+/// zone, the spec or how often this run tried. Every instance creating this node's (slot's)
+/// volume, at any time, sends the same token: the cloud returns the one volume, or refuses with
+/// IdempotentParameterMismatch when the parameters differ (another zone, another size), never
+/// makes a second.
+pub fn identity_token(tags: &Tags) -> String {
+    let mut h = Sha256::new();
+    h.update(b"cps-identity");
+    for (k, v) in tags {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v.as_bytes());
+    }
+    let hex: String = h
+        .finalize()
+        .iter()
+        .take(20)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("cps-id-{hex}")
 }
 
 fn cloud(step: &'static str) -> impl FnOnce(CloudError) -> AttachError {
@@ -208,12 +222,16 @@ pub async fn claim_volume(
     let mut race_budget: Option<u32> = None;
     let mut lost_races = 0u32;
     let mut waiting: Option<(Instant, u32, String)> = None;
-    let claimed = |volume: Volume, origin: Origin, attach_attempts: u32, slot: Option<u32>| Claim {
-        volume,
-        instance_id: me.to_owned(),
-        origin,
-        attach_attempts,
-        slot,
+    let claimed = |volume: Volume, origin: Origin, attach_attempts: u32, slot: Option<u32>| async move {
+        let claim = Claim {
+            volume,
+            instance_id: me.to_owned(),
+            origin,
+            attach_attempts,
+            slot,
+        };
+        sole_holder_of_identity(cloud_api, target, &claim, seed, policy).await?;
+        Ok(claim)
     };
 
     loop {
@@ -255,7 +273,7 @@ pub async fn claim_volume(
                 } else {
                     wait_attached(cloud_api, identity, config, &volume.id, policy).await?
                 };
-                return Ok(claimed(volume, Origin::Reused, attach_attempts, slot));
+                return claimed(volume, Origin::Reused, attach_attempts, slot).await;
             }
             many => {
                 return Err(AttachError::Ambiguous {
@@ -392,7 +410,8 @@ pub async fn claim_volume(
                 if !duplicated.is_empty() {
                     warn!(duplicates = %duplicated.join("; "), "slots with more than one volume are skipped; remove or retag the extra volumes");
                 }
-                // Existing free slots here first (lowest first), then slots with no volume yet.
+                // Existing free slots here first (lowest first); slots with no volume yet only
+                // when fewer are free than instances are booting here.
                 let mut candidates: Vec<(u32, Option<&Volume>)> = by_slot
                     .iter()
                     .filter(|(_, vs)| vs.len() == 1)
@@ -401,12 +420,14 @@ pub async fn claim_volume(
                     })
                     .map(|(k, vs)| (*k, Some(vs[0])))
                     .collect();
-                candidates.extend(
-                    (1..=*max)
-                        .filter(|k| !by_slot.contains_key(k))
-                        .map(|k| (k, None)),
-                );
-                let window = (*window).clamp(1, candidates.len().max(1));
+                let window = (*window).max(1);
+                if candidates.len() < window {
+                    candidates.extend(
+                        (1..=*max)
+                            .filter(|k| !by_slot.contains_key(k))
+                            .map(|k| (k, None)),
+                    );
+                }
                 let pick = candidates[..candidates.len().min(window)]
                     .iter()
                     .min_by_key(|(k, _)| mix(seed ^ u64::from(*k)));
@@ -471,7 +492,7 @@ pub async fn claim_volume(
                 if try_attach(cloud_api, &volume_id, me, device_name, seed, policy).await? {
                     let volume =
                         wait_attached(cloud_api, identity, config, &volume_id, policy).await?;
-                    return Ok(claimed(volume, Origin::Claimed, attach_attempts, slot));
+                    return claimed(volume, Origin::Claimed, attach_attempts, slot).await;
                 }
                 lost_races += 1;
             }
@@ -487,7 +508,7 @@ pub async fn claim_volume(
                 let spec = volume_spec(identity, config, &tags);
                 let token = match target {
                     ClaimTarget::Pool { .. } => client_token(identity, &spec, creates),
-                    _ => shared_token(&spec, creates),
+                    _ => identity_token(&tags),
                 };
                 creates += 1;
                 info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
@@ -518,12 +539,56 @@ pub async fn claim_volume(
                 if try_attach(cloud_api, &created.id, me, device_name, seed, policy).await? {
                     let volume =
                         wait_attached(cloud_api, identity, config, &created.id, policy).await?;
-                    return Ok(claimed(volume, Origin::Created, attach_attempts, slot));
+                    return claimed(volume, Origin::Created, attach_attempts, slot).await;
                 }
                 lost_races += 1;
             }
         }
     }
+}
+
+/// In node and slot modes, the identity must have exactly one volume. Should a second ever exist
+/// (a token window passed, an operator copied a volume), only the lowest volume id keeps the
+/// identity, and every other holder stops here, before it writes its identity anywhere.
+async fn sole_holder_of_identity(
+    cloud_api: &dyn VolumeService,
+    target: &ClaimTarget,
+    claim: &Claim,
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<(), AttachError> {
+    let (tags, what) = match target {
+        ClaimTarget::Pool { .. } => return Ok(()),
+        ClaimTarget::Node { tags, .. } => (tags.clone(), "this node".to_owned()),
+        ClaimTarget::Slot { tags, key, .. } => {
+            let Some(k) = claim.slot else { return Ok(()) };
+            let mut t = tags.clone();
+            t.insert(key.clone(), k.to_string());
+            (t, format!("slot {k}"))
+        }
+    };
+    let mut ids: Vec<String> = backoff::retry(policy, "DescribeVolumes", seed, || {
+        cloud_api.volumes_tagged(&tags)
+    })
+    .await
+    .map_err(cloud("checking that the identity has one volume"))?
+    .into_iter()
+    .map(|v| v.id)
+    .collect();
+    ids.sort();
+    if ids.len() > 1 && ids.first() != Some(&claim.volume.id) {
+        return Err(AttachError::Duplicates {
+            what: format!(
+                "{what} (this instance attached {}, which is not the first)",
+                claim.volume.id
+            ),
+            volumes: ids.join(", "),
+        });
+    }
+    if ids.len() > 1 {
+        warn!(volumes = %ids.join(", "), "{what} has more than one volume; this instance keeps the identity with the first, remove the others");
+    }
+    Ok(())
 }
 
 /// Who holds `held` volumes and in what state: whether all of them are held only by

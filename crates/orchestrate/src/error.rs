@@ -73,6 +73,18 @@ pub enum AttachError {
     #[error("lifecycle hook {hook} does not exist on group {group}; check lifecycle.hook")]
     NoLifecycleHook { group: String, hook: String },
 
+    /// The instance was waiting in the hook, but the action expired before it was completed
+    /// (heartbeats failing?): the hook's default result decided.
+    #[error(
+        "the lifecycle action of hook {hook} on {group} expired before cps-attach completed it ({detail}); \
+         the hook's default result decided this instance's fate: check that heartbeats are allowed (IAM) and reach Auto Scaling"
+    )]
+    LifecycleExpired {
+        group: String,
+        hook: String,
+        detail: String,
+    },
+
     /// Node files, the environment file or the boot marker could not be written.
     #[error("{source}")]
     Node {
@@ -141,7 +153,7 @@ impl AttachError {
             | Self::NoFreeSlot { .. }
             | Self::NoNodeId { .. }
             | Self::NoInterface { .. } => ErrorClass::Identity,
-            Self::NoLifecycleHook { .. } => ErrorClass::Cloud,
+            Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } => ErrorClass::Cloud,
             Self::Node { .. } => ErrorClass::Host,
             Self::Hook { .. } => ErrorClass::Hook,
             Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,

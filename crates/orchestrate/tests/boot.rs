@@ -581,3 +581,203 @@ async fn a_single_boot_takes_the_lowest_free_slot() {
     assert_eq!(out.node_id.as_deref(), Some("2"));
     assert_eq!(c.cloud.volumes().len(), 3);
 }
+
+/// Instances arriving at different moments (each having lost different races before) must
+/// still never make two volumes for one slot: the creation token is the slot's, not the try's.
+#[tokio::test(start_paused = true)]
+async fn staggered_slot_claims_never_duplicate_a_slot() {
+    for stagger_ms in [0u64, 150, 400, 900] {
+        let c = Arc::new(Cluster::new(Timing {
+            latency: Duration::from_millis(60),
+            create_delay: Duration::from_millis(800),
+            attach_delay: Duration::from_millis(300),
+        }));
+        let cfg = Arc::new(config("identity:\n  mode: slot\n  max-slots: 6\n"));
+        let machines: Vec<Arc<Machine>> = (0..6)
+            .map(|i| Arc::new(c.launch(&format!("i-{i}"), AZ)))
+            .collect();
+        let tasks: Vec<_> = machines
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let (c, m, cfg) = (c.clone(), m.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(stagger_ms * i as u64)).await;
+                    c.boot(&m, &cfg).await
+                })
+            })
+            .collect();
+        let mut slots = Vec::new();
+        for t in tasks {
+            slots.push(t.await.unwrap().unwrap().slot.unwrap());
+        }
+        slots.sort();
+        assert_eq!(slots, [1, 2, 3, 4, 5, 6], "stagger {stagger_ms} ms");
+        let vols = c.cloud.volumes();
+        let mut per_slot = BTreeMap::new();
+        for v in &vols {
+            *per_slot.entry(v.tags["cps:slot"].clone()).or_insert(0) += 1;
+        }
+        assert!(
+            per_slot.values().all(|n| *n == 1),
+            "stagger {stagger_ms} ms: {per_slot:?}"
+        );
+    }
+}
+
+/// Two configurations (another size after a template change) creating the same node's volume
+/// at once: one volume, the other request is refused by the token and finds it.
+#[tokio::test(start_paused = true)]
+async fn a_node_volume_is_created_once_even_by_differing_configs() {
+    let c = Arc::new(Cluster::new(Timing {
+        latency: Duration::from_millis(50),
+        create_delay: Duration::from_secs(1),
+        attach_delay: Duration::from_millis(200),
+    }));
+    let small = Arc::new(config(&format!(
+        "{NODE}  node-id: '4'\n  release-timeout: 1m\n"
+    )));
+    let big =
+        Arc::new(config(&format!("{NODE}  node-id: '4'\n  release-timeout: 1m\n")).tap_size(20));
+    let a = Arc::new(c.launch("i-a", AZ));
+    let b = Arc::new(c.launch("i-b", AZ));
+    let ta = {
+        let (c, a, small) = (c.clone(), a.clone(), small.clone());
+        tokio::spawn(async move { c.boot(&a, &small).await })
+    };
+    let tb = {
+        let (c, b, big) = (c.clone(), b.clone(), big.clone());
+        tokio::spawn(async move { c.boot(&b, &big).await })
+    };
+    let (ra, rb) = (ta.await.unwrap(), tb.await.unwrap());
+    assert_eq!(c.cloud.volumes().len(), 1, "one volume for node 4");
+    // One of them is node 4; the other waited for it and timed out (it is held by a running node).
+    assert_eq!(
+        [ra.is_ok(), rb.is_ok()].iter().filter(|ok| **ok).count(),
+        1,
+        "{ra:?} {rb:?}"
+    );
+}
+
+trait TapSize {
+    fn tap_size(self, gib: i32) -> Self;
+}
+
+impl TapSize for AttachConfig {
+    fn tap_size(mut self, gib: i32) -> Self {
+        self.volume.size_gib = gib;
+        self
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_heartbeat_goes_out_at_once() {
+    let c = Cluster::new(Timing::default());
+    let m = c.launch("i-1", AZ);
+    let started = Instant::now();
+    c.boot(&m, &config(&format!("{NODE}  node-id: '1'\n")))
+        .await
+        .unwrap();
+    let first = c.log_for("i-1").into_iter().find_map(|e| match e {
+        LifecycleEvent::Heartbeat { at, .. } => Some(at),
+        _ => None,
+    });
+    assert!(
+        first.is_some_and(|at| at - started < Duration::from_secs(1)),
+        "{:?}",
+        c.log_for("i-1")
+    );
+}
+
+/// Heartbeats refused (a missing permission): the hook expires and its default result decides.
+/// cps-attach must not report success.
+#[tokio::test(start_paused = true)]
+async fn an_expired_lifecycle_action_is_not_success() {
+    let c = Cluster::new(Timing::default());
+    c.cloud.with(|w| {
+        w.add_launch_hook(
+            GROUP,
+            HOOK,
+            Duration::from_secs(60),
+            LifecycleResult::Continue,
+        )
+    });
+    let m = c.launch("i-1", AZ);
+    c.cloud.inject(
+        cps_provider::memory::Fault::fail(
+            cps_provider::memory::RECORD_LIFECYCLE_ACTION_HEARTBEAT,
+            cps_provider::Error::Unauthorized {
+                operation: "RecordLifecycleActionHeartbeat",
+                message: "not allowed".into(),
+            },
+        )
+        .times(1000),
+    );
+    m.node.st().health = VecDeque::from([(Duration::from_secs(120), HookExit::Success)]);
+    let err = c
+        .boot(
+            &m,
+            &config(&format!(
+                "{NODE}  node-id: '1'\nhooks:\n  health: [/bin/health]\n"
+            )),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("expired before cps-attach completed it"),
+        "{err}"
+    );
+    assert!(
+        c.log_for("i-1")
+            .iter()
+            .any(|e| matches!(e, LifecycleEvent::TimedOut { .. }))
+    );
+}
+
+/// The hook cannot be read (a missing permission), but its name is configured: the instance is
+/// still abandoned at once rather than left to the hook's timeout.
+#[tokio::test(start_paused = true)]
+async fn a_failed_hook_lookup_still_abandons() {
+    let c = Cluster::new(Timing::default());
+    let m = c.launch("i-1", AZ);
+    c.cloud.inject(
+        cps_provider::memory::Fault::fail(
+            cps_provider::memory::DESCRIBE_LIFECYCLE_HOOKS,
+            cps_provider::Error::Unauthorized {
+                operation: "DescribeLifecycleHooks",
+                message: "not allowed".into(),
+            },
+        )
+        .times(1000),
+    );
+    let err = c
+        .boot(&m, &config(&format!("{NODE}  node-id: '1'\n")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Cloud);
+    assert_eq!(c.completions("i-1"), [LifecycleResult::Abandon]);
+    assert!(c.cloud.volumes().is_empty(), "nothing was claimed");
+}
+
+/// With other instances booting in another zone, a single boot here still takes the free slot
+/// here instead of creating a new one.
+#[tokio::test(start_paused = true)]
+async fn a_free_slot_is_taken_before_a_missing_one_is_created() {
+    let c = Cluster::new(Timing::default());
+    c.cloud.with(|w| {
+        let mut t = cluster_tags();
+        t.insert("cps:slot".into(), "1".into());
+        w.add_volume(AZ, 10, &t);
+    });
+    for i in 0..3 {
+        c.launch(&format!("i-far-{i}"), "us-east-1b");
+    }
+    let m = c.launch("i-here", AZ);
+    let out = c
+        .boot(&m, &config("identity:\n  mode: slot\n  max-slots: 5\n"))
+        .await
+        .unwrap();
+    assert_eq!(out.slot, Some(1));
+    assert_eq!(c.cloud.volumes().len(), 1, "no new slot created");
+}

@@ -226,6 +226,14 @@ impl ScalingGroup {
             .filter(|i| i.lifecycle_state.starts_with("Pending"))
             .count()
     }
+
+    /// Instances on their way in, in one availability zone.
+    pub fn booting_in(&self, zone: &str) -> usize {
+        self.instances
+            .iter()
+            .filter(|i| i.lifecycle_state.starts_with("Pending") && i.availability_zone == zone)
+            .count()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

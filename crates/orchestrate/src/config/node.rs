@@ -199,6 +199,59 @@ fn argv(src: &Source<'_>, v: Spanned<Vec<String>>, what: &str) -> Result<Vec<Str
     Ok(v.value)
 }
 
+/// The identity variables a boot provides, given the configuration.
+pub fn identity_variables(identity: &Identity, interface: bool) -> Vec<&'static str> {
+    let mut vars = vec![
+        "CPS_INSTANCE_ID",
+        "CPS_REGION",
+        "CPS_AVAILABILITY_ZONE",
+        "CPS_VOLUME_ID",
+        "CPS_DEVICE",
+        "CPS_MOUNT_PATH",
+        "CPS_FILESYSTEM",
+    ];
+    match identity {
+        Identity::Pool => {}
+        Identity::NodeId { .. } => vars.push("CPS_NODE_ID"),
+        Identity::Slot { .. } => vars.extend(["CPS_NODE_ID", "CPS_SLOT"]),
+    }
+    if interface {
+        vars.extend([
+            "CPS_ENI_ID",
+            "CPS_ENI_IP",
+            "CPS_ENI_MAC",
+            "CPS_ENI_INTERFACE",
+        ]);
+    }
+    vars
+}
+
+/// A `${CPS_…}` this boot cannot fill would land in the file as written: refuse it now.
+fn check_placeholders(
+    src: &Source<'_>,
+    content: &Val<String>,
+    identity: &Identity,
+    interface: bool,
+) -> Result<(), ConfigError> {
+    let known = identity_variables(identity, interface);
+    let mut rest = content.value.as_str();
+    while let Some(start) = rest.find("${CPS_") {
+        let after = &rest[start + 2..];
+        let name = after.split('}').next().unwrap_or(after);
+        if !known.contains(&name) {
+            return Err(src.at(
+                content,
+                format!(
+                    "the placeholder ${{{name}}} has no value in this configuration; available: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        rest = &after[name.len()..];
+    }
+    Ok(())
+}
+
 pub(super) fn build(
     src: &Source<'_>,
     s: NodeSections,
@@ -224,7 +277,11 @@ pub(super) fn build(
         None => (None, None, None, None, None, None),
     };
     let mode = pick(o.identity_mode.clone(), "--identity (CPS_IDENTITY)", mode);
-    let node_id = pick(o.node_id.clone(), "--node-id (CPS_NODE_ID)", node_id);
+    let node_id = pick(
+        o.node_id.clone(),
+        "--node-id (CPS_IDENTITY_NODE_ID)",
+        node_id,
+    );
     let max_slots = pick(o.max_slots, "--max-slots (CPS_MAX_SLOTS)", max_slots);
     let node_id_tag = node_id_tag.map(from_file);
     let id_tag = id_tag.map(from_file);
@@ -332,6 +389,7 @@ pub(super) fn build(
         }
     };
 
+    let interface_configured = interface.is_some();
     let mut files = Vec::new();
     if let Some(list) = s.files {
         let mut seen = std::collections::BTreeSet::new();
@@ -347,7 +405,11 @@ pub(super) fn build(
                 return Err(src.at(&path, format!("{} is listed twice", path.value)));
             }
             let (content, template) = match (entry.content, entry.content_base64) {
-                (Some(c), None) => (c.value.into_bytes(), true),
+                (Some(c), None) => {
+                    let c = from_file(c);
+                    check_placeholders(src, &c, &identity, interface_configured)?;
+                    (c.value.into_bytes(), true)
+                }
                 (None, Some(b)) => {
                     let b = from_file(b);
                     let compact: String = b.value.split_whitespace().collect();

@@ -487,6 +487,18 @@ fn node_section_errors_point_at_the_value() {
         ),
         ("hooks:\n  health: []\n", "hooks.health must be a command"),
         (
+            "files:\n  - path: /etc/x\n    content: 'id=${CPS_NODE_ID}'\n",
+            "the placeholder ${CPS_NODE_ID} has no value in this configuration",
+        ),
+        (
+            "identity:\n  mode: node-id\nfiles:\n  - path: /etc/x\n    content: 'ip=${CPS_ENI_IP}'\n",
+            "the placeholder ${CPS_ENI_IP} has no value",
+        ),
+        (
+            "identity:\n  mode: node-id\nfiles:\n  - path: /etc/x\n    content: 'x=${CPS_NODEID}'\n",
+            "the placeholder ${CPS_NODEID} has no value",
+        ),
+        (
             "lifecycle:\n  on-failure: abandon\n",
             "lifecycle needs hook",
         ),
