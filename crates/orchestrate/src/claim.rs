@@ -287,7 +287,12 @@ pub async fn claim_volume(
                 });
             }
         }
-        let budget = *race_budget.get_or_insert(4 * volumes.len() as u32 + 16);
+        // Every lost race means another instance got a volume; bounded by what there is to get.
+        let pool = match target {
+            ClaimTarget::Slot { max, .. } => volumes.len().max(*max as usize),
+            _ => volumes.len(),
+        };
+        let budget = *race_budget.get_or_insert(4 * pool as u32 + 16);
         if lost_races > budget {
             return Err(AttachError::Exhausted {
                 attempts: attach_attempts,
@@ -497,7 +502,9 @@ pub async fn claim_volume(
                 lost_races += 1;
             }
             Next::Create { tags, slot } => {
-                if creates >= MAX_CREATES {
+                // Pool mode makes a new volume per creation; node and slot modes cannot (the
+                // token is the identity's), so only the race budget bounds them.
+                if creates >= MAX_CREATES && matches!(target, ClaimTarget::Pool { .. }) {
                     return Err(AttachError::Exhausted {
                         attempts: attach_attempts,
                         detail: format!(
