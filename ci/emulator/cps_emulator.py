@@ -316,31 +316,29 @@ def _finish(backend, group, state, result):
         backend.terminate_instance(state.instance.id, should_decrement=False)
 
 
+def _waiting_for_request(response):
+    """The group and instance state a lifecycle request names (call under LOCK)."""
+    return _find_waiting(
+        response.autoscaling_backend,
+        response._get_param("AutoScalingGroupName"),
+        response._get_param("LifecycleHookName"),
+        response._get_param("InstanceId"),
+    )
+
+
 def _complete_lifecycle_action(self):
     result = (self._get_param("LifecycleActionResult") or "").upper()
     if result not in ("CONTINUE", "ABANDON"):
         raise AsgValidationError("LifecycleActionResult must be CONTINUE or ABANDON")
     with LOCK:
-        backend = self.autoscaling_backend
-        group, state = _find_waiting(
-            backend,
-            self._get_param("AutoScalingGroupName"),
-            self._get_param("LifecycleHookName"),
-            self._get_param("InstanceId"),
-        )
-        _finish(backend, group, state, result)
+        group, state = _waiting_for_request(self)
+        _finish(self.autoscaling_backend, group, state, result)
     return EmptyResult()
 
 
 def _record_lifecycle_action_heartbeat(self):
     with LOCK:
-        backend = self.autoscaling_backend
-        group, state = _find_waiting(
-            backend,
-            self._get_param("AutoScalingGroupName"),
-            self._get_param("LifecycleHookName"),
-            self._get_param("InstanceId"),
-        )
+        group, state = _waiting_for_request(self)
         hook = _launch_hook(group)
         state._cps_deadline = time.monotonic() + float(hook.heartbeat_timeout)
     return EmptyResult()

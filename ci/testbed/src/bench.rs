@@ -304,6 +304,17 @@ struct ChildRun {
     calls: String,
 }
 
+/// One Markdown row of a measured cps-attach run.
+fn print_row(name: &str, r: &ChildRun) {
+    println!(
+        "| {name} | {} | {} | {:.2} s | {:.1} MiB |",
+        r.code,
+        r.calls.replace(',', ", ").replace('=', " "),
+        r.wall.as_secs_f64(),
+        r.max_rss_kib as f64 / 1024.0
+    );
+}
+
 /// Runs a child and reads its own peak RSS with wait4.
 fn run_measured(mut cmd: std::process::Command) -> io::Result<ChildRun> {
     cmd.env("CPS_LOG_FORMAT", "json")
@@ -368,15 +379,7 @@ async fn binary_paths(attach_bin: &Path) -> io::Result<()> {
             target.display()
         ),
     )?;
-    let row = |name: &str, r: &ChildRun| {
-        println!(
-            "| {name} | {} | {} | {:.2} s | {:.1} MiB |",
-            r.code,
-            r.calls.replace(',', ", ").replace('=', " "),
-            r.wall.as_secs_f64(),
-            r.max_rss_kib as f64 / 1024.0
-        );
-    };
+    let row = print_row;
     let a = bench.launch(AZ).await?;
     let first = run_measured(bench.attach_command(attach_bin, &a, &config))?;
     row("create (first boot)", &first);
@@ -446,13 +449,9 @@ async fn node_paths(attach_bin: &Path) -> io::Result<()> {
                 target.display()
             ),
         )?;
-        let r = run_measured(bench.attach_command(attach_bin, &instance, &config))?;
-        println!(
-            "| {name} | {} | {} | {:.2} s | {:.1} MiB |",
-            r.code,
-            r.calls.replace(',', ", ").replace('=', " "),
-            r.wall.as_secs_f64(),
-            r.max_rss_kib as f64 / 1024.0
+        print_row(
+            name,
+            &run_measured(bench.attach_command(attach_bin, &instance, &config))?,
         );
         Ok(())
     };

@@ -115,38 +115,26 @@ impl Emulator {
     }
 }
 
-/// An Auto Scaling client with static test credentials for an emulator endpoint.
-pub fn autoscaling_for(endpoint: &str) -> aws_sdk_autoscaling::Client {
-    let config = aws_sdk_autoscaling::Config::builder()
-        .behavior_version(aws_sdk_autoscaling::config::BehaviorVersion::latest())
-        .region(aws_sdk_autoscaling::config::Region::new(REGION))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_autoscaling::config::Credentials::new(
-            "testing",
-            "testing",
-            None,
-            None,
-            "cps-bench",
-        ))
-        .build();
-    aws_sdk_autoscaling::Client::from_conf(config)
-}
-
-/// An EC2 client with static test credentials for an emulator endpoint.
-pub fn client_for(endpoint: &str) -> aws_sdk_ec2::Client {
-    let config = aws_sdk_ec2::Config::builder()
+/// SDK configuration for an emulator endpoint: its region, static test credentials.
+fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(REGION))
         .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new(
-            "testing",
-            "testing",
-            None,
-            None,
-            "cps-bench",
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+            Credentials::new("testing", "testing", None, None, "cps-bench"),
         ))
-        .build();
-    aws_sdk_ec2::Client::from_conf(config)
+        .build()
+}
+
+/// An Auto Scaling client for an emulator endpoint.
+pub fn autoscaling_for(endpoint: &str) -> aws_sdk_autoscaling::Client {
+    aws_sdk_autoscaling::Client::new(&sdk_config(endpoint))
+}
+
+/// An EC2 client for an emulator endpoint.
+pub fn client_for(endpoint: &str) -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::new(&sdk_config(endpoint))
 }
 
 impl Drop for Emulator {

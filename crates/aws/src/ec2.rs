@@ -47,6 +47,35 @@ impl Ec2Api {
     pub const PAGE_SIZE: i32 = 500;
 }
 
+/// Follows `NextToken` until the last page (bounded by `max_pages`), counting every request.
+async fn paginate<T, F, Fut>(
+    calls: &CallLog,
+    operation: &'static str,
+    max_pages: usize,
+    mut page: F,
+) -> Result<Vec<T>, Error>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>), Error>>,
+{
+    let mut found = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..max_pages {
+        calls.record(operation);
+        let (items, next) = page(token.take()).await?;
+        found.extend(items);
+        match next {
+            Some(t) if !t.is_empty() => token = Some(t),
+            _ => return Ok(found),
+        }
+    }
+    Err(Error::Api {
+        operation,
+        code: None,
+        message: format!("pagination did not end after {max_pages} pages"),
+    })
+}
+
 fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
     Volume {
         id: v.volume_id().unwrap_or_default().to_owned(),
@@ -87,31 +116,26 @@ impl VolumeService for Ec2Api {
             .iter()
             .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
             .collect();
-        let mut found = Vec::new();
-        let mut token: Option<String> = None;
         // Bounded: 10,000 pages of 500 is far beyond any account's volume quota.
-        for _ in 0..10_000 {
-            self.calls.record("DescribeVolumes");
-            let page = self
+        paginate(&self.calls, "DescribeVolumes", 10_000, |token| {
+            let request = self
                 .client
                 .describe_volumes()
                 .set_filters(Some(filters.clone()))
                 .max_results(self.page_size)
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| classify("DescribeVolumes", Context::default(), e))?;
-            found.extend(page.volumes().iter().map(to_volume));
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(found),
+                .set_next_token(token);
+            async move {
+                let page = request
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeVolumes", Context::default(), e))?;
+                Ok((
+                    page.volumes().iter().map(to_volume).collect(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
-        Err(Error::Api {
-            operation: "DescribeVolumes",
-            code: None,
-            message: "pagination did not end after 10000 pages".into(),
         })
+        .await
     }
 
     async fn volume(&self, volume_id: &str) -> Result<Volume, Error> {
@@ -230,18 +254,14 @@ impl VolumeService for Ec2Api {
             .name("resource-id")
             .values(instance_id)
             .build();
-        let mut tags = Tags::new();
-        let mut token: Option<String> = None;
-        for _ in 0..100 {
-            self.calls.record("DescribeTags");
-            let page = self
+        let pairs = paginate(&self.calls, "DescribeTags", 100, |token| {
+            let request = self
                 .client
                 .describe_tags()
                 .filters(filter.clone())
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| {
+                .set_next_token(token);
+            async move {
+                let page = request.send().await.map_err(|e| {
                     classify(
                         "DescribeTags",
                         Context {
@@ -251,17 +271,16 @@ impl VolumeService for Ec2Api {
                         e,
                     )
                 })?;
-            for t in page.tags() {
-                if let (Some(k), Some(v)) = (t.key(), t.value()) {
-                    tags.insert(k.to_owned(), v.to_owned());
-                }
+                let pairs: Vec<(String, String)> = page
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                    .collect();
+                Ok((pairs, page.next_token().map(str::to_owned)))
             }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => break,
-            }
-        }
-        Ok(tags)
+        })
+        .await?;
+        Ok(pairs.into_iter().collect())
     }
 
     async fn instance_states(
@@ -280,30 +299,33 @@ impl VolumeService for Ec2Api {
             .name("instance-id")
             .set_values(Some(instance_ids.to_vec()))
             .build();
-        let mut token: Option<String> = None;
-        for _ in 0..100 {
-            self.calls.record("DescribeInstances");
-            let page = self
+        let seen = paginate(&self.calls, "DescribeInstances", 100, |token| {
+            let request = self
                 .client
                 .describe_instances()
                 .filters(filter.clone())
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| classify("DescribeInstances", Context::default(), e))?;
-            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                if let (Some(id), Some(state)) = (
-                    instance.instance_id(),
-                    instance.state().and_then(|s| s.name()),
-                ) {
-                    states.insert(id.to_owned(), InstanceState::parse(state.as_str()));
-                }
+                .set_next_token(token);
+            async move {
+                let page = request
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeInstances", Context::default(), e))?;
+                let seen: Vec<(String, InstanceState)> = page
+                    .reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .filter_map(|i| {
+                        Some((
+                            i.instance_id()?.to_owned(),
+                            InstanceState::parse(i.state()?.name()?.as_str()),
+                        ))
+                    })
+                    .collect();
+                Ok((seen, page.next_token().map(str::to_owned)))
             }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => break,
-            }
-        }
+        })
+        .await?;
+        states.extend(seen);
         Ok(states)
     }
 }
@@ -349,29 +371,24 @@ impl InterfaceService for Ec2Api {
             .iter()
             .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
             .collect();
-        let mut found = Vec::new();
-        let mut token: Option<String> = None;
-        for _ in 0..1_000 {
-            self.calls.record("DescribeNetworkInterfaces");
-            let page = self
+        paginate(&self.calls, "DescribeNetworkInterfaces", 1_000, |token| {
+            let request = self
                 .client
                 .describe_network_interfaces()
                 .set_filters(Some(filters.clone()))
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| classify("DescribeNetworkInterfaces", Context::default(), e))?;
-            found.extend(page.network_interfaces().iter().map(to_interface));
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-                _ => return Ok(found),
+                .set_next_token(token);
+            async move {
+                let page = request
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeNetworkInterfaces", Context::default(), e))?;
+                Ok((
+                    page.network_interfaces().iter().map(to_interface).collect(),
+                    page.next_token().map(str::to_owned),
+                ))
             }
-        }
-        Err(Error::Api {
-            operation: "DescribeNetworkInterfaces",
-            code: None,
-            message: "pagination did not end after 1000 pages".into(),
         })
+        .await
     }
 
     async fn interface(&self, interface_id: &str) -> Result<NetworkInterface, Error> {
