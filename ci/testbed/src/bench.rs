@@ -315,7 +315,12 @@ fn print_row(name: &str, r: &ChildRun) {
     );
 }
 
-/// Runs a child and reads its own peak RSS with wait4.
+/// Runs a child and measures its own peak RSS.
+///
+/// Not with `ru_maxrss`: when a process is spawned by vfork/posix_spawn (as std does), exec
+/// records the *parent's* high-water RSS as the child's, so every child of this (large) bench
+/// would report the bench's size. The child's `VmHWM` (its own address space's high-water
+/// mark) is sampled from /proc while it runs instead.
 fn run_measured(mut cmd: std::process::Command) -> io::Result<ChildRun> {
     cmd.env("CPS_LOG_FORMAT", "json")
         .stdout(Stdio::null())
@@ -324,13 +329,27 @@ fn run_measured(mut cmd: std::process::Command) -> io::Result<ChildRun> {
     let mut child = cmd.spawn()?;
     let stderr = child.stderr.take().expect("piped");
     let reader = std::thread::spawn(move || io::read_to_string(stderr).unwrap_or_default());
-    let mut status = 0;
-    // SAFETY: rusage is plain data; we wait for our own child exactly once (not via std).
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, status) = (done.clone(), format!("/proc/{}/status", child.id()));
+        std::thread::spawn(move || {
+            let mut peak = 0i64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(kib) = std::fs::read_to_string(&status).ok().and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+                }) {
+                    peak = peak.max(kib);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    let status = child.wait()?;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak_kib = sampler.join().unwrap_or(0);
     let wall = start.elapsed();
     let log = reader.join().unwrap_or_default();
     let calls = log
@@ -340,13 +359,9 @@ fn run_measured(mut cmd: std::process::Command) -> io::Result<ChildRun> {
         .and_then(|v| v["calls"].as_str().map(str::to_owned))
         .unwrap_or_else(|| format!("(no result) {}", log.lines().last().unwrap_or("")));
     Ok(ChildRun {
-        code: if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            -1
-        },
+        code: status.code().unwrap_or(-1),
         wall,
-        max_rss_kib: usage.ru_maxrss,
+        max_rss_kib: peak_kib,
         calls,
     })
 }

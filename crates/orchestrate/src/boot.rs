@@ -129,8 +129,16 @@ pub async fn boot(
         .as_ref()
         .is_some_and(|m| m.lifecycle_state == "Pending:Wait");
 
+    // Already in service (a re-run, a reboot): no action is waiting, nothing to beat or complete.
+    let in_service = membership
+        .as_ref()
+        .is_some_and(|m| m.lifecycle_state == "InService");
+    if in_service && config.node.lifecycle.is_some() {
+        info!("the instance is already InService; no lifecycle action to keep alive or complete");
+    }
     let lifecycle = match (&config.node.lifecycle, &group_name) {
         (None, _) => None,
+        (Some(_), Some(_)) if in_service => None,
         (Some(_), None) => {
             warn!(
                 instance_id = me,
@@ -170,10 +178,10 @@ pub async fn boot(
     );
     let Some(lc) = lifecycle else {
         return steps.await.map(|mut out| {
-            out.lifecycle = if config.node.lifecycle.is_some() {
-                LifecycleOutcome::NotInGroup
-            } else {
-                LifecycleOutcome::NotConfigured
+            out.lifecycle = match (&config.node.lifecycle, in_service) {
+                (None, _) => LifecycleOutcome::NotConfigured,
+                (Some(_), true) => LifecycleOutcome::NotWaiting,
+                (Some(_), false) => LifecycleOutcome::NotInGroup,
             };
             out
         });
