@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use cps_orchestrate::config::Identity;
 use cps_orchestrate::{
-    AttachConfig, AttachError, ErrorClass, FsOutcome, Hosts, MountOutcome, Overrides, Services,
+    AttachConfig, Error, ErrorClass, FsOutcome, Hosts, MountOutcome, Overrides, Services,
 };
 use tracing::{error, info};
 
@@ -242,7 +242,7 @@ fn init_logging(format: LogFormat) {
 
 enum Failure {
     Identity(cps_aws::Error),
-    Attach(AttachError),
+    Attach(Error),
 }
 
 impl Failure {

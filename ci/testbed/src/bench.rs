@@ -197,7 +197,7 @@ async fn herd<V: VolumeService + 'static>(
     ids: &[String],
     cfg: &Arc<AttachConfig>,
     target: ClaimTarget,
-) -> Result<Vec<Claim>, cps_orchestrate::AttachError> {
+) -> Result<Vec<Claim>, cps_orchestrate::Error> {
     let tasks: Vec<_> = ids
         .iter()
         .map(|id| {

@@ -5,6 +5,7 @@
 
 mod cluster;
 pub mod emulator;
+mod fleet;
 pub mod imds;
 pub mod udev;
 
@@ -20,6 +21,7 @@ use cps_provider::{InstanceIdentity, Tags, Volume, VolumeService};
 
 pub use cluster::Member;
 pub use emulator::{Delays, Emulator, REGION};
+pub use fleet::Task;
 pub use imds::FakeImds;
 pub use udev::{FakeUdev, Machine};
 

@@ -1,15 +1,20 @@
-//! [`LifecycleService`] on the Auto Scaling API.
+//! [`LifecycleService`] and [`GroupService`] on the Auto Scaling API.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_autoscaling::types::{AutoScalingGroup, Filter, LaunchTemplateSpecification};
 use cps_provider::{
-    CallLog, Error, GroupInstance, GroupMember, LifecycleHook, LifecycleResult, LifecycleService,
-    ScalingGroup,
+    CallLog, Error, GroupInstance, GroupMember, GroupService, LaunchSource, LifecycleHook,
+    LifecycleResult, LifecycleService, ScalingGroup,
 };
 
 use crate::classify::{Context, classify};
+use crate::pages::paginate;
+
+/// Group names per DescribeAutoScalingGroups request, and records per page: AWS's maximum.
+const BATCH: usize = 100;
 
 /// Auto Scaling through its client. Counts every request it sends.
 #[derive(Clone, Debug)]
@@ -32,6 +37,173 @@ impl AutoScalingApi {
 
     pub fn calls(&self) -> &CallLog {
         &self.calls
+    }
+}
+
+fn to_hook(group: &str, h: &aws_sdk_autoscaling::types::LifecycleHook) -> LifecycleHook {
+    LifecycleHook {
+        group: group.to_owned(),
+        name: h.lifecycle_hook_name().unwrap_or_default().to_owned(),
+        transition: h.lifecycle_transition().unwrap_or_default().to_owned(),
+        heartbeat_timeout: Duration::from_secs(h.heartbeat_timeout().unwrap_or(3600).max(0) as u64),
+        default_result: h.default_result().unwrap_or("ABANDON").to_owned(),
+    }
+}
+
+fn to_template(t: &LaunchTemplateSpecification) -> LaunchSource {
+    LaunchSource::Template {
+        id: t.launch_template_id().unwrap_or_default().to_owned(),
+        name: t.launch_template_name().unwrap_or_default().to_owned(),
+        // AWS's own default when a group names no version.
+        version: t.version().unwrap_or("$Default").to_owned(),
+    }
+}
+
+fn to_group(g: &AutoScalingGroup) -> ScalingGroup {
+    let launch = g
+        .launch_template()
+        .or_else(|| {
+            g.mixed_instances_policy()
+                .and_then(|p| p.launch_template())
+                .and_then(|t| t.launch_template_specification())
+        })
+        .map(to_template)
+        .or_else(|| {
+            g.launch_configuration_name()
+                .map(|name| LaunchSource::Configuration {
+                    name: name.to_owned(),
+                })
+        });
+    ScalingGroup {
+        name: g.auto_scaling_group_name().unwrap_or_default().to_owned(),
+        tags: g
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+            .collect(),
+        desired_capacity: g.desired_capacity().unwrap_or_default(),
+        instances: g
+            .instances()
+            .iter()
+            .map(|i| GroupInstance {
+                instance_id: i.instance_id().unwrap_or_default().to_owned(),
+                availability_zone: i.availability_zone().unwrap_or_default().to_owned(),
+                lifecycle_state: i
+                    .lifecycle_state()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+                health_status: i.health_status().unwrap_or_default().to_owned(),
+                launch: i.launch_template().map(to_template).or_else(|| {
+                    i.launch_configuration_name()
+                        .map(|name| LaunchSource::Configuration {
+                            name: name.to_owned(),
+                        })
+                }),
+            })
+            .collect(),
+        launch,
+    }
+}
+
+impl AutoScalingApi {
+    /// One paginated DescribeAutoScalingGroups listing.
+    async fn describe_groups(
+        &self,
+        names: Option<&[String]>,
+        filter: Option<Filter>,
+        what: &str,
+    ) -> Result<Vec<ScalingGroup>, Error> {
+        paginate(&self.calls, "DescribeAutoScalingGroups", 1_000, |token| {
+            let request = self
+                .client
+                .describe_auto_scaling_groups()
+                .set_auto_scaling_group_names(names.map(<[String]>::to_vec))
+                .set_filters(filter.clone().map(|f| vec![f]))
+                .max_records(BATCH as i32)
+                .set_next_token(token);
+            async move {
+                let page = request.send().await.map_err(|e| {
+                    classify(
+                        "DescribeAutoScalingGroups",
+                        Context {
+                            group: Some(what),
+                            ..Context::default()
+                        },
+                        e,
+                    )
+                })?;
+                let groups = page.auto_scaling_groups().iter().map(to_group).collect();
+                Ok((groups, page.next_token().map(str::to_owned)))
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl GroupService for AutoScalingApi {
+    async fn groups_named(&self, names: &[String]) -> Result<Vec<ScalingGroup>, Error> {
+        let mut found = Vec::new();
+        for batch in names.chunks(BATCH) {
+            let what = batch.first().map(String::as_str).unwrap_or_default();
+            found.extend(self.describe_groups(Some(batch), None, what).await?);
+        }
+        Ok(found)
+    }
+
+    async fn groups_tagged(&self, key: &str, value: &str) -> Result<Vec<ScalingGroup>, Error> {
+        let filter = Filter::builder()
+            .name(format!("tag:{key}"))
+            .values(value)
+            .build();
+        let what = format!("groups tagged {key}={value}");
+        self.describe_groups(None, Some(filter), &what).await
+    }
+
+    async fn lifecycle_hooks(&self, group: &str) -> Result<Vec<LifecycleHook>, Error> {
+        self.calls.record("DescribeLifecycleHooks");
+        let out = self
+            .client
+            .describe_lifecycle_hooks()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(|e| {
+                classify(
+                    "DescribeLifecycleHooks",
+                    Context {
+                        group: Some(group),
+                        ..Context::default()
+                    },
+                    e,
+                )
+            })?;
+        Ok(out
+            .lifecycle_hooks()
+            .iter()
+            .map(|h| to_hook(group, h))
+            .collect())
+    }
+
+    async fn terminate_in_group(&self, instance_id: &str) -> Result<(), Error> {
+        self.calls.record("TerminateInstanceInAutoScalingGroup");
+        self.client
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(instance_id)
+            .should_decrement_desired_capacity(false)
+            .send()
+            .await
+            .map_err(|e| {
+                classify(
+                    "TerminateInstanceInAutoScalingGroup",
+                    Context {
+                        instance_id: Some(instance_id),
+                        ..Context::default()
+                    },
+                    e,
+                )
+            })?;
+        Ok(())
     }
 }
 
@@ -95,28 +267,7 @@ impl LifecycleService for AutoScalingApi {
             .auto_scaling_groups()
             .iter()
             .find(|g| g.auto_scaling_group_name() == Some(name))
-            .map(|g| ScalingGroup {
-                name: name.to_owned(),
-                tags: g
-                    .tags()
-                    .iter()
-                    .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
-                    .collect(),
-                desired_capacity: g.desired_capacity().unwrap_or_default(),
-                instances: g
-                    .instances()
-                    .iter()
-                    .map(|i| GroupInstance {
-                        instance_id: i.instance_id().unwrap_or_default().to_owned(),
-                        availability_zone: i.availability_zone().unwrap_or_default().to_owned(),
-                        lifecycle_state: i
-                            .lifecycle_state()
-                            .map(|s| s.as_str().to_owned())
-                            .unwrap_or_default(),
-                        health_status: i.health_status().unwrap_or_default().to_owned(),
-                    })
-                    .collect(),
-            }))
+            .map(to_group))
     }
 
     async fn lifecycle_hook(
@@ -146,15 +297,7 @@ impl LifecycleService for AutoScalingApi {
             .lifecycle_hooks()
             .iter()
             .find(|h| h.lifecycle_hook_name() == Some(hook))
-            .map(|h| LifecycleHook {
-                group: group.to_owned(),
-                name: hook.to_owned(),
-                transition: h.lifecycle_transition().unwrap_or_default().to_owned(),
-                heartbeat_timeout: Duration::from_secs(
-                    h.heartbeat_timeout().unwrap_or(3600).max(0) as u64,
-                ),
-                default_result: h.default_result().unwrap_or("ABANDON").to_owned(),
-            }))
+            .map(|h| to_hook(group, h)))
     }
 
     async fn heartbeat(&self, group: &str, hook: &str, instance_id: &str) -> Result<(), Error> {

@@ -1,4 +1,4 @@
-//! [`VolumeService`] and [`InterfaceService`] on the EC2 API.
+//! [`VolumeService`], [`InterfaceService`] and [`TemplateService`] on the EC2 API.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,10 +7,12 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 use cps_provider::{
     Attachment, AttachmentState, CallLog, Error, InstanceState, InterfaceAttachment,
-    InterfaceService, NetworkInterface, Tags, Volume, VolumeService, VolumeSpec, VolumeState,
+    InterfaceService, NetworkInterface, Tags, TemplateService, TemplateVersions, Volume,
+    VolumeService, VolumeSpec, VolumeState,
 };
 
 use crate::classify::{Context, classify};
+use crate::pages::paginate;
 
 /// EBS volumes, instances and network interfaces through an EC2 client. Counts every request it sends (pages included).
 #[derive(Clone, Debug)]
@@ -45,35 +47,6 @@ impl Ec2Api {
 
     /// The default DescribeVolumes page size: the most AWS allows.
     pub const PAGE_SIZE: i32 = 500;
-}
-
-/// Follows `NextToken` until the last page (bounded by `max_pages`), counting every request.
-async fn paginate<T, F, Fut>(
-    calls: &CallLog,
-    operation: &'static str,
-    max_pages: usize,
-    mut page: F,
-) -> Result<Vec<T>, Error>
-where
-    F: FnMut(Option<String>) -> Fut,
-    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>), Error>>,
-{
-    let mut found = Vec::new();
-    let mut token: Option<String> = None;
-    for _ in 0..max_pages {
-        calls.record(operation);
-        let (items, next) = page(token.take()).await?;
-        found.extend(items);
-        match next {
-            Some(t) if !t.is_empty() => token = Some(t),
-            _ => return Ok(found),
-        }
-    }
-    Err(Error::Api {
-        operation,
-        code: None,
-        message: format!("pagination did not end after {max_pages} pages"),
-    })
 }
 
 fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
@@ -438,5 +411,43 @@ impl InterfaceService for Ec2Api {
             .await
             .map_err(|e| classify("AttachNetworkInterface", ctx, e))?;
         Ok(out.attachment_id().unwrap_or_default().to_owned())
+    }
+}
+
+#[async_trait]
+impl TemplateService for Ec2Api {
+    async fn template_versions(&self, ids: &[String]) -> Result<Vec<TemplateVersions>, Error> {
+        let mut found = Vec::new();
+        // DescribeLaunchTemplates takes up to 200 ids; 100 per request keeps the URL modest.
+        for batch in ids.chunks(100) {
+            let page = paginate(&self.calls, "DescribeLaunchTemplates", 100, |token| {
+                let request = self
+                    .client
+                    .describe_launch_templates()
+                    .set_launch_template_ids(Some(batch.to_vec()))
+                    .set_next_token(token);
+                async move {
+                    let page = request
+                        .send()
+                        .await
+                        .map_err(|e| classify("DescribeLaunchTemplates", Context::default(), e))?;
+                    let versions: Vec<TemplateVersions> = page
+                        .launch_templates()
+                        .iter()
+                        .filter_map(|t| {
+                            Some(TemplateVersions {
+                                id: t.launch_template_id()?.to_owned(),
+                                default_version: t.default_version_number()?,
+                                latest_version: t.latest_version_number()?,
+                            })
+                        })
+                        .collect();
+                    Ok((versions, page.next_token().map(str::to_owned)))
+                }
+            })
+            .await?;
+            found.extend(page);
+        }
+        Ok(found)
     }
 }

@@ -11,6 +11,7 @@ mod classify;
 mod ec2;
 mod error;
 mod imds;
+mod pages;
 
 pub use autoscaling::AutoScalingApi;
 pub use ec2::Ec2Api;

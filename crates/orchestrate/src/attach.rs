@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule};
 use crate::claim::{Claim, ClaimTarget, Origin, claim_volume};
 use crate::config::AttachConfig;
-use crate::error::AttachError;
+use crate::error::Error;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FsOutcome {
@@ -55,7 +55,7 @@ pub async fn attach(
     host: Arc<dyn BlockHost>,
     identity: &InstanceIdentity,
     config: &AttachConfig,
-) -> Result<AttachOutcome, AttachError> {
+) -> Result<AttachOutcome, Error> {
     let claim = claim_volume(
         cloud,
         identity,
@@ -72,11 +72,11 @@ async fn on_host<T: Send + 'static>(
     host: &Arc<dyn BlockHost>,
     volume_id: &str,
     op: impl FnOnce(&dyn BlockHost) -> Result<T, cps_blockdev::Error> + Send + 'static,
-) -> Result<T, AttachError> {
+) -> Result<T, Error> {
     let host = Arc::clone(host);
     let result = tokio::task::spawn_blocking(move || op(host.as_ref()))
         .await
-        .map_err(|e| AttachError::Host {
+        .map_err(|e| Error::Host {
             volume_id: volume_id.to_owned(),
             source: cps_blockdev::Error::Io {
                 path: PathBuf::new(),
@@ -84,7 +84,7 @@ async fn on_host<T: Send + 'static>(
                 source: std::io::Error::other(e.to_string()),
             },
         })?;
-    result.map_err(AttachError::host(volume_id))
+    result.map_err(Error::host(volume_id))
 }
 
 /// Finds and verifies the device, then makes sure a filesystem is on it and mounted.
@@ -92,7 +92,7 @@ pub async fn prepare_device(
     host: Arc<dyn BlockHost>,
     claim: &Claim,
     config: &AttachConfig,
-) -> Result<AttachOutcome, AttachError> {
+) -> Result<AttachOutcome, Error> {
     let volume_id = claim.volume.id.clone();
     let vid = volume_id.as_str();
     // The name it was attached under may differ from the configured one (a reused volume
@@ -116,8 +116,8 @@ pub async fn prepare_device(
         async move { result }
     })
     .await
-    .map_err(AttachError::host(vid))?;
-    let device: Device = located.map_err(|t| AttachError::Timeout {
+    .map_err(Error::host(vid))?;
+    let device: Device = located.map_err(|t| Error::Timeout {
         what: format!("the kernel device of {vid} (attached as {requested})"),
         waited: t.waited,
         last: t.last,
@@ -127,7 +127,7 @@ pub async fn prepare_device(
     let target = config.mount.target.clone();
     let state = host
         .mount_state(&device, &target)
-        .map_err(AttachError::host(vid))?;
+        .map_err(Error::host(vid))?;
     let (filesystem, mount) = match state {
         MountState::Mounted { fstype } => {
             info!(volume_id = vid, device = %device.path.display(), mount_target = %target.display(), fstype, "already mounted; nothing to do");
@@ -143,7 +143,7 @@ pub async fn prepare_device(
             (FsOutcome::Existing(fs), MountOutcome::AlreadyMounted)
         }
         MountState::MountedElsewhere { mountpoint } => {
-            return Err(AttachError::Refused {
+            return Err(Error::Refused {
                 volume_id: volume_id.clone(),
                 source: cps_blockdev::Error::MountedElsewhere {
                     device: device.path.clone(),
@@ -154,7 +154,7 @@ pub async fn prepare_device(
             });
         }
         MountState::TargetBusy { source, fstype } => {
-            return Err(AttachError::Refused {
+            return Err(Error::Refused {
                 volume_id: volume_id.clone(),
                 source: cps_blockdev::Error::TargetBusy {
                     target,
@@ -186,7 +186,7 @@ pub async fn prepare_device(
                     FsOutcome::Existing(fs)
                 }
                 Probe::Refused(refusal) => {
-                    return Err(AttachError::Refused {
+                    return Err(Error::Refused {
                         volume_id: volume_id.clone(),
                         source: cps_blockdev::Error::Refused {
                             path: device.path.clone(),
@@ -218,7 +218,7 @@ pub async fn prepare_device(
         None => None,
         Some(path) => {
             let fs = filesystem.filesystem();
-            let uuid = fs.uuid.clone().ok_or_else(|| AttachError::Host {
+            let uuid = fs.uuid.clone().ok_or_else(|| Error::Host {
                 volume_id: volume_id.clone(),
                 source: cps_blockdev::Error::Fstab {
                     path: path.clone(),

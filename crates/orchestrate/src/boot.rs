@@ -29,7 +29,7 @@ use crate::attach::{AttachOutcome, prepare_device};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str};
 use crate::claim::{ClaimTarget, claim_volume};
 use crate::config::{AttachConfig, Identity, InterfaceOptions, OnFailure};
-use crate::error::AttachError;
+use crate::error::Error;
 
 /// The cloud services a boot uses (one object may provide all three).
 #[derive(Clone, Copy)]
@@ -93,10 +93,6 @@ struct LifecycleContext {
     waiting_at_start: bool,
 }
 
-fn cloud(step: &'static str) -> impl FnOnce(CloudError) -> AttachError {
-    move |source| AttachError::Cloud { step, source }
-}
-
 /// Boots the node. On failure, the lifecycle action is abandoned (if configured so) before the
 /// error is returned.
 pub async fn boot(
@@ -104,7 +100,7 @@ pub async fn boot(
     hosts: Hosts,
     identity: &InstanceIdentity,
     config: &AttachConfig,
-) -> Result<BootOutcome, AttachError> {
+) -> Result<BootOutcome, Error> {
     let policy = RetryPolicy::within(config.node.command_timeout);
     let seed = hash_str(&identity.instance_id);
     let me = identity.instance_id.as_str();
@@ -118,7 +114,7 @@ pub async fn boot(
             services.lifecycle.membership(me)
         })
         .await
-        .map_err(cloud("finding the instance's Auto Scaling group"))?
+        .map_err(Error::cloud("finding the instance's Auto Scaling group"))?
     } else {
         None
     };
@@ -210,18 +206,18 @@ async fn lifecycle_context(
     opts: &crate::config::LifecycleOptions,
     policy: RetryPolicy,
     seed: u64,
-) -> Result<LifecycleContext, AttachError> {
+) -> Result<LifecycleContext, Error> {
     let hook = backoff::retry(policy, "DescribeLifecycleHooks", seed, || {
         lifecycle.lifecycle_hook(group, &opts.hook)
     })
     .await
-    .map_err(cloud("describing the lifecycle hook"))?
-    .ok_or_else(|| AttachError::NoLifecycleHook {
+    .map_err(Error::cloud("describing the lifecycle hook"))?
+    .ok_or_else(|| Error::NoLifecycleHook {
         group: group.to_owned(),
         hook: opts.hook.clone(),
     })?;
     if !hook.transition.ends_with("EC2_INSTANCE_LAUNCHING") {
-        return Err(AttachError::NoLifecycleHook {
+        return Err(Error::NoLifecycleHook {
             group: group.to_owned(),
             hook: format!(
                 "{} as a launching hook (it is {})",
@@ -255,10 +251,10 @@ async fn fail(
     lc: &LifecycleContext,
     config: &AttachConfig,
     me: &str,
-    error: AttachError,
+    error: Error,
     policy: RetryPolicy,
     seed: u64,
-) -> AttachError {
+) -> Error {
     let on_failure = config.node.lifecycle.as_ref().map(|l| l.on_failure);
     if on_failure == Some(OnFailure::Abandon) {
         warn!(error = %error, "boot failed; abandoning the lifecycle action so the group replaces this instance");
@@ -282,7 +278,7 @@ async fn complete(
     result: LifecycleResult,
     policy: RetryPolicy,
     seed: u64,
-) -> Result<LifecycleOutcome, AttachError> {
+) -> Result<LifecycleOutcome, Error> {
     match backoff::retry(policy, "CompleteLifecycleAction", seed, || {
         lifecycle.complete(&lc.group, &lc.hook, me, result)
     })
@@ -296,14 +292,12 @@ async fn complete(
             info!(group = %lc.group, hook = %lc.hook, detail = %message, "no lifecycle action is waiting for this instance (a re-run?); nothing to complete");
             Ok(LifecycleOutcome::NotWaiting)
         }
-        Err(CloudError::NoActiveLifecycleAction { message, .. }) => {
-            Err(AttachError::LifecycleExpired {
-                group: lc.group.clone(),
-                hook: lc.hook.clone(),
-                detail: message,
-            })
-        }
-        Err(e) => Err(cloud("completing the lifecycle action")(e)),
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) => Err(Error::LifecycleExpired {
+            group: lc.group.clone(),
+            hook: lc.hook.clone(),
+            detail: message,
+        }),
+        Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
     }
 }
 
@@ -358,7 +352,7 @@ async fn run_steps(
     config: &AttachConfig,
     group_name: Option<&str>,
     policy: RetryPolicy,
-) -> Result<BootOutcome, AttachError> {
+) -> Result<BootOutcome, Error> {
     let me = identity.instance_id.as_str();
     let seed = hash_str(me);
     // The group's details, only when the identity needs them (one request).
@@ -368,7 +362,7 @@ async fn run_steps(
                 services.lifecycle.group(name)
             })
             .await
-            .map_err(cloud("describing the Auto Scaling group")),
+            .map_err(Error::cloud("describing the Auto Scaling group")),
             None => Ok(None::<ScalingGroup>),
         }
     };
@@ -388,7 +382,7 @@ async fn run_steps(
                         services.volumes.instance_tags(me)
                     })
                     .await
-                    .map_err(cloud("reading the instance's tags"))?;
+                    .map_err(Error::cloud("reading the instance's tags"))?;
                     let from_group = match tags.get(source_tag) {
                         Some(_) => None,
                         None => describe_group()
@@ -398,7 +392,7 @@ async fn run_steps(
                     tags.get(source_tag)
                         .cloned()
                         .or(from_group)
-                        .ok_or_else(|| AttachError::NoNodeId {
+                        .ok_or_else(|| Error::NoNodeId {
                             instance_id: me.to_owned(),
                             tag: source_tag.clone(),
                         })?
@@ -516,9 +510,9 @@ async fn run_steps(
                     .node
                     .run_hook(&hook, &env, hooks.run_timeout)
                     .await
-                    .map_err(|source| AttachError::Node { source })?;
+                    .map_err(|source| Error::Node { source })?;
                 if exit != HookExit::Success {
-                    return Err(AttachError::Hook {
+                    return Err(Error::Hook {
                         hook: "configure".into(),
                         detail: format!("`{}`: {exit}", argv.join(" ")),
                     });
@@ -548,13 +542,13 @@ async fn run_steps(
                     hooks.run_timeout.min(remaining.max(Duration::from_secs(1))),
                 )
                 .await
-                .map_err(|source| AttachError::Node { source })?;
+                .map_err(|source| Error::Node { source })?;
             if exit == HookExit::Success {
                 info!(runs = health_runs, "health check passed");
                 break;
             }
             if started.elapsed() + hooks.health_interval >= hooks.health_timeout {
-                return Err(AttachError::Hook {
+                return Err(Error::Hook {
                     hook: "health".into(),
                     detail: format!(
                         "`{}` did not pass within {}s ({health_runs} runs, last: {exit})",
@@ -584,17 +578,17 @@ async fn run_steps(
 /// Runs a blocking node-host call off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, cps_node::Error> + Send + 'static,
-) -> Result<T, AttachError> {
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| AttachError::Node {
+        .map_err(|e| Error::Node {
             source: cps_node::Error::Io {
                 path: PathBuf::new(),
                 action: "run a host task",
                 source: std::io::Error::other(e.to_string()),
             },
         })?
-        .map_err(|source| AttachError::Node { source })
+        .map_err(|source| Error::Node { source })
 }
 
 /// The identity environment: the env file's content and the hooks' extra environment.
@@ -678,7 +672,7 @@ async fn attach_interface(
     opts: &InterfaceOptions,
     config: &AttachConfig,
     policy: RetryPolicy,
-) -> Result<InterfaceOutcome, AttachError> {
+) -> Result<InterfaceOutcome, Error> {
     let me = identity.instance_id.as_str();
     let seed = hash_str(me);
     let find = || async {
@@ -689,10 +683,8 @@ async fn attach_interface(
             .await
             {
                 Ok(e) => Ok(e),
-                Err(CloudError::NotFound { .. }) => {
-                    Err(AttachError::NoInterface { what: id.clone() })
-                }
-                Err(e) => Err(cloud("describing the network interface")(e)),
+                Err(CloudError::NotFound { .. }) => Err(Error::NoInterface { what: id.clone() }),
+                Err(e) => Err(Error::cloud("describing the network interface")(e)),
             },
             None => {
                 let mut tags = node_tags.clone();
@@ -701,7 +693,7 @@ async fn attach_interface(
                     interfaces.interfaces_tagged(&tags)
                 })
                 .await
-                .map_err(cloud("finding the node's network interface"))?;
+                .map_err(Error::cloud("finding the node's network interface"))?;
                 let describe = || {
                     tags.iter()
                         .map(|(k, v)| format!("{k}={v}"))
@@ -713,7 +705,7 @@ async fn attach_interface(
                     .partition(|e| e.availability_zone == identity.availability_zone);
                 match here.as_slice() {
                     [one] => Ok(one.clone()),
-                    [] if !far.is_empty() => Err(AttachError::WrongZone {
+                    [] if !far.is_empty() => Err(Error::WrongZone {
                         what: "this node's network interface",
                         resources: far
                             .iter()
@@ -722,10 +714,10 @@ async fn attach_interface(
                             .join(", "),
                         zone: identity.availability_zone.clone(),
                     }),
-                    [] => Err(AttachError::NoInterface {
+                    [] => Err(Error::NoInterface {
                         what: format!("tagged {}", describe()),
                     }),
-                    many => Err(AttachError::Duplicates {
+                    many => Err(Error::Duplicates {
                         what: format!("the network interface tagged {}", describe()),
                         volumes: many
                             .iter()
@@ -745,7 +737,7 @@ async fn attach_interface(
     let eni: NetworkInterface = loop {
         let eni = find().await?;
         if eni.availability_zone != identity.availability_zone {
-            return Err(AttachError::WrongZone {
+            return Err(Error::WrongZone {
                 what: "this node's network interface",
                 resources: format!("{} in {}", eni.id, eni.availability_zone),
                 zone: identity.availability_zone.clone(),
@@ -758,7 +750,9 @@ async fn attach_interface(
                     instances.instance_states(std::slice::from_ref(&a.instance_id))
                 })
                 .await
-                .map_err(cloud("looking up the instance holding the interface"))?;
+                .map_err(Error::cloud(
+                    "looking up the instance holding the interface",
+                ))?;
                 let state = states
                     .get(&a.instance_id)
                     .map(ToString::to_string)
@@ -768,7 +762,7 @@ async fn attach_interface(
                     eni.id, a.state, a.instance_id
                 );
                 if started.elapsed() >= config.node.release_timeout {
-                    return Err(AttachError::Timeout {
+                    return Err(Error::Timeout {
                         what: "the network interface to be released by the instance holding it (never detached by cps)".into(),
                         waited: started.elapsed(),
                         last: holder,
@@ -796,7 +790,7 @@ async fn attach_interface(
                     Err(CloudError::InterfaceInUse { .. } | CloudError::IncorrectState { .. }) => {
                         continue;
                     }
-                    Err(e) => return Err(cloud("attaching the network interface")(e)),
+                    Err(e) => return Err(Error::cloud("attaching the network interface")(e)),
                 }
             }
         }
@@ -808,8 +802,8 @@ async fn attach_interface(
             interfaces.interface(&id)
         })
         .await
-        .map_err(cloud("waiting for the interface attachment"))?;
-        Ok::<_, AttachError>(match &e.attachment {
+        .map_err(Error::cloud("waiting for the interface attachment"))?;
+        Ok::<_, Error>(match &e.attachment {
             Some(a) if a.instance_id == me && a.state == AttachmentState::Attached => {
                 Poll::Ready(e)
             }
@@ -818,7 +812,7 @@ async fn attach_interface(
         })
     })
     .await?;
-    let eni = waited.map_err(|t| AttachError::Timeout {
+    let eni = waited.map_err(|t| Error::Timeout {
         what: format!("{id} to be attached to {me}"),
         waited: t.waited,
         last: t.last,
@@ -833,8 +827,8 @@ async fn attach_interface(
         async move { r }
     })
     .await
-    .map_err(|source| AttachError::Node { source })?;
-    let os_name = seen.map_err(|t| AttachError::Timeout {
+    .map_err(|source| Error::Node { source })?;
+    let os_name = seen.map_err(|t| Error::Timeout {
         what: format!("{id} to appear in the OS"),
         waited: t.waited,
         last: t.last,

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str, mix};
 use crate::config::AttachConfig;
-use crate::error::AttachError;
+use crate::error::Error;
 
 /// How many volumes one run may create before giving up (each creation after the first means
 /// another agent claimed the volume this one had just created).
@@ -174,10 +174,6 @@ pub fn identity_token(tags: &Tags) -> String {
     format!("cps-id-{hex}")
 }
 
-fn cloud(step: &'static str) -> impl FnOnce(CloudError) -> AttachError {
-    move |source| AttachError::Cloud { step, source }
-}
-
 /// What the loop does next.
 enum Next {
     Attach {
@@ -202,7 +198,7 @@ pub async fn claim_volume(
     config: &AttachConfig,
     target: &ClaimTarget,
     policy: RetryPolicy,
-) -> Result<Claim, AttachError> {
+) -> Result<Claim, Error> {
     let me = identity.instance_id.as_str();
     let seed = hash_str(me);
     let device_name = config.block_device.as_str();
@@ -236,7 +232,7 @@ pub async fn claim_volume(
 
     loop {
         if started.elapsed() > claim_deadline {
-            return Err(AttachError::Timeout {
+            return Err(Error::Timeout {
                 what: "a volume to claim".into(),
                 waited: started.elapsed(),
                 last: format!("{attach_attempts} attach attempts, {creates} volumes created"),
@@ -246,7 +242,7 @@ pub async fn claim_volume(
             cloud_api.volumes_tagged(target.tags())
         })
         .await
-        .map_err(cloud("listing volumes by tag"))?;
+        .map_err(Error::cloud("listing volumes by tag"))?;
 
         // Already attached to this instance? (Also what a lost AttachVolume reply looks like.)
         let mine: Vec<&Volume> = volumes
@@ -276,7 +272,7 @@ pub async fn claim_volume(
                 return claimed(volume, Origin::Reused, attach_attempts, slot).await;
             }
             many => {
-                return Err(AttachError::Ambiguous {
+                return Err(Error::Ambiguous {
                     instance_id: me.to_owned(),
                     count: many.len(),
                     volumes: many
@@ -294,7 +290,7 @@ pub async fn claim_volume(
         };
         let budget = *race_budget.get_or_insert(4 * pool as u32 + 16);
         if lost_races > budget {
-            return Err(AttachError::Exhausted {
+            return Err(Error::Exhausted {
                 attempts: attach_attempts,
                 detail: format!(
                     "lost {lost_races} races for a volume; the volumes keep being taken by other instances"
@@ -351,7 +347,7 @@ pub async fn claim_volume(
                     slot: None,
                 },
                 ([], far) => {
-                    return Err(AttachError::WrongZone {
+                    return Err(Error::WrongZone {
                         what: "this node's volume",
                         resources: far
                             .iter()
@@ -374,7 +370,7 @@ pub async fn claim_volume(
                     timeout: *release_timeout,
                 },
                 (many, _) => {
-                    return Err(AttachError::Duplicates {
+                    return Err(Error::Duplicates {
                         what: "this node".into(),
                         volumes: many
                             .iter()
@@ -462,7 +458,7 @@ pub async fn claim_volume(
                                 policy,
                             )
                             .await?;
-                            return Err(AttachError::NoFreeSlot {
+                            return Err(Error::NoFreeSlot {
                                 max: *max,
                                 zone: identity.availability_zone.clone(),
                                 detail: held,
@@ -478,7 +474,7 @@ pub async fn claim_volume(
                 let (since, looks, last) =
                     waiting.get_or_insert_with(|| (Instant::now(), 0, String::new()));
                 if since.elapsed() >= timeout {
-                    return Err(AttachError::Timeout {
+                    return Err(Error::Timeout {
                         what: "the volume to be released by the instance holding it (never detached by cps)".into(),
                         waited: since.elapsed(),
                         last: what,
@@ -505,7 +501,7 @@ pub async fn claim_volume(
                 // Pool mode makes a new volume per creation; node and slot modes cannot (the
                 // token is the identity's), so only the race budget bounds them.
                 if creates >= MAX_CREATES && matches!(target, ClaimTarget::Pool { .. }) {
-                    return Err(AttachError::Exhausted {
+                    return Err(Error::Exhausted {
                         attempts: attach_attempts,
                         detail: format!(
                             "created {creates} volumes and another instance claimed each before this one could attach it"
@@ -533,7 +529,7 @@ pub async fn claim_volume(
                         lost_races += 1;
                         continue;
                     }
-                    Err(e) => return Err(cloud("creating a volume")(e)),
+                    Err(e) => return Err(Error::cloud("creating a volume")(e)),
                 };
                 info!(volume_id = %created.id, slot, "volume created");
                 if !wait_available(cloud_api, config, &created.id, seed, policy).await? {
@@ -563,7 +559,7 @@ async fn sole_holder_of_identity(
     claim: &Claim,
     seed: u64,
     policy: RetryPolicy,
-) -> Result<(), AttachError> {
+) -> Result<(), Error> {
     let (tags, what) = match target {
         ClaimTarget::Pool { .. } => return Ok(()),
         ClaimTarget::Node { tags, .. } => (tags.clone(), "this node".to_owned()),
@@ -578,13 +574,13 @@ async fn sole_holder_of_identity(
         cloud_api.volumes_tagged(&tags)
     })
     .await
-    .map_err(cloud("checking that the identity has one volume"))?
+    .map_err(Error::cloud("checking that the identity has one volume"))?
     .into_iter()
     .map(|v| v.id)
     .collect();
     ids.sort();
     if ids.len() > 1 && ids.first() != Some(&claim.volume.id) {
-        return Err(AttachError::Duplicates {
+        return Err(Error::Duplicates {
             what: format!(
                 "{what} (this instance attached {}, which is not the first)",
                 claim.volume.id
@@ -605,7 +601,7 @@ async fn holders(
     held: &[&Volume],
     seed: u64,
     policy: RetryPolicy,
-) -> Result<(bool, String), AttachError> {
+) -> Result<(bool, String), Error> {
     let ids: Vec<String> = held
         .iter()
         .flat_map(|v| v.attachments.iter())
@@ -624,7 +620,9 @@ async fn holders(
             cloud_api.instance_states(&ids)
         })
         .await
-        .map_err(cloud("looking up the instances holding matching volumes"))?
+        .map_err(Error::cloud(
+            "looking up the instances holding matching volumes",
+        ))?
     };
     let mut going_away = true;
     let parts: Vec<String> = held
@@ -660,7 +658,7 @@ async fn leaving(
     here: &[&Volume],
     seed: u64,
     policy: RetryPolicy,
-) -> Result<Option<String>, AttachError> {
+) -> Result<Option<String>, Error> {
     let held: Vec<&Volume> = here
         .iter()
         .copied()
@@ -684,7 +682,7 @@ async fn try_attach(
     device: &str,
     seed: u64,
     policy: RetryPolicy,
-) -> Result<bool, AttachError> {
+) -> Result<bool, Error> {
     match backoff::retry(policy, "AttachVolume", seed, || {
         cloud_api.attach_volume(volume_id, me, device)
     })
@@ -701,7 +699,7 @@ async fn try_attach(
             );
             Ok(false)
         }
-        Err(e) => Err(AttachError::Cloud {
+        Err(e) => Err(Error::Cloud {
             step: "attaching the volume",
             source: e,
         }),
@@ -715,7 +713,7 @@ async fn wait_available(
     volume_id: &str,
     seed: u64,
     policy: RetryPolicy,
-) -> Result<bool, AttachError> {
+) -> Result<bool, Error> {
     let waited = backoff::poll(Schedule::CLOUD_STATE, config.timeouts.create, || async {
         match backoff::retry(policy, "DescribeVolumes", seed, || {
             cloud_api.volume(volume_id)
@@ -726,7 +724,7 @@ async fn wait_available(
                 VolumeState::Available => Ok(Poll::Ready(true)),
                 VolumeState::InUse => Ok(Poll::Ready(false)),
                 VolumeState::Creating => Ok(Poll::Pending("creating".into())),
-                other => Err(AttachError::Cloud {
+                other => Err(Error::Cloud {
                     step: "waiting for the new volume",
                     source: CloudError::Api {
                         operation: "CreateVolume",
@@ -737,11 +735,11 @@ async fn wait_available(
             },
             // Describe is eventually consistent: a fresh volume may not be visible yet.
             Err(CloudError::NotFound { .. }) => Ok(Poll::Pending("not visible yet".into())),
-            Err(e) => Err(cloud("waiting for the new volume")(e)),
+            Err(e) => Err(Error::cloud("waiting for the new volume")(e)),
         }
     })
     .await?;
-    waited.map_err(|t| AttachError::Timeout {
+    waited.map_err(|t| Error::Timeout {
         what: format!("{volume_id} to become available"),
         waited: t.waited,
         last: t.last,
@@ -755,7 +753,7 @@ async fn wait_attached(
     config: &AttachConfig,
     volume_id: &str,
     policy: RetryPolicy,
-) -> Result<Volume, AttachError> {
+) -> Result<Volume, Error> {
     let me = identity.instance_id.as_str();
     let seed = hash_str(me);
     let waited = backoff::poll(Schedule::CLOUD_STATE, config.timeouts.attach, || async {
@@ -763,7 +761,7 @@ async fn wait_attached(
             cloud_api.volume(volume_id)
         })
         .await
-        .map_err(cloud("waiting for the attachment"))?;
+        .map_err(Error::cloud("waiting for the attachment"))?;
         match v.attachment_to(me).map(|a| a.state.clone()) {
             Some(AttachmentState::Attached) => Ok(Poll::Ready(v)),
             Some(AttachmentState::Attaching) => {
@@ -773,7 +771,7 @@ async fn wait_attached(
             None if v.attachments.is_empty() => Ok(Poll::Pending(format!(
                 "{volume_id} shows no attachment yet"
             ))),
-            None => Err(AttachError::Lost {
+            None => Err(Error::Lost {
                 volume_id: volume_id.to_owned(),
                 instance_id: me.to_owned(),
                 state: format!(
@@ -785,7 +783,7 @@ async fn wait_attached(
                         .join(", ")
                 ),
             }),
-            Some(other) => Err(AttachError::Lost {
+            Some(other) => Err(Error::Lost {
                 volume_id: volume_id.to_owned(),
                 instance_id: me.to_owned(),
                 state: other.to_string(),
@@ -793,7 +791,7 @@ async fn wait_attached(
         }
     })
     .await?;
-    let volume = waited.map_err(|t| AttachError::Timeout {
+    let volume = waited.map_err(|t| Error::Timeout {
         what: format!("{volume_id} to be attached to {me}"),
         waited: t.waited,
         last: t.last,

@@ -1,8 +1,9 @@
 use std::time::Duration;
 
-/// Why the attach flow stopped. Every variant carries the volume (and device) it was about.
+/// Why the attach flow or a roll stopped. Every variant carries what it was about (volume,
+/// device, instance, group).
 #[derive(Debug, thiserror::Error)]
-pub enum AttachError {
+pub enum Error {
     #[error("{step}: {source}")]
     Cloud {
         step: &'static str,
@@ -116,6 +117,12 @@ pub enum AttachError {
     #[error("gave up claiming a volume after {attempts} attempts: {detail}")]
     Exhausted { attempts: u32, detail: String },
 
+    #[error("{what} failed: {detail}")]
+    Check { what: String, detail: String },
+
+    #[error("{what}")]
+    Precondition { what: String },
+
     #[error("{volume_id}: {source}")]
     Host {
         volume_id: String,
@@ -141,7 +148,7 @@ pub enum ErrorClass {
     Hook,
 }
 
-impl AttachError {
+impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Cloud { .. } | Self::Lost { .. } | Self::Exhausted { .. } => ErrorClass::Cloud,
@@ -155,10 +162,16 @@ impl AttachError {
             | Self::NoInterface { .. } => ErrorClass::Identity,
             Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } => ErrorClass::Cloud,
             Self::Node { .. } => ErrorClass::Host,
-            Self::Hook { .. } => ErrorClass::Hook,
+            Self::Hook { .. } | Self::Check { .. } => ErrorClass::Hook,
+            Self::Precondition { .. } => ErrorClass::Refused,
             Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,
             Self::Host { .. } => ErrorClass::Host,
         }
+    }
+
+    /// Wraps a cloud error with the step it happened in.
+    pub(crate) fn cloud(step: &'static str) -> impl FnOnce(cps_provider::Error) -> Self {
+        move |source| Self::Cloud { step, source }
     }
 
     pub(crate) fn host(volume_id: &str) -> impl FnOnce(cps_blockdev::Error) -> Self + '_ {

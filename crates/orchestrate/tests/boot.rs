@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use common::{Disks, FakeHost};
 use cps_node::{Hook, HookExit, NodeFile, NodeHost};
 use cps_orchestrate::{
-    AttachConfig, AttachError, BootOutcome, ErrorClass, Hosts, LifecycleOutcome, Overrides,
-    Services, boot,
+    AttachConfig, BootOutcome, Error, ErrorClass, Hosts, LifecycleOutcome, Overrides, Services,
+    boot,
 };
 use cps_provider::memory::{LifecycleEvent, MemoryCloud, Timing};
 use cps_provider::{AttachmentState, InstanceIdentity, LifecycleResult, Tags};
@@ -186,7 +186,7 @@ impl Cluster {
         }
     }
 
-    async fn boot(&self, m: &Machine, config: &AttachConfig) -> Result<BootOutcome, AttachError> {
+    async fn boot(&self, m: &Machine, config: &AttachConfig) -> Result<BootOutcome, Error> {
         let services = Services {
             volumes: &self.cloud,
             interfaces: &self.cloud,

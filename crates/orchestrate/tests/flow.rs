@@ -13,7 +13,7 @@ use common::{Content, Disks, FakeHost};
 use cps_blockdev::{Filesystem, Refusal};
 use cps_orchestrate::attach;
 use cps_orchestrate::claim::{self, ClaimTarget, Origin};
-use cps_orchestrate::{AttachConfig, AttachError, ErrorClass, FsOutcome, MountOutcome, Overrides};
+use cps_orchestrate::{AttachConfig, Error, ErrorClass, FsOutcome, MountOutcome, Overrides};
 use cps_provider::memory::{
     ATTACH_VOLUME, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES, Fault, MemoryCloud, Timing,
 };
@@ -60,7 +60,7 @@ impl Bench {
         FakeHost::new(&self.cloud, id, &self.disks)
     }
 
-    async fn boot(&self, host: &Arc<FakeHost>) -> Result<attach::AttachOutcome, AttachError> {
+    async fn boot(&self, host: &Arc<FakeHost>) -> Result<attach::AttachOutcome, Error> {
         attach::attach(
             &self.cloud,
             host.clone(),

@@ -1,6 +1,7 @@
 //! Domain types and the cloud traits the cps orchestration is written against: volumes and
 //! instances ([`VolumeService`]), network interfaces ([`InterfaceService`]), and Auto Scaling
-//! membership and lifecycle hooks ([`LifecycleService`]).
+//! membership and lifecycle hooks ([`LifecycleService`]), and the operator's view of groups
+//! and launch templates for rolling updates ([`GroupService`], [`TemplateService`]).
 //!
 //! Two implementations exist: `cps-aws` (EC2 and Auto Scaling over the real wire protocol) and [`memory`], an
 //! in-process cloud with simulated latency and fault injection for logic tests and benchmarks.
@@ -17,8 +18,8 @@ pub use calls::CallLog;
 pub use error::Error;
 pub use types::{
     Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceState,
-    InterfaceAttachment, LifecycleHook, LifecycleResult, NetworkInterface, ScalingGroup, Tags,
-    Volume, VolumeSpec, VolumeState,
+    InterfaceAttachment, LaunchSource, LifecycleHook, LifecycleResult, NetworkInterface,
+    ScalingGroup, Tags, TemplateVersions, Volume, VolumeSpec, VolumeState,
 };
 
 use std::collections::BTreeMap;
@@ -104,4 +105,30 @@ pub trait LifecycleService: Send + Sync {
         instance_id: &str,
         result: LifecycleResult,
     ) -> Result<(), Error>;
+}
+
+/// Auto Scaling groups as an operator sees them: what a rolling update reads and changes.
+#[async_trait]
+pub trait GroupService: Send + Sync {
+    /// The named groups that exist (missing names are left out). Implementations ask for at
+    /// most 100 names per request and follow pagination.
+    async fn groups_named(&self, names: &[String]) -> Result<Vec<ScalingGroup>, Error>;
+
+    /// Every group carrying the tag `key` = `value` (paginated inside).
+    async fn groups_tagged(&self, key: &str, value: &str) -> Result<Vec<ScalingGroup>, Error>;
+
+    /// Every lifecycle hook of a group.
+    async fn lifecycle_hooks(&self, group: &str) -> Result<Vec<LifecycleHook>, Error>;
+
+    /// Terminates an instance without lowering the group's desired capacity, so the group
+    /// launches a replacement.
+    async fn terminate_in_group(&self, instance_id: &str) -> Result<(), Error>;
+}
+
+/// Launch templates: what `$Default` and `$Latest` stand for.
+#[async_trait]
+pub trait TemplateService: Send + Sync {
+    /// The default and latest version numbers of the given templates (missing ids are left
+    /// out); batched and paginated inside.
+    async fn template_versions(&self, ids: &[String]) -> Result<Vec<TemplateVersions>, Error>;
 }

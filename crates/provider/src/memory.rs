@@ -31,8 +31,9 @@ mod asg;
 mod eni;
 
 pub use asg::{
-    COMPLETE_LIFECYCLE_ACTION, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_AUTO_SCALING_INSTANCES,
-    DESCRIBE_LIFECYCLE_HOOKS, LifecycleEvent, RECORD_LIFECYCLE_ACTION_HEARTBEAT,
+    Boot, COMPLETE_LIFECYCLE_ACTION, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_AUTO_SCALING_INSTANCES,
+    DESCRIBE_LAUNCH_TEMPLATES, DESCRIBE_LIFECYCLE_HOOKS, LifecycleEvent,
+    RECORD_LIFECYCLE_ACTION_HEARTBEAT, Sample, TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP,
 };
 pub use eni::{ATTACH_NETWORK_INTERFACE, DESCRIBE_NETWORK_INTERFACES};
 
@@ -127,6 +128,8 @@ pub struct World {
     instances: BTreeMap<String, Instance>,
     interfaces: BTreeMap<String, eni::StoredInterface>,
     groups: BTreeMap<String, asg::Group>,
+    /// Launch templates, the boot simulator and the availability samples of rolling updates.
+    fleet: asg::Fleet,
     /// Every lifecycle call, in order, for tests to check cadence and outcome.
     lifecycle_log: Vec<asg::LifecycleEvent>,
     tokens: HashMap<String, (String, VolumeSpec)>,
@@ -178,6 +181,7 @@ impl World {
             self.terminate_instance(&id);
         }
         self.expire_lifecycle_actions(now);
+        self.run_boots(now);
     }
 
     /// Sets a tag on an instance.
@@ -423,6 +427,7 @@ impl MemoryCloud {
                 instances: BTreeMap::new(),
                 interfaces: BTreeMap::new(),
                 groups: BTreeMap::new(),
+                fleet: asg::Fleet::default(),
                 lifecycle_log: Vec::new(),
                 tokens: HashMap::new(),
                 next_id: 0,
@@ -503,11 +508,13 @@ impl MemoryCloud {
                     (f.error.clone(), f.after_effect)
                 });
             world.faults.retain(|f| f.remaining > 0);
-            match fault {
+            let result = match fault {
                 Some((error, false)) => Err(error),
                 Some((error, true)) => effect(&mut world).and(Err(error)),
                 None => effect(&mut world),
-            }
+            };
+            world.sample();
+            result
         };
         tokio::time::sleep(half).await;
         result

@@ -206,7 +206,38 @@ pub struct GroupInstance {
     pub instance_id: String,
     pub availability_zone: String,
     pub lifecycle_state: String,
+    /// `Healthy` or `Unhealthy`.
     pub health_status: String,
+    /// What the instance was launched from; `None` when the cloud does not say.
+    pub launch: Option<LaunchSource>,
+}
+
+impl GroupInstance {
+    /// In service and healthy: counts towards the cluster's quorum.
+    pub fn available(&self) -> bool {
+        self.lifecycle_state == "InService" && self.health_status == "Healthy"
+    }
+}
+
+/// What a group launches instances from, or what an instance was launched from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchSource {
+    /// A launch template; `version` is a number, or `$Latest`/`$Default` on a group.
+    Template {
+        id: String,
+        name: String,
+        version: String,
+    },
+    /// A (legacy) launch configuration.
+    Configuration { name: String },
+}
+
+/// The version numbers `$Default` and `$Latest` stand for, for one launch template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateVersions {
+    pub id: String,
+    pub default_version: i64,
+    pub latest_version: i64,
 }
 
 /// An Auto Scaling group, as far as cps looks at it.
@@ -216,6 +247,8 @@ pub struct ScalingGroup {
     pub tags: Tags,
     pub desired_capacity: i32,
     pub instances: Vec<GroupInstance>,
+    /// What new instances are launched from (a mixed-instances policy's template counts).
+    pub launch: Option<LaunchSource>,
 }
 
 impl ScalingGroup {

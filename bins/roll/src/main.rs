@@ -1,0 +1,669 @@
+//! cps-roll: plan and run a quorum-safe, node-by-node rolling update of a stateful cluster on
+//! Auto Scaling groups, and end a stuck launch (`abandon`).
+//!
+//! This binary parses arguments, sets up logging and Ctrl-C, prints progress and reports, and
+//! maps outcomes to the documented exit codes; the roll itself lives in cps-orchestrate.
+
+use std::fmt::Write as _;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use cps_orchestrate::backoff::RetryPolicy;
+use cps_orchestrate::config::parse_duration;
+use cps_orchestrate::roll::{
+    self, ClusterChecks, Plan, RollClouds, RollEvent, RollOutcome, RollReport, RollSettings,
+    Snapshot, Targets,
+};
+use cps_orchestrate::{Error, ErrorClass};
+use tokio::time::Instant;
+use tracing::error;
+
+/// Exit codes (documented in the README).
+mod exit {
+    pub const REFUSED: u8 = 3;
+    pub const STOPPED: u8 = 4;
+    pub const CLOUD: u8 = 5;
+    pub const INTERRUPTED: u8 = 6;
+    pub const COMMAND: u8 = 8;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cps-roll",
+    version,
+    about = "Replace a stateful cluster's outdated nodes one at a time without breaking quorum"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show every node, its version and what `run` would do; changes nothing.
+    Plan {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        select: SelectArgs,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Replace outdated nodes, each gated on its replacement being InService and Healthy.
+    Run {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        select: SelectArgs,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// End the launch lifecycle action of instances stuck in Pending:Wait with ABANDON, so the
+    /// group replaces them now. Only waiting instances are touched.
+    Abandon {
+        /// The Auto Scaling group.
+        #[arg(long)]
+        asg: String,
+        /// One instance (default: every instance of the group in Pending:Wait).
+        #[arg(long)]
+        instance: Option<String>,
+        /// The lifecycle hook (default: the group's only launching hook).
+        #[arg(long)]
+        hook: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AwsArgs {
+    /// AWS region.
+    #[arg(long, env = "AWS_REGION", global = true)]
+    region: Option<String>,
+    /// Another endpoint for EC2 and Auto Scaling (an emulator, a VPC endpoint).
+    #[arg(long, env = "CPS_AWS_ENDPOINT", global = true)]
+    aws_endpoint: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, env = "CPS_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct TargetArgs {
+    /// Every Auto Scaling group tagged <cluster-tag>=NAME.
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<String>,
+    /// These groups (repeatable or comma-separated).
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    asg: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct SelectArgs {
+    /// The group tag --cluster matches.
+    #[arg(long, default_value = "cps:cluster")]
+    cluster_tag: String,
+    /// The group tag that holds a node's id (single-instance groups).
+    #[arg(long, default_value = "cps:node-id")]
+    node_id_tag: String,
+    /// Replace the selected nodes even when up to date.
+    #[arg(long)]
+    force: bool,
+    /// Only these nodes (node ids, instance ids or group names; repeatable or comma-separated).
+    #[arg(long, value_name = "NODE", value_delimiter = ',')]
+    only: Vec<String>,
+    /// Most nodes out of service at once; may not exceed what keeps a majority up.
+    #[arg(long, default_value_t = 1)]
+    max_unavailable: usize,
+    /// Roll a cluster of fewer than 3 nodes (every replacement is downtime).
+    #[arg(long)]
+    allow_downtime: bool,
+    /// Wait up to --timeout for unhealthy nodes instead of refusing to start.
+    #[arg(long)]
+    wait_healthy: bool,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// How long one replacement may take to be InService and Healthy (and to pass
+    /// --health-command); also how long the roll waits for an unhealthy cluster.
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    timeout: Duration,
+    /// Time between looks at the groups.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    poll_interval: Duration,
+    /// A shell command that prints the leader's node id; the leader is replaced last.
+    #[arg(long, value_name = "CMD")]
+    leader_command: Option<String>,
+    /// A shell command that exits 0 when the cluster is healthy; run (and retried) after each
+    /// replacement before the next node starts. $CPS_ROLL_NODE holds the node just replaced.
+    #[arg(long, value_name = "CMD")]
+    health_command: Option<String>,
+    /// Longest one run of --leader-command or --health-command may take.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    command_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a duration; write it like 90s, 10m or 1h"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "warn,cps_orchestrate=info,aws_config=warn,aws_smithy_runtime=warn",
+        )
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn settings(target: TargetArgs, select: SelectArgs) -> RollSettings {
+    let targets = match target.cluster {
+        Some(name) => Targets::Cluster {
+            tag: select.cluster_tag,
+            name,
+        },
+        None => Targets::Groups(target.asg),
+    };
+    let mut s = RollSettings::new(targets);
+    s.node_id_tag = select.node_id_tag;
+    s.force = select.force;
+    s.only = select.only;
+    s.max_unavailable = select.max_unavailable;
+    s.allow_downtime = select.allow_downtime;
+    s.wait_healthy = select.wait_healthy;
+    s
+}
+
+/// The operator's leader and health commands, run with `sh -c`.
+struct CommandChecks {
+    leader: Option<String>,
+    health: Option<String>,
+    timeout: Duration,
+}
+
+impl CommandChecks {
+    async fn sh(&self, command: &str, env: &[(&str, &str)]) -> Result<String, String> {
+        let child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start sh -c {command:?}: {e}"))?;
+        let out = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| format!("{command:?} took longer than {}s", self.timeout.as_secs()))?
+            .map_err(|e| format!("{command:?}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+            Err(format!(
+                "{command:?} exited with {}{}",
+                out.status,
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ": {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                    )
+                }
+            ))
+        }
+    }
+}
+
+#[async_trait]
+impl ClusterChecks for CommandChecks {
+    async fn leader(&self) -> Result<Option<String>, String> {
+        let Some(cmd) = &self.leader else {
+            return Ok(None);
+        };
+        let out = self.sh(cmd, &[]).await?;
+        match out.lines().next().map(str::trim) {
+            Some(id) if !id.is_empty() => Ok(Some(id.to_owned())),
+            _ => Err(format!("{cmd:?} printed no node id")),
+        }
+    }
+
+    async fn healthy(&self, node: &str) -> Result<(), String> {
+        match &self.health {
+            Some(cmd) => self.sh(cmd, &[("CPS_ROLL_NODE", node)]).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn state(n: &roll::NodeView) -> String {
+    if n.instance_id.is_none() {
+        n.lifecycle_state.clone()
+    } else {
+        format!("{} {}", n.lifecycle_state, n.health_status)
+    }
+}
+
+/// A plain table, columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn plan_text(p: &Plan) -> String {
+    let rows: Vec<Vec<String>> = p
+        .rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.node.node.clone(),
+                r.node.group.clone(),
+                r.node.instance_id.clone().unwrap_or_else(|| "-".into()),
+                format!("{} → {}", r.node.current, r.node.target),
+                state(&r.node),
+                r.action.as_str().to_owned(),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "cluster: {} nodes, {} out of service, at most {} at a time\n\n",
+        p.size, p.unavailable, p.max_unavailable
+    );
+    out.push_str(&table(
+        &[
+            "NODE",
+            "GROUP",
+            "INSTANCE",
+            "VERSION (CURRENT → TARGET)",
+            "STATE",
+            "ACTION",
+        ],
+        &rows,
+    ));
+    let queue: Vec<&str> = p.queue().iter().map(|n| n.node.as_str()).collect();
+    out.push('\n');
+    if queue.is_empty() {
+        out.push_str("nothing to replace\n");
+    } else {
+        let _ = writeln!(out, "replace in this order: {}", queue.join(", "));
+    }
+    for r in &p.refusals {
+        let _ = writeln!(out, "cannot start: {r}");
+    }
+    out
+}
+
+fn nodes_text(snap: &Snapshot) -> String {
+    let rows: Vec<Vec<String>> = snap
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.node.clone(),
+                n.group.clone(),
+                n.instance_id.clone().unwrap_or_else(|| "-".into()),
+                n.current.clone(),
+                state(n),
+            ]
+        })
+        .collect();
+    table(&["NODE", "GROUP", "INSTANCE", "VERSION", "STATE"], &rows)
+}
+
+fn report_text(r: &RollReport) -> String {
+    let mut out = String::new();
+    match &r.outcome {
+        RollOutcome::UpToDate => out.push_str("every node is up to date; nothing done\n"),
+        RollOutcome::Completed => {
+            let _ = writeln!(
+                out,
+                "done: {} node(s) replaced{}",
+                r.replaced.len(),
+                if r.replaced.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.replaced.join(", "))
+                }
+            );
+        }
+        RollOutcome::Refused { reasons } => {
+            out.push_str("refusing to start; nothing was changed:\n");
+            for reason in reasons {
+                let _ = writeln!(out, "  - {reason}");
+            }
+        }
+        RollOutcome::Stopped { reason, .. } => {
+            let _ = writeln!(out, "roll stopped: {reason}");
+        }
+        RollOutcome::Interrupted => {
+            let _ = writeln!(
+                out,
+                "interrupted after {} replacement(s); every node started has settled",
+                r.replaced.len()
+            );
+        }
+    }
+    if !matches!(r.outcome, RollOutcome::UpToDate | RollOutcome::Completed) {
+        out.push('\n');
+        out.push_str(&nodes_text(&r.last));
+    }
+    if !r.recovery.is_empty() {
+        out.push_str("\nwhat to do now:\n");
+        for (i, step) in r.recovery.iter().enumerate() {
+            let _ = writeln!(out, "  {}. {step}", i + 1);
+        }
+    }
+    out
+}
+
+struct Clients {
+    groups: cps_aws::AutoScalingApi,
+    ec2: cps_aws::Ec2Api,
+}
+
+async fn clients(aws: &AwsArgs) -> Result<Clients, String> {
+    let region = aws
+        .region
+        .clone()
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .ok_or("no region: pass --region or set AWS_REGION")?;
+    let mut settings = cps_aws::AwsSettings::new(region);
+    settings.endpoint_url = aws.aws_endpoint.clone();
+    let config = settings.load().await;
+    Ok(Clients {
+        groups: cps_aws::AutoScalingApi::new(&config),
+        ec2: cps_aws::Ec2Api::new(&config),
+    })
+}
+
+fn cloud_failure(e: &Error) -> u8 {
+    match e.class() {
+        ErrorClass::Hook => exit::COMMAND,
+        ErrorClass::Refused => exit::REFUSED,
+        _ => exit::CLOUD,
+    }
+}
+
+fn api_calls(c: &Clients) -> String {
+    let mut all = c.groups.calls().snapshot();
+    for (k, v) in c.ec2.calls().snapshot() {
+        *all.entry(k).or_default() += v;
+    }
+    all.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn plan_cmd(c: &Clients, s: &RollSettings, output: Output) -> u8 {
+    let clouds = RollClouds {
+        groups: &c.groups,
+        templates: &c.ec2,
+    };
+    let snap = match roll::observe(clouds, s).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            return cloud_failure(&e);
+        }
+    };
+    let p = roll::plan(&snap, s);
+    match output {
+        Output::Text => print!("{}", plan_text(&p)),
+        Output::Json => match serde_json::to_string_pretty(&p) {
+            Ok(j) => println!("{j}"),
+            Err(e) => {
+                error!("cannot write the plan as JSON: {e}");
+                return 1;
+            }
+        },
+    }
+    tracing::info!(calls = %api_calls(c), "api calls");
+    if p.refusals.is_empty() {
+        0
+    } else {
+        exit::REFUSED
+    }
+}
+
+async fn run_cmd(c: &Clients, s: &RollSettings, r: RunArgs) -> u8 {
+    let clouds = RollClouds {
+        groups: &c.groups,
+        templates: &c.ec2,
+    };
+    let checks = CommandChecks {
+        leader: r.leader_command,
+        health: r.health_command,
+        timeout: r.command_timeout,
+    };
+    let mut s = s.clone();
+    s.timeout = r.timeout;
+    s.poll_interval = r.poll_interval;
+    s.retry = RetryPolicy::within(r.timeout.min(Duration::from_secs(300)));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // Nodes terminated and not yet settled, for a second Ctrl-C's message.
+    let in_flight: Arc<Mutex<Vec<String>>> = Arc::default();
+    {
+        let stop = stop.clone();
+        let in_flight = in_flight.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut count = 0;
+            // Bounded: the second signal exits the process.
+            loop {
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                    Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {},
+                }
+                count += 1;
+                if count == 1 {
+                    stop.store(true, Ordering::SeqCst);
+                    eprintln!(
+                        "stopping: no new node starts; waiting for the node(s) in flight to settle (Ctrl-C again to quit now)"
+                    );
+                } else {
+                    let flying = in_flight.lock().map(|f| f.join(", ")).unwrap_or_default();
+                    if flying.is_empty() {
+                        eprintln!(
+                            "quitting now; no node was mid-replacement. Re-run `cps-roll run` to continue."
+                        );
+                    } else {
+                        eprintln!(
+                            "quitting now with node(s) {flying} mid-replacement: the old instance is terminated and the group is launching its replacement. \
+                             Re-run `cps-roll run` to resume; it waits for that replacement before starting another node."
+                        );
+                    }
+                    std::process::exit(i32::from(exit::INTERRUPTED));
+                }
+            }
+        });
+    }
+
+    let started = Instant::now();
+    let flying = in_flight.clone();
+    let progress = move |e: RollEvent| {
+        let t = started.elapsed().as_secs_f64();
+        let line = match e {
+            RollEvent::Waiting { what } => format!("waiting: {what}"),
+            RollEvent::Leader { node } => format!("node {node} is the leader: replacing it last"),
+            RollEvent::Terminating {
+                node,
+                group,
+                instance_id,
+                from,
+                to,
+            } => {
+                if let Ok(mut f) = flying.lock() {
+                    f.push(node.clone());
+                }
+                format!("node {node}: terminating {instance_id} in {group} ({from} → {to})")
+            }
+            RollEvent::Replaced {
+                node,
+                old_instance,
+                new_instance,
+                took,
+            } => {
+                if let Ok(mut f) = flying.lock() {
+                    f.retain(|n| *n != node);
+                }
+                format!(
+                    "node {node}: replaced {old_instance} by {} in {:.1}s (InService, Healthy)",
+                    new_instance.as_deref().unwrap_or("a new instance"),
+                    took.as_secs_f64()
+                )
+            }
+            RollEvent::Stopping { in_flight } => {
+                format!("stopping after node(s) {} settle", in_flight.join(", "))
+            }
+        };
+        println!("[{t:7.1}s] {line}");
+    };
+    let result = roll::run(clouds, &checks, &s, &stop, &progress).await;
+    tracing::info!(calls = %api_calls(c), "api calls");
+    match result {
+        Ok(report) => {
+            print!("{}", report_text(&report));
+            match report.outcome {
+                RollOutcome::UpToDate | RollOutcome::Completed => 0,
+                RollOutcome::Refused { .. } => exit::REFUSED,
+                RollOutcome::Stopped { .. } => exit::STOPPED,
+                RollOutcome::Interrupted => exit::INTERRUPTED,
+            }
+        }
+        Err(e) => {
+            error!("{e}");
+            let flying = in_flight.lock().map(|f| f.join(", ")).unwrap_or_default();
+            if !flying.is_empty() {
+                error!(
+                    "node(s) {flying} were mid-replacement; re-run `cps-roll run` to resume (it waits for them first)"
+                );
+            }
+            cloud_failure(&e)
+        }
+    }
+}
+
+async fn abandon_cmd(c: &Clients, group: &str, instance: Option<&str>, hook: Option<&str>) -> u8 {
+    match roll::abandon(
+        &c.groups,
+        &c.groups,
+        group,
+        instance,
+        hook,
+        RetryPolicy::within(Duration::from_secs(60)),
+    )
+    .await
+    {
+        Ok(done) => {
+            for (id, hook) in done {
+                println!(
+                    "{id}: lifecycle action of hook {hook} completed with ABANDON; {group} launches a replacement"
+                );
+            }
+            0
+        }
+        Err(e) => {
+            error!("{e}");
+            cloud_failure(&e)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.aws.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        let c = match clients(&cli.aws).await {
+            Ok(c) => c,
+            Err(e) => {
+                error!("{e}");
+                return 2;
+            }
+        };
+        match cli.command {
+            Cmd::Plan {
+                target,
+                select,
+                output,
+            } => plan_cmd(&c, &settings(target, select), output).await,
+            Cmd::Run {
+                target,
+                select,
+                run,
+            } => run_cmd(&c, &settings(target, select), run).await,
+            Cmd::Abandon {
+                asg,
+                instance,
+                hook,
+            } => abandon_cmd(&c, &asg, instance.as_deref(), hook.as_deref()).await,
+        }
+    });
+    ExitCode::from(code)
+}

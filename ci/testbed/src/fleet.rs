@@ -1,0 +1,167 @@
+//! Rolling updates on the emulator: new launch template versions, a simulator that plays the
+//! boots of the instances groups launch (completing their lifecycle actions after a fixed
+//! time), and a sampler of how many nodes are out of service.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_autoscaling::types::LifecycleState;
+use aws_sdk_ec2::types::RequestLaunchTemplateData;
+
+use crate::Bench;
+
+/// A background task, stopped on drop.
+pub struct Task(tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Groups' capacity minus instances InService and Healthy.
+async fn unavailable(asg: &aws_sdk_autoscaling::Client, groups: &[String]) -> io::Result<usize> {
+    let out = asg
+        .describe_auto_scaling_groups()
+        .set_auto_scaling_group_names(Some(groups.to_vec()))
+        .send()
+        .await
+        .map_err(|e| {
+            io::Error::other(aws_sdk_autoscaling::error::DisplayErrorContext(&e).to_string())
+        })?;
+    Ok(out
+        .auto_scaling_groups()
+        .iter()
+        .map(|g| {
+            let up = g
+                .instances()
+                .iter()
+                .filter(|i| {
+                    i.lifecycle_state() == Some(&LifecycleState::InService)
+                        && i.health_status() == Some("Healthy")
+                })
+                .count();
+            (g.desired_capacity().unwrap_or_default().max(0) as usize).saturating_sub(up)
+        })
+        .sum())
+}
+
+impl Bench {
+    /// A `cps-roll` command aimed at this emulator with static test credentials.
+    pub fn roll_command(&self, binary: &std::path::Path) -> std::process::Command {
+        let mut cmd = std::process::Command::new(binary);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AWS_REGION", crate::REGION)
+            .env("CPS_AWS_ENDPOINT", self.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_CONFIG_FILE", self.dir().join("aws-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir().join("aws-config"));
+        cmd
+    }
+
+    /// Publishes a new version of a launch template (a copy of version 1) and returns it.
+    pub async fn new_template_version(&self, template_id: &str) -> io::Result<i64> {
+        let out = self
+            .ec2()
+            .create_launch_template_version()
+            .launch_template_id(template_id)
+            .source_version("1")
+            .launch_template_data(RequestLaunchTemplateData::builder().build())
+            .send()
+            .await
+            .map_err(crate::sdk)?;
+        out.launch_template_version()
+            .and_then(|v| v.version_number())
+            .ok_or_else(|| io::Error::other("CreateLaunchTemplateVersion returned no number"))
+    }
+
+    /// Plays every boot in `groups`: an instance seen in Pending:Wait has its lifecycle action
+    /// completed `boot` later — CONTINUE, or ABANDON for the groups in `failing`.
+    pub fn simulate_boots(
+        &self,
+        groups: &[String],
+        hook: &str,
+        boot: Duration,
+        failing: Arc<Mutex<BTreeSet<String>>>,
+    ) -> Task {
+        let asg = self.asg().clone();
+        let groups = groups.to_vec();
+        let hook = hook.to_owned();
+        Task(tokio::spawn(async move {
+            let mut seen: BTreeMap<String, Instant> = BTreeMap::new();
+            loop {
+                if let Ok(out) = asg
+                    .describe_auto_scaling_groups()
+                    .set_auto_scaling_group_names(Some(groups.clone()))
+                    .send()
+                    .await
+                {
+                    for g in out.auto_scaling_groups() {
+                        let name = g.auto_scaling_group_name().unwrap_or_default();
+                        for i in g.instances() {
+                            if i.lifecycle_state() != Some(&LifecycleState::PendingWait) {
+                                continue;
+                            }
+                            let id = i.instance_id().unwrap_or_default().to_owned();
+                            let since = *seen.entry(id.clone()).or_insert_with(Instant::now);
+                            if since.elapsed() < boot {
+                                continue;
+                            }
+                            let fail = failing.lock().map(|f| f.contains(name)).unwrap_or(false);
+                            let _ = asg
+                                .complete_lifecycle_action()
+                                .auto_scaling_group_name(name)
+                                .lifecycle_hook_name(&hook)
+                                .instance_id(&id)
+                                .lifecycle_action_result(if fail { "ABANDON" } else { "CONTINUE" })
+                                .send()
+                                .await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }))
+    }
+
+    /// Samples, every 50 ms, how many nodes of `groups` are out of service; the samples so far
+    /// are in the returned vector.
+    pub fn sample_unavailable(&self, groups: &[String]) -> (Task, Arc<Mutex<Vec<usize>>>) {
+        let asg = self.asg().clone();
+        let groups = groups.to_vec();
+        let samples: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let sink = samples.clone();
+        let task = Task(tokio::spawn(async move {
+            loop {
+                if let Ok(n) = unavailable(&asg, &groups).await
+                    && let Ok(mut s) = sink.lock()
+                {
+                    s.push(n);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+        (task, samples)
+    }
+
+    /// Waits (bounded) until every instance of `groups` is InService and Healthy.
+    pub async fn wait_in_service(&self, groups: &[String], timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = unavailable(self.asg(), groups).await?;
+            if out == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "{out} instance(s) of {groups:?} still out of service after {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
