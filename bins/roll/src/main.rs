@@ -170,9 +170,7 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "warn,cps_orchestrate=info,aws_config=warn,aws_smithy_runtime=warn",
-        )
+        tracing_subscriber::EnvFilter::new("warn,cps_roll=info,cps_orchestrate=info")
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

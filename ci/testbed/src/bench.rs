@@ -78,7 +78,6 @@ impl HerdMode {
 }
 
 pub async fn run(attach_bin: &Path, herd: &[usize]) -> io::Result<()> {
-    println!("# cps bench report\n");
     memory_paths().await;
     herd_header("Herds: N agents booting at once");
     for mode in [HerdMode::Pool, HerdMode::Slot] {

@@ -21,7 +21,7 @@ pub struct Member {
     pub launch_template_version: Option<String>,
 }
 
-fn asg_error<E: std::error::Error + 'static, R: std::fmt::Debug>(
+pub(crate) fn asg_error<E: std::error::Error + 'static, R: std::fmt::Debug>(
     e: aws_sdk_autoscaling::error::SdkError<E, R>,
 ) -> io::Error {
     io::Error::other(aws_sdk_autoscaling::error::DisplayErrorContext(&e).to_string())

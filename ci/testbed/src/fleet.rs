@@ -7,10 +7,12 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_autoscaling::types::LifecycleState;
+use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, LifecycleState, Tag as AsgTag};
 use aws_sdk_ec2::types::RequestLaunchTemplateData;
+use cps_provider::Tags;
 
 use crate::Bench;
+use crate::cluster::asg_error;
 
 /// A background task, stopped on drop.
 pub struct Task(tokio::task::JoinHandle<()>);
@@ -77,6 +79,96 @@ impl Bench {
         out.launch_template_version()
             .and_then(|v| v.version_number())
             .ok_or_else(|| io::Error::other("CreateLaunchTemplateVersion returned no number"))
+    }
+
+    /// Points a group at a template version (a number, `$Latest` or `$Default`).
+    pub async fn set_group_version(
+        &self,
+        group: &str,
+        template_id: &str,
+        version: &str,
+    ) -> io::Result<()> {
+        self.asg()
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .launch_template(
+                LaunchTemplateSpecification::builder()
+                    .launch_template_id(template_id)
+                    .version(version)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(asg_error)?;
+        Ok(())
+    }
+
+    /// Many one-instance groups (no lifecycle hook) sharing one template: `tags(i)` for group
+    /// `i` of `names`. Returns the template id.
+    pub async fn create_plain_groups(
+        &self,
+        names: &[String],
+        zone: &str,
+        tags: impl Fn(usize) -> Tags,
+    ) -> io::Result<String> {
+        let images = self
+            .ec2()
+            .describe_images()
+            .send()
+            .await
+            .map_err(crate::sdk)?;
+        let image = images
+            .images()
+            .first()
+            .and_then(|i| i.image_id())
+            .ok_or_else(|| io::Error::other("the emulator has no images"))?
+            .to_owned();
+        let (subnet, _) = self.subnet(zone).await?;
+        let template = self
+            .ec2()
+            .create_launch_template()
+            .launch_template_name(format!("{}-shared-lt", names.first().map_or("", |n| n)))
+            .launch_template_data(RequestLaunchTemplateData::builder().image_id(image).build())
+            .send()
+            .await
+            .map_err(crate::sdk)?;
+        let template_id = template
+            .launch_template()
+            .and_then(|t| t.launch_template_id())
+            .ok_or_else(|| io::Error::other("CreateLaunchTemplate returned no id"))?
+            .to_owned();
+        for (i, name) in names.iter().enumerate() {
+            let asg_tags: Vec<AsgTag> = tags(i)
+                .iter()
+                .map(|(k, v)| {
+                    AsgTag::builder()
+                        .key(k)
+                        .value(v)
+                        .propagate_at_launch(true)
+                        .resource_id(name)
+                        .resource_type("auto-scaling-group")
+                        .build()
+                })
+                .collect();
+            self.asg()
+                .create_auto_scaling_group()
+                .auto_scaling_group_name(name)
+                .launch_template(
+                    LaunchTemplateSpecification::builder()
+                        .launch_template_id(&template_id)
+                        .version("$Latest")
+                        .build(),
+                )
+                .min_size(1)
+                .max_size(1)
+                .desired_capacity(1)
+                .vpc_zone_identifier(&subnet)
+                .set_tags(Some(asg_tags))
+                .send()
+                .await
+                .map_err(asg_error)?;
+        }
+        Ok(template_id)
     }
 
     /// Plays every boot in `groups`: an instance seen in Pending:Wait has its lifecycle action

@@ -1,6 +1,7 @@
 //! cps-testbed: the replacement story as a demo, and the benchmarks, on the local bench.
 
 mod bench;
+mod bench_roll;
 mod demo;
 
 use std::path::PathBuf;
@@ -30,9 +31,17 @@ enum Cmd {
     Bench {
         #[arg(long)]
         attach_bin: PathBuf,
+        #[arg(long)]
+        roll_bin: PathBuf,
+        /// The second design's roll script, run side by side with cps-roll.
+        #[arg(long, default_value = "../shared/reference/roll_cluster_instances.sh")]
+        script: PathBuf,
         /// Herd sizes to run.
         #[arg(long, value_delimiter = ',', default_value = "50,200")]
         herd: Vec<usize>,
+        /// Which parts to run.
+        #[arg(long, value_delimiter = ',', default_value = "attach,roll")]
+        parts: Vec<String>,
     },
 }
 
@@ -50,11 +59,26 @@ fn main() -> ExitCode {
             }
             runtime.block_on(demo::run(&attach_bin))
         }
-        Cmd::Bench { attach_bin, herd } => {
+        Cmd::Bench {
+            attach_bin,
+            roll_bin,
+            script,
+            herd,
+            parts,
+        } => {
             if !cps_testbed::ready("bench") {
                 return ExitCode::from(2);
             }
-            runtime.block_on(bench::run(&attach_bin, &herd))
+            runtime.block_on(async {
+                println!("# cps bench report\n");
+                if parts.iter().any(|p| p == "attach") {
+                    bench::run(&attach_bin, &herd).await?;
+                }
+                if parts.iter().any(|p| p == "roll") {
+                    bench_roll::run(&roll_bin, &script).await?;
+                }
+                Ok(())
+            })
         }
     };
     match result {
