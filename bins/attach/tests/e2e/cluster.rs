@@ -379,3 +379,165 @@ async fn five_instances_against_three_slots() {
         "replacements launched"
     );
 }
+
+/// cps-roll replaces every node of a cluster booted by cps-attach, one at a time; each
+/// replacement boots with the real cps-attach and gets its node's volume (data intact, not
+/// reformatted) and its fixed IP back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cps_roll_replaces_every_node_and_each_keeps_its_data_and_ip() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    // Built alongside this binary by `cargo test --workspace`.
+    let roll_bin = Path::new(crate::BIN).with_file_name("cps-roll");
+    assert!(
+        roll_bin.is_file(),
+        "{} is missing: build it first (cargo build -p cps-roll)",
+        roll_bin.display()
+    );
+    let bench = Arc::new(
+        Bench::start(BenchOptions {
+            delays: Delays {
+                attach: Duration::from_millis(200),
+                create: Duration::from_millis(200),
+                detach: Duration::from_millis(300),
+                shutdown: Duration::from_secs(1),
+            },
+            ..BenchOptions::default()
+        })
+        .unwrap(),
+    );
+    let mut ips = BTreeMap::new();
+    let mut templates = Vec::new();
+    for k in 1..=3u8 {
+        let node = tags(&[("cluster", "rolled"), ("cps:node-id", &k.to_string())]);
+        let (_, ip) = bench
+            .create_interface("us-east-1a", 20 + k, &node)
+            .await
+            .unwrap();
+        ips.insert(k.to_string(), ip);
+        templates.push(
+            bench
+                .create_group(
+                    &format!("rolled-{k}"),
+                    "us-east-1a",
+                    1,
+                    &node,
+                    HOOK,
+                    Duration::from_secs(120),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let config = |i: &Instance| {
+        node_config(&i.home, "").replace("ebs-tags: {cluster: e2e}", "ebs-tags: {cluster: rolled}")
+    };
+    let mut guards = Vec::new();
+    let mut booted = std::collections::BTreeSet::new();
+    let mut volumes = BTreeMap::new();
+    for k in 1..=3 {
+        let group = format!("rolled-{k}");
+        let id = bench
+            .wait_pending(&group, 1, Duration::from_secs(10))
+            .await
+            .unwrap()[0]
+            .clone();
+        let (instance, out) = boot_member(&bench, &id, config).await;
+        guards.push(MountGuard(instance.home.join("data")));
+        assert_eq!(out.code, 0, "node {k}:\n{}", out.stderr);
+        volumes.insert(
+            k.to_string(),
+            out.ready()["volume_id"].as_str().unwrap().to_owned(),
+        );
+        std::fs::write(
+            instance.home.join("data/precious"),
+            format!("node {k}'s data"),
+        )
+        .unwrap();
+        booted.insert(id);
+    }
+    for t in &templates {
+        bench.new_template_version(t).await.unwrap();
+    }
+
+    let mut cmd = bench.roll_command(&roll_bin);
+    cmd.args([
+        "run",
+        "--cluster",
+        "rolled",
+        "--cluster-tag",
+        "cluster",
+        "--poll-interval",
+        "200ms",
+        "--timeout",
+        "90s",
+    ]);
+    let mut roll = tokio::process::Command::from(cmd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Play each replacement's boot with cps-attach, as its user data would.
+    let mut replaced = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while replaced.len() < 3 && std::time::Instant::now() < deadline {
+        for k in 1..=3 {
+            let group = format!("rolled-{k}");
+            for m in bench.members(&group).await.unwrap() {
+                if m.lifecycle_state != "Pending:Wait" || booted.contains(&m.instance_id) {
+                    continue;
+                }
+                booted.insert(m.instance_id.clone());
+                let (instance, out) = boot_member(&bench, &m.instance_id, config).await;
+                guards.push(MountGuard(instance.home.join("data")));
+                replaced.push((k.to_string(), instance, out));
+            }
+        }
+        if roll.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), roll.wait_with_output())
+        .await
+        .expect("cps-roll finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("done: 3 node(s) replaced (1, 2, 3)"),
+        "{stdout}"
+    );
+    let order: Vec<&str> = replaced.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(order, ["1", "2", "3"], "one node at a time, in order");
+    for (k, instance, run) in &replaced {
+        assert_eq!(run.code, 0, "node {k}:\n{}", run.stderr);
+        let ready = run.ready();
+        assert_eq!(ready["volume_id"], volumes[k].as_str(), "node {k}'s volume");
+        assert_eq!(ready["formatted"], false);
+        assert_eq!(ready["ip"], ips[k].as_str(), "node {k}'s IP");
+        assert_eq!(
+            std::fs::read_to_string(instance.home.join("data/precious")).unwrap(),
+            format!("node {k}'s data")
+        );
+        let members = bench.members(&format!("rolled-{k}")).await.unwrap();
+        assert_eq!(members.len(), 1);
+        assert_eq!(members[0].instance_id, instance.id);
+        assert_eq!(members[0].launch_template_version.as_deref(), Some("2"));
+    }
+    assert_eq!(
+        bench
+            .volumes_tagged(&tags(&[("cluster", "rolled")]))
+            .await
+            .len(),
+        3,
+        "no new volume"
+    );
+}
