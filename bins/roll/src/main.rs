@@ -131,8 +131,8 @@ struct SelectArgs {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// How long one replacement may take to be InService and Healthy (and to pass
-    /// --health-command); also how long the roll waits for an unhealthy cluster.
+    /// How long one replacement may take to be InService and Healthy; --health-command then
+    /// has as long again to pass. Also how long the roll waits for an unhealthy cluster.
     #[arg(long, default_value = "10m", value_parser = duration)]
     timeout: Duration,
     /// Time between looks at the groups.
@@ -215,6 +215,8 @@ impl CommandChecks {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group: a Ctrl-C meant for cps-roll must not kill the check.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start sh -c {command:?}: {e}"))?;
@@ -505,7 +507,8 @@ async fn run_cmd(c: &Clients, s: &RollSettings, r: RunArgs) -> u8 {
             // Bounded: the second signal exits the process.
             loop {
                 tokio::select! {
-                    r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                    // Without a Ctrl-C handler, SIGTERM still works.
+                    r = tokio::signal::ctrl_c() => if r.is_err() { std::future::pending::<()>().await },
                     Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {},
                 }
                 count += 1;

@@ -27,6 +27,21 @@ pub(crate) fn asg_error<E: std::error::Error + 'static, R: std::fmt::Debug>(
     io::Error::other(aws_sdk_autoscaling::error::DisplayErrorContext(&e).to_string())
 }
 
+/// Group tags, propagated to the group's instances.
+pub(crate) fn group_tags(group: &str, tags: &Tags) -> Vec<AsgTag> {
+    tags.iter()
+        .map(|(k, v)| {
+            AsgTag::builder()
+                .key(k)
+                .value(v)
+                .propagate_at_launch(true)
+                .resource_id(group)
+                .resource_type("auto-scaling-group")
+                .build()
+        })
+        .collect()
+}
+
 impl Bench {
     /// The default subnet of `zone` and its CIDR block.
     pub async fn subnet(&self, zone: &str) -> io::Result<(String, String)> {
@@ -80,6 +95,17 @@ impl Bench {
         Ok((id, ip))
     }
 
+    /// The first image the emulator offers (any will do for a launch template).
+    pub(crate) async fn any_image(&self) -> io::Result<String> {
+        let images = self.ec2.describe_images().send().await.map_err(sdk)?;
+        images
+            .images()
+            .first()
+            .and_then(|i| i.image_id())
+            .map(str::to_owned)
+            .ok_or_else(|| io::Error::other("the emulator has no images"))
+    }
+
     /// A launch template (any image) and a group of `size` in `zone`, with `tags` propagated to
     /// its instances and a launching lifecycle hook `hook` (default result ABANDON).
     pub async fn create_group(
@@ -91,12 +117,7 @@ impl Bench {
         hook: &str,
         heartbeat_timeout: Duration,
     ) -> io::Result<String> {
-        let images = self.ec2.describe_images().send().await.map_err(sdk)?;
-        let image = images
-            .images()
-            .first()
-            .and_then(|i| i.image_id())
-            .ok_or_else(|| io::Error::other("the emulator has no images"))?;
+        let image = self.any_image().await?;
         let (subnet, _) = self.subnet(zone).await?;
         let template = self
             .ec2
@@ -122,18 +143,7 @@ impl Bench {
             .and_then(|t| t.launch_template_id())
             .ok_or_else(|| io::Error::other("CreateLaunchTemplate returned no id"))?
             .to_owned();
-        let asg_tags: Vec<AsgTag> = tags
-            .iter()
-            .map(|(k, v)| {
-                AsgTag::builder()
-                    .key(k)
-                    .value(v)
-                    .propagate_at_launch(true)
-                    .resource_id(name)
-                    .resource_type("auto-scaling-group")
-                    .build()
-            })
-            .collect();
+        let asg_tags = group_tags(name, tags);
         self.asg
             .create_auto_scaling_group()
             .auto_scaling_group_name(name)

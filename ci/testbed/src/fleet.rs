@@ -7,12 +7,12 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, LifecycleState, Tag as AsgTag};
+use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, LifecycleState};
 use aws_sdk_ec2::types::RequestLaunchTemplateData;
 use cps_provider::Tags;
 
 use crate::Bench;
-use crate::cluster::asg_error;
+use crate::cluster::{asg_error, group_tags};
 
 /// A background task, stopped on drop.
 pub struct Task(tokio::task::JoinHandle<()>);
@@ -111,18 +111,7 @@ impl Bench {
         zone: &str,
         tags: impl Fn(usize) -> Tags,
     ) -> io::Result<String> {
-        let images = self
-            .ec2()
-            .describe_images()
-            .send()
-            .await
-            .map_err(crate::sdk)?;
-        let image = images
-            .images()
-            .first()
-            .and_then(|i| i.image_id())
-            .ok_or_else(|| io::Error::other("the emulator has no images"))?
-            .to_owned();
+        let image = self.any_image().await?;
         let (subnet, _) = self.subnet(zone).await?;
         let template = self
             .ec2()
@@ -138,18 +127,7 @@ impl Bench {
             .ok_or_else(|| io::Error::other("CreateLaunchTemplate returned no id"))?
             .to_owned();
         for (i, name) in names.iter().enumerate() {
-            let asg_tags: Vec<AsgTag> = tags(i)
-                .iter()
-                .map(|(k, v)| {
-                    AsgTag::builder()
-                        .key(k)
-                        .value(v)
-                        .propagate_at_launch(true)
-                        .resource_id(name)
-                        .resource_type("auto-scaling-group")
-                        .build()
-                })
-                .collect();
+            let asg_tags = group_tags(name, &tags(i));
             self.asg()
                 .create_auto_scaling_group()
                 .auto_scaling_group_name(name)

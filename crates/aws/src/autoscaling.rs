@@ -106,6 +106,37 @@ fn to_group(g: &AutoScalingGroup) -> ScalingGroup {
 }
 
 impl AutoScalingApi {
+    /// A group's lifecycle hooks (one request), or only the one named.
+    async fn describe_hooks(
+        &self,
+        group: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<LifecycleHook>, Error> {
+        self.calls.record("DescribeLifecycleHooks");
+        let out = self
+            .client
+            .describe_lifecycle_hooks()
+            .auto_scaling_group_name(group)
+            .set_lifecycle_hook_names(name.map(|n| vec![n.to_owned()]))
+            .send()
+            .await
+            .map_err(|e| {
+                classify(
+                    "DescribeLifecycleHooks",
+                    Context {
+                        group: Some(group),
+                        ..Context::default()
+                    },
+                    e,
+                )
+            })?;
+        Ok(out
+            .lifecycle_hooks()
+            .iter()
+            .map(|h| to_hook(group, h))
+            .collect())
+    }
+
     /// One paginated DescribeAutoScalingGroups listing.
     async fn describe_groups(
         &self,
@@ -161,28 +192,7 @@ impl GroupService for AutoScalingApi {
     }
 
     async fn lifecycle_hooks(&self, group: &str) -> Result<Vec<LifecycleHook>, Error> {
-        self.calls.record("DescribeLifecycleHooks");
-        let out = self
-            .client
-            .describe_lifecycle_hooks()
-            .auto_scaling_group_name(group)
-            .send()
-            .await
-            .map_err(|e| {
-                classify(
-                    "DescribeLifecycleHooks",
-                    Context {
-                        group: Some(group),
-                        ..Context::default()
-                    },
-                    e,
-                )
-            })?;
-        Ok(out
-            .lifecycle_hooks()
-            .iter()
-            .map(|h| to_hook(group, h))
-            .collect())
+        self.describe_hooks(group, None).await
     }
 
     async fn terminate_in_group(&self, instance_id: &str) -> Result<(), Error> {
@@ -275,29 +285,11 @@ impl LifecycleService for AutoScalingApi {
         group: &str,
         hook: &str,
     ) -> Result<Option<LifecycleHook>, Error> {
-        self.calls.record("DescribeLifecycleHooks");
-        let out = self
-            .client
-            .describe_lifecycle_hooks()
-            .auto_scaling_group_name(group)
-            .lifecycle_hook_names(hook)
-            .send()
-            .await
-            .map_err(|e| {
-                classify(
-                    "DescribeLifecycleHooks",
-                    Context {
-                        group: Some(group),
-                        ..Context::default()
-                    },
-                    e,
-                )
-            })?;
-        Ok(out
-            .lifecycle_hooks()
-            .iter()
-            .find(|h| h.lifecycle_hook_name() == Some(hook))
-            .map(|h| to_hook(group, h)))
+        Ok(self
+            .describe_hooks(group, Some(hook))
+            .await?
+            .into_iter()
+            .find(|h| h.name == hook))
     }
 
     async fn heartbeat(&self, group: &str, hook: &str, instance_id: &str) -> Result<(), Error> {

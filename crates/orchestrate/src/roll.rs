@@ -329,14 +329,12 @@ pub async fn observe(clouds: RollClouds<'_>, settings: &RollSettings) -> Result<
     })
     .await
     .map_err(Error::cloud("describing the cluster's groups"))?;
+    // Only the groups' templates: an instance's own version is a number (a symbolic one is
+    // treated as unknown), and a deleted template an old instance came from must not fail the
+    // whole lookup.
     let symbolic: BTreeSet<String> = groups
         .iter()
-        .flat_map(|g| {
-            g.instances
-                .iter()
-                .filter_map(|i| i.launch.as_ref())
-                .chain(g.launch.as_ref())
-        })
+        .filter_map(|g| g.launch.as_ref())
         .filter_map(|l| match l {
             LaunchSource::Template { id, version, .. } if version.starts_with('$') => {
                 Some(id.clone())
@@ -407,9 +405,10 @@ fn is_outdated(
             if want_id != id {
                 return true;
             }
+            // What `$Latest` stood for at the instance's launch is not known today.
             match (
                 resolve(want, want_id, versions),
-                resolve(version, id, versions),
+                version.parse::<i64>().ok(),
             ) {
                 (Some(a), Some(b)) => a != b,
                 _ => true,
@@ -444,14 +443,21 @@ pub fn snapshot(
     let mut capacity = Vec::new();
     for g in groups {
         let desired = g.desired_capacity.max(0) as usize;
-        let single = desired <= 1 && g.instances.len() <= 1;
+        let single = desired <= 1;
+        // An instance on its way out (Terminating…, Detaching…) is no node any more; it only
+        // shows in the group's capacity as not in service.
+        let members: Vec<&cps_provider::GroupInstance> = g
+            .instances
+            .iter()
+            .filter(|i| !leaving(&i.lifecycle_state))
+            .collect();
         let base = g
             .tags
             .get(node_id_tag)
             .cloned()
             .unwrap_or_else(|| g.name.clone());
         let target = label(g.launch.as_ref(), versions);
-        for i in &g.instances {
+        for i in &members {
             nodes.push(NodeView {
                 node: if single {
                     base.clone()
@@ -468,7 +474,7 @@ pub fn snapshot(
                 available: i.available(),
             });
         }
-        for _ in g.instances.len()..desired {
+        for _ in members.len()..desired {
             nodes.push(NodeView {
                 node: if single {
                     base.clone()
@@ -501,6 +507,10 @@ pub fn snapshot(
         nodes,
         groups: capacity,
     }
+}
+
+fn leaving(state: &str) -> bool {
+    state.starts_with("Terminat") || state.starts_with("Detach") || state == "Warmed:Terminated"
 }
 
 /// The most nodes that may be out at once and still leave a majority (n/2 + 1) up.
@@ -634,6 +644,9 @@ pub fn plan(snapshot: &Snapshot, settings: &RollSettings) -> Plan {
     plan
 }
 
+/// Stands in for the leader while the leader command fails: no node starts.
+const LEADER_UNKNOWN: &str = "\u{0}unknown leader";
+
 /// A node being replaced.
 struct InFlight {
     node: String,
@@ -682,11 +695,18 @@ pub async fn run(
     let mut stalled_since: Option<Instant> = None;
     let mut stopping_said = false;
     let mut last_wait: Option<String> = None;
+    // Nodes were booting or unhealthy at the start: check the cluster before the first change.
+    let mut gate_first = first
+        .rows
+        .iter()
+        .any(|r| matches!(r.action, Action::Wait | Action::Blocked));
     let max = settings.max_unavailable;
 
     // Bounded: every pass either settles, starts or waits a poll interval, and every wait is
-    // bounded by `timeout` (per node in flight, or while stalled).
+    // bounded by `timeout` (per node in flight, or while stalled); starts are bounded by the
+    // queue.
     loop {
+        let mut just_started = false;
         // 1. Settle what is in flight.
         let mut i = 0;
         while i < in_flight.len() {
@@ -697,9 +717,17 @@ pub async fn run(
                 .is_some_and(|g| g.available >= g.desired);
             if gone && full {
                 let f = in_flight.remove(i);
-                if let Err(detail) = health_gate(checks, settings, &f).await {
+                if let Err(detail) = health_gate(checks, settings, &f.node).await {
                     report.last = observe(clouds, settings).await.unwrap_or(snap.clone());
-                    return Ok(stopped(report, Some(f.node), detail, &queue, &[]));
+                    let mut flying: Vec<String> = vec![f.node.clone()];
+                    flying.extend(in_flight.iter().map(|f| f.node.clone()));
+                    return Ok(stopped(
+                        report,
+                        Some((f.node, f.group)),
+                        detail,
+                        &queue,
+                        &flying,
+                    ));
                 }
                 let new_instance = snap
                     .nodes
@@ -724,10 +752,10 @@ pub async fn run(
                     f.group,
                     snap.group_states(&f.group)
                 );
-                let node = f.node.clone();
+                let failed = (f.node.clone(), f.group.clone());
                 let flying: Vec<String> = in_flight.iter().map(|f| f.node.clone()).collect();
                 report.last = snap;
-                return Ok(stopped(report, Some(node), reason, &queue, &flying));
+                return Ok(stopped(report, Some(failed), reason, &queue, &flying));
             }
             i += 1;
         }
@@ -763,20 +791,53 @@ pub async fn run(
                 present
             });
             let mut started = false;
-            if !queue.is_empty() {
+            // After a resume or a wait for health: the cluster check passes before the first
+            // termination, as it would have after the node that was settling.
+            if gate_first && !queue.is_empty() && snap.unavailable() == 0 && in_flight.is_empty() {
+                gate_first = false;
+                if let Err(detail) = health_gate(checks, settings, "the cluster").await {
+                    report.last = snap;
+                    return Ok(stopped(report, None, detail, &queue, &[]));
+                }
+            }
+            let any_stuck = queue
+                .iter()
+                .any(|(_, _, i)| snap.node(i).is_none_or(|n| !n.available));
+            let may_start = !gate_first && (any_stuck || unavailable_now(&snap, &in_flight) < max);
+            if !queue.is_empty() && may_start {
                 let leader = if queue.len() + in_flight.len() > 1 {
-                    checks.leader().await.map_err(|detail| Error::Check {
-                        what: "the leader command".into(),
-                        detail,
-                    })?
+                    match checks.leader().await {
+                        Ok(l) => l,
+                        // Nothing in flight: stop before any change. Otherwise let the nodes
+                        // in flight settle and ask again on the next pass.
+                        Err(detail) if in_flight.is_empty() => {
+                            return Err(Error::Check {
+                                what: "the leader command".into(),
+                                detail,
+                            });
+                        }
+                        Err(detail) => {
+                            progress(RollEvent::Waiting {
+                                what: format!("the leader command failed ({detail}); asking again"),
+                            });
+                            Some(LEADER_UNKNOWN.to_owned())
+                        }
+                    }
                 } else {
                     None
                 };
-                while let Some(pos) = next_candidate(&queue, &in_flight, leader.as_deref()) {
+                'start: {
+                    let Some(pos) = next_candidate(&snap, &queue, &in_flight, leader.as_deref())
+                    else {
+                        break 'start;
+                    };
+                    if stop.load(Ordering::SeqCst) || leader.as_deref() == Some(LEADER_UNKNOWN) {
+                        break 'start;
+                    }
                     let (node, group, instance) = queue[pos].clone();
                     let stuck = snap.node(&instance).is_none_or(|n| !n.available);
                     if !stuck && unavailable_now(&snap, &in_flight) >= max {
-                        break;
+                        break 'start;
                     }
                     if let Some(l) = &leader
                         && *l == node
@@ -807,8 +868,11 @@ pub async fn run(
                         since: Instant::now(),
                     });
                     started = true;
+                    // One start per look: the next one is decided on a fresh look, so a node
+                    // that failed meanwhile counts.
                 }
             }
+            just_started = started;
             if queue.is_empty() && in_flight.is_empty() && snap.unavailable() == 0 {
                 report.outcome = RollOutcome::Completed;
                 report.remaining.clear();
@@ -846,39 +910,38 @@ pub async fn run(
             }
         }
 
-        tokio::time::sleep(settings.poll_interval).await;
+        if !just_started {
+            tokio::time::sleep(settings.poll_interval).await;
+        }
         snap = observe(clouds, settings).await?;
     }
 }
 
-/// Out of service now, counting every node in flight even when the groups do not show it yet
-/// (a terminated instance may still be listed InService for a moment).
+/// Out of service now: what the groups show, plus every node in flight the snapshot still
+/// lists as available (terminated since the look, or not yet shown as leaving by AWS).
 fn unavailable_now(snap: &Snapshot, in_flight: &[InFlight]) -> usize {
-    snap.groups
+    let unseen = in_flight
         .iter()
-        .map(|g| {
-            let short = g.desired.saturating_sub(g.available);
-            let flying = in_flight.iter().filter(|f| f.group == g.group).count();
-            short.max(flying)
-        })
-        .sum()
+        .filter(|f| snap.node(&f.instance_id).is_some_and(|n| n.available))
+        .count();
+    snap.unavailable() + unseen
 }
 
-/// The next node to start: queue order, the leader only when it is the last one left.
+/// The next node to start: one already out of service first (replacing it costs nothing), else
+/// queue order; the leader only when it is the last one left and nothing else is in flight.
 fn next_candidate(
+    snap: &Snapshot,
     queue: &[(String, String, String)],
     in_flight: &[InFlight],
     leader: Option<&str>,
 ) -> Option<usize> {
-    let pos = queue
+    let stuck = |i: &str| snap.node(i).is_none_or(|n| !n.available);
+    let eligible = |node: &str| Some(node) != leader;
+    queue
         .iter()
-        .position(|(node, _, _)| Some(node.as_str()) != leader);
-    match pos {
-        Some(p) => Some(p),
-        // Only the leader is left: it goes once nothing else is in flight.
-        None if in_flight.is_empty() && !queue.is_empty() => Some(0),
-        None => None,
-    }
+        .position(|(node, _, i)| eligible(node) && stuck(i))
+        .or_else(|| queue.iter().position(|(node, _, _)| eligible(node)))
+        .or_else(|| (in_flight.is_empty() && !queue.is_empty()).then_some(0))
 }
 
 fn out_of_service(snap: &Snapshot) -> String {
@@ -906,20 +969,19 @@ fn out_of_service(snap: &Snapshot) -> String {
 async fn health_gate(
     checks: &dyn ClusterChecks,
     settings: &RollSettings,
-    f: &InFlight,
+    node: &str,
 ) -> Result<(), String> {
     let deadline = Instant::now() + settings.timeout;
     let mut last;
     // Bounded by the deadline.
     loop {
-        match checks.healthy(&f.node).await {
+        match checks.healthy(node).await {
             Ok(()) => return Ok(()),
             Err(e) => last = e,
         }
         if Instant::now() + settings.poll_interval >= deadline {
             return Err(format!(
-                "node {} was replaced but the cluster health command did not pass within {}s: {last}",
-                f.node,
+                "the cluster health command did not pass within {}s after {node}: {last}",
                 settings.timeout.as_secs()
             ));
         }
@@ -927,9 +989,10 @@ async fn health_gate(
     }
 }
 
+/// Ends the run: `failed` is the (node, group) that did not come back, when one did not.
 fn stopped(
     mut report: RollReport,
-    node: Option<String>,
+    failed: Option<(String, String)>,
     reason: String,
     queue: &[(String, String, String)],
     in_flight: &[String],
@@ -939,24 +1002,23 @@ fn stopped(
         .cloned()
         .chain(queue.iter().map(|q| q.0.clone()))
         .collect();
-    report.recovery = recovery(&report.last, node.as_deref(), &report.remaining);
-    report.outcome = RollOutcome::Stopped { node, reason };
+    let group = failed.as_ref().map(|(_, g)| g.as_str());
+    report.recovery = recovery(&report.last, group, &report.remaining);
+    report.outcome = RollOutcome::Stopped {
+        node: failed.map(|(n, _)| n),
+        reason,
+    };
     report
 }
 
-/// The way out after a stop, from what the cluster looks like now.
-fn recovery(snap: &Snapshot, node: Option<&str>, remaining: &[String]) -> Vec<String> {
+/// The way out after a stop, from what the cluster looks like now: the failed node's group,
+/// or every group with an instance out of service.
+fn recovery(snap: &Snapshot, group: Option<&str>, remaining: &[String]) -> Vec<String> {
     let mut steps = Vec::new();
-    let failed_groups: BTreeSet<&str> = snap
-        .nodes
-        .iter()
-        .filter(|n| node.is_none_or(|id| n.node == id) && !n.available)
-        .map(|n| n.group.as_str())
-        .collect();
     for n in snap
         .nodes
         .iter()
-        .filter(|n| failed_groups.contains(n.group.as_str()))
+        .filter(|n| group.is_none_or(|g| n.group == g) && !n.available)
     {
         if let Some(id) = &n.instance_id {
             steps.push(format!(

@@ -10,13 +10,13 @@ use async_trait::async_trait;
 use cps_orchestrate::backoff::mix;
 use cps_orchestrate::roll::{
     Action, ClusterChecks, NoChecks, RollClouds, RollEvent, RollOutcome, RollReport, RollSettings,
-    Targets, abandon, observe, plan, run,
+    Targets, abandon, observe, plan, run, snapshot,
 };
 use cps_provider::memory::{
     Boot, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_LAUNCH_TEMPLATES, Fault, MemoryCloud,
     TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP, Timing,
 };
-use cps_provider::{LifecycleResult, Tags};
+use cps_provider::{GroupInstance, LaunchSource, LifecycleResult, ScalingGroup, Tags};
 
 const AZ: &str = "us-east-1a";
 const TEMPLATE: &str = "lt-0123456789abcdef0";
@@ -663,4 +663,97 @@ async fn max_unavailable_holds_at_every_step_across_generated_clusters() {
             other => panic!("case {case}: {other:?}"),
         }
     }
+}
+
+fn instance(id: &str, state: &str, version: &str) -> GroupInstance {
+    GroupInstance {
+        instance_id: id.into(),
+        availability_zone: AZ.into(),
+        lifecycle_state: state.into(),
+        health_status: "Healthy".into(),
+        launch: Some(LaunchSource::Template {
+            id: TEMPLATE.into(),
+            name: "kafka".into(),
+            version: version.into(),
+        }),
+    }
+}
+
+/// AWS lists a terminated instance as Terminating beside its Pending replacement for a while:
+/// that is still one node, named by its tag, and the old instance is no target any more.
+#[test]
+fn an_instance_on_its_way_out_is_not_a_node() {
+    let group = ScalingGroup {
+        name: "kafka-node-2".into(),
+        tags: Tags::from([("cps:node-id".to_string(), "2".to_string())]),
+        desired_capacity: 1,
+        instances: vec![
+            instance("i-old", "Terminating:Wait", "1"),
+            instance("i-new", "Pending:Wait", "2"),
+        ],
+        launch: Some(LaunchSource::Template {
+            id: TEMPLATE.into(),
+            name: "kafka".into(),
+            version: "2".into(),
+        }),
+    };
+    let snap = snapshot(
+        std::slice::from_ref(&group),
+        &Default::default(),
+        "cps:node-id",
+    );
+    assert_eq!(snap.nodes.len(), 1);
+    assert_eq!(snap.nodes[0].node, "2");
+    assert_eq!(snap.nodes[0].instance_id.as_deref(), Some("i-new"));
+    assert_eq!(snap.unavailable(), 1);
+    let p = plan(&snap, &settings());
+    assert_eq!(p.rows[0].action, Action::Wait);
+
+    // An instance reporting a symbolic version is not known to be current.
+    let mut odd = group.clone();
+    odd.instances = vec![instance("i-x", "InService", "$Latest")];
+    let snap = snapshot(&[odd], &Default::default(), "cps:node-id");
+    assert!(snap.nodes[0].outdated);
+}
+
+/// In a multi-instance group an instance failing on its own while another is replaced counts:
+/// with max-unavailable 2, a third is not started until one is back.
+#[tokio::test(start_paused = true)]
+async fn a_failure_inside_a_multi_instance_group_counts_against_the_budget() {
+    let cloud = MemoryCloud::new(Timing {
+        latency: Duration::from_millis(50),
+        ..Timing::default()
+    });
+    cloud.with(|w| {
+        w.add_template(TEMPLATE, "brokers");
+        let tags = Tags::from([("cps:cluster".to_string(), "kafka".to_string())]);
+        w.add_fleet_group("kafka-brokers", &tags, AZ, 5, TEMPLATE, "$Latest");
+        w.add_launch_hook(
+            "kafka-brokers",
+            HOOK,
+            Duration::from_secs(600),
+            LifecycleResult::Abandon,
+        );
+        w.new_template_version(TEMPLATE, true);
+        w.on_launch(|_, _| Boot::Continue(Duration::from_secs(30)));
+    });
+    let members = cloud.with(|w| w.group_instances("kafka-brokers"));
+    // Right before the first termination, the last broker turns unhealthy for 45 s.
+    let victim = members[4].clone();
+    let healer = cloud.clone();
+    let v = victim.clone();
+    cloud.before_next(TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP, move |w| {
+        w.set_healthy(&victim, false);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(45)).await;
+            healer.with(|w| w.set_healthy(&v, true));
+        });
+    });
+    let mut s = settings();
+    s.max_unavailable = 2;
+    s.only = members[..4].to_vec();
+    let (report, events) = roll(&cloud, &s, &NoChecks).await;
+    assert_eq!(report.outcome, RollOutcome::Completed);
+    assert_eq!(events.terminated().len(), 4);
+    assert_eq!(max_unavailable_seen(&cloud), 2, "never three out");
 }
