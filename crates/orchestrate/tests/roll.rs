@@ -509,9 +509,12 @@ async fn only_restricts_and_force_replaces_up_to_date_nodes() {
     assert!(matches!(report.outcome, RollOutcome::Refused { .. }));
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_multi_instance_group_is_rolled_instance_by_instance() {
-    let cloud = MemoryCloud::new(Timing::default());
+/// One group of 5 brokers (slot mode) on version 1 of a template whose version 2 is published.
+fn brokers(latency: Duration, boot: Duration) -> MemoryCloud {
+    let cloud = MemoryCloud::new(Timing {
+        latency,
+        ..Timing::default()
+    });
     cloud.with(|w| {
         w.add_template(TEMPLATE, "brokers");
         let tags = Tags::from([("cps:cluster".to_string(), "kafka".to_string())]);
@@ -523,8 +526,14 @@ async fn a_multi_instance_group_is_rolled_instance_by_instance() {
             LifecycleResult::Abandon,
         );
         w.new_template_version(TEMPLATE, true);
-        w.on_launch(|_, _| Boot::Continue(Duration::from_secs(25)));
+        w.on_launch(move |_, _| Boot::Continue(boot));
     });
+    cloud
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_multi_instance_group_is_rolled_instance_by_instance() {
+    let cloud = brokers(Duration::ZERO, Duration::from_secs(25));
     let mut s = settings();
     s.max_unavailable = 2;
     let (report, events) = roll(&cloud, &s, &NoChecks).await;
@@ -720,23 +729,7 @@ fn an_instance_on_its_way_out_is_not_a_node() {
 /// with max-unavailable 2, a third is not started until one is back.
 #[tokio::test(start_paused = true)]
 async fn a_failure_inside_a_multi_instance_group_counts_against_the_budget() {
-    let cloud = MemoryCloud::new(Timing {
-        latency: Duration::from_millis(50),
-        ..Timing::default()
-    });
-    cloud.with(|w| {
-        w.add_template(TEMPLATE, "brokers");
-        let tags = Tags::from([("cps:cluster".to_string(), "kafka".to_string())]);
-        w.add_fleet_group("kafka-brokers", &tags, AZ, 5, TEMPLATE, "$Latest");
-        w.add_launch_hook(
-            "kafka-brokers",
-            HOOK,
-            Duration::from_secs(600),
-            LifecycleResult::Abandon,
-        );
-        w.new_template_version(TEMPLATE, true);
-        w.on_launch(|_, _| Boot::Continue(Duration::from_secs(30)));
-    });
+    let cloud = brokers(Duration::from_millis(50), Duration::from_secs(30));
     let members = cloud.with(|w| w.group_instances("kafka-brokers"));
     // Right before the first termination, the last broker turns unhealthy for 45 s.
     let victim = members[4].clone();
