@@ -1,0 +1,132 @@
+# Renders one node's cps-attach configuration. No resources and no provider: the module and the
+# test suite render it the same way, and the test runs `cps-attach validate` on the result.
+
+terraform {
+  required_version = ">= 1.7.0"
+}
+
+variable "cluster_name" {
+  description = "Value of the cps:cluster tag on the node's volume, interface and group."
+  type        = string
+}
+
+variable "node_id" {
+  description = "The node's id (value of the cps:node-id tag)."
+  type        = string
+}
+
+variable "lifecycle_hook_name" {
+  description = "The group's launching lifecycle hook."
+  type        = string
+}
+
+variable "data_volume" {
+  description = "The data volume (the module's data_volume variable)."
+  type = object({
+    device_name            = string
+    size_in_gibs           = number
+    type                   = string
+    iops                   = optional(number)
+    throughput_mib_per_sec = optional(number)
+    mount_path             = string
+    file_system_type       = string
+    mount_params           = list(string)
+    mount_path_owner_user  = string
+    mount_path_owner_group = string
+  })
+}
+
+variable "encrypted" {
+  type = bool
+}
+
+variable "kms_key_id" {
+  type = string
+}
+
+variable "files" {
+  description = "Files for this node: base64 contents and destination."
+  type = list(object({
+    contents    = string
+    destination = string
+  }))
+}
+
+variable "node_config_script" {
+  description = "Base64 script defining configure_cluster_node and wait_for_healthy_cluster, or null."
+  type        = string
+}
+
+variable "configure_command" {
+  type = list(string)
+}
+
+variable "health_command" {
+  type = list(string)
+}
+
+variable "command_timeout_seconds" {
+  type = number
+}
+
+locals {
+  script_path = "/etc/cps/node-config.sh"
+  # The second design's contract: one script with two functions, sourced by each hook.
+  script_hooks = var.node_config_script == null ? {} : {
+    configure = ["bash", "-c", "source ${local.script_path} && configure_cluster_node"]
+    health    = ["bash", "-c", "source ${local.script_path} && wait_for_healthy_cluster"]
+  }
+  command_hooks = merge(
+    length(var.configure_command) > 0 ? { configure = var.configure_command } : {},
+    length(var.health_command) > 0 ? { health = var.health_command } : {},
+  )
+  hooks = merge(local.script_hooks, local.command_hooks)
+
+  files = concat(
+    [for f in var.files : { path = f.destination, "content-base64" = f.contents }],
+    var.node_config_script == null ? [] : [{
+      path             = local.script_path
+      "content-base64" = var.node_config_script
+      mode             = "0700"
+    }],
+  )
+
+  volume = merge(
+    {
+      "ebs-tags" = { "cps:cluster" = var.cluster_name }
+      type       = var.data_volume.type
+      size       = var.data_volume.size_in_gibs
+      encrypted  = var.encrypted
+    },
+    var.data_volume.iops == null ? {} : { iops = var.data_volume.iops },
+    var.data_volume.throughput_mib_per_sec == null ? {} : { throughput = var.data_volume.throughput_mib_per_sec },
+    var.kms_key_id == null ? {} : { "kms-key-id" = var.kms_key_id },
+  )
+
+  config = merge(
+    {
+      "block-device"   = var.data_volume.device_name
+      "block-provider" = { "aws-ebs" = local.volume }
+      "file-system"    = { type = var.data_volume.file_system_type }
+      mount = merge(
+        {
+          target = var.data_volume.mount_path
+          owner  = var.data_volume.mount_path_owner_user
+          group  = var.data_volume.mount_path_owner_group
+        },
+        length(var.data_volume.mount_params) > 0 ? { options = var.data_volume.mount_params } : {},
+      )
+      identity            = { mode = "node-id", "node-id" = var.node_id }
+      "network-interface" = { "device-index" = 1 }
+      lifecycle           = { hook = var.lifecycle_hook_name }
+      "command-timeout"   = "${var.command_timeout_seconds}s"
+    },
+    length(local.files) > 0 ? { files = local.files } : {},
+    length(local.hooks) > 0 ? { hooks = local.hooks } : {},
+  )
+}
+
+output "yaml" {
+  description = "The node's cps-attach configuration file."
+  value       = yamlencode(local.config)
+}

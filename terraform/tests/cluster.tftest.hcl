@@ -1,0 +1,121 @@
+# Plan and apply a 3-node cluster against a mocked AWS provider (offline).
+
+mock_provider "aws" {
+  mock_data "aws_region" {
+    defaults = { name = "eu-west-1" }
+  }
+  mock_data "aws_subnet" {
+    defaults = { availability_zone = "eu-west-1a" }
+  }
+  mock_resource "aws_iam_instance_profile" {
+    defaults = { arn = "arn:aws:iam::123456789012:instance-profile/kafka-node-1" }
+  }
+  mock_resource "aws_launch_template" {
+    defaults = { id = "lt-0123456789abcdef0", latest_version = 1 }
+  }
+}
+
+variables {
+  app_name      = "kafka"
+  node_image    = "ami-0123456789abcdef0"
+  instance_type = "m6i.large"
+  nodes = [
+    { node_id = "1", node_ip = "10.0.1.11", node_subnet_id = "subnet-a" },
+    { node_id = "2", node_ip = "10.0.2.12", node_subnet_id = "subnet-b" },
+    { node_id = "3", node_ip = "10.0.3.13", node_subnet_id = "subnet-c" },
+  ]
+  node_files = [
+    { node_id = "2", node_files_toupload = [{ contents = "aGVsbG8K", destination = "/etc/kafka/extra.properties" }] },
+  ]
+  configure_command = ["/usr/local/bin/configure-kafka"]
+  health_command    = ["/usr/local/bin/kafka-healthy"]
+  security_groups   = ["sg-0123456789abcdef0"]
+  data_volume = {
+    size_in_gibs           = 100
+    type                   = "gp3"
+    mount_path             = "/var/lib/kafka"
+    file_system_type       = "xfs"
+    mount_params           = ["noatime"]
+    mount_path_owner_user  = "kafka"
+    mount_path_owner_group = "kafka"
+  }
+  roll_command = "true"
+}
+
+run "plan_three_nodes" {
+  command = plan
+
+  assert {
+    condition     = length(aws_autoscaling_group.node) == 3 && length(aws_network_interface.node) == 3 && length(aws_ebs_volume.node) == 3 && length(aws_launch_template.node) == 3
+    error_message = "one group, interface, volume and launch template per node"
+  }
+  assert {
+    condition     = alltrue([for id, eni in aws_network_interface.node : one(eni.private_ips) == { "1" = "10.0.1.11", "2" = "10.0.2.12", "3" = "10.0.3.13" }[id]])
+    error_message = "each node's interface carries its fixed IP"
+  }
+  assert {
+    condition     = alltrue([for lt in aws_launch_template.node : lt.metadata_options[0].http_tokens == "required"])
+    error_message = "IMDSv2 is required"
+  }
+  assert {
+    condition     = alltrue([for v in aws_ebs_volume.node : v.encrypted]) && alltrue([for lt in aws_launch_template.node : lt.block_device_mappings[0].ebs[0].encrypted == "true"])
+    error_message = "data and root volumes are encrypted"
+  }
+  assert {
+    condition     = alltrue([for g in aws_autoscaling_group.node : one(g.initial_lifecycle_hook).default_result == "ABANDON" && one(g.initial_lifecycle_hook).lifecycle_transition == "autoscaling:EC2_INSTANCE_LAUNCHING"])
+    error_message = "every group has a launching hook that abandons by default"
+  }
+  assert {
+    condition     = alltrue([for g in aws_autoscaling_group.node : g.min_size == 1 && g.max_size == 1 && length(g.vpc_zone_identifier) == 1])
+    error_message = "single-instance groups pinned to the node's subnet"
+  }
+  assert {
+    condition     = strcontains(module.node_config["2"].yaml, "/etc/kafka/extra.properties") && !strcontains(module.node_config["1"].yaml, "extra.properties")
+    error_message = "node files go to their node only"
+  }
+}
+
+run "apply_three_nodes" {
+  command = apply
+
+  assert {
+    condition     = length(terraform_data.roll) == 1
+    error_message = "the roll is wired"
+  }
+  assert {
+    condition     = terraform_data.roll[0].triggers_replace == { "1" = 1, "2" = 1, "3" = 1 }
+    error_message = "the roll runs when any launch template version changes"
+  }
+  assert {
+    condition     = output.node_ips == { "1" = "10.0.1.11", "2" = "10.0.2.12", "3" = "10.0.3.13" }
+    error_message = "node id → fixed IP"
+  }
+  assert {
+    condition     = alltrue([for id, ud in output.node_user_data : strcontains(ud, "node-id: \"${id}\"") || strcontains(ud, "\"node-id\": \"${id}\"")])
+    error_message = "each node's user data names its node id"
+  }
+  assert {
+    # tests/iam-actions.txt is also checked against the README's IAM section (ci/terraform/run).
+    condition     = output.iam_actions == sort(split("\n", trimspace(file("tests/iam-actions.txt"))))
+    error_message = "the nodes get exactly the actions cps-attach needs"
+  }
+}
+
+run "no_roll_when_disabled" {
+  command = plan
+  variables {
+    roll_enabled = false
+  }
+  assert {
+    condition     = length(terraform_data.roll) == 0
+    error_message = "roll_enabled = false leaves the roll out"
+  }
+}
+
+run "script_and_commands_exclude_each_other" {
+  command = plan
+  variables {
+    node_config_script = "IyEvYmluL2Jhc2gK"
+  }
+  expect_failures = [aws_launch_template.node]
+}

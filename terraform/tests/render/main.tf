@@ -1,0 +1,50 @@
+# Renders cps-attach configurations the way the module does, for `cps-attach validate` (ci/terraform).
+# No provider, no resources: `terraform apply` here only evaluates the node-config module.
+
+terraform {
+  required_version = ">= 1.7.0"
+}
+
+locals {
+  volume = {
+    device_name            = "/dev/sdf"
+    size_in_gibs           = 100
+    type                   = "gp3"
+    iops                   = 6000
+    throughput_mib_per_sec = 250
+    mount_path             = "/var/lib/kafka"
+    file_system_type       = "xfs"
+    mount_params           = ["noatime"]
+    mount_path_owner_user  = "root"
+    mount_path_owner_group = "root"
+  }
+  nodes = {
+    # configure/health commands, no files
+    commands = { files = [], script = null, configure = ["/usr/local/bin/configure"], health = ["/usr/local/bin/healthy"], kms = null }
+    # node files
+    files = { files = [{ contents = "bm9kZS5pZD0yCg==", destination = "/etc/kafka/node.properties" }], script = null, configure = [], health = [], kms = null }
+    # the second design's script contract and a customer-managed key
+    script = { files = [], script = "IyEvYmluL2Jhc2gKY29uZmlndXJlX2NsdXN0ZXJfbm9kZSgpIHsgOjsgfQp3YWl0X2Zvcl9oZWFsdGh5X2NsdXN0ZXIoKSB7IDo7IH0K", configure = [], health = [], kms = "arn:aws:kms:eu-west-1:123456789012:key/0b0b0b0b-1111-2222-3333-444444444444" }
+  }
+}
+
+module "node_config" {
+  source   = "../../modules/node-config"
+  for_each = local.nodes
+
+  cluster_name            = "kafka"
+  node_id                 = each.key
+  lifecycle_hook_name     = "kafka-launch"
+  data_volume             = local.volume
+  encrypted               = true
+  kms_key_id              = each.value.kms
+  files                   = each.value.files
+  node_config_script      = each.value.script
+  configure_command       = each.value.configure
+  health_command          = each.value.health
+  command_timeout_seconds = 1800
+}
+
+output "configs" {
+  value = { for id, m in module.node_config : id => m.yaml }
+}
