@@ -48,7 +48,7 @@ locals {
         Effect    = "Allow"
         Action    = ["autoscaling:RecordLifecycleActionHeartbeat", "autoscaling:CompleteLifecycleAction"]
         Resource  = "*"
-        Condition = { StringEquals = local.cluster_condition }
+        Condition = { StringEquals = { "autoscaling:ResourceTag/cps:cluster" = var.app_name } }
       },
     ],
     var.kms_key_id == null ? [] : [{

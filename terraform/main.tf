@@ -137,6 +137,9 @@ resource "aws_autoscaling_group" "node" {
   desired_capacity    = 1
   vpc_zone_identifier = [each.value.node_subnet_id]
   health_check_type   = "EC2"
+  # Nodes wait in Pending:Wait until healthy; the roll (not Terraform) waits for InService, so a
+  # slow first boot never taints a group and gets it replaced outside the roll.
+  wait_for_capacity_timeout = "0"
 
   launch_template {
     id      = aws_launch_template.node[each.key].id

@@ -2,8 +2,9 @@ variable "app_name" {
   description = "Cluster name: names every resource and is the value of the cps:cluster tag."
   type        = string
   validation {
-    condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9-]{0,40}$", var.app_name))
-    error_message = "app_name: 1-41 letters, digits and dashes, starting with a letter or digit."
+    # 32 at most: "<app_name>-node-" is the IAM role's name prefix (38 characters at most).
+    condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9-]{0,31}$", var.app_name))
+    error_message = "app_name: 1-32 letters, digits and dashes, starting with a letter or digit."
   }
 }
 
@@ -123,9 +124,17 @@ variable "encrypted" {
 }
 
 variable "kms_key_id" {
-  description = "Customer-managed KMS key ARN for the volumes; null for the AWS-managed key."
+  description = <<-EOT
+    Customer-managed KMS key ARN for the volumes; null for the AWS-managed key. Its key policy
+    must also let the Auto Scaling service-linked role use it (it launches the encrypted root
+    volumes).
+  EOT
   type        = string
   default     = null
+  validation {
+    condition     = var.kms_key_id == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/", var.kms_key_id))
+    error_message = "kms_key_id: a key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID), not a key id or alias."
+  }
 }
 
 variable "asg_inservice_timeout_in_mins" {

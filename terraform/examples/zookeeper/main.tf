@@ -6,7 +6,7 @@ terraform {
   required_providers {
     aws = {
       source  = "hashicorp/aws"
-      version = ">= 5.0"
+      version = "~> 5.0"
     }
   }
 }
@@ -53,6 +53,14 @@ resource "aws_security_group" "zookeeper" {
   }
 
   egress {
+    description = "clients, followers, elections"
+    from_port   = 2181
+    to_port     = 3888
+    protocol    = "tcp"
+    self        = true
+  }
+
+  egress {
     description = "AWS APIs and package mirrors"
     from_port   = 443
     to_port     = 443
@@ -69,7 +77,7 @@ locals {
     tickTime=2000
     initLimit=10
     syncLimit=5
-    dataDir=/var/lib/zookeeper/data
+    dataDir=/var/lib/zookeeper
     clientPort=2181
     ${local.servers}
   EOT
@@ -90,7 +98,7 @@ module "zookeeper" {
     node_id = id
     node_files_toupload = [
       { contents = base64encode(local.zoo_cfg), destination = "/opt/zookeeper/conf/zoo.cfg" },
-      { contents = base64encode("${id}\n"), destination = "/var/lib/zookeeper/data/myid" },
+      { contents = base64encode("${id}\n"), destination = "/var/lib/zookeeper/myid" },
     ]
   }]
   configure_command = ["systemctl", "restart", "zookeeper"]
