@@ -30,5 +30,5 @@ output "node_interface_ids" {
 
 output "iam_actions" {
   description = "Every action the nodes' policy grants (sorted)."
-  value       = sort(distinct(flatten([for s in local.node_statements : s.Action])))
+  value       = module.node_policy.actions
 }

@@ -6,6 +6,8 @@ this process, then serves it on 127.0.0.1. Every patch says which AWS behaviour 
 
 Usage: python cps_emulator.py [--port N] [--attach-delay S] [--create-delay S] [--detach-delay S] [--shutdown-delay S]
 Prints one line `cps-emulator listening on 127.0.0.1:PORT` once it accepts requests.
+POST /cps/node-policy {"access_key": K, "policy": {...}} restricts requests signed with K to that
+IAM policy (actions, resource ARNs, tag conditions), as AWS would; other keys stay unrestricted.
 """
 
 import argparse
@@ -33,7 +35,8 @@ from moto.autoscaling.models import (  # noqa: E402
     InstanceState,
 )
 from moto.autoscaling.responses import AutoScalingResponse  # noqa: E402
-from moto.core.responses import ActionResult, EmptyResult  # noqa: E402
+from moto.core.exceptions import AccessDeniedError  # noqa: E402
+from moto.core.responses import ActionResult, BaseResponse, EmptyResult  # noqa: E402
 from moto.ec2.exceptions import EC2ClientError  # noqa: E402
 from moto.ec2.models.elastic_network_interfaces import NetworkInterfaceBackend  # noqa: E402
 from moto.ec2.models.elastic_block_store import (  # noqa: E402
@@ -48,6 +51,7 @@ from moto.moto_server.werkzeug_app import (  # noqa: E402
     MotoRequestHandler,
     create_backend_app,
 )
+from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 # moto's threaded server runs requests concurrently and moto itself takes no locks; AWS decides
@@ -473,6 +477,144 @@ def _describe_volumes_response(self):
 ElasticBlockStore.describe_volumes = _describe_volumes_response
 
 
+# --- A node's IAM policy: what AWS would allow a request signed with the node's key -----------
+# moto's own auth mode checks actions against resource "*" only and skips most conditions, so a
+# least-privilege policy (resources by ARN, tag conditions) cannot be proven with it. This checks
+# the requests cps-attach makes the way IAM evaluates them: every (action, resource) the request
+# needs must be allowed by a statement whose Action, Resource and StringEquals conditions match.
+
+NODE_POLICY = {"key": None, "statements": []}
+ACCOUNT = "123456789012"
+
+
+def _request_key(response):
+    auth = response.headers.get("Authorization") or ""
+    marker = "Credential="
+    if marker not in auth:
+        return None
+    return auth.split(marker, 1)[1].split("/", 1)[0]
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def _matches(pattern, value):
+    import fnmatch
+
+    return fnmatch.fnmatchcase(value.lower(), pattern.lower())
+
+
+def _statement_allows(statement, action, resource, context):
+    if statement.get("Effect") != "Allow":
+        return False
+    if not any(_matches(a, action) for a in _as_list(statement.get("Action", []))):
+        return False
+    if not any(_matches(r, resource) for r in _as_list(statement.get("Resource", []))):
+        return False
+    for operator, pairs in (statement.get("Condition") or {}).items():
+        if operator != "StringEquals":
+            return False  # not evaluated here: deny rather than guess
+        for key, wanted in pairs.items():
+            if context.get(key) not in _as_list(wanted):
+                return False
+    return True
+
+
+def _tag_context(prefixes, tags):
+    return {f"{p}/{k}": v for p in prefixes for k, v in tags.items()}
+
+
+def _needed(response, service, action):
+    """The (action, resource ARN, condition context) checks one request needs."""
+    region = response.region
+    arn = f"arn:aws:{service}:{region}:{ACCOUNT}"
+    full = f"{service}:{action}"
+    if service == "ec2":
+        tags = response.ec2_backend.tags
+
+        def resource(kind, rid):
+            return (f"{arn}:{kind}/{rid}", _tag_context(["aws:ResourceTag", "ec2:ResourceTag"], tags.get(rid, {})))
+
+        if action == "CreateVolume":
+            requested = response._parse_tag_specification().get("volume", {})
+            context = _tag_context(["aws:RequestTag"], requested)
+            checks = [(full, f"{arn}:volume/*", context)]
+            if requested:
+                checks.append(("ec2:CreateTags", f"{arn}:volume/*", dict(context, **{"ec2:CreateAction": "CreateVolume"})))
+            return checks
+        if action == "AttachVolume":
+            pairs = [resource("volume", response._get_param("VolumeId")), resource("instance", response._get_param("InstanceId"))]
+            return [(full, r, c) for r, c in pairs]
+        if action == "AttachNetworkInterface":
+            pairs = [
+                resource("network-interface", response._get_param("NetworkInterfaceId")),
+                resource("instance", response._get_param("InstanceId")),
+            ]
+            return [(full, r, c) for r, c in pairs]
+    if service == "autoscaling" and action in ("CompleteLifecycleAction", "RecordLifecycleActionHeartbeat"):
+        name = response._get_param("AutoScalingGroupName")
+        group = response.autoscaling_backend.autoscaling_groups.get(name)
+        tags = {t["Key"]: t["Value"] for t in (group.tags if group else [])}
+        group_arn = f"{arn}:autoScalingGroup:*:autoScalingGroupName/{name}"
+        return [(full, group_arn, _tag_context(["aws:ResourceTag", "autoscaling:ResourceTag"], tags))]
+    return [(full, "*", {})]
+
+
+class Ec2Unauthorized(HTTPException):
+    """EC2's 403 UnauthorizedOperation, in EC2's error format."""
+
+    code = 403
+
+    def __init__(self, message):
+        super().__init__()
+        from xml.sax.saxutils import escape
+
+        self.description = (
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>"
+            "<Code>UnauthorizedOperation</Code>"
+            f"<Message>You are not authorized to perform this operation. {escape(message)}</Message>"
+            "</Error></Errors><RequestID>cps-emulator</RequestID></Response>"
+        )
+
+
+_plain_authorize = BaseResponse._authenticate_and_authorize_normal_action
+
+
+def _authorize(self, resource="*"):
+    _plain_authorize(self, resource)
+    if NODE_POLICY["key"] is None or _request_key(self) != NODE_POLICY["key"]:
+        return
+    service = "ec2" if self.service_name == "ec2" else self.service_name
+    action = self._get_action()
+    for needed_action, arn, context in _needed(self, service, action):
+        if not any(_statement_allows(s, needed_action, arn, context) for s in NODE_POLICY["statements"]):
+            message = f"the node's policy does not allow {needed_action} on {arn}"
+            if service == "ec2":
+                raise Ec2Unauthorized(message)
+            raise AccessDeniedError(f"arn:aws:iam::{ACCOUNT}:user/node", f"{needed_action} ({message})")
+
+
+BaseResponse._authenticate_and_authorize_normal_action = _authorize
+
+
+def with_policy_api(app):
+    """Adds POST /cps/node-policy to the emulator."""
+
+    def wsgi(environ, start_response):
+        if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            with LOCK:
+                NODE_POLICY["key"] = doc.get("access_key")
+                NODE_POLICY["statements"] = _as_list(doc.get("policy", {}).get("Statement", []))
+            start_response("204 No Content", [("Content-Length", "0")])
+            return [b""]
+        return app(environ, start_response)
+
+    return wsgi
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -486,7 +628,7 @@ def main():
     Timing.detach_delay = args.detach_delay
     Timing.shutdown_delay = args.shutdown_delay
 
-    app = DomainDispatcherApplication(create_backend_app)
+    app = with_policy_api(DomainDispatcherApplication(create_backend_app))
     server = make_server(
         "127.0.0.1", args.port, app, threaded=True, request_handler=MotoRequestHandler
     )

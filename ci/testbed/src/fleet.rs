@@ -235,3 +235,37 @@ impl Bench {
         }
     }
 }
+
+/// The access key the emulator holds to a node policy (see [`Bench::restrict_key`]).
+pub const NODE_KEY: &str = "AKIACPSNODE000000001";
+
+impl Bench {
+    /// From now on, requests signed with [`NODE_KEY`] are allowed only what `policy` (an IAM
+    /// policy document, JSON) allows, as AWS would evaluate it; other keys stay unrestricted.
+    pub fn restrict_key(&self, policy: &str) -> io::Result<()> {
+        use std::io::{Read, Write};
+        let body = format!(r#"{{"access_key": "{NODE_KEY}", "policy": {policy}}}"#);
+        let addr = self
+            .endpoint()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "POST /cps/node-policy HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        if reply.starts_with("HTTP/1.1 204") || reply.starts_with("HTTP/1.0 204") {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "the emulator refused the node policy: {}",
+                reply.lines().next().unwrap_or("")
+            )))
+        }
+    }
+}

@@ -48,3 +48,13 @@ module "node_config" {
 output "configs" {
   value = { for id, m in module.node_config : id => m.yaml }
 }
+
+module "policy" {
+  source     = "../../modules/node-policy"
+  app_name   = "iam-e2e"
+  kms_key_id = null
+}
+
+output "policy" {
+  value = module.policy.json
+}

@@ -5,6 +5,7 @@
 //! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups.
 
 mod cluster;
+mod iam;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -1,0 +1,190 @@
+//! The Terraform module's node policy on the bench: the emulator evaluates every request signed
+//! with the node's key against that policy (actions, resource ARNs, tag conditions). A node's
+//! first boot and its replacement succeed with exactly the policy, and each fails when any one
+//! of its actions is taken away — so the policy is complete and holds nothing unused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cps_fixtures::MountGuard;
+use cps_testbed::{Bench, BenchOptions, Delays, NODE_KEY, emulator::repo_root};
+use serde_json::Value;
+
+use crate::{TIER, run, tags, write_config};
+
+const HOOK: &str = "iam-launch";
+
+/// The policy the module renders for app_name "iam-e2e" (ci/terraform/run keeps it equal).
+fn module_policy() -> Value {
+    let path = repo_root().join("terraform/tests/node-policy.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn actions(policy: &Value) -> Vec<String> {
+    let mut all: Vec<String> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["Action"].as_array().unwrap().clone())
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+fn without(policy: &Value, action: &str) -> Value {
+    let mut p = policy.clone();
+    for s in p["Statement"].as_array_mut().unwrap() {
+        s["Action"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|a| a.as_str() != Some(action));
+    }
+    p["Statement"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|s| !s["Action"].as_array().unwrap().is_empty());
+    p
+}
+
+/// The configuration the module writes for node 1 (node id in the file, interface, hook), with
+/// a health check longer than the hook's heartbeat timeout: without heartbeats it expires.
+fn config(home: &std::path::Path) -> String {
+    format!(
+        r#"block-device: /dev/sdf
+block-provider:
+  aws-ebs:
+    ebs-tags: {{"cps:cluster": iam-e2e}}
+    size: 1
+file-system:
+  type: xfs
+mount:
+  target: {home}/data
+identity:
+  mode: node-id
+  node-id: "1"
+  release-timeout: 30s
+network-interface:
+  device-index: 1
+  timeout: 30s
+hooks:
+  health: [sh, -c, 'sleep 2.5']
+lifecycle:
+  hook: {HOOK}
+timeouts:
+  device: 30s
+command-timeout: 5s
+"#,
+        home = home.display()
+    )
+}
+
+/// A first boot, then a replacement while the first server is still shutting down. Returns
+/// the exit codes and the last error line of the first failing boot.
+async fn scenario(policy: &Value) -> (Vec<i32>, String) {
+    let bench = Arc::new(
+        Bench::start(BenchOptions {
+            delays: Delays {
+                shutdown: Duration::from_millis(1500),
+                ..Delays::default()
+            },
+            ..BenchOptions::default()
+        })
+        .unwrap(),
+    );
+    let node = tags(&[("cps:cluster", "iam-e2e"), ("cps:node-id", "1")]);
+    bench
+        .create_interface("us-east-1a", 31, &node)
+        .await
+        .unwrap();
+    bench
+        .create_group(
+            "iam-1",
+            "us-east-1a",
+            1,
+            &node,
+            HOOK,
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+    bench.restrict_key(&policy.to_string()).unwrap();
+    let mut codes = Vec::new();
+    let mut error = String::new();
+    let mut guards = Vec::new();
+    let mut previous: Option<String> = None;
+    for _ in 0..2 {
+        if let Some(old) = &previous {
+            bench.terminate_in_group(old).await.unwrap();
+        }
+        let pending = bench
+            .wait_pending("iam-1", 1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let id = pending
+            .into_iter()
+            .find(|i| Some(i) != previous.as_ref())
+            .expect("a new instance");
+        let instance = bench.adopt(&id).await.unwrap();
+        guards.push(MountGuard(instance.home.join("data")));
+        let path = write_config(&instance, &config(&instance.home));
+        let out = run(&bench, &instance, &path, &[("AWS_ACCESS_KEY_ID", NODE_KEY)]);
+        codes.push(out.code);
+        if out.code != 0 {
+            error = out
+                .log
+                .iter()
+                .rev()
+                .find(|l| l["level"] == "ERROR")
+                .map(|l| l["message"].to_string())
+                .unwrap_or_else(|| out.stderr.lines().last().unwrap_or("").to_owned());
+            break;
+        }
+        previous = Some(id);
+    }
+    (codes, error)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_module_policy_is_exactly_what_a_boot_needs() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let policy = module_policy();
+    let (codes, error) = scenario(&policy).await;
+    assert_eq!(codes, [0, 0], "with the module's policy: {error}");
+
+    // Three benches at a time: each scenario has its own emulator and devices.
+    let mut results = Vec::new();
+    for chunk in actions(&policy).chunks(3) {
+        let runs: Vec<_> = chunk
+            .iter()
+            .map(|action| {
+                let (action, reduced) = (action.clone(), without(&policy, action));
+                tokio::spawn(async move { (action, scenario(&reduced).await) })
+            })
+            .collect();
+        for r in runs {
+            results.push(r.await.unwrap());
+        }
+    }
+    let mut unneeded = Vec::new();
+    for (action, (codes, error)) in results {
+        if codes.iter().all(|c| *c == 0) {
+            unneeded.push(action);
+        } else {
+            assert!(
+                error.contains(&action)
+                    || error.contains("not authorized")
+                    || error.contains("AccessDenied")
+                    || error.contains("expired"),
+                "without {action} the boot failed for another reason: {error}"
+            );
+        }
+    }
+    assert!(
+        unneeded.is_empty(),
+        "granted but never needed: {unneeded:?}"
+    );
+}
