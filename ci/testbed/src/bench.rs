@@ -393,10 +393,11 @@ async fn binary_paths(attach_bin: &Path) -> io::Result<()> {
             target.display()
         ),
     )?;
-    let row = print_row;
     let a = bench.launch(AZ).await?;
-    let first = run_measured(bench.attach_command(attach_bin, &a, &config))?;
-    row("create (first boot)", &first);
+    print_row(
+        "create (first boot)",
+        &run_measured(bench.attach_command(attach_bin, &a, &config))?,
+    );
     let vols: Vec<String> = bench
         .volumes_tagged(&Tags::from([(
             "cluster".to_owned(),
@@ -410,11 +411,11 @@ async fn binary_paths(attach_bin: &Path) -> io::Result<()> {
     let ids: Vec<&str> = vols.iter().map(String::as_str).collect();
     bench.wait_devices_gone(&ids);
     let b = bench.launch(AZ).await?;
-    row(
+    print_row(
         "reattach (replacement)",
         &run_measured(bench.attach_command(attach_bin, &b, &config))?,
     );
-    row(
+    print_row(
         "re-run",
         &run_measured(bench.attach_command(attach_bin, &b, &config))?,
     );

@@ -1,15 +1,13 @@
 //! Rolling updates on the bench: cps-roll and the second design's script side by side on the
 //! same emulator and the same simulated boots, and planning a 500-group cluster.
 
-use std::collections::BTreeSet;
 use std::io;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cps_provider::Tags;
-use cps_testbed::{Bench, BenchOptions, emulator};
+use cps_testbed::{Bench, BenchOptions, Fates, emulator};
 
 const ZONE: &str = "us-east-1a";
 const HOOK: &str = "cps-launch";
@@ -100,8 +98,7 @@ async fn side_by_side(roll_bin: &Path, script: &Path, n: usize) -> io::Result<()
     let bench = Bench::start(BenchOptions::default())?;
     let name = format!("cmp{n}");
     let groups: Vec<String> = (1..=n).map(|i| format!("{name}-node-{i}")).collect();
-    let failing: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let _boots = bench.simulate_boots(&groups, HOOK, BOOT, failing);
+    let _boots = bench.simulate_boots(&groups, HOOK, BOOT, Fates::default());
     let mut templates = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         let tags = Tags::from([

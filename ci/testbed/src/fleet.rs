@@ -2,7 +2,7 @@
 //! boots of the instances groups launch (completing their lifecycle actions after a fixed
 //! time), and a sampler of how many nodes are out of service.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +13,18 @@ use cps_provider::Tags;
 
 use crate::Bench;
 use crate::cluster::{asg_error, group_tags};
+
+/// How a simulated boot in a group ends when it does not succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// The boot fails: ABANDON (the group launches another).
+    Abandon,
+    /// The boot never ends: the instance stays in Pending:Wait.
+    Hang,
+}
+
+/// Group name → fate, changeable while the simulator runs; groups not named boot fine.
+pub type Fates = Arc<Mutex<BTreeMap<String, Fate>>>;
 
 /// A background task, stopped on drop.
 pub struct Task(tokio::task::JoinHandle<()>);
@@ -150,13 +162,13 @@ impl Bench {
     }
 
     /// Plays every boot in `groups`: an instance seen in Pending:Wait has its lifecycle action
-    /// completed `boot` later — CONTINUE, or ABANDON for the groups in `failing`.
+    /// completed `boot` later with CONTINUE, unless `fates` names its group.
     pub fn simulate_boots(
         &self,
         groups: &[String],
         hook: &str,
         boot: Duration,
-        failing: Arc<Mutex<BTreeSet<String>>>,
+        fates: Fates,
     ) -> Task {
         let asg = self.asg().clone();
         let groups = groups.to_vec();
@@ -181,13 +193,18 @@ impl Bench {
                             if since.elapsed() < boot {
                                 continue;
                             }
-                            let fail = failing.lock().map(|f| f.contains(name)).unwrap_or(false);
+                            let result = match fates.lock().ok().and_then(|f| f.get(name).copied())
+                            {
+                                None => "CONTINUE",
+                                Some(Fate::Abandon) => "ABANDON",
+                                Some(Fate::Hang) => continue,
+                            };
                             let _ = asg
                                 .complete_lifecycle_action()
                                 .auto_scaling_group_name(name)
                                 .lifecycle_hook_name(&hook)
                                 .instance_id(&id)
-                                .lifecycle_action_result(if fail { "ABANDON" } else { "CONTINUE" })
+                                .lifecycle_action_result(result)
                                 .send()
                                 .await;
                         }

@@ -21,7 +21,7 @@ use cps_provider::{InstanceIdentity, Tags, Volume, VolumeService};
 
 pub use cluster::Member;
 pub use emulator::{Delays, Emulator, REGION};
-pub use fleet::{NODE_KEY, Task};
+pub use fleet::{Fate, Fates, NODE_KEY, Task};
 pub use imds::FakeImds;
 pub use udev::{FakeUdev, Machine};
 

@@ -321,14 +321,42 @@ pub struct RollReport {
 /// Looks at the cluster: its groups (batched, paginated) and, when a group launches
 /// `$Latest`/`$Default`, what those stand for.
 pub async fn observe(clouds: RollClouds<'_>, settings: &RollSettings) -> Result<Snapshot, Error> {
-    let groups = retry(settings.retry, "DescribeAutoScalingGroups", 0, || async {
+    Ok(observe_resolving(clouds, settings).await?.0)
+}
+
+type Versions = BTreeMap<String, TemplateVersions>;
+
+/// The groups as they are now, with versions resolved earlier (a run fixes its targets at the
+/// start, so later looks need the groups' states only: one request per 100 groups).
+async fn look(
+    clouds: RollClouds<'_>,
+    settings: &RollSettings,
+    versions: &Versions,
+) -> Result<Snapshot, Error> {
+    let groups = describe(clouds, settings).await?;
+    Ok(snapshot(&groups, versions, &settings.node_id_tag))
+}
+
+async fn describe(
+    clouds: RollClouds<'_>,
+    settings: &RollSettings,
+) -> Result<Vec<ScalingGroup>, Error> {
+    retry(settings.retry, "DescribeAutoScalingGroups", 0, || async {
         match &settings.targets {
             Targets::Cluster { tag, name } => clouds.groups.groups_tagged(tag, name).await,
             Targets::Groups(names) => clouds.groups.groups_named(names).await,
         }
     })
     .await
-    .map_err(Error::cloud("describing the cluster's groups"))?;
+    .map_err(Error::cloud("describing the cluster's groups"))
+}
+
+/// A full look: the groups and what their `$Latest`/`$Default` stand for.
+async fn observe_resolving(
+    clouds: RollClouds<'_>,
+    settings: &RollSettings,
+) -> Result<(Snapshot, Versions), Error> {
+    let groups = describe(clouds, settings).await?;
     // Only the groups' templates: an instance's own version is a number (a symbolic one is
     // treated as unknown), and a deleted template an old instance came from must not fail the
     // whole lookup.
@@ -342,7 +370,7 @@ pub async fn observe(clouds: RollClouds<'_>, settings: &RollSettings) -> Result<
             _ => None,
         })
         .collect();
-    let versions: BTreeMap<String, TemplateVersions> = if symbolic.is_empty() {
+    let versions: Versions = if symbolic.is_empty() {
         BTreeMap::new()
     } else {
         let ids: Vec<String> = symbolic.into_iter().collect();
@@ -357,7 +385,10 @@ pub async fn observe(clouds: RollClouds<'_>, settings: &RollSettings) -> Result<
         .map(|v| (v.id.clone(), v))
         .collect()
     };
-    Ok(snapshot(&groups, &versions, &settings.node_id_tag))
+    Ok((
+        snapshot(&groups, &versions, &settings.node_id_tag),
+        versions,
+    ))
 }
 
 /// A template version as a number: `$Latest`/`$Default` resolved, `None` when unknown.
@@ -644,9 +675,6 @@ pub fn plan(snapshot: &Snapshot, settings: &RollSettings) -> Plan {
     plan
 }
 
-/// Stands in for the leader while the leader command fails: no node starts.
-const LEADER_UNKNOWN: &str = "\u{0}unknown leader";
-
 /// A node being replaced.
 struct InFlight {
     node: String,
@@ -664,7 +692,7 @@ pub async fn run(
     stop: &AtomicBool,
     progress: &(dyn Fn(RollEvent) + Send + Sync),
 ) -> Result<RollReport, Error> {
-    let mut snap = observe(clouds, settings).await?;
+    let (mut snap, versions) = observe_resolving(clouds, settings).await?;
     let first = plan(&snap, settings);
     let mut report = RollReport {
         outcome: RollOutcome::Completed,
@@ -695,6 +723,8 @@ pub async fn run(
     let mut stalled_since: Option<Instant> = None;
     let mut stopping_said = false;
     let mut last_wait: Option<String> = None;
+    // The leader last announced, so a leader that stays the same is said once.
+    let mut leader_said: Option<String> = None;
     // Nodes were booting or unhealthy at the start: check the cluster before the first change.
     let mut gate_first = first
         .rows
@@ -718,7 +748,9 @@ pub async fn run(
             if gone && full {
                 let f = in_flight.remove(i);
                 if let Err(detail) = health_gate(checks, settings, &f.node).await {
-                    report.last = observe(clouds, settings).await.unwrap_or(snap.clone());
+                    report.last = look(clouds, settings, &versions)
+                        .await
+                        .unwrap_or(snap.clone());
                     let mut flying: Vec<String> = vec![f.node.clone()];
                     flying.extend(in_flight.iter().map(|f| f.node.clone()));
                     return Ok(stopped(
@@ -805,9 +837,11 @@ pub async fn run(
                 .any(|(_, _, i)| snap.node(i).is_none_or(|n| !n.available));
             let may_start = !gate_first && (any_stuck || unavailable_now(&snap, &in_flight) < max);
             if !queue.is_empty() && may_start {
-                let leader = if queue.len() + in_flight.len() > 1 {
+                // `None`: the leader is unknown (its command failed with nodes in flight), so no
+                // node starts on this pass.
+                let leader: Option<Option<String>> = if queue.len() + in_flight.len() > 1 {
                     match checks.leader().await {
-                        Ok(l) => l,
+                        Ok(l) => Some(l),
                         // Nothing in flight: stop before any change. Otherwise let the nodes
                         // in flight settle and ask again on the next pass.
                         Err(detail) if in_flight.is_empty() => {
@@ -820,29 +854,34 @@ pub async fn run(
                             progress(RollEvent::Waiting {
                                 what: format!("the leader command failed ({detail}); asking again"),
                             });
-                            Some(LEADER_UNKNOWN.to_owned())
+                            None
                         }
                     }
                 } else {
-                    None
+                    Some(None)
                 };
                 'start: {
+                    let Some(leader) = leader else {
+                        break 'start;
+                    };
+                    if let Some(l) = &leader
+                        && leader_said.as_ref() != Some(l)
+                        && queue.iter().any(|(node, _, _)| node == l)
+                    {
+                        progress(RollEvent::Leader { node: l.clone() });
+                        leader_said = Some(l.clone());
+                    }
                     let Some(pos) = next_candidate(&snap, &queue, &in_flight, leader.as_deref())
                     else {
                         break 'start;
                     };
-                    if stop.load(Ordering::SeqCst) || leader.as_deref() == Some(LEADER_UNKNOWN) {
+                    if stop.load(Ordering::SeqCst) {
                         break 'start;
                     }
                     let (node, group, instance) = queue[pos].clone();
                     let stuck = snap.node(&instance).is_none_or(|n| !n.available);
                     if !stuck && unavailable_now(&snap, &in_flight) >= max {
                         break 'start;
-                    }
-                    if let Some(l) = &leader
-                        && *l == node
-                    {
-                        progress(RollEvent::Leader { node: node.clone() });
                     }
                     let view = snap.node(&instance);
                     progress(RollEvent::Terminating {
@@ -913,7 +952,7 @@ pub async fn run(
         if !just_started {
             tokio::time::sleep(settings.poll_interval).await;
         }
-        snap = observe(clouds, settings).await?;
+        snap = look(clouds, settings, &versions).await?;
     }
 }
 

@@ -128,6 +128,8 @@ async fn every_outdated_node_is_replaced_one_at_a_time_in_node_order() {
     assert_eq!(report.outcome, RollOutcome::Completed);
     assert_eq!(events.terminated(), ["1", "2", "3"]);
     assert_eq!(report.replaced, ["1", "2", "3"]);
+    // $Latest is resolved once, when the targets are fixed; later looks read the groups only.
+    assert_eq!(cloud.calls().count(DESCRIBE_LAUNCH_TEMPLATES), 1);
     assert_eq!(max_unavailable_seen(&cloud), 1, "never two out at once");
     for (n, old) in before.iter().enumerate() {
         let now = cloud.with(|w| w.group_instances(&group_name(n + 1)));

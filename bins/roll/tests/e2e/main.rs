@@ -2,13 +2,11 @@
 //! Scaling groups with launch lifecycle hooks, and a simulator that plays each new instance's
 //! boot by completing its lifecycle action after a fixed time.
 
-use std::collections::BTreeSet;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cps_provider::Tags;
-use cps_testbed::{Bench, BenchOptions, Task};
+use cps_testbed::{Bench, BenchOptions, Fate, Fates, Task};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cps-roll");
@@ -21,7 +19,7 @@ struct Cluster {
     name: String,
     groups: Vec<String>,
     templates: Vec<String>,
-    failing: Arc<Mutex<BTreeSet<String>>>,
+    fates: Fates,
     _boots: Task,
 }
 
@@ -34,8 +32,8 @@ impl Cluster {
         }
         let bench = Bench::start(BenchOptions::default()).expect("bench");
         let groups: Vec<String> = (1..=n).map(|i| format!("{name}-node-{i}")).collect();
-        let failing: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-        let boots = bench.simulate_boots(&groups, HOOK, boot, failing.clone());
+        let fates = Fates::default();
+        let boots = bench.simulate_boots(&groups, HOOK, boot, fates.clone());
         let mut templates = Vec::new();
         for (i, g) in groups.iter().enumerate() {
             let tags = Tags::from([
@@ -58,7 +56,7 @@ impl Cluster {
             name: name.into(),
             groups,
             templates,
-            failing,
+            fates,
             _boots: boots,
         })
     }
@@ -79,16 +77,28 @@ impl Cluster {
         all
     }
 
+    /// cps-roll with `args`, aimed at this cluster.
     fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = self.raw(args);
+        cmd.args(["--cluster", &self.name]);
+        cmd
+    }
+
+    /// cps-roll with `args` only.
+    fn raw(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = self.bench.roll_command(BIN.as_ref());
-        cmd.args(args).args(["--cluster", &self.name]);
+        cmd.args(args);
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
         cmd
     }
 
     async fn roll(&self, args: &[&str]) -> (i32, String, String) {
-        let out = tokio::time::timeout(Duration::from_secs(240), self.command(args).output())
+        Self::output(self.command(args)).await
+    }
+
+    async fn output(mut cmd: tokio::process::Command) -> (i32, String, String) {
+        let out = tokio::time::timeout(Duration::from_secs(240), cmd.output())
             .await
             .expect("cps-roll finishes")
             .expect("cps-roll runs");
@@ -151,9 +161,26 @@ async fn rolls_every_node_one_at_a_time(n: usize) {
     let before = c.instances().await;
     c.new_version().await;
     let (_sampler, samples) = c.bench.sample_unavailable(&c.groups);
-    let (code, stdout, stderr) = c.roll(&FAST).await;
+    // With 3 nodes, also the operator's commands: node 1 is the leader (replaced last), and the
+    // health command must see which node was just replaced.
+    let log = c.bench.dir().join("health.log");
+    let health = format!("echo \"$CPS_ROLL_NODE\" >> '{}'", log.display());
+    let mut args = FAST.to_vec();
+    if n == 3 {
+        args.extend(["--leader-command", "echo 1", "--health-command", &health]);
+    }
+    let (code, stdout, stderr) = c.roll(&args).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
-    let order: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    let order: Vec<String> = if n == 3 {
+        assert!(
+            stdout.contains("node 1 is the leader: replacing it last"),
+            "{stdout}"
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "2\n3\n1\n");
+        vec!["2".into(), "3".into(), "1".into()]
+    } else {
+        (1..=n).map(|i| i.to_string()).collect()
+    };
     assert_eq!(terminated_order(&stdout), order, "{stdout}");
     assert!(
         stdout.contains(&format!("done: {n} node(s) replaced")),
@@ -240,7 +267,11 @@ async fn a_failing_replacement_stops_the_roll_with_node_3_untouched() {
     };
     let node3 = c.bench.members(&c.groups[2]).await.unwrap();
     c.new_version().await;
-    c.failing.lock().unwrap().insert(c.groups[1].clone());
+    // Node 2's new instances never finish booting: they wait in Pending:Wait.
+    c.fates
+        .lock()
+        .unwrap()
+        .insert(c.groups[1].clone(), Fate::Hang);
     let (code, stdout, stderr) = c
         .roll(&["run", "--poll-interval", "200ms", "--timeout", "8s"])
         .await;
@@ -277,12 +308,40 @@ async fn a_failing_replacement_stops_the_roll_with_node_3_untouched() {
     };
     assert_eq!(up, 2);
 
-    // The cause is fixed: the re-run replaces node 2's stuck instance, then node 3.
-    c.failing.lock().unwrap().clear();
+    // The report names the abandon command for the stuck instance; it refuses a healthy one.
+    let stuck = c
+        .bench
+        .wait_pending(&c.groups[1], 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let step = format!(
+        "cps-roll abandon --asg {} --instance {}",
+        c.groups[1], stuck[0]
+    );
+    assert!(stdout.contains(&step), "{stdout}");
+    let healthy = &node3[0].instance_id;
+    let (code, _, stderr) =
+        Cluster::output(c.raw(&["abandon", "--asg", &c.groups[2], "--instance", healthy])).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("not Pending:Wait"), "{stderr}");
+    assert_eq!(c.bench.members(&c.groups[2]).await.unwrap(), node3);
+
+    // Abandon the stuck instance, and fix the cause: the group's next instance boots.
+    let (code, stdout, stderr) = Cluster::output(c.raw(&["abandon", "--asg", &c.groups[1]])).await;
+    c.fates.lock().unwrap().clear();
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "{}: lifecycle action of hook {HOOK} completed with ABANDON",
+            stuck[0]
+        )),
+        "{stdout}"
+    );
     c.bench
         .wait_in_service(&c.groups, Duration::from_secs(30))
         .await
         .expect("node 2's group recovers");
+    assert!(!c.instances().await.iter().any(|(id, _)| *id == stuck[0]));
     let (code, stdout, stderr) = c.roll(&FAST).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_eq!(terminated_order(&stdout), ["3"], "{stdout}");
