@@ -481,9 +481,10 @@ ElasticBlockStore.describe_volumes = _describe_volumes_response
 # moto's own auth mode checks actions against resource "*" only and skips most conditions, so a
 # least-privilege policy (resources by ARN, tag conditions) cannot be proven with it. This checks
 # the requests cps-attach makes the way IAM evaluates them: every (action, resource) the request
-# needs must be allowed by a statement whose Action, Resource and StringEquals conditions match.
+# needs must be allowed by a statement whose Action, Resource and conditions (StringEquals, and
+# ForAllValues:StringEquals for aws:TagKeys) match.
 
-NODE_POLICY = {"key": None, "statements": []}
+NODE_POLICY = {"key": None, "statements": [], "denied": []}
 ACCOUNT = "123456789012"
 
 
@@ -513,11 +514,17 @@ def _statement_allows(statement, action, resource, context):
     if not any(_matches(r, resource) for r in _as_list(statement.get("Resource", []))):
         return False
     for operator, pairs in (statement.get("Condition") or {}).items():
-        if operator != "StringEquals":
-            return False  # not evaluated here: deny rather than guess
         for key, wanted in pairs.items():
-            if context.get(key) not in _as_list(wanted):
-                return False
+            if operator == "StringEquals":
+                if context.get(key) not in _as_list(wanted):
+                    return False
+            elif operator == "ForAllValues:StringEquals":
+                # Every value of a multi-valued key (aws:TagKeys) must be allowed; no values
+                # at all pass, as in IAM.
+                if not all(v in _as_list(wanted) for v in _as_list(context.get(key, []))):
+                    return False
+            else:
+                return False  # not evaluated here: deny rather than guess
     return True
 
 
@@ -542,6 +549,23 @@ def _needed(response, service, action):
             checks = [(full, f"{arn}:volume/*", context)]
             if requested:
                 checks.append(("ec2:CreateTags", f"{arn}:volume/*", dict(context, **{"ec2:CreateAction": "CreateVolume"})))
+            return checks
+        if action == "CreateTags":
+            # Tags on existing resources (cps-attach's format journal on its volume).
+            requested = {}
+            for key, values in response.querystring.items():
+                if key.startswith("Tag.") and key.endswith(".Key"):
+                    value = response.querystring.get(key[: -len("Key")] + "Value", [""])[0]
+                    requested[values[0]] = value
+            kinds = {"vol": "volume", "i": "instance", "eni": "network-interface"}
+            checks = []
+            ids = [v[0] for k, v in sorted(response.querystring.items()) if k.startswith("ResourceId.")]
+            for rid in ids:
+                kind = kinds.get(rid.split("-", 1)[0], "resource")
+                arn_, context = resource(kind, rid)
+                context = dict(context, **_tag_context(["aws:RequestTag"], requested))
+                context["aws:TagKeys"] = sorted(requested)
+                checks.append((full, arn_, context))
             return checks
         if action == "AttachVolume":
             pairs = [resource("volume", response._get_param("VolumeId")), resource("instance", response._get_param("InstanceId"))]
@@ -590,6 +614,8 @@ def _authorize(self, resource="*"):
     for needed_action, arn, context in _needed(self, service, action):
         if not any(_statement_allows(s, needed_action, arn, context) for s in NODE_POLICY["statements"]):
             message = f"the node's policy does not allow {needed_action} on {arn}"
+            with LOCK:
+                NODE_POLICY["denied"].append(needed_action)
             if service == "ec2":
                 raise Ec2Unauthorized(message)
             raise AccessDeniedError(f"arn:aws:iam::{ACCOUNT}:user/node", f"{needed_action} ({message})")
@@ -599,15 +625,22 @@ BaseResponse._authenticate_and_authorize_normal_action = _authorize
 
 
 def with_policy_api(app):
-    """Adds POST /cps/node-policy to the emulator."""
+    """Adds POST /cps/node-policy (set it) and GET /cps/node-policy (the actions it denied so
+    far, in order) to the emulator."""
 
     def wsgi(environ, start_response):
+        if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "GET":
+            with LOCK:
+                body = json.dumps({"denied": NODE_POLICY["denied"]}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
         if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
             with LOCK:
                 NODE_POLICY["key"] = doc.get("access_key")
                 NODE_POLICY["statements"] = _as_list(doc.get("policy", {}).get("Statement", []))
+                NODE_POLICY["denied"] = []
             start_response("204 No Content", [("Content-Length", "0")])
             return [b""]
         return app(environ, start_response)

@@ -260,8 +260,34 @@ impl Bench {
     /// From now on, requests signed with [`NODE_KEY`] are allowed only what `policy` (an IAM
     /// policy document, JSON) allows, as AWS would evaluate it; other keys stay unrestricted.
     pub fn restrict_key(&self, policy: &str) -> io::Result<()> {
-        use std::io::{Read, Write};
         let body = format!(r#"{{"access_key": "{NODE_KEY}", "policy": {policy}}}"#);
+        let reply = self.policy_request("POST", &body)?;
+        if reply.starts_with("HTTP/1.1 204") || reply.starts_with("HTTP/1.0 204") {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "the emulator refused the node policy: {}",
+                reply.lines().next().unwrap_or("")
+            )))
+        }
+    }
+
+    /// The actions the emulator denied to [`NODE_KEY`] since the policy was set, in order.
+    pub fn denied_actions(&self) -> io::Result<Vec<String>> {
+        let reply = self.policy_request("GET", "")?;
+        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let doc: serde_json::Value = serde_json::from_str(body).map_err(io::Error::other)?;
+        Ok(doc["denied"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// One request to the emulator's node-policy endpoint; the raw HTTP reply.
+    fn policy_request(&self, method: &str, body: &str) -> io::Result<String> {
+        use std::io::{Read, Write};
         let addr = self
             .endpoint()
             .trim_start_matches("http://")
@@ -271,18 +297,11 @@ impl Bench {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             stream,
-            "POST /cps/node-policy HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} /cps/node-policy HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply)?;
-        if reply.starts_with("HTTP/1.1 204") || reply.starts_with("HTTP/1.0 204") {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "the emulator refused the node policy: {}",
-                reply.lines().next().unwrap_or("")
-            )))
-        }
+        Ok(reply)
     }
 }

@@ -1,6 +1,7 @@
 //! cps-testbed: the replacement story as a demo, and the benchmarks, on the local bench.
 
 mod bench;
+mod bench_probe;
 mod bench_roll;
 mod demo;
 
@@ -40,7 +41,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "50,200")]
         herd: Vec<usize>,
         /// Which parts to run.
-        #[arg(long, value_delimiter = ',', default_value = "attach,roll")]
+        #[arg(long, value_delimiter = ',', default_value = "attach,probe,roll")]
         parts: Vec<String>,
     },
 }
@@ -73,6 +74,9 @@ fn main() -> ExitCode {
                 println!("# cps bench report\n");
                 if parts.iter().any(|p| p == "attach") {
                     bench::run(&attach_bin, &herd).await?;
+                }
+                if parts.iter().any(|p| p == "probe") {
+                    bench_probe::run()?;
                 }
                 if parts.iter().any(|p| p == "roll") {
                     bench_roll::run(&roll_bin, &script).await?;

@@ -433,7 +433,14 @@ async fn run_steps(
     if let Some(s) = slot {
         info!(slot = s, volume_id = %claim.volume.id, "slot claimed");
     }
-    let attach = prepare_device(hosts.block.clone(), &claim, config).await?;
+    let attach = prepare_device(
+        hosts.block.clone(),
+        services.volumes,
+        &claim,
+        config,
+        policy,
+    )
+    .await?;
 
     // The node's own tags: the cluster's plus its id, for finding its interface.
     let mut node_tags: Tags = config.tags.clone();

@@ -174,6 +174,28 @@ pub fn identity_token(tags: &Tags) -> String {
     format!("cps-id-{hex}")
 }
 
+/// A volume carrying the tags that is this instance's root disk, or dies with the instance, is
+/// no place for the node's data: launch-template tag specifications for volumes tag the root
+/// disk too, and reusing it would put the data on a disk deleted at the next replacement.
+fn refuse_unless_data_volume(volume: &Volume, me: &str) -> Result<(), Error> {
+    let Some(a) = volume.attachment_to(me) else {
+        return Ok(());
+    };
+    let why = if !crate::config::is_data_device_name(&a.device) {
+        "the root disk (or another name EC2 does not give data volumes)"
+    } else if a.delete_on_termination {
+        "a volume EC2 deletes when this instance terminates (DeleteOnTermination)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::NotDataVolume {
+        volume_id: volume.id.clone(),
+        instance_id: me.to_owned(),
+        device: a.device.clone(),
+        why,
+    })
+}
+
 /// What the loop does next.
 enum Next {
     Attach {
@@ -259,6 +281,7 @@ pub async fn claim_volume(
         match mine.as_slice() {
             [] => {}
             [volume] => {
+                refuse_unless_data_volume(volume, me)?;
                 info!(volume_id = %volume.id, "volume with these tags is already attached to this instance; reusing it");
                 let attached = volume
                     .attachment_to(me)

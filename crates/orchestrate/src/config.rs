@@ -680,7 +680,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
 }
 
 /// The names EC2 accepts for an EBS data volume on Linux (not the root disk's `a`).
-fn is_data_device_name(name: &str) -> bool {
+pub(crate) fn is_data_device_name(name: &str) -> bool {
     let letter = |c: u8| (b'b'..=b'z').contains(&c);
     match name.strip_prefix("/dev/").map(str::as_bytes) {
         Some([b's', b'd', l]) => letter(*l),

@@ -26,6 +26,25 @@ pub enum Error {
         source: cps_blockdev::Error,
     },
 
+    /// The volume carrying the tags attached here is not a data volume (the root disk, or one
+    /// deleted with the instance).
+    #[error(
+        "{volume_id} carries the configured tags and is attached to {instance_id} as {device}, but it is {why}: \
+         it cannot keep the node's data across a replacement, so cps-attach will neither format nor mount it. \
+         Remove those tags from it (a launch template's tag specification for volumes tags the root disk too) \
+         or make ebs-tags specific to the data volume"
+    )]
+    NotDataVolume {
+        volume_id: String,
+        instance_id: String,
+        device: String,
+        why: &'static str,
+    },
+
+    /// The volume's format journal and the device disagree; nothing was changed.
+    #[error("refusing to continue with {volume_id}: {message}")]
+    Journal { volume_id: String, message: String },
+
     /// More than one matching volume is attached to this instance; which one is the node's?
     #[error(
         "{count} volumes with these tags are attached to {instance_id} ({volumes}); cps-attach will not choose between them. \
@@ -153,9 +172,11 @@ impl Error {
         match self {
             Self::Cloud { .. } | Self::Lost { .. } | Self::Exhausted { .. } => ErrorClass::Cloud,
             Self::Timeout { .. } => ErrorClass::Timeout,
-            Self::Refused { .. } | Self::Ambiguous { .. } | Self::Duplicates { .. } => {
-                ErrorClass::Refused
-            }
+            Self::Refused { .. }
+            | Self::Journal { .. }
+            | Self::NotDataVolume { .. }
+            | Self::Ambiguous { .. }
+            | Self::Duplicates { .. } => ErrorClass::Refused,
             Self::WrongZone { .. }
             | Self::NoFreeSlot { .. }
             | Self::NoNodeId { .. }

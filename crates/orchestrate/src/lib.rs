@@ -15,6 +15,7 @@ pub mod boot;
 pub mod claim;
 pub mod config;
 mod error;
+pub mod journal;
 pub mod roll;
 
 pub use attach::{AttachOutcome, FsOutcome, MountOutcome, attach, prepare_device};

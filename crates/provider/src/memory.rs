@@ -26,6 +26,7 @@ pub const CREATE_VOLUME: &str = "CreateVolume";
 pub const ATTACH_VOLUME: &str = "AttachVolume";
 pub const DESCRIBE_INSTANCES: &str = "DescribeInstances";
 pub const DESCRIBE_TAGS: &str = "DescribeTags";
+pub const CREATE_TAGS: &str = "CreateTags";
 
 mod asg;
 mod eni;
@@ -55,6 +56,8 @@ pub struct Fault {
     error: Error,
     after_effect: bool,
     remaining: u32,
+    /// Requests of `operation` that pass before the fault strikes.
+    skip: u32,
 }
 
 impl Fault {
@@ -65,6 +68,7 @@ impl Fault {
             error,
             after_effect: false,
             remaining: 1,
+            skip: 0,
         }
     }
 
@@ -88,6 +92,12 @@ impl Fault {
 
     pub fn times(mut self, times: u32) -> Self {
         self.remaining = times;
+        self
+    }
+
+    /// The first `requests` requests of `operation` pass; the fault strikes after them.
+    pub fn after(mut self, requests: u32) -> Self {
+        self.skip = requests;
         self
     }
 }
@@ -209,6 +219,13 @@ impl World {
     }
 
     /// Adds an available volume (as if created long ago) and returns its id.
+    /// Removes a tag from a volume (an operator's `aws ec2 delete-tags`).
+    pub fn remove_volume_tag(&mut self, volume_id: &str, key: &str) {
+        if let Some(stored) = self.volumes.get_mut(volume_id) {
+            stored.volume.tags.remove(key);
+        }
+    }
+
     pub fn add_volume(&mut self, availability_zone: &str, size_gib: i32, tags: &Tags) -> String {
         let id = self.new_volume_id();
         let volume = Volume {
@@ -304,6 +321,7 @@ impl World {
             instance_id: instance_id.to_owned(),
             device: device.to_owned(),
             state: AttachmentState::Attaching,
+            delete_on_termination: false,
         });
         stored.attached_at = Some(now + self.timing.attach_delay);
         Ok(())
@@ -503,9 +521,13 @@ impl MemoryCloud {
                 .faults
                 .iter_mut()
                 .find(|f| f.operation == operation && f.remaining > 0)
-                .map(|f| {
+                .and_then(|f| {
+                    if f.skip > 0 {
+                        f.skip -= 1;
+                        return None;
+                    }
                     f.remaining -= 1;
-                    (f.error.clone(), f.after_effect)
+                    Some((f.error.clone(), f.after_effect))
                 });
             world.faults.retain(|f| f.remaining > 0);
             let result = match fault {
@@ -576,6 +598,23 @@ impl VolumeService for MemoryCloud {
     async fn create_volume(&self, spec: &VolumeSpec, client_token: &str) -> Result<Volume, Error> {
         self.request(CREATE_VOLUME, |world| world.create(spec, client_token))
             .await
+    }
+
+    async fn tag_volume(&self, volume_id: &str, tags: &Tags) -> Result<(), Error> {
+        self.request(CREATE_TAGS, |world| {
+            match world.volumes.get_mut(volume_id) {
+                Some(stored) => {
+                    stored.volume.tags.extend(tags.clone());
+                    Ok(())
+                }
+                None => Err(Error::NotFound {
+                    operation: CREATE_TAGS,
+                    resource: volume_id.to_owned(),
+                    message: format!("The volume '{volume_id}' does not exist."),
+                }),
+            }
+        })
+        .await
     }
 
     async fn attach_volume(

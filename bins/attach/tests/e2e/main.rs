@@ -5,6 +5,7 @@
 //! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups.
 
 mod cluster;
+mod format;
 mod iam;
 
 use std::path::{Path, PathBuf};
@@ -423,4 +424,42 @@ fn validate_checks_without_touching_anything() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
+}
+
+/// The root disk carries the configured tags (a launch template's tag specification for
+/// volumes tags every volume of the instance, the root one included): it is attached here, but
+/// it is not a place for the node's data — it dies with the instance. Refused, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_volume_carrying_the_tags_is_refused() {
+    let Some((bench, a)) = bench_with_instance().await else {
+        return;
+    };
+    let all = bench.volumes_tagged(&Tags::new()).await;
+    let root = all
+        .iter()
+        .find(|v| v.attachment_to(&a.id).is_some())
+        .expect("the emulator gives each instance a root volume");
+    bench
+        .volumes_api()
+        .tag_volume(&root.id, &tags(&[("cluster", "rooted")]))
+        .await
+        .unwrap();
+    let target = bench.dir().join("never");
+    let config = write_config(
+        &a,
+        &format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: rooted}}\n    size: 1\nmount:\n  target: {}\ntimeouts:\n  device: 5s\n",
+            target.display()
+        ),
+    );
+    let out = run(&bench, &a, &config, &[]);
+    assert_eq!(out.code, 5, "refused:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains(&root.id) && out.stderr.contains("root"),
+        "names the volume and what it is:\n{}",
+        out.stderr
+    );
+    assert!(!is_mountpoint(&target));
+    let after = bench.volumes_tagged(&tags(&[("cluster", "rooted")])).await;
+    assert_eq!(after.len(), 1, "no volume created");
 }
