@@ -63,15 +63,15 @@ impl HerdMode {
         }
     }
 
-    fn target(self, cfg: &AttachConfig, n: usize) -> ClaimTarget {
+    fn target(self, cfg: &AttachConfig, ids: &[String]) -> ClaimTarget {
         match self {
             Self::Pool => ClaimTarget::pool(cfg),
-            // The window is what boot() reads from the group: N instances booting.
+            // The peers are what boot() reads from the group: N instances booting.
             Self::Slot => ClaimTarget::Slot {
                 tags: cfg.tags.clone(),
                 key: "cps:slot".into(),
-                max: n as u32,
-                window: n,
+                max: ids.len() as u32,
+                peers: ids.to_vec(),
             },
         }
     }
@@ -238,7 +238,7 @@ async fn memory_herd(n: usize, mode: HerdMode) {
         }
     });
     let start = Instant::now();
-    let claims = herd(Arc::new(cloud.clone()), &ids, &cfg, mode.target(&cfg, n))
+    let claims = herd(Arc::new(cloud.clone()), &ids, &cfg, mode.target(&cfg, &ids))
         .await
         .expect("claim");
     let created = cloud.calls().count("CreateVolume");
@@ -274,7 +274,7 @@ async fn emulator_herd(n: usize, mode: HerdMode) -> io::Result<()> {
     }
     api.calls().reset();
     let start = Instant::now();
-    let claims = herd(api.clone(), &ids, &cfg, mode.target(&cfg, n))
+    let claims = herd(api.clone(), &ids, &cfg, mode.target(&cfg, &ids))
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
     let wall = start.elapsed();

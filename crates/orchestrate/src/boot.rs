@@ -410,17 +410,29 @@ async fn run_steps(
             )
         }
         Identity::Slot { max, id_tag } => {
-            let window = describe_group()
+            // The instances booting here now share the slots out (see claim.rs).
+            let mut peers: Vec<String> = describe_group()
                 .await?
-                .map(|g| g.booting_in(&identity.availability_zone))
-                .unwrap_or(1)
-                .max(1);
+                .map(|g| {
+                    g.instances
+                        .into_iter()
+                        .filter(|i| {
+                            i.lifecycle_state.starts_with("Pending")
+                                && i.availability_zone == identity.availability_zone
+                        })
+                        .map(|i| i.instance_id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !peers.iter().any(|p| p == me) {
+                peers.push(me.to_owned());
+            }
             (
                 ClaimTarget::Slot {
                     tags: config.tags.clone(),
                     key: id_tag.clone(),
                     max: *max,
-                    window,
+                    peers,
                 },
                 None,
             )

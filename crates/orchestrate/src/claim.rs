@@ -11,10 +11,12 @@
 //!   shutting down, or still running) → wait for it to be released, logging who holds it and in
 //!   what state, never detaching it. Only in another zone → refuse. None at all → create it, with
 //!   a token shared by every instance of the node, so two can never make two.
-//! - **slot**: the lowest free slot (1..=max) whose volume is in this zone, or the lowest slot
-//!   that has no volume yet (created with a token shared by everyone creating that slot). With
-//!   several instances booting at once, each picks within the lowest *booting* candidates in
-//!   its own order, so a herd spreads over the slots instead of piling onto slot 1.
+//! - **slot**: slots 1..=max, best first: free ones in this zone, then ones held only by an
+//!   instance going away (a replacement waits for its slot rather than make a new, empty
+//!   member), then ones with no volume yet (created with a token shared by everyone creating
+//!   that slot). The instances booting at once in the zone share them out by rank: the i-th of
+//!   those still without a slot takes the i-th candidate, so with k slots leaving and m
+//!   instances booting the k slots go to replacements and only the other m − k create.
 //!
 //! After AttachVolume, wait until EC2 reports the attachment attached.
 
@@ -58,13 +60,13 @@ pub enum ClaimTarget {
         tags: Tags,
         release_timeout: Duration,
     },
-    /// Slots 1..=max: volumes with `tags` and `key = slot`. `window`: how many instances are
-    /// booting at once in this group (1 when unknown).
+    /// Slots 1..=max: volumes with `tags` and `key = slot`. `peers`: the instances of this
+    /// group booting in this zone (this one among them; only this one when unknown).
     Slot {
         tags: Tags,
         key: String,
         max: u32,
-        window: usize,
+        peers: Vec<String>,
     },
 }
 
@@ -384,87 +386,37 @@ pub async fn claim_volume(
                 tags,
                 key,
                 max,
-                window,
+                peers,
             } => {
-                let mut by_slot: BTreeMap<u32, Vec<&Volume>> = BTreeMap::new();
-                for v in &volumes {
-                    match target.slot_of(v) {
-                        Some(k) => by_slot.entry(k).or_default().push(v),
-                        None => {
-                            debug!(volume_id = %v.id, "volume has no valid {key} tag; not a slot")
-                        }
-                    }
-                }
-                let duplicated: Vec<String> = by_slot
-                    .iter()
-                    .filter(|(_, vs)| vs.len() > 1)
-                    .map(|(k, vs)| {
-                        format!(
-                            "slot {k}: {}",
-                            vs.iter()
-                                .map(|v| v.id.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    })
-                    .collect();
-                if !duplicated.is_empty() {
-                    warn!(duplicates = %duplicated.join("; "), "slots with more than one volume are skipped; remove or retag the extra volumes");
-                }
-                // Existing free slots here first (lowest first); slots with no volume yet only
-                // when fewer are free than instances are booting here.
-                let mut candidates: Vec<(u32, Option<&Volume>)> = by_slot
-                    .iter()
-                    .filter(|(_, vs)| vs.len() == 1)
-                    .filter(|(_, vs)| {
-                        vs[0].availability_zone == identity.availability_zone && free(&vs[0])
-                    })
-                    .map(|(k, vs)| (*k, Some(vs[0])))
-                    .collect();
-                let window = (*window).max(1);
-                if candidates.len() < window {
-                    candidates.extend(
-                        (1..=*max)
-                            .filter(|k| !by_slot.contains_key(k))
-                            .map(|k| (k, None)),
-                    );
-                }
-                let pick = candidates[..candidates.len().min(window)]
-                    .iter()
-                    .min_by_key(|(k, _)| mix(seed ^ u64::from(*k)));
-                match pick {
-                    Some((k, Some(v))) => Next::Attach {
-                        volume_id: v.id.clone(),
-                        slot: Some(*k),
+                let choice =
+                    slot_next(cloud_api, target, &volumes, identity, peers, seed, policy).await?;
+                match choice {
+                    SlotChoice::Attach { volume_id, slot } => Next::Attach {
+                        volume_id,
+                        slot: Some(slot),
                     },
-                    Some((k, None)) => {
+                    SlotChoice::Create(k) => {
                         let mut t = tags.clone();
                         t.insert(key.clone(), k.to_string());
                         Next::Create {
                             tags: t,
-                            slot: Some(*k),
+                            slot: Some(k),
                         }
                     }
-                    None => match leaving(cloud_api, &here, seed, policy).await? {
-                        Some(what) => Next::Wait {
-                            what,
-                            timeout: config.timeouts.attach,
-                        },
-                        None => {
-                            let (_, held) = holders(
-                                cloud_api,
-                                &volumes.iter().collect::<Vec<_>>(),
-                                seed,
-                                policy,
-                            )
-                            .await?;
-                            return Err(Error::NoFreeSlot {
-                                max: *max,
-                                zone: identity.availability_zone.clone(),
-                                detail: held,
-                            });
-                        }
+                    SlotChoice::Wait { what } => Next::Wait {
+                        what,
+                        timeout: config.timeouts.attach,
                     },
+                    SlotChoice::NoneFree => {
+                        let (_, held) =
+                            holders(cloud_api, &volumes.iter().collect::<Vec<_>>(), seed, policy)
+                                .await?;
+                        return Err(Error::NoFreeSlot {
+                            max: *max,
+                            zone: identity.availability_zone.clone(),
+                            detail: held,
+                        });
+                    }
                 }
             }
         };
@@ -594,15 +546,15 @@ async fn sole_holder_of_identity(
     Ok(())
 }
 
-/// Who holds `held` volumes and in what state: whether all of them are held only by
-/// instances going away, and a description for logs and errors.
-async fn holders(
+/// The states of the instances holding any of `held` (one DescribeInstances for all of them,
+/// none when nothing is held), so a look costs one request however many volumes are held.
+async fn holder_states(
     cloud_api: &dyn VolumeService,
     held: &[&Volume],
     seed: u64,
     policy: RetryPolicy,
-) -> Result<(bool, String), Error> {
-    let ids: Vec<String> = held
+) -> Result<BTreeMap<String, InstanceState>, Error> {
+    let mut ids: Vec<String> = held
         .iter()
         .flat_map(|v| v.attachments.iter())
         .filter(|a| {
@@ -613,43 +565,61 @@ async fn holders(
         })
         .map(|a| a.instance_id.clone())
         .collect();
-    let states = if ids.is_empty() {
-        BTreeMap::new()
-    } else {
-        backoff::retry(policy, "DescribeInstances", seed, || {
-            cloud_api.instance_states(&ids)
-        })
-        .await
-        .map_err(Error::cloud(
-            "looking up the instances holding matching volumes",
-        ))?
-    };
-    let mut going_away = true;
-    let parts: Vec<String> = held
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    backoff::retry(policy, "DescribeInstances", seed, || {
+        cloud_api.instance_states(&ids)
+    })
+    .await
+    .map_err(Error::cloud(
+        "looking up the instances holding matching volumes",
+    ))
+}
+
+/// Whether `v` is held, and only by instances going away (or detaching), and a description of
+/// its holders for logs and errors.
+fn describe_holders(v: &Volume, states: &BTreeMap<String, InstanceState>) -> (bool, String) {
+    let mut going_away = !v.attachments.is_empty();
+    let by: Vec<String> = v
+        .attachments
         .iter()
-        .filter(|v| !v.attachments.is_empty())
-        .map(|v| {
-            let by: Vec<String> = v
-                .attachments
-                .iter()
-                .map(|a| match a.state {
-                    AttachmentState::Detaching | AttachmentState::Detached => {
-                        format!("detaching from {}", a.instance_id)
-                    }
-                    _ => {
-                        let state = states.get(&a.instance_id);
-                        going_away &= state.is_some_and(InstanceState::is_going_away);
-                        let state = state
-                            .map(ToString::to_string)
-                            .unwrap_or_else(|| "unknown".into());
-                        format!("{} to {}, which is {state}", a.state, a.instance_id)
-                    }
-                })
-                .collect();
-            format!("{} ({})", v.id, by.join("; "))
+        .map(|a| match a.state {
+            AttachmentState::Detaching | AttachmentState::Detached => {
+                format!("detaching from {}", a.instance_id)
+            }
+            _ => {
+                let state = states.get(&a.instance_id);
+                going_away &= state.is_some_and(InstanceState::is_going_away);
+                let state = state
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| "unknown".into());
+                format!("{} to {}, which is {state}", a.state, a.instance_id)
+            }
         })
         .collect();
-    Ok((going_away && !parts.is_empty(), parts.join("; ")))
+    (going_away, format!("{} ({})", v.id, by.join("; ")))
+}
+
+/// Who holds `held` volumes and in what state: whether all of them are held only by
+/// instances going away, and a description for logs and errors.
+async fn holders(
+    cloud_api: &dyn VolumeService,
+    held: &[&Volume],
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<(bool, String), Error> {
+    let states = holder_states(cloud_api, held, seed, policy).await?;
+    let described: Vec<(bool, String)> = held
+        .iter()
+        .filter(|v| !v.attachments.is_empty())
+        .map(|v| describe_holders(v, &states))
+        .collect();
+    let going_away = !described.is_empty() && described.iter().all(|(g, _)| *g);
+    let parts: Vec<String> = described.into_iter().map(|(_, d)| d).collect();
+    Ok((going_away, parts.join("; ")))
 }
 
 /// A description of the volumes here held by servers going away, if any: worth waiting for.
@@ -664,14 +634,175 @@ async fn leaving(
         .copied()
         .filter(|v| !v.attachments.is_empty())
         .collect();
-    let mut leaving = Vec::new();
-    for v in held {
-        let (going_away, what) = holders(cloud_api, &[v], seed, policy).await?;
-        if going_away {
-            leaving.push(what);
+    let states = holder_states(cloud_api, &held, seed, policy).await?;
+    let leaving: Vec<String> = held
+        .iter()
+        .map(|v| describe_holders(v, &states))
+        .filter(|(going_away, _)| *going_away)
+        .map(|(_, what)| what)
+        .collect();
+    Ok((!leaving.is_empty()).then(|| leaving.join("; ")))
+}
+
+/// What slot mode does on one look.
+enum SlotChoice {
+    Attach {
+        volume_id: String,
+        slot: u32,
+    },
+    Create(u32),
+    /// The slot this instance is to take is held by an instance going away.
+    Wait {
+        what: String,
+    },
+    NoneFree,
+}
+
+/// A slot this instance may take.
+enum SlotCandidate<'a> {
+    Free(&'a Volume),
+    /// Held only by instances going away.
+    Leaving(&'a Volume),
+    /// No volume yet (or one still being created, which a create with the slot's token joins).
+    Missing,
+}
+
+/// The slots of `target` with exactly one volume, by slot number; logs the duplicated ones.
+fn volumes_by_slot<'a>(
+    target: &ClaimTarget,
+    volumes: &'a [Volume],
+) -> BTreeMap<u32, Vec<&'a Volume>> {
+    let mut by_slot: BTreeMap<u32, Vec<&Volume>> = BTreeMap::new();
+    for v in volumes {
+        match target.slot_of(v) {
+            Some(k) => by_slot.entry(k).or_default().push(v),
+            None => debug!(volume_id = %v.id, "volume has no valid slot tag; not a slot"),
         }
     }
-    Ok((!leaving.is_empty()).then(|| leaving.join("; ")))
+    let duplicated: Vec<String> = by_slot
+        .iter()
+        .filter(|(_, vs)| vs.len() > 1)
+        .map(|(k, vs)| {
+            let ids: Vec<&str> = vs.iter().map(|v| v.id.as_str()).collect();
+            format!("slot {k}: {}", ids.join(", "))
+        })
+        .collect();
+    if !duplicated.is_empty() {
+        warn!(duplicates = %duplicated.join("; "), "slots with more than one volume are skipped; remove or retag the extra volumes");
+    }
+    by_slot
+}
+
+/// The slots this instance may take, best first: free ones in `zone`, then (when `states` is
+/// known) ones there held only by instances going away, then ones with no volume yet. Slots with
+/// two volumes, held by a running instance or in another zone are left out.
+fn slot_candidates<'a>(
+    by_slot: &BTreeMap<u32, Vec<&'a Volume>>,
+    max: u32,
+    zone: &str,
+    states: Option<&BTreeMap<String, InstanceState>>,
+) -> Vec<(u32, SlotCandidate<'a>)> {
+    let (mut free, mut leaving, mut missing) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 1..=max {
+        match by_slot.get(&k).map(Vec::as_slice) {
+            None => missing.push((k, SlotCandidate::Missing)),
+            Some([v]) if v.availability_zone == zone => {
+                if v.attachments.is_empty() {
+                    match v.state {
+                        VolumeState::Available => free.push((k, SlotCandidate::Free(v))),
+                        VolumeState::Creating => missing.push((k, SlotCandidate::Missing)),
+                        _ => {}
+                    }
+                } else if let Some(states) = states
+                    && describe_holders(v, states).0
+                {
+                    leaving.push((k, SlotCandidate::Leaving(v)));
+                }
+            }
+            _ => {}
+        }
+    }
+    free.extend(leaving);
+    free.extend(missing);
+    free
+}
+
+/// This instance's place among its booting peers that hold no slot yet (by instance id), so
+/// that peers seeing the same slots take different ones.
+fn slot_rank(by_slot: &BTreeMap<u32, Vec<&Volume>>, peers: &[String], me: &str) -> usize {
+    let claimed: std::collections::BTreeSet<&str> = by_slot
+        .values()
+        .flatten()
+        .flat_map(|v| v.attachments.iter())
+        .filter(|a| {
+            matches!(
+                a.state,
+                AttachmentState::Attaching | AttachmentState::Attached
+            )
+        })
+        .map(|a| a.instance_id.as_str())
+        .collect();
+    let mut unclaimed: Vec<&str> = peers
+        .iter()
+        .map(String::as_str)
+        .filter(|p| *p != me && !claimed.contains(p))
+        .collect();
+    unclaimed.push(me);
+    unclaimed.sort_unstable();
+    unclaimed.iter().position(|p| *p == me).unwrap_or(0)
+}
+
+/// Slot mode's decision on one look: the candidate at this instance's rank (beyond the
+/// candidates — more peers than slots, or peers that left — one in this instance's own order,
+/// so the rest contend by AttachVolume). Holders are looked up only when the free slots do not
+/// reach this rank.
+async fn slot_next(
+    cloud_api: &dyn VolumeService,
+    target: &ClaimTarget,
+    volumes: &[Volume],
+    identity: &InstanceIdentity,
+    peers: &[String],
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<SlotChoice, Error> {
+    let ClaimTarget::Slot { max, .. } = target else {
+        return Ok(SlotChoice::NoneFree);
+    };
+    let zone = identity.availability_zone.as_str();
+    let by_slot = volumes_by_slot(target, volumes);
+    let rank = slot_rank(&by_slot, peers, &identity.instance_id);
+    let mut candidates = slot_candidates(&by_slot, *max, zone, None);
+    let free = candidates
+        .iter()
+        .take_while(|(_, c)| matches!(c, SlotCandidate::Free(_)))
+        .count();
+    let mut states = BTreeMap::new();
+    if rank >= free {
+        let held: Vec<&Volume> = by_slot
+            .values()
+            .flatten()
+            .copied()
+            .filter(|v| v.availability_zone == zone && !v.attachments.is_empty())
+            .collect();
+        states = holder_states(cloud_api, &held, seed, policy).await?;
+        candidates = slot_candidates(&by_slot, *max, zone, Some(&states));
+    }
+    let pick = candidates.get(rank).or_else(|| {
+        candidates
+            .iter()
+            .min_by_key(|(k, _)| mix(seed ^ u64::from(*k)))
+    });
+    Ok(match pick {
+        None => SlotChoice::NoneFree,
+        Some((k, SlotCandidate::Free(v))) => SlotChoice::Attach {
+            volume_id: v.id.clone(),
+            slot: *k,
+        },
+        Some((k, SlotCandidate::Leaving(v))) => SlotChoice::Wait {
+            what: format!("slot {k}: {}", describe_holders(v, &states).1),
+        },
+        Some((k, SlotCandidate::Missing)) => SlotChoice::Create(*k),
+    })
 }
 
 /// AttachVolume; `Ok(false)` when another instance got the volume first.

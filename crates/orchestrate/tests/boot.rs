@@ -781,3 +781,108 @@ async fn a_free_slot_is_taken_before_a_missing_one_is_created() {
     assert_eq!(out.slot, Some(1));
     assert_eq!(c.cloud.volumes().len(), 1, "no new slot created");
 }
+
+/// A small seeded generator (splitmix64), so every generated case can be replayed by its seed.
+struct Draw(u64);
+
+impl Draw {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = cps_orchestrate::backoff::mix(self.0);
+        self.0 % n.max(1)
+    }
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+}
+
+/// Slot herds, generated: `n` slots in use (max-slots `max` ≥ n), the servers of `k` of them
+/// shutting down with their volumes still attached, and `m` new instances booting at once. In
+/// every case the leaving slots go to the new instances before any slot is created (min(m, k)
+/// of them), only the others create (up to the headroom), no slot ever has two volumes, and
+/// whoever gets nothing fails with "no free slot".
+#[tokio::test(start_paused = true)]
+async fn slot_herds_give_leaving_slots_to_replacements_before_creating() {
+    for case in 0..48u64 {
+        let mut d = Draw(case);
+        let n = d.between(1, 5) as u32;
+        let k = d.between(0, u64::from(n)) as u32;
+        let max = n + d.between(0, 3) as u32;
+        let m = d.between(1, 6) as u32;
+        let shutdown = Duration::from_secs(d.between(2, 60));
+        let c = Arc::new(Cluster::new(Timing {
+            latency: Duration::from_millis(d.between(10, 80)),
+            create_delay: Duration::from_millis(d.between(100, 1500)),
+            attach_delay: Duration::from_millis(d.between(100, 1000)),
+        }));
+        let mut leaving = BTreeMap::new();
+        c.cloud.with(|w| {
+            for slot in 1..=n {
+                let mut t = cluster_tags();
+                t.insert("cps:slot".into(), slot.to_string());
+                let v = w.add_volume(AZ, 10, &t);
+                let holder = format!("i-old-{slot}");
+                w.add_instance(&holder, AZ);
+                w.attach(&v, &holder, "/dev/xvdc").unwrap();
+                if slot > n - k {
+                    w.begin_terminate(&holder, shutdown);
+                    leaving.insert(slot, v);
+                }
+            }
+        });
+        let cfg = Arc::new(config(&format!(
+            "identity:\n  mode: slot\n  max-slots: {max}\n"
+        )));
+        let machines: Vec<Arc<Machine>> = (0..m)
+            .map(|i| Arc::new(c.launch(&format!("i-new-{i}"), AZ)))
+            .collect();
+        let tasks: Vec<_> = machines
+            .iter()
+            .map(|mach| {
+                let (c, mach, cfg) = (c.clone(), mach.clone(), cfg.clone());
+                tokio::spawn(async move { c.boot(&mach, &cfg).await })
+            })
+            .collect();
+        let mut got = BTreeMap::new();
+        let mut failed = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(out) => {
+                    let slot = out.slot.unwrap();
+                    assert!(
+                        got.insert(slot, out.attach.volume_id).is_none(),
+                        "case {case}: slot {slot} claimed twice"
+                    );
+                }
+                Err(e) => {
+                    assert!(
+                        e.to_string().contains("no free slot"),
+                        "case {case} (n {n}, k {k}, max {max}, m {m}): {e}"
+                    );
+                    failed += 1;
+                }
+            }
+        }
+        let what = format!("case {case}: n {n}, k {k}, max {max}, m {m}: got {got:?}");
+        let reclaimed = leaving
+            .iter()
+            .filter(|(slot, v)| got.get(slot) == Some(v))
+            .count() as u32;
+        assert_eq!(
+            reclaimed,
+            m.min(k),
+            "leaving slots go to replacements; {what}"
+        );
+        let created = got.keys().filter(|s| **s > n).count() as u32;
+        assert_eq!(
+            created,
+            m.saturating_sub(k).min(max - n),
+            "only the rest create; {what}"
+        );
+        assert_eq!(failed, m - reclaimed - created, "{what}");
+        let mut per_slot: BTreeMap<String, u32> = BTreeMap::new();
+        for v in c.cloud.volumes() {
+            *per_slot.entry(v.tags["cps:slot"].clone()).or_default() += 1;
+        }
+        assert!(per_slot.values().all(|c| *c == 1), "{what}: {per_slot:?}");
+    }
+}

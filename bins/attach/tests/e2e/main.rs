@@ -2,10 +2,13 @@
 //! instance, and loop devices that appear when EC2 says a volume is attached.
 //!
 //! This module: one node's volume (pool mode, the original tool's behaviour). `cluster`: node
-//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups.
+//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups. `identity`: slot
+//! replacements, node ids from tags, deleted volumes. `lifecycle`: membership and heartbeat
+//! edge cases, signals. `iam`: the node policy.
 
 mod cluster;
 mod iam;
+mod identity;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -423,4 +426,46 @@ fn validate_checks_without_touching_anything() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
+}
+
+/// In a pool whose every matching volume is held by a running server, the agent must create.
+/// Who holds them is one DescribeInstances per look, not one per held volume (20 agents booting
+/// against 10 held volumes made 200 requests, 40 against 20 made 800).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_volumes_cost_one_instance_lookup_per_look() {
+    let Some((bench, a)) = bench_with_instance().await else {
+        return;
+    };
+    let t = tags(&[("cluster", "held")]);
+    let holders = cps_testbed::run_instances(bench.ec2(), "us-east-1a", 10)
+        .await
+        .unwrap();
+    let api = bench.volumes_api();
+    for (i, holder) in holders.iter().enumerate() {
+        let v = api
+            .create_volume(
+                &cps_provider::VolumeSpec::gp3("us-east-1a", 1, &t),
+                &format!("held-{i}"),
+            )
+            .await
+            .unwrap();
+        api.attach_volume(&v.id, holder, "/dev/xvdc").await.unwrap();
+    }
+    let mount = bench.dir().join("held");
+    let _guard = MountGuard(mount.clone());
+    let config = write_config(
+        &a,
+        &format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: held}}\n    size: 1\nmount:\n  target: {}\n",
+            mount.display()
+        ),
+    );
+    let out = run(&bench, &a, &config, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ready()["origin"], "Created");
+    let calls = out.ready()["calls"].as_str().unwrap();
+    assert!(
+        calls.split(',').any(|c| c == "DescribeInstances=1"),
+        "one look, one DescribeInstances for the 10 held volumes: {calls}"
+    );
 }

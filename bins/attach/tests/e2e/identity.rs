@@ -1,0 +1,115 @@
+//! Identity with the real binary: a slot's replacement while the old server still holds the
+//! slot's volume, node ids read from tags, and a node whose volume an operator deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cps_fixtures::MountGuard;
+use cps_testbed::{Bench, BenchOptions, Delays, Instance};
+
+use crate::{TIER, run, tags, write_config};
+
+const HOOK: &str = "cps-launch";
+
+/// Boots an instance the group launched with `config`.
+async fn boot(
+    bench: &Bench,
+    instance_id: &str,
+    config: impl Fn(&Instance) -> String,
+) -> (Arc<Instance>, crate::Run) {
+    let instance = bench.adopt(instance_id).await.unwrap();
+    let path = write_config(&instance, &config(&instance));
+    let out = run(bench, &instance, &path, &[]);
+    (instance, out)
+}
+
+/// Three brokers in slot mode with headroom (max-slots 5). Broker 3's server is replaced and
+/// still shuts down with slot 3's volume attached when its replacement boots: the replacement
+/// waits for slot 3 and comes back as broker 3 with its data, instead of creating slot 4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_replacement_waits_for_its_slot_instead_of_creating_a_new_one() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Arc::new(
+        Bench::start(BenchOptions {
+            delays: Delays {
+                attach: Duration::from_millis(200),
+                create: Duration::from_millis(200),
+                detach: Duration::from_millis(500),
+                shutdown: Duration::from_secs(3),
+            },
+            ..BenchOptions::default()
+        })
+        .unwrap(),
+    );
+    let cluster = tags(&[("cluster", "headroom")]);
+    bench
+        .create_group(
+            "brokers",
+            "us-east-1a",
+            3,
+            &cluster,
+            HOOK,
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+    let config = |i: &Instance| {
+        format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: headroom}}\n    size: 1\nfile-system:\n  type: xfs\nmount:\n  target: {}/data\nidentity:\n  mode: slot\n  max-slots: 5\nlifecycle:\n  hook: {HOOK}\ntimeouts:\n  device: 30s\n",
+            i.home.display()
+        )
+    };
+    let first = bench
+        .wait_pending("brokers", 3, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut guards = Vec::new();
+    let mut by_slot = std::collections::BTreeMap::new();
+    for id in &first {
+        let (instance, out) = boot(&bench, id, config).await;
+        guards.push(MountGuard(instance.home.join("data")));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let ready = out.ready();
+        by_slot.insert(
+            ready["node_id"].as_str().unwrap().to_owned(),
+            (instance, ready["volume_id"].as_str().unwrap().to_owned()),
+        );
+    }
+    assert_eq!(by_slot.keys().collect::<Vec<_>>(), ["1", "2", "3"]);
+    let (old3, volume3) = by_slot["3"].clone();
+    std::fs::write(old3.home.join("data/broker-3"), "broker 3's log").unwrap();
+
+    bench.terminate_in_group(&old3.id).await.unwrap();
+    let replacement = bench
+        .wait_pending("brokers", 1, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|id| !first.contains(id))
+        .expect("the group launched a replacement");
+    let held = bench.volumes_tagged(&cluster).await;
+    let held = held.iter().find(|v| v.id == volume3).unwrap();
+    assert_eq!(
+        held.attachments.first().map(|a| a.instance_id.as_str()),
+        Some(old3.id.as_str()),
+        "slot 3 is still attached to the old server when its replacement boots"
+    );
+    let (new3, out) = boot(&bench, &replacement, config).await;
+    guards.push(MountGuard(new3.home.join("data")));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let ready = out.ready();
+    assert_eq!(ready["node_id"], "3", "broker 3 came back:\n{}", out.stderr);
+    assert_eq!(ready["volume_id"], volume3.as_str());
+    assert_eq!(ready["formatted"], false);
+    assert_eq!(
+        std::fs::read_to_string(new3.home.join("data/broker-3")).unwrap(),
+        "broker 3's log"
+    );
+    assert_eq!(
+        bench.volumes_tagged(&cluster).await.len(),
+        3,
+        "no slot 4 was created"
+    );
+}
