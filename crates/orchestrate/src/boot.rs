@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::attach::{AttachOutcome, prepare_device};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str};
 use crate::claim::{ClaimTarget, claim_volume};
-use crate::config::{AttachConfig, Identity, InterfaceOptions, OnFailure};
+use crate::config::{AttachConfig, Identity, InterfaceOptions, OnFailure, check_node_id};
 use crate::error::Error;
 
 /// The cloud services a boot uses (one object may provide all three).
@@ -383,19 +383,27 @@ async fn run_steps(
                     })
                     .await
                     .map_err(Error::cloud("reading the instance's tags"))?;
-                    let from_group = match tags.get(source_tag) {
-                        Some(_) => None,
-                        None => describe_group()
-                            .await?
-                            .and_then(|g| g.tags.get(source_tag).cloned()),
+                    let (value, origin) = match tags.get(source_tag) {
+                        Some(v) => (Some(v.clone()), format!("instance {me}")),
+                        None => (
+                            describe_group()
+                                .await?
+                                .and_then(|g| g.tags.get(source_tag).cloned()),
+                            format!("group {}", group_name.unwrap_or("?")),
+                        ),
                     };
-                    tags.get(source_tag)
-                        .cloned()
-                        .or(from_group)
-                        .ok_or_else(|| Error::NoNodeId {
-                            instance_id: me.to_owned(),
-                            tag: source_tag.clone(),
-                        })?
+                    let id = value.ok_or_else(|| Error::NoNodeId {
+                        instance_id: me.to_owned(),
+                        tag: source_tag.clone(),
+                    })?;
+                    // Exactly the check a configured id gets.
+                    check_node_id(&id).map_err(|reason| Error::BadNodeId {
+                        tag: source_tag.clone(),
+                        origin,
+                        value: id.clone(),
+                        reason: reason.to_owned(),
+                    })?;
+                    id
                 }
             };
             info!(node_id = %id, "node identity");

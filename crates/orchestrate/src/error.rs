@@ -64,6 +64,17 @@ pub enum Error {
     )]
     NoNodeId { instance_id: String, tag: String },
 
+    /// A node id read from a tag is not one a configuration could carry.
+    #[error(
+        "the {tag} tag of {origin} is {value:?}, which cannot be a node id (a node id {reason}); set the tag to this node's id"
+    )]
+    BadNodeId {
+        tag: String,
+        origin: String,
+        value: String,
+        reason: String,
+    },
+
     /// The node's network interface does not exist.
     #[error(
         "no network interface {what}; cps-attach does not create interfaces (their fixed IPs are planned, e.g. by Terraform)"
@@ -159,6 +170,7 @@ impl Error {
             Self::WrongZone { .. }
             | Self::NoFreeSlot { .. }
             | Self::NoNodeId { .. }
+            | Self::BadNodeId { .. }
             | Self::NoInterface { .. } => ErrorClass::Identity,
             Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } => ErrorClass::Cloud,
             Self::Node { .. } => ErrorClass::Host,

@@ -113,3 +113,62 @@ async fn a_slot_replacement_waits_for_its_slot_instead_of_creating_a_new_one() {
         "no slot 4 was created"
     );
 }
+
+fn tagged_node_config(home: &std::path::Path) -> String {
+    format!(
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: tagged}}\n    size: 1\nmount:\n  target: {home}/data\nidentity:\n  mode: node-id\nfiles:\n  - path: {home}/etc/node.properties\n    content: \"node.id=${{CPS_NODE_ID}}\\n\"\nlifecycle:\n  hook: {HOOK}\n",
+        home = home.display()
+    )
+}
+
+/// A node id read from the group's tag is checked like a configured one: a blank value (every
+/// such group would share one identity) and one carrying a newline (it would reach the node's
+/// files as an extra line) are refused with exit 9, before any volume is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_tag_that_is_blank_or_carries_a_newline_is_refused() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Bench::start(BenchOptions::default()).unwrap();
+    for (group, value, shown) in [
+        ("blank-node", "  ", r#""  ""#),
+        ("injected-node", "7\nrole=admin", r#""7\nrole=admin""#),
+    ] {
+        let node = tags(&[("cluster", "tagged"), ("cps:node-id", value)]);
+        bench
+            .create_group(
+                group,
+                "us-east-1a",
+                1,
+                &node,
+                HOOK,
+                Duration::from_secs(300),
+            )
+            .await
+            .unwrap();
+        let id = bench
+            .wait_pending(group, 1, Duration::from_secs(10))
+            .await
+            .unwrap()[0]
+            .clone();
+        let (instance, out) = boot(&bench, &id, |i| tagged_node_config(&i.home)).await;
+        let _guard = MountGuard(instance.home.join("data"));
+        assert_eq!(out.code, 9, "{group}: identity exit code:\n{}", out.stderr);
+        assert!(
+            out.said("the cps:node-id tag of") && out.said(shown),
+            "{group}: names the tag and shows the value:\n{}",
+            out.stderr
+        );
+        assert!(
+            !instance.home.join("etc/node.properties").exists(),
+            "{group}: no node file was written"
+        );
+    }
+    assert!(
+        bench
+            .volumes_tagged(&tags(&[("cluster", "tagged")]))
+            .await
+            .is_empty(),
+        "no volume was created for an invalid id"
+    );
+}
