@@ -260,8 +260,26 @@ impl Bench {
     /// From now on, requests signed with [`NODE_KEY`] are allowed only what `policy` (an IAM
     /// policy document, JSON) allows, as AWS would evaluate it; other keys stay unrestricted.
     pub fn restrict_key(&self, policy: &str) -> io::Result<()> {
-        use std::io::{Read, Write};
         let body = format!(r#"{{"access_key": "{NODE_KEY}", "policy": {policy}}}"#);
+        self.control("/cps/node-policy", &body)
+            .map_err(|e| io::Error::other(format!("the emulator refused the node policy: {e}")))
+    }
+
+    /// From now on, instances a group launches stay `Pending` for `pending` before their launch
+    /// hook holds them in `Pending:Wait`, and DescribeAutoScalingInstances shows an instance only
+    /// `membership` after it joined its group (as AWS may early in a boot).
+    pub fn set_lifecycle_delays(&self, pending: Duration, membership: Duration) -> io::Result<()> {
+        let body = format!(
+            r#"{{"pending_delay": {}, "membership_delay": {}}}"#,
+            pending.as_secs_f64(),
+            membership.as_secs_f64()
+        );
+        self.control("/cps/settings", &body)
+    }
+
+    /// POSTs a JSON body to one of the emulator's control paths (`/cps/...`).
+    fn control(&self, path: &str, body: &str) -> io::Result<()> {
+        use std::io::{Read, Write};
         let addr = self
             .endpoint()
             .trim_start_matches("http://")
@@ -271,7 +289,7 @@ impl Bench {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             stream,
-            "POST /cps/node-policy HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
         let mut reply = String::new();
@@ -280,7 +298,7 @@ impl Bench {
             Ok(())
         } else {
             Err(io::Error::other(format!(
-                "the emulator refused the node policy: {}",
+                "POST {path}: {}",
                 reply.lines().next().unwrap_or("")
             )))
         }

@@ -39,6 +39,15 @@ use crate::error::Error;
 /// another agent claimed the volume this one had just created).
 const MAX_CREATES: u32 = 3;
 
+/// How many of an identity's creation tokens one run walks through (each one past the first
+/// means the volume the previous one names is gone).
+const MAX_GENERATIONS: u32 = 8;
+
+/// How long the volume a creation token names may stay unknown to EC2 before it counts as gone
+/// (a fresh volume can be invisible to DescribeVolumes for a moment; a deleted one stays so);
+/// half of `timeouts.create` when that is shorter.
+const GONE_AFTER: Duration = Duration::from_secs(30);
+
 /// Where the claimed volume came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -153,12 +162,14 @@ pub fn client_token(identity: &InstanceIdentity, spec: &VolumeSpec, attempt: u32
     token(&[&identity.instance_id], spec, attempt)
 }
 
-/// Node and slot modes: a function of the identity alone (its tags) — not of the instance, the
-/// zone, the spec or how often this run tried. Every instance creating this node's (slot's)
-/// volume, at any time, sends the same token: the cloud returns the one volume, or refuses with
+/// Node and slot modes: a function of the identity (its tags) and a generation — not of the
+/// instance, the zone, the spec or how often this run tried. Every instance creating this node's
+/// (slot's) volume sends the same token: the cloud returns the one volume, or refuses with
 /// IdempotentParameterMismatch when the parameters differ (another zone, another size), never
-/// makes a second.
-pub fn identity_token(tags: &Tags) -> String {
+/// makes a second. The generation moves on only when the volume a token names is gone (AWS
+/// answers a used token with its volume for hours, even once that volume was deleted); every
+/// instance walks the generations in the same order on the same evidence, so they still agree.
+pub fn identity_token(tags: &Tags, generation: u32) -> String {
     let mut h = Sha256::new();
     h.update(b"cps-identity");
     for (k, v) in tags {
@@ -166,6 +177,11 @@ pub fn identity_token(tags: &Tags) -> String {
         h.update(k.as_bytes());
         h.update((v.len() as u64).to_le_bytes());
         h.update(v.as_bytes());
+    }
+    // Generation 0 is the token earlier versions sent.
+    if generation > 0 {
+        h.update(b"generation");
+        h.update(generation.to_le_bytes());
     }
     let hex: String = h
         .finalize()
@@ -220,6 +236,7 @@ pub async fn claim_volume(
     let mut race_budget: Option<u32> = None;
     let mut lost_races = 0u32;
     let mut waiting: Option<(Instant, u32, String)> = None;
+    let mut walks: BTreeMap<Tags, TokenWalk> = BTreeMap::new();
     let claimed = |volume: Volume, origin: Origin, attach_attempts: u32, slot: Option<u32>| async move {
         let claim = Claim {
             volume,
@@ -450,9 +467,10 @@ pub async fn claim_volume(
                 lost_races += 1;
             }
             Next::Create { tags, slot } => {
+                let pool = matches!(target, ClaimTarget::Pool { .. });
                 // Pool mode makes a new volume per creation; node and slot modes cannot (the
                 // token is the identity's), so only the race budget bounds them.
-                if creates >= MAX_CREATES && matches!(target, ClaimTarget::Pool { .. }) {
+                if creates >= MAX_CREATES && pool {
                     return Err(Error::Exhausted {
                         attempts: attach_attempts,
                         detail: format!(
@@ -461,44 +479,158 @@ pub async fn claim_volume(
                     });
                 }
                 let spec = volume_spec(identity, config, &tags);
-                let token = match target {
-                    ClaimTarget::Pool { .. } => client_token(identity, &spec, creates),
-                    _ => identity_token(&tags),
+                let walk = walks.entry(tags.clone()).or_default();
+                if walk.generation >= MAX_GENERATIONS {
+                    return Err(Error::Exhausted {
+                        attempts: attach_attempts,
+                        detail: format!(
+                            "the volumes {MAX_GENERATIONS} creation tokens of this identity named are all gone (deleted while cps-attach ran?)"
+                        ),
+                    });
+                }
+                let token = if pool {
+                    client_token(identity, &spec, creates)
+                } else {
+                    identity_token(&tags, walk.generation)
                 };
                 creates += 1;
-                info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
-                let created = match backoff::retry(policy, "CreateVolume", seed, || {
-                    cloud_api.create_volume(&spec, &token)
-                })
-                .await
-                {
-                    Ok(v) => v,
-                    // Another instance in another zone created this identity's volume first.
-                    Err(CloudError::IdempotencyMismatch { .. })
-                        if !matches!(target, ClaimTarget::Pool { .. }) =>
-                    {
-                        debug!("this identity's volume was just created elsewhere; looking again");
-                        lost_races += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(Error::cloud("creating a volume")(e)),
+                let creator = Creator {
+                    cloud_api,
+                    config,
+                    identity,
+                    pool,
+                    seed,
+                    policy,
                 };
-                info!(volume_id = %created.id, slot, "volume created");
-                if !wait_available(cloud_api, config, &created.id, seed, policy).await? {
-                    debug!(volume_id = %created.id, "the new volume was claimed by another instance; looking again");
-                    lost_races += 1;
-                    continue;
+                info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
+                match creator
+                    .create_once(&spec, &token, walk, &mut attach_attempts)
+                    .await?
+                {
+                    Creation::Attached(volume) => {
+                        return claimed(volume, Origin::Created, attach_attempts, slot).await;
+                    }
+                    Creation::Lost => lost_races += 1,
+                    Creation::Again => {}
                 }
-                attach_attempts += 1;
-                info!(volume_id = %created.id, device = device_name, "attaching new volume");
-                if try_attach(cloud_api, &created.id, me, device_name, seed, policy).await? {
-                    let volume =
-                        wait_attached(cloud_api, identity, config, &created.id, policy).await?;
-                    return claimed(volume, Origin::Created, attach_attempts, slot).await;
-                }
-                lost_races += 1;
             }
         }
+    }
+}
+
+/// How one creation went.
+enum Creation {
+    Attached(Volume),
+    /// Another instance attached the new volume first.
+    Lost,
+    /// List again: the identity's volume may show up, or the next token is due.
+    Again,
+}
+
+/// Where an identity's creation token is: the generation in use, and since when the volume it
+/// names (or the identity's volume, after IdempotentParameterMismatch) has been nowhere to see.
+#[derive(Default)]
+struct TokenWalk {
+    generation: u32,
+    unseen_since: Option<Instant>,
+    looks: u32,
+}
+
+impl TokenWalk {
+    fn next_token(&mut self, token: &str, why: &str) {
+        info!(
+            client_token = token,
+            generation = self.generation,
+            reason = why,
+            "the volume this identity's creation token names is gone (deleted?); moving on to the next token"
+        );
+        *self = Self {
+            generation: self.generation + 1,
+            ..Self::default()
+        };
+    }
+}
+
+/// What a creation needs to know.
+struct Creator<'a> {
+    cloud_api: &'a dyn VolumeService,
+    config: &'a AttachConfig,
+    identity: &'a InstanceIdentity,
+    pool: bool,
+    seed: u64,
+    policy: RetryPolicy,
+}
+
+impl Creator<'_> {
+    /// CreateVolume with `token`, wait for the volume, attach it.
+    async fn create_once(
+        &self,
+        spec: &VolumeSpec,
+        token: &str,
+        walk: &mut TokenWalk,
+        attach_attempts: &mut u32,
+    ) -> Result<Creation, Error> {
+        let (cloud_api, seed, policy) = (self.cloud_api, self.seed, self.policy);
+        let gone_after = GONE_AFTER.min(self.config.timeouts.create / 2);
+        let created = match backoff::retry(policy, "CreateVolume", seed, || {
+            cloud_api.create_volume(spec, token)
+        })
+        .await
+        {
+            Ok(v) => v,
+            // Used with other settings: by another instance creating this identity's volume
+            // (another zone or size; it shows up in a listing), or long ago for a volume since
+            // deleted, when nothing ever shows up.
+            Err(CloudError::IdempotencyMismatch { .. }) if !self.pool => {
+                let since = *walk.unseen_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= gone_after {
+                    let why = format!(
+                        "it was used with other settings and no volume with this identity appeared for {}s",
+                        since.elapsed().as_secs()
+                    );
+                    walk.next_token(token, &why);
+                } else {
+                    debug!("this identity's token was used with other settings; looking again");
+                    tokio::time::sleep(Schedule::CLOUD_STATE.delay(walk.looks)).await;
+                    walk.looks += 1;
+                }
+                return Ok(Creation::Again);
+            }
+            Err(e) => return Err(Error::cloud("creating a volume")(e)),
+        };
+        info!(volume_id = %created.id, "volume created");
+        let me = self.identity.instance_id.as_str();
+        match wait_available(
+            cloud_api,
+            self.config,
+            &created.id,
+            gone_after,
+            seed,
+            policy,
+        )
+        .await?
+        {
+            Fresh::Available => {}
+            Fresh::Taken => {
+                debug!(volume_id = %created.id, "the new volume was claimed by another instance; looking again");
+                return Ok(Creation::Lost);
+            }
+            // Pool mode's next creation has a token of its own.
+            Fresh::Gone(_) if self.pool => return Ok(Creation::Lost),
+            Fresh::Gone(why) => {
+                walk.next_token(token, &why);
+                return Ok(Creation::Again);
+            }
+        }
+        *attach_attempts += 1;
+        let device = self.config.block_device.as_str();
+        info!(volume_id = %created.id, device, "attaching new volume");
+        if try_attach(cloud_api, &created.id, me, device, seed, policy).await? {
+            let volume =
+                wait_attached(cloud_api, self.identity, self.config, &created.id, policy).await?;
+            return Ok(Creation::Attached(volume));
+        }
+        Ok(Creation::Lost)
     }
 }
 
@@ -837,14 +969,26 @@ async fn try_attach(
     }
 }
 
-/// Polls until the new volume is available; `Ok(false)` if someone else attached it first.
+/// What became of a volume just created.
+enum Fresh {
+    Available,
+    /// Someone else attached it first.
+    Taken,
+    /// It is deleted, failed, or unknown to EC2 for longer than a fresh volume stays invisible:
+    /// the token named a volume that no longer exists.
+    Gone(String),
+}
+
+/// Polls until the new volume is available (or taken, or gone).
 async fn wait_available(
     cloud_api: &dyn VolumeService,
     config: &AttachConfig,
     volume_id: &str,
+    gone_after: Duration,
     seed: u64,
     policy: RetryPolicy,
-) -> Result<bool, Error> {
+) -> Result<Fresh, Error> {
+    let unseen: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let waited = backoff::poll(Schedule::CLOUD_STATE, config.timeouts.create, || async {
         match backoff::retry(policy, "DescribeVolumes", seed, || {
             cloud_api.volume(volume_id)
@@ -852,9 +996,12 @@ async fn wait_available(
         .await
         {
             Ok(v) => match v.state {
-                VolumeState::Available => Ok(Poll::Ready(true)),
-                VolumeState::InUse => Ok(Poll::Ready(false)),
+                VolumeState::Available => Ok(Poll::Ready(Fresh::Available)),
+                VolumeState::InUse => Ok(Poll::Ready(Fresh::Taken)),
                 VolumeState::Creating => Ok(Poll::Pending("creating".into())),
+                VolumeState::Deleting | VolumeState::Deleted | VolumeState::Error => Ok(
+                    Poll::Ready(Fresh::Gone(format!("{volume_id} is {}", v.state))),
+                ),
                 other => Err(Error::Cloud {
                     step: "waiting for the new volume",
                     source: CloudError::Api {
@@ -864,8 +1011,22 @@ async fn wait_available(
                     },
                 }),
             },
-            // Describe is eventually consistent: a fresh volume may not be visible yet.
-            Err(CloudError::NotFound { .. }) => Ok(Poll::Pending("not visible yet".into())),
+            // Describe is eventually consistent: a fresh volume may not be visible yet. One
+            // that stays unknown is gone.
+            Err(CloudError::NotFound { .. }) => {
+                let since = *unseen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(Instant::now);
+                if since.elapsed() >= gone_after {
+                    Ok(Poll::Ready(Fresh::Gone(format!(
+                        "DescribeVolumes has not known {volume_id} for {}s",
+                        since.elapsed().as_secs()
+                    ))))
+                } else {
+                    Ok(Poll::Pending("not visible yet".into()))
+                }
+            }
             Err(e) => Err(Error::cloud("waiting for the new volume")(e)),
         }
     })

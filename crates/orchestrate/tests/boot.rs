@@ -886,3 +886,44 @@ async fn slot_herds_give_leaving_slots_to_replacements_before_creating() {
         assert!(per_slot.values().all(|c| *c == 1), "{what}: {per_slot:?}");
     }
 }
+
+/// Node 4's volume was deleted by an operator; two of its instances boot at once. The node's
+/// token answers with the deleted volume, so both move on to the next token — the same one —
+/// and node 4 gets exactly one new volume.
+#[tokio::test(start_paused = true)]
+async fn two_instances_recreating_a_deleted_node_volume_make_one() {
+    let c = Arc::new(Cluster::new(Timing {
+        latency: Duration::from_millis(50),
+        create_delay: Duration::from_secs(1),
+        attach_delay: Duration::from_millis(200),
+    }));
+    let cfg = Arc::new(config(&format!(
+        "{NODE}  node-id: '4'\n  release-timeout: 2m\n"
+    )));
+    let first = c.launch("i-first", AZ);
+    let out = c.boot(&first, &cfg).await.unwrap();
+    first.block.unmount_all();
+    c.cloud.with(|w| {
+        w.terminate_instance("i-first");
+        w.delete_volume(&out.attach.volume_id);
+    });
+    let a = Arc::new(c.launch("i-a", AZ));
+    let b = Arc::new(c.launch("i-b", AZ));
+    let runs: Vec<_> = [a, b]
+        .into_iter()
+        .map(|m| {
+            let (c, cfg) = (c.clone(), cfg.clone());
+            tokio::spawn(async move { c.boot(&m, &cfg).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for r in runs {
+        if r.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    let volumes = c.cloud.volumes();
+    assert_eq!(volumes.len(), 1, "one new volume for node 4: {volumes:?}");
+    assert_ne!(volumes[0].id, out.attach.volume_id);
+    assert_eq!(ok, 1, "one of them is node 4, the other waits for it");
+}

@@ -132,7 +132,9 @@ pub struct World {
     fleet: asg::Fleet,
     /// Every lifecycle call, in order, for tests to check cadence and outcome.
     lifecycle_log: Vec<asg::LifecycleEvent>,
-    tokens: HashMap<String, (String, VolumeSpec)>,
+    /// Client token → the volume it made, its spec and the first reply (AWS answers a used
+    /// token with that reply for hours, even after the volume was deleted).
+    tokens: HashMap<String, (String, VolumeSpec, Volume)>,
     next_id: u64,
     faults: Vec<Fault>,
     hooks: Vec<(&'static str, Hook)>,
@@ -309,6 +311,12 @@ impl World {
         Ok(())
     }
 
+    /// Deletes a volume (an operator's DeleteVolume): it is gone from every listing, but a
+    /// CreateVolume with the token that made it still answers with it, as AWS does for hours.
+    pub fn delete_volume(&mut self, volume_id: &str) {
+        self.volumes.remove(volume_id);
+    }
+
     /// Detaches a volume from whatever holds it.
     pub fn detach(&mut self, volume_id: &str) {
         if let Some(stored) = self.volumes.get_mut(volume_id) {
@@ -370,7 +378,7 @@ impl World {
     }
 
     fn create(&mut self, spec: &VolumeSpec, token: &str) -> Result<Volume, Error> {
-        if let Some((id, known)) = self.tokens.get(token) {
+        if let Some((id, known, first_reply)) = self.tokens.get(token) {
             if known != spec {
                 return Err(Error::IdempotencyMismatch {
                     operation: CREATE_VOLUME,
@@ -378,9 +386,10 @@ impl World {
                     message: "The client token was used with different parameters".into(),
                 });
             }
-            if let Some(stored) = self.volumes.get(id) {
-                return Ok(Self::observe(stored, Instant::now()));
-            }
+            return Ok(match self.volumes.get(id) {
+                Some(stored) => Self::observe(stored, Instant::now()),
+                None => first_reply.clone(),
+            });
         }
         let id = self.new_volume_id();
         let now = Instant::now();
@@ -401,7 +410,8 @@ impl World {
         };
         let observed = Self::observe(&stored, now);
         self.volumes.insert(id.clone(), stored);
-        self.tokens.insert(token.to_owned(), (id, spec.clone()));
+        self.tokens
+            .insert(token.to_owned(), (id, spec.clone(), observed.clone()));
         Ok(observed)
     }
 }
@@ -707,6 +717,22 @@ mod tests {
         let seen = cloud.volume(&first.id).await.unwrap();
         assert_eq!(seen.attachments[0].state, AttachmentState::Attached);
         assert_eq!(cloud.volumes().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_used_token_names_its_volume_even_after_it_was_deleted() {
+        let cloud = MemoryCloud::default();
+        let spec = VolumeSpec::gp3("az-a", 1, &tags());
+        let first = cloud.create_volume(&spec, "tok").await.unwrap();
+        cloud.with(|w| w.delete_volume(&first.id));
+        let again = cloud.create_volume(&spec, "tok").await.unwrap();
+        assert_eq!(
+            again.id, first.id,
+            "the deleted volume's id, as AWS answers"
+        );
+        let err = cloud.volume(&first.id).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert!(cloud.volumes().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

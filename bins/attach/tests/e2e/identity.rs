@@ -172,3 +172,52 @@ async fn a_node_id_tag_that_is_blank_or_carries_a_newline_is_refused() {
         "no volume was created for an invalid id"
     );
 }
+
+/// An operator deleted node 5's volume. AWS answers the node's creation token with the deleted
+/// volume for hours; the next boot must move on to a fresh token and create the node's volume
+/// again instead of waiting for a volume that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_volume_is_created_again_under_a_new_token() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Bench::start(BenchOptions::default()).unwrap();
+    let node = tags(&[("cluster", "deleted"), ("cps:node-id", "5")]);
+    let config = |i: &Instance| {
+        format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: deleted}}\n    size: 1\nmount:\n  target: {}/data\nidentity:\n  mode: node-id\n  node-id: '5'\ntimeouts:\n  create: 20s\n",
+            i.home.display()
+        )
+    };
+    let a = bench.launch("us-east-1a").await.unwrap();
+    let first = run(&bench, &a, &write_config(&a, &config(&a)), &[]);
+    let guard = MountGuard(a.home.join("data"));
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let deleted = first.ready()["volume_id"].as_str().unwrap().to_owned();
+    drop(guard);
+    bench.terminate(&a).await.unwrap();
+    assert!(bench.wait_devices_gone(&[&deleted]));
+    bench
+        .ec2()
+        .delete_volume()
+        .volume_id(&deleted)
+        .send()
+        .await
+        .unwrap();
+    assert!(bench.volumes_tagged(&node).await.is_empty());
+
+    let b = bench.launch("us-east-1a").await.unwrap();
+    let _guard = MountGuard(b.home.join("data"));
+    let second = run(&bench, &b, &write_config(&b, &config(&b)), &[]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let ready = second.ready();
+    assert_eq!(ready["origin"], "Created");
+    assert_ne!(ready["volume_id"], deleted.as_str(), "a new volume");
+    assert!(
+        second.said("moving on to the next token"),
+        "{}",
+        second.stderr
+    );
+    let volumes = bench.volumes_tagged(&node).await;
+    assert_eq!(volumes.len(), 1, "exactly one volume for node 5");
+}
