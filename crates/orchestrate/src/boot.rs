@@ -14,13 +14,14 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cps_blockdev::BlockHost;
 use cps_node::{Hook, HookExit, NodeFile, NodeHost};
 use cps_provider::{
-    AttachmentState, Error as CloudError, InstanceIdentity, InterfaceService, LifecycleResult,
-    LifecycleService, NetworkInterface, ScalingGroup, Tags, VolumeService,
+    AttachmentState, Error as CloudError, GroupMember, InstanceIdentity, InterfaceService,
+    LifecycleResult, LifecycleService, NetworkInterface, ScalingGroup, Tags, VolumeService,
 };
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -91,6 +92,70 @@ struct LifecycleContext {
     interval: Duration,
     /// The instance was in Pending:Wait when the boot began.
     waiting_at_start: bool,
+    /// The action was seen waiting: at the start, or by an accepted heartbeat. Only then does
+    /// "no active lifecycle action" mean it ended (before, the instance may still be `Pending`).
+    seen_waiting: AtomicBool,
+}
+
+impl LifecycleContext {
+    fn seen_waiting(&self) -> bool {
+        self.waiting_at_start || self.seen_waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// How long an empty membership lookup is looked at again while a lifecycle hook is configured
+/// (early in a boot Auto Scaling may not show the instance yet); the command timeout if shorter.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(120);
+
+/// The instance's group and lifecycle state. With a lifecycle hook configured, an empty answer
+/// is asked again (bounded), then — unless the group is configured — an error: going on would
+/// leave the instance to the hook's timeout and its default result.
+async fn find_membership(
+    lifecycle: &dyn LifecycleService,
+    me: &str,
+    config: &AttachConfig,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<Option<GroupMember>, Error> {
+    let lookup = || async {
+        backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
+            lifecycle.membership(me)
+        })
+        .await
+        .map_err(Error::cloud("finding the instance's Auto Scaling group"))
+    };
+    let Some(opts) = &config.node.lifecycle else {
+        return lookup().await;
+    };
+    let bound = MEMBERSHIP_WAIT.min(config.node.command_timeout);
+    let found = backoff::poll(Schedule::CLOUD_STATE, bound, || async {
+        Ok::<_, Error>(match lookup().await? {
+            Some(m) => Poll::Ready(m),
+            None => Poll::Pending(format!(
+                "DescribeAutoScalingInstances shows no group for {me}"
+            )),
+        })
+    })
+    .await?;
+    match found {
+        Ok(m) => Ok(Some(m)),
+        Err(t) if opts.group.is_some() => {
+            warn!(
+                instance_id = me,
+                waited_s = t.waited.as_secs(),
+                "Auto Scaling does not show this instance in a group; using the configured lifecycle.group"
+            );
+            Ok(None)
+        }
+        Err(t) => Err(Error::Timeout {
+            what: format!(
+                "{me} to show up in an Auto Scaling group (lifecycle.hook {} is configured)",
+                opts.hook
+            ),
+            waited: t.waited,
+            last: t.last,
+        }),
+    }
 }
 
 /// Boots the node. On failure, the lifecycle action is abandoned (if configured so) before the
@@ -110,11 +175,7 @@ pub async fn boot(
         || matches!(config.node.identity, Identity::Slot { .. })
         || matches!(config.node.identity, Identity::NodeId { id: None, .. });
     let membership = if needs_membership {
-        backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
-            services.lifecycle.membership(me)
-        })
-        .await
-        .map_err(Error::cloud("finding the instance's Auto Scaling group"))?
+        find_membership(services.lifecycle, me, config, policy, seed).await?
     } else {
         None
     };
@@ -153,6 +214,7 @@ pub async fn boot(
                         hook: opts.hook.clone(),
                         interval: Duration::from_secs(10),
                         waiting_at_start,
+                        seen_waiting: AtomicBool::new(false),
                     };
                     return Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await);
                 }
@@ -242,6 +304,7 @@ async fn lifecycle_context(
         hook: opts.hook.clone(),
         interval,
         waiting_at_start: false,
+        seen_waiting: AtomicBool::new(false),
     })
 }
 
@@ -288,16 +351,80 @@ async fn complete(
             info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
             Ok(LifecycleOutcome::Completed(result))
         }
-        Err(CloudError::NoActiveLifecycleAction { message, .. }) if !lc.waiting_at_start => {
-            info!(group = %lc.group, hook = %lc.hook, detail = %message, "no lifecycle action is waiting for this instance (a re-run?); nothing to complete");
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) if lc.seen_waiting() => {
+            Err(Error::LifecycleExpired {
+                group: lc.group.clone(),
+                hook: lc.hook.clone(),
+                detail: message,
+            })
+        }
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) => {
+            complete_unseen(lifecycle, lc, me, result, message, policy, seed).await
+        }
+        Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
+    }
+}
+
+/// "No active lifecycle action" at the end of a boot during which the hook was never seen
+/// holding the instance: it may still be `Pending`, so look (bounded) at what it becomes.
+/// Held now → complete; in service → nothing was waiting; anything else → the action ended
+/// without cps-attach, which is not a success.
+async fn complete_unseen(
+    lifecycle: &dyn LifecycleService,
+    lc: &LifecycleContext,
+    me: &str,
+    result: LifecycleResult,
+    detail: String,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<LifecycleOutcome, Error> {
+    let settled = backoff::poll(Schedule::CLOUD_STATE, MEMBERSHIP_WAIT, || async {
+        let m = backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
+            lifecycle.membership(me)
+        })
+        .await
+        .map_err(Error::cloud("finding the instance's Auto Scaling group"))?;
+        Ok::<_, Error>(match m {
+            Some(GroupMember {
+                lifecycle_state, ..
+            }) if lifecycle_state == "Pending" => Poll::Pending(format!(
+                "{me} is still Pending, not yet held by {}",
+                lc.hook
+            )),
+            other => Poll::Ready(other.map(|m| m.lifecycle_state)),
+        })
+    })
+    .await?;
+    let expired = |detail: String| Error::LifecycleExpired {
+        group: lc.group.clone(),
+        hook: lc.hook.clone(),
+        detail,
+    };
+    match settled {
+        Ok(Some(state)) if state == "Pending:Wait" => {
+            lc.seen_waiting.store(true, Ordering::Relaxed);
+            match backoff::retry(policy, "CompleteLifecycleAction", seed, || {
+                lifecycle.complete(&lc.group, &lc.hook, me, result)
+            })
+            .await
+            {
+                Ok(()) => {
+                    info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
+                    Ok(LifecycleOutcome::Completed(result))
+                }
+                Err(CloudError::NoActiveLifecycleAction { message, .. }) => Err(expired(message)),
+                Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
+            }
+        }
+        Ok(Some(state)) if state == "InService" => {
+            info!(group = %lc.group, hook = %lc.hook, detail = %detail, "the instance went in service without its lifecycle hook holding it; nothing to complete");
             Ok(LifecycleOutcome::NotWaiting)
         }
-        Err(CloudError::NoActiveLifecycleAction { message, .. }) => Err(Error::LifecycleExpired {
-            group: lc.group.clone(),
-            hook: lc.hook.clone(),
-            detail: message,
-        }),
-        Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
+        Ok(state) => Err(expired(format!(
+            "{detail}; the instance is {}",
+            state.as_deref().unwrap_or("in no group any more")
+        ))),
+        Err(t) => Err(expired(format!("{detail}; {}", t.last))),
     }
 }
 
@@ -312,12 +439,20 @@ async fn with_heartbeats<T>(
     let beat = || async {
         match lifecycle.heartbeat(&lc.group, &lc.hook, me).await {
             Ok(()) => {
+                lc.seen_waiting.store(true, Ordering::Relaxed);
                 info!(group = %lc.group, hook = %lc.hook, "lifecycle heartbeat sent");
                 true
             }
-            Err(CloudError::NoActiveLifecycleAction { .. }) => {
-                info!("no lifecycle action is waiting for this instance; no more heartbeats");
+            Err(CloudError::NoActiveLifecycleAction { .. }) if lc.seen_waiting() => {
+                info!(
+                    "the lifecycle action is no longer waiting (expired or completed); no more heartbeats"
+                );
                 false
+            }
+            // Not held by the hook yet (still `Pending`): the action is still to come.
+            Err(CloudError::NoActiveLifecycleAction { .. }) => {
+                info!("no lifecycle action is waiting for this instance yet; heartbeats go on");
+                true
             }
             // A missed heartbeat is not fatal: the next one may get through in time.
             Err(e) => {

@@ -186,6 +186,13 @@ impl Cluster {
         }
     }
 
+    /// A new instance the group launched that is `Pending` for `for_` before the hook holds it.
+    fn launch_pending(&self, id: &str, zone: &str, for_: Duration) -> Machine {
+        let m = self.launch(id, zone);
+        self.cloud.with(|w| w.join_group_pending(id, GROUP, for_));
+        m
+    }
+
     async fn boot(&self, m: &Machine, config: &AttachConfig) -> Result<BootOutcome, Error> {
         let services = Services {
             volumes: &self.cloud,
@@ -926,4 +933,70 @@ async fn two_instances_recreating_a_deleted_node_volume_make_one() {
     assert_eq!(volumes.len(), 1, "one new volume for node 4: {volumes:?}");
     assert_ne!(volumes[0].id, out.attach.volume_id);
     assert_eq!(ok, 1, "one of them is node 4, the other waits for it");
+}
+
+/// The heartbeat and lifecycle state machine, generated: the instance is `Pending` for a while
+/// (up to two heartbeat intervals) before its hook holds it, the boot takes up to three hook
+/// timeouts, heartbeats fail now and then, and in some cases are refused for good. Whenever the
+/// heartbeats get through, the action never expires and the boot ends with CONTINUE; whenever
+/// the action expired, the boot is not reported as a success.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_keep_the_action_alive_from_pending_to_completion() {
+    for case in 0..40u64 {
+        let mut d = Draw(1000 + case);
+        let timeout = Duration::from_secs(d.between(30, 300));
+        let interval = timeout / 3;
+        let pending = Duration::from_secs(d.between(0, 2 * interval.as_secs()));
+        let boot_takes = Duration::from_secs(d.between(1, 3 * timeout.as_secs()));
+        let refused = d.below(4) == 0;
+        let flaky = d.below(3) as u32;
+        let c = Cluster::new(Timing::default());
+        c.cloud.with(|w| {
+            w.add_launch_hook(GROUP, HOOK, timeout, LifecycleResult::Abandon);
+        });
+        let m = c.launch_pending("i-1", AZ, pending);
+        let failure = if refused {
+            cps_provider::Error::Unauthorized {
+                operation: "RecordLifecycleActionHeartbeat",
+                message: "not allowed".into(),
+            }
+        } else {
+            cps_provider::Error::Transient {
+                operation: "RecordLifecycleActionHeartbeat",
+                message: "connection reset".into(),
+            }
+        };
+        c.cloud.inject(
+            cps_provider::memory::Fault::fail(
+                cps_provider::memory::RECORD_LIFECYCLE_ACTION_HEARTBEAT,
+                failure,
+            )
+            .times(if refused { 10_000 } else { flaky }),
+        );
+        m.node.st().configure = Some((boot_takes, HookExit::Success));
+        let cfg = config(&format!(
+            "{NODE}  node-id: '1'\nhooks:\n  configure: [/bin/configure]\n  timeout: 1h\n"
+        ));
+        let out = c.boot(&m, &cfg).await;
+        let expired = c
+            .log_for("i-1")
+            .iter()
+            .any(|e| matches!(e, LifecycleEvent::TimedOut { .. }));
+        let what = format!(
+            "case {case}: timeout {timeout:?}, pending {pending:?}, boot {boot_takes:?}, refused {refused}, flaky {flaky}: {out:?} {:?}",
+            c.log_for("i-1")
+        );
+        if expired {
+            assert!(out.is_err(), "an expired action is not a success; {what}");
+        }
+        if !refused {
+            assert!(!expired, "heartbeats kept the action alive; {what}");
+            assert_eq!(
+                out.as_ref().map(|o| o.lifecycle).ok(),
+                Some(LifecycleOutcome::Completed(LifecycleResult::Continue)),
+                "{what}"
+            );
+            assert_eq!(c.completions("i-1"), [LifecycleResult::Continue], "{what}");
+        }
+    }
 }

@@ -138,6 +138,8 @@ pub struct World {
     next_id: u64,
     faults: Vec<Fault>,
     hooks: Vec<(&'static str, Hook)>,
+    /// Changes that happen by themselves at a time (see [`World::at`]).
+    scheduled: Vec<(Instant, Hook)>,
     timing: Timing,
     page_size: usize,
 }
@@ -182,8 +184,20 @@ impl World {
         for id in due {
             self.terminate_instance(&id);
         }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduled)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.scheduled = later;
+        for (_, change) in due {
+            change(self);
+        }
         self.expire_lifecycle_actions(now);
         self.run_boots(now);
+    }
+
+    /// Makes `change` happen by itself at `when` (seen by the first request from then on).
+    pub fn at(&mut self, when: Instant, change: impl FnOnce(&mut World) + Send + 'static) {
+        self.scheduled.push((when, Box::new(change)));
     }
 
     /// Sets a tag on an instance.
@@ -443,6 +457,7 @@ impl MemoryCloud {
                 next_id: 0,
                 faults: Vec::new(),
                 hooks: Vec::new(),
+                scheduled: Vec::new(),
                 timing,
                 page_size: 500,
             })),

@@ -9,6 +9,7 @@
 mod cluster;
 mod iam;
 mod identity;
+mod lifecycle;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
