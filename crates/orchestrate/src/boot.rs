@@ -941,9 +941,20 @@ async fn attach_interface(
                         attached_now = true;
                         break eni;
                     }
-                    // Someone got it first (the old instance again?): look again.
-                    Err(CloudError::InterfaceInUse { .. } | CloudError::IncorrectState { .. }) => {
-                        continue;
+                    // Someone got it first (the old instance again?): look again after a
+                    // pause, within the same release timeout as waiting for a holder.
+                    Err(
+                        e @ (CloudError::InterfaceInUse { .. } | CloudError::IncorrectState { .. }),
+                    ) => {
+                        if started.elapsed() >= config.node.release_timeout {
+                            return Err(Error::Timeout {
+                                what: "the network interface to become attachable".into(),
+                                waited: started.elapsed(),
+                                last: e.to_string(),
+                            });
+                        }
+                        tokio::time::sleep(Schedule::CLOUD_STATE.delay(looks)).await;
+                        looks += 1;
                     }
                     Err(e) => return Err(Error::cloud("attaching the network interface")(e)),
                 }

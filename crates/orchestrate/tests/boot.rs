@@ -1000,3 +1000,48 @@ async fn heartbeats_keep_the_action_alive_from_pending_to_completion() {
         }
     }
 }
+
+/// The node's interface looks available, but every AttachNetworkInterface is refused as in use
+/// (another instance keeps winning it): the attach loop backs off between tries and gives up at
+/// the release timeout, like every other wait, instead of retrying at once forever.
+#[tokio::test(start_paused = true)]
+async fn an_interface_that_keeps_being_taken_is_retried_with_backoff_and_a_deadline() {
+    let c = Cluster::new(Timing {
+        latency: Duration::from_millis(50),
+        ..Timing::default()
+    });
+    c.cloud
+        .with(|w| w.add_interface(AZ, "10.0.1.15", &node_tags("5")));
+    c.cloud.inject(
+        cps_provider::memory::Fault::fail(
+            cps_provider::memory::ATTACH_NETWORK_INTERFACE,
+            cps_provider::Error::InterfaceInUse {
+                interface_id: "eni".into(),
+                message: "Interface: [eni] in use.".into(),
+            },
+        )
+        .times(u32::MAX),
+    );
+    let m = c.launch("i-1", AZ);
+    let cfg = config(&format!(
+        "{NODE}  node-id: '5'\n  release-timeout: 2m\nnetwork-interface:\n  device-index: 1\n"
+    ));
+    let started = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(3600), c.boot(&m, &cfg)).await;
+    let tries = c
+        .cloud
+        .calls()
+        .count(cps_provider::memory::ATTACH_NETWORK_INTERFACE);
+    let Ok(out) = out else {
+        panic!("still retrying after an hour: {tries} AttachNetworkInterface");
+    };
+    let err = out.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Timeout, "{err}");
+    assert!(
+        started.elapsed() <= Duration::from_secs(130),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!((5..=80).contains(&tries), "{tries} tries in 2 minutes");
+    assert_eq!(c.completions("i-1"), [LifecycleResult::Abandon]);
+}
