@@ -166,66 +166,38 @@ pub async fn boot(
     identity: &InstanceIdentity,
     config: &AttachConfig,
 ) -> Result<BootOutcome, Error> {
+    boot_until(services, hosts, identity, config, std::future::pending()).await
+}
+
+/// How long completing the lifecycle action may take after an interruption (the service manager
+/// that sent the signal kills the process for good after its own timeout).
+const INTERRUPTED_COMPLETION: Duration = Duration::from_secs(15);
+
+/// [`boot`], until `stop` completes (a signal): then the wait in progress ends, the lifecycle
+/// action is completed as on any failure (`lifecycle.on-failure`), and [`Error::Interrupted`]
+/// is returned. A host step already under way on the blocking pool (mkfs, mount) is not cut
+/// short; the caller's runtime lets it finish before the process exits.
+pub async fn boot_until(
+    services: Services<'_>,
+    hosts: Hosts,
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+    stop: impl Future<Output = ()>,
+) -> Result<BootOutcome, Error> {
+    tokio::pin!(stop);
     let policy = RetryPolicy::within(config.node.command_timeout);
     let seed = hash_str(&identity.instance_id);
     let me = identity.instance_id.as_str();
-
-    // The group is looked up once, if anything needs it.
-    let needs_membership = config.node.lifecycle.is_some()
-        || matches!(config.node.identity, Identity::Slot { .. })
-        || matches!(config.node.identity, Identity::NodeId { id: None, .. });
-    let membership = if needs_membership {
-        find_membership(services.lifecycle, me, config, policy, seed).await?
-    } else {
-        None
+    let setup = tokio::select! {
+        biased;
+        () = &mut stop => return Err(Error::Interrupted),
+        setup = lifecycle_setup(services.lifecycle, me, config, policy, seed) => setup?,
     };
-    let configured_group = config.node.lifecycle.as_ref().and_then(|l| l.group.clone());
-    let group_name = configured_group.or_else(|| membership.as_ref().map(|m| m.group.clone()));
-    // Waiting in the hook now: a "no active action" at the end then means it expired.
-    let waiting_at_start = membership
-        .as_ref()
-        .is_some_and(|m| m.lifecycle_state == "Pending:Wait");
-
-    // Already in service (a re-run, a reboot): no action is waiting, nothing to beat or complete.
-    let in_service = membership
-        .as_ref()
-        .is_some_and(|m| m.lifecycle_state == "InService");
-    if in_service && config.node.lifecycle.is_some() {
-        info!("the instance is already InService; no lifecycle action to keep alive or complete");
-    }
-    let lifecycle = match (&config.node.lifecycle, &group_name) {
-        (None, _) => None,
-        (Some(_), Some(_)) if in_service => None,
-        (Some(_), None) => {
-            warn!(
-                instance_id = me,
-                "a lifecycle hook is configured but this instance is in no Auto Scaling group; nothing to complete"
-            );
-            None
-        }
-        (Some(opts), Some(group)) => {
-            match lifecycle_context(services.lifecycle, group, opts, policy, seed).await {
-                Ok(lc) => Some(lc),
-                Err(e) => {
-                    // The hook could not be read, but its name is known: still release the
-                    // instance rather than leave it to the hook's timeout (and default result).
-                    let lc = LifecycleContext {
-                        group: group.clone(),
-                        hook: opts.hook.clone(),
-                        interval: Duration::from_secs(10),
-                        waiting_at_start,
-                        seen_waiting: AtomicBool::new(false),
-                    };
-                    return Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await);
-                }
-            }
-        }
-    };
-    let lifecycle = lifecycle.map(|mut lc| {
-        lc.waiting_at_start = waiting_at_start;
-        lc
-    });
-
+    let LifecycleSetup {
+        group_name,
+        in_service,
+        lifecycle,
+    } = setup;
     let steps = run_steps(
         services,
         &hosts,
@@ -234,17 +206,33 @@ pub async fn boot(
         group_name.as_deref(),
         policy,
     );
-    let Some(lc) = lifecycle else {
-        return steps.await.map(|mut out| {
+    let lc = match lifecycle {
+        Ok(Some(lc)) => lc,
+        Ok(None) => {
+            let mut out = tokio::select! {
+                biased;
+                () = &mut stop => return Err(Error::Interrupted),
+                out = steps => out?,
+            };
             out.lifecycle = match (&config.node.lifecycle, in_service) {
                 (None, _) => LifecycleOutcome::NotConfigured,
                 (Some(_), true) => LifecycleOutcome::NotWaiting,
                 (Some(_), false) => LifecycleOutcome::NotInGroup,
             };
-            out
-        });
+            return Ok(out);
+        }
+        // The hook could not be read, but its name is known: still release the instance
+        // rather than leave it to the hook's timeout (and default result).
+        Err((lc, e)) => {
+            return Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await);
+        }
     };
-    match with_heartbeats(Duration::ZERO, services.lifecycle, &lc, me, steps).await {
+    let stepped = tokio::select! {
+        biased;
+        () = &mut stop => Err(Error::Interrupted),
+        out = with_heartbeats(Duration::ZERO, services.lifecycle, &lc, me, steps) => out,
+    };
+    match stepped {
         Ok(mut out) => {
             let done = complete(
                 services.lifecycle,
@@ -257,8 +245,87 @@ pub async fn boot(
             out.lifecycle = with_heartbeats(lc.interval, services.lifecycle, &lc, me, done).await?;
             Ok(out)
         }
-        Err(e) => Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await),
+        Err(e) => {
+            // After a signal, the completion gets a short bound of its own.
+            let policy = match e {
+                Error::Interrupted => RetryPolicy::within(INTERRUPTED_COMPLETION),
+                _ => policy,
+            };
+            Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await)
+        }
     }
+}
+
+/// What the boot knows of its group before the steps.
+struct LifecycleSetup {
+    group_name: Option<String>,
+    /// Already InService: a re-run or a reboot.
+    in_service: bool,
+    /// The action to keep alive and complete; `Err` when the hook could not be read (with a
+    /// context under its configured name, to abandon).
+    lifecycle: Result<Option<LifecycleContext>, (LifecycleContext, Error)>,
+}
+
+/// The group lookup (once, if anything needs it) and the lifecycle hook.
+async fn lifecycle_setup(
+    lifecycle: &dyn LifecycleService,
+    me: &str,
+    config: &AttachConfig,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<LifecycleSetup, Error> {
+    let needs_membership = config.node.lifecycle.is_some()
+        || matches!(config.node.identity, Identity::Slot { .. })
+        || matches!(config.node.identity, Identity::NodeId { id: None, .. });
+    let membership = if needs_membership {
+        find_membership(lifecycle, me, config, policy, seed).await?
+    } else {
+        None
+    };
+    let configured_group = config.node.lifecycle.as_ref().and_then(|l| l.group.clone());
+    let group_name = configured_group.or_else(|| membership.as_ref().map(|m| m.group.clone()));
+    // Waiting in the hook now: a "no active action" at the end then means it expired.
+    let state = membership.as_ref().map(|m| m.lifecycle_state.as_str());
+    let waiting_at_start = state == Some("Pending:Wait");
+    // Already in service (a re-run, a reboot): no action is waiting, nothing to beat or complete.
+    let in_service = state == Some("InService");
+    if in_service && config.node.lifecycle.is_some() {
+        info!("the instance is already InService; no lifecycle action to keep alive or complete");
+    }
+    let context = match (&config.node.lifecycle, &group_name) {
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) if in_service => Ok(None),
+        (Some(_), None) => {
+            warn!(
+                instance_id = me,
+                "a lifecycle hook is configured but this instance is in no Auto Scaling group; nothing to complete"
+            );
+            Ok(None)
+        }
+        (Some(opts), Some(group)) => {
+            match lifecycle_context(lifecycle, group, opts, policy, seed).await {
+                Ok(mut lc) => {
+                    lc.waiting_at_start = waiting_at_start;
+                    Ok(Some(lc))
+                }
+                Err(e) => Err((
+                    LifecycleContext {
+                        group: group.clone(),
+                        hook: opts.hook.clone(),
+                        interval: Duration::from_secs(10),
+                        waiting_at_start,
+                        seen_waiting: AtomicBool::new(false),
+                    },
+                    e,
+                )),
+            }
+        }
+    };
+    Ok(LifecycleSetup {
+        group_name,
+        in_service,
+        lifecycle: context,
+    })
 }
 
 /// The hook as Auto Scaling has it, checked, and the heartbeat interval.

@@ -134,6 +134,12 @@ pub enum Error {
     #[error("{what}")]
     Precondition { what: String },
 
+    /// A signal (SIGTERM, Ctrl-C) ended the boot at the wait it was in.
+    #[error(
+        "interrupted by a signal before the boot finished; nothing was detached, and a filesystem being made or a mount under way was let finish; run cps-attach again to go on"
+    )]
+    Interrupted,
+
     #[error("{volume_id}: {source}")]
     Host {
         volume_id: String,
@@ -157,6 +163,8 @@ pub enum ErrorClass {
     Identity,
     /// A user hook failed: configure exited non-zero, or health never passed.
     Hook,
+    /// Stopped by a signal.
+    Interrupted,
 }
 
 impl Error {
@@ -176,6 +184,7 @@ impl Error {
             Self::Node { .. } => ErrorClass::Host,
             Self::Hook { .. } | Self::Check { .. } => ErrorClass::Hook,
             Self::Precondition { .. } => ErrorClass::Refused,
+            Self::Interrupted => ErrorClass::Interrupted,
             Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,
             Self::Host { .. } => ErrorClass::Host,
         }

@@ -1045,3 +1045,37 @@ async fn an_interface_that_keeps_being_taken_is_retried_with_backoff_and_a_deadl
     assert!((5..=80).contains(&tries), "{tries} tries in 2 minutes");
     assert_eq!(c.completions("i-1"), [LifecycleResult::Abandon]);
 }
+
+/// `boot_until`: a stop while the boot waits for a holder ends the wait at once, abandons the
+/// lifecycle action (the configured on-failure) and leaves the holder's volume alone.
+#[tokio::test(start_paused = true)]
+async fn a_stop_ends_the_wait_and_abandons() {
+    let c = Cluster::new(Timing::default());
+    let cfg = config(&format!("{NODE}  node-id: '2'\n  release-timeout: 10m\n"));
+    let old = c.launch("i-old", AZ);
+    c.boot(&old, &cfg).await.unwrap();
+    let new = c.launch("i-new", AZ);
+    let services = Services {
+        volumes: &c.cloud,
+        interfaces: &c.cloud,
+        lifecycle: &c.cloud,
+    };
+    let hosts = Hosts {
+        block: new.block.clone(),
+        node: new.node.clone(),
+    };
+    let started = Instant::now();
+    let stop = tokio::time::sleep(Duration::from_secs(20));
+    let err = cps_orchestrate::boot_until(services, hosts, &identity("i-new", AZ), &cfg, stop)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Interrupted, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(21),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.completions("i-new"), [LifecycleResult::Abandon]);
+    let vols = c.cloud.volumes();
+    assert_eq!(vols[0].attachments[0].instance_id, "i-old");
+}
