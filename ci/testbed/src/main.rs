@@ -39,7 +39,7 @@ enum Cmd {
         /// Herd sizes to run.
         #[arg(long, value_delimiter = ',', default_value = "50,200")]
         herd: Vec<usize>,
-        /// Which parts to run.
+        /// Which parts to run: attach (everything of cps-attach), herds (only its herd tables), roll.
         #[arg(long, value_delimiter = ',', default_value = "attach,roll")]
         parts: Vec<String>,
     },
@@ -73,6 +73,8 @@ fn main() -> ExitCode {
                 println!("# cps bench report\n");
                 if parts.iter().any(|p| p == "attach") {
                     bench::run(&attach_bin, &herd).await?;
+                } else if parts.iter().any(|p| p == "herds") {
+                    bench::herds(&herd).await?;
                 }
                 if parts.iter().any(|p| p == "roll") {
                     bench_roll::run(&roll_bin, &script).await?;
