@@ -147,7 +147,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
             attach: std::time::Duration::from_millis(400),
             create: std::time::Duration::from_millis(300),
             detach: std::time::Duration::from_secs(2),
-            shutdown: std::time::Duration::from_secs(3),
+            shutdown: std::time::Duration::from_secs(6),
         },
         ..BenchOptions::default()
     })
@@ -223,7 +223,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
         std::fs::read_to_string(mount.join("precious.txt")).unwrap(),
         "written by A"
     );
-    // Reattach: listings while A shuts down and the volume detaches (up to 5 s), one
+    // Reattach: listings while A shuts down and the volume detaches (up to 8 s), one
     // AttachVolume, polls during the 400 ms attach; the schedule (100 ms, growing by half, at
     // most 3 s apart) keeps it to a dozen or so, not dozens.
     let calls = ready["calls"].as_str().unwrap();
