@@ -86,7 +86,7 @@ async fn an_empty_membership_lookup_is_retried_then_fails() {
 }
 
 /// The instance is still `Pending` when cps-attach sends its first heartbeat ("no active
-/// lifecycle action"); its launch hook holds it a moment later. Heartbeats go on, so the hook
+/// lifecycle action"); its launch hook holds it 4 s after launch. Heartbeats go on, so the hook
 /// (6 s) does not expire during a 12 s boot, and the boot ends with CONTINUE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_go_on_while_the_instance_is_still_pending() {
@@ -95,7 +95,7 @@ async fn heartbeats_go_on_while_the_instance_is_still_pending() {
     }
     let bench = Bench::start(BenchOptions::default()).unwrap();
     bench
-        .set_lifecycle_delays(Duration::from_secs(2), Duration::ZERO)
+        .set_lifecycle_delays(Duration::from_secs(4), Duration::ZERO)
         .unwrap();
     let node = tags(&[("cluster", "pending"), ("cps:node-id", "1")]);
     bench
@@ -125,6 +125,11 @@ async fn heartbeats_go_on_while_the_instance_is_still_pending() {
     let path = write_config(&instance, &config(&instance.home, "pending", &extra));
     let out = run(&bench, &instance, &path, &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.said("waiting for this instance yet; heartbeats go on"),
+        "the boot began while the instance was Pending:\n{}",
+        out.stderr
+    );
     assert_eq!(
         out.ready()["lifecycle"],
         "Completed(Continue)",
