@@ -261,22 +261,15 @@ impl Bench {
     /// policy document, JSON) allows, as AWS would evaluate it; other keys stay unrestricted.
     pub fn restrict_key(&self, policy: &str) -> io::Result<()> {
         let body = format!(r#"{{"access_key": "{NODE_KEY}", "policy": {policy}}}"#);
-        let reply = self.policy_request("POST", &body)?;
-        if reply.starts_with("HTTP/1.1 204") || reply.starts_with("HTTP/1.0 204") {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "the emulator refused the node policy: {}",
-                reply.lines().next().unwrap_or("")
-            )))
-        }
+        self.control("POST", "/cps/node-policy", &body)
+            .map(drop)
+            .map_err(|e| io::Error::other(format!("the emulator refused the node policy: {e}")))
     }
 
     /// The actions the emulator denied to [`NODE_KEY`] since the policy was set, in order.
     pub fn denied_actions(&self) -> io::Result<Vec<String>> {
-        let reply = self.policy_request("GET", "")?;
-        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let doc: serde_json::Value = serde_json::from_str(body).map_err(io::Error::other)?;
+        let body = self.control("GET", "/cps/node-policy", "")?;
+        let doc: serde_json::Value = serde_json::from_str(&body).map_err(io::Error::other)?;
         Ok(doc["denied"]
             .as_array()
             .into_iter()
@@ -285,8 +278,21 @@ impl Bench {
             .collect())
     }
 
-    /// One request to the emulator's node-policy endpoint; the raw HTTP reply.
-    fn policy_request(&self, method: &str, body: &str) -> io::Result<String> {
+    /// From now on, instances a group launches stay `Pending` for `pending` before their launch
+    /// hook holds them in `Pending:Wait`, and DescribeAutoScalingInstances shows an instance only
+    /// `membership` after it joined its group (as AWS may early in a boot).
+    pub fn set_lifecycle_delays(&self, pending: Duration, membership: Duration) -> io::Result<()> {
+        let body = format!(
+            r#"{{"pending_delay": {}, "membership_delay": {}}}"#,
+            pending.as_secs_f64(),
+            membership.as_secs_f64()
+        );
+        self.control("POST", "/cps/settings", &body).map(drop)
+    }
+
+    /// One request to one of the emulator's control paths (`/cps/...`); the reply's body when
+    /// its status is 2xx.
+    fn control(&self, method: &str, path: &str, body: &str) -> io::Result<String> {
         use std::io::{Read, Write};
         let addr = self
             .endpoint()
@@ -297,11 +303,19 @@ impl Bench {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             stream,
-            "{method} /cps/node-policy HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply)?;
-        Ok(reply)
+        let status = reply.lines().next().unwrap_or("");
+        if status.split(' ').nth(1).is_some_and(|c| c.starts_with('2')) {
+            Ok(reply
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default())
+        } else {
+            Err(io::Error::other(format!("{method} {path}: {status}")))
+        }
     }
 }

@@ -40,7 +40,8 @@ enum Cmd {
         /// Herd sizes to run.
         #[arg(long, value_delimiter = ',', default_value = "50,200")]
         herd: Vec<usize>,
-        /// Which parts to run.
+        /// Which parts to run: attach (everything of cps-attach), herds (only its herd tables),
+        /// probe (the blank check's cost), roll.
         #[arg(long, value_delimiter = ',', default_value = "attach,probe,roll")]
         parts: Vec<String>,
     },
@@ -74,6 +75,8 @@ fn main() -> ExitCode {
                 println!("# cps bench report\n");
                 if parts.iter().any(|p| p == "attach") {
                     bench::run(&attach_bin, &herd).await?;
+                } else if parts.iter().any(|p| p == "herds") {
+                    bench::herds(&herd).await?;
                 }
                 if parts.iter().any(|p| p == "probe") {
                     bench_probe::run()?;

@@ -24,7 +24,8 @@ pub enum Error {
 
     /// Right before a write, sysfs no longer ties the node to the volume it was verified for.
     #[error(
-        "{path} is no longer provably {volume_id}'s ({why}); a detach and another attach may have reused the device; refusing to write to it"
+        "{path} is no longer provably {volume_id}'s ({why}); a detach and another attach may have reused the device; \
+         nothing was written to it. Run cps-attach again: it looks the volume's device up afresh"
     )]
     NoLongerVerified {
         path: PathBuf,

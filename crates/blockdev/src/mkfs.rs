@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use crate::probe::{self, Probe, Refusal};
@@ -334,6 +335,9 @@ pub(crate) fn make_filesystem(
         // are terminals; here they are not, so it would go ahead. The probe above is what
         // protects data, not mkfs.
         .stdin(Stdio::null())
+        // Its own process group: a Ctrl-C meant for cps-attach (which stops at its next wait)
+        // does not cut mkfs short half-way through the device.
+        .process_group(0)
         .output()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

@@ -1021,6 +1021,7 @@ mod node;
 
 pub use node::{
     FileSpec, HookOptions, Identity, InterfaceOptions, LifecycleOptions, NodeOptions, OnFailure,
+    check_node_id,
 };
 
 #[cfg(test)]

@@ -83,6 +83,17 @@ pub enum Error {
     )]
     NoNodeId { instance_id: String, tag: String },
 
+    /// A node id read from a tag is not one a configuration could carry.
+    #[error(
+        "the {tag} tag of {origin} is {value:?}, which cannot be a node id (a node id {reason}); set the tag to this node's id"
+    )]
+    BadNodeId {
+        tag: String,
+        origin: String,
+        value: String,
+        reason: String,
+    },
+
     /// The node's network interface does not exist.
     #[error(
         "no network interface {what}; cps-attach does not create interfaces (their fixed IPs are planned, e.g. by Terraform)"
@@ -142,6 +153,12 @@ pub enum Error {
     #[error("{what}")]
     Precondition { what: String },
 
+    /// A signal (SIGTERM, Ctrl-C) ended the boot at the wait it was in.
+    #[error(
+        "interrupted by a signal before the boot finished; nothing was detached, and a filesystem being made or a mount under way was let finish; run cps-attach again to go on"
+    )]
+    Interrupted,
+
     #[error("{volume_id}: {source}")]
     Host {
         volume_id: String,
@@ -165,6 +182,8 @@ pub enum ErrorClass {
     Identity,
     /// A user hook failed: configure exited non-zero, or health never passed.
     Hook,
+    /// Stopped by a signal.
+    Interrupted,
 }
 
 impl Error {
@@ -180,11 +199,13 @@ impl Error {
             Self::WrongZone { .. }
             | Self::NoFreeSlot { .. }
             | Self::NoNodeId { .. }
+            | Self::BadNodeId { .. }
             | Self::NoInterface { .. } => ErrorClass::Identity,
             Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } => ErrorClass::Cloud,
             Self::Node { .. } => ErrorClass::Host,
             Self::Hook { .. } | Self::Check { .. } => ErrorClass::Hook,
             Self::Precondition { .. } => ErrorClass::Refused,
+            Self::Interrupted => ErrorClass::Interrupted,
             Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,
             Self::Host { .. } => ErrorClass::Host,
         }

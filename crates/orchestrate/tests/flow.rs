@@ -780,6 +780,52 @@ async fn a_herd_claims_the_pool_without_creating_or_piling_up() {
     }
 }
 
+/// A herd that must create, with every matching volume held by a running server: who holds
+/// them costs one DescribeInstances per look, so the herd's requests grow with the agents, not
+/// with agents × held volumes.
+#[tokio::test(start_paused = true)]
+async fn a_herd_against_held_volumes_looks_up_holders_once_per_look() {
+    for (agents, held) in [(20usize, 10usize), (40, 20)] {
+        let b = Bench::new(Timing {
+            latency: Duration::from_millis(50),
+            ..Timing::default()
+        });
+        b.cloud.with(|w| {
+            for i in 0..held {
+                let v = w.add_volume(AZ, 10, &tags());
+                w.add_instance(&format!("i-holder-{i}"), AZ);
+                w.attach(&v, &format!("i-holder-{i}"), "/dev/xvdc").unwrap();
+            }
+        });
+        let ids: Vec<String> = (0..agents).map(|i| format!("i-{i:03}")).collect();
+        for id in &ids {
+            b.cloud.with(|w| w.add_instance(id, AZ));
+        }
+        b.cloud.calls().reset();
+        let runs = ids.iter().map(|id| {
+            let (cloud, config, id) = (b.cloud.clone(), b.config.clone(), id.clone());
+            async move {
+                claim::claim_volume(
+                    &cloud,
+                    &identity(&id),
+                    &config,
+                    &ClaimTarget::pool(&config),
+                    Default::default(),
+                )
+                .await
+            }
+        });
+        for claim in futures_join_all(runs).await {
+            assert_eq!(claim.unwrap().origin, Origin::Created);
+        }
+        assert_eq!(
+            b.cloud.calls().count(DESCRIBE_INSTANCES),
+            agents as u64,
+            "{agents} agents against {held} held volumes: one lookup per agent's look"
+        );
+    }
+}
+
 /// Runs futures as concurrent tasks and collects their outputs in order.
 async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where

@@ -142,10 +142,14 @@ pub struct World {
     fleet: asg::Fleet,
     /// Every lifecycle call, in order, for tests to check cadence and outcome.
     lifecycle_log: Vec<asg::LifecycleEvent>,
-    tokens: HashMap<String, (String, VolumeSpec)>,
+    /// Client token → the volume it made, its spec and the first reply (AWS answers a used
+    /// token with that reply for hours, even after the volume was deleted).
+    tokens: HashMap<String, (String, VolumeSpec, Volume)>,
     next_id: u64,
     faults: Vec<Fault>,
     hooks: Vec<(&'static str, Hook)>,
+    /// Changes that happen by themselves at a time (see [`World::at`]).
+    scheduled: Vec<(Instant, Hook)>,
     timing: Timing,
     page_size: usize,
 }
@@ -190,8 +194,20 @@ impl World {
         for id in due {
             self.terminate_instance(&id);
         }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduled)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.scheduled = later;
+        for (_, change) in due {
+            change(self);
+        }
         self.expire_lifecycle_actions(now);
         self.run_boots(now);
+    }
+
+    /// Makes `change` happen by itself at `when` (seen by the first request from then on).
+    pub fn at(&mut self, when: Instant, change: impl FnOnce(&mut World) + Send + 'static) {
+        self.scheduled.push((when, Box::new(change)));
     }
 
     /// Sets a tag on an instance.
@@ -327,6 +343,12 @@ impl World {
         Ok(())
     }
 
+    /// Deletes a volume (an operator's DeleteVolume): it is gone from every listing, but a
+    /// CreateVolume with the token that made it still answers with it, as AWS does for hours.
+    pub fn delete_volume(&mut self, volume_id: &str) {
+        self.volumes.remove(volume_id);
+    }
+
     /// Detaches a volume from whatever holds it.
     pub fn detach(&mut self, volume_id: &str) {
         if let Some(stored) = self.volumes.get_mut(volume_id) {
@@ -388,7 +410,7 @@ impl World {
     }
 
     fn create(&mut self, spec: &VolumeSpec, token: &str) -> Result<Volume, Error> {
-        if let Some((id, known)) = self.tokens.get(token) {
+        if let Some((id, known, first_reply)) = self.tokens.get(token) {
             if known != spec {
                 return Err(Error::IdempotencyMismatch {
                     operation: CREATE_VOLUME,
@@ -396,9 +418,10 @@ impl World {
                     message: "The client token was used with different parameters".into(),
                 });
             }
-            if let Some(stored) = self.volumes.get(id) {
-                return Ok(Self::observe(stored, Instant::now()));
-            }
+            return Ok(match self.volumes.get(id) {
+                Some(stored) => Self::observe(stored, Instant::now()),
+                None => first_reply.clone(),
+            });
         }
         let id = self.new_volume_id();
         let now = Instant::now();
@@ -419,7 +442,8 @@ impl World {
         };
         let observed = Self::observe(&stored, now);
         self.volumes.insert(id.clone(), stored);
-        self.tokens.insert(token.to_owned(), (id, spec.clone()));
+        self.tokens
+            .insert(token.to_owned(), (id, spec.clone(), observed.clone()));
         Ok(observed)
     }
 }
@@ -451,6 +475,7 @@ impl MemoryCloud {
                 next_id: 0,
                 faults: Vec::new(),
                 hooks: Vec::new(),
+                scheduled: Vec::new(),
                 timing,
                 page_size: 500,
             })),
@@ -746,6 +771,22 @@ mod tests {
         let seen = cloud.volume(&first.id).await.unwrap();
         assert_eq!(seen.attachments[0].state, AttachmentState::Attached);
         assert_eq!(cloud.volumes().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_used_token_names_its_volume_even_after_it_was_deleted() {
+        let cloud = MemoryCloud::default();
+        let spec = VolumeSpec::gp3("az-a", 1, &tags());
+        let first = cloud.create_volume(&spec, "tok").await.unwrap();
+        cloud.with(|w| w.delete_volume(&first.id));
+        let again = cloud.create_volume(&spec, "tok").await.unwrap();
+        assert_eq!(
+            again.id, first.id,
+            "the deleted volume's id, as AWS answers"
+        );
+        let err = cloud.volume(&first.id).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert!(cloud.volumes().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

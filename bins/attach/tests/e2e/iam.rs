@@ -69,7 +69,7 @@ network-interface:
   device-index: 1
   timeout: 30s
 hooks:
-  health: [sh, -c, 'sleep 2.5']
+  health: [sh, -c, 'sleep 5']
 lifecycle:
   hook: {HOOK}
 timeouts:
@@ -106,7 +106,7 @@ async fn scenario(policy: &Value) -> (Vec<i32>, String, Vec<String>) {
             1,
             &node,
             HOOK,
-            Duration::from_secs(2),
+            Duration::from_secs(4),
         )
         .await
         .unwrap();

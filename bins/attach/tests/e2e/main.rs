@@ -2,11 +2,15 @@
 //! instance, and loop devices that appear when EC2 says a volume is attached.
 //!
 //! This module: one node's volume (pool mode, the original tool's behaviour). `cluster`: node
-//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups.
+//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups. `identity`: slot
+//! replacements, node ids from tags, deleted volumes. `lifecycle`: membership and heartbeat
+//! edge cases, signals. `iam`: the node policy.
 
 mod cluster;
 mod format;
 mod iam;
+mod identity;
+mod lifecycle;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -144,7 +148,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
             attach: std::time::Duration::from_millis(400),
             create: std::time::Duration::from_millis(300),
             detach: std::time::Duration::from_secs(2),
-            shutdown: std::time::Duration::from_secs(3),
+            shutdown: std::time::Duration::from_secs(6),
         },
         ..BenchOptions::default()
     })
@@ -220,7 +224,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
         std::fs::read_to_string(mount.join("precious.txt")).unwrap(),
         "written by A"
     );
-    // Reattach: listings while A shuts down and the volume detaches (up to 5 s), one
+    // Reattach: listings while A shuts down and the volume detaches (up to 8 s), one
     // AttachVolume, polls during the 400 ms attach; the schedule (100 ms, growing by half, at
     // most 3 s apart) keeps it to a dozen or so, not dozens.
     let calls = ready["calls"].as_str().unwrap();
@@ -462,4 +466,46 @@ async fn the_root_volume_carrying_the_tags_is_refused() {
     assert!(!is_mountpoint(&target));
     let after = bench.volumes_tagged(&tags(&[("cluster", "rooted")])).await;
     assert_eq!(after.len(), 1, "no volume created");
+}
+
+/// In a pool whose every matching volume is held by a running server, the agent must create.
+/// Who holds them is one DescribeInstances per look, not one per held volume (20 agents booting
+/// against 10 held volumes made 200 requests, 40 against 20 made 800).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_volumes_cost_one_instance_lookup_per_look() {
+    let Some((bench, a)) = bench_with_instance().await else {
+        return;
+    };
+    let t = tags(&[("cluster", "held")]);
+    let holders = cps_testbed::run_instances(bench.ec2(), "us-east-1a", 10)
+        .await
+        .unwrap();
+    let api = bench.volumes_api();
+    for (i, holder) in holders.iter().enumerate() {
+        let v = api
+            .create_volume(
+                &cps_provider::VolumeSpec::gp3("us-east-1a", 1, &t),
+                &format!("held-{i}"),
+            )
+            .await
+            .unwrap();
+        api.attach_volume(&v.id, holder, "/dev/xvdc").await.unwrap();
+    }
+    let mount = bench.dir().join("held");
+    let _guard = MountGuard(mount.clone());
+    let config = write_config(
+        &a,
+        &format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: held}}\n    size: 1\nmount:\n  target: {}\n",
+            mount.display()
+        ),
+    );
+    let out = run(&bench, &a, &config, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ready()["origin"], "Created");
+    let calls = out.ready()["calls"].as_str().unwrap();
+    assert!(
+        calls.split(',').any(|c| c == "DescribeInstances=1"),
+        "one look, one DescribeInstances for the 10 held volumes: {calls}"
+    );
 }

@@ -174,6 +174,21 @@ pub(super) struct NodeSections {
     pub command_timeout: Option<Spanned<String>>,
 }
 
+/// Whether `id` can be a node id, wherever it comes from (the configuration, or a tag read at
+/// boot): it lands in tags, `${CPS_NODE_ID}` and the env file, so a blank one would give many
+/// nodes one identity and a newline would add lines to the node's files.
+pub fn check_node_id(id: &str) -> Result<(), &'static str> {
+    if id.trim().is_empty() {
+        Err("must not be empty or only whitespace")
+    } else if id.chars().count() > 256 {
+        Err("must be at most 256 characters")
+    } else if id.chars().any(char::is_control) {
+        Err("must not contain control characters (newlines, tabs)")
+    } else {
+        Ok(())
+    }
+}
+
 fn tag_key(src: &Source<'_>, v: &Val<String>) -> Result<(), ConfigError> {
     if v.value.is_empty() || v.value.len() > 128 || v.value.to_ascii_lowercase().starts_with("aws:")
     {
@@ -312,9 +327,9 @@ pub(super) fn build(
                 return Err(src.at(v, "identity.max-slots goes with mode slot, not node-id"));
             }
             if let Some(v) = &node_id
-                && (v.value.trim().is_empty() || v.value.len() > 256)
+                && let Err(reason) = check_node_id(&v.value)
             {
-                return Err(src.at(v, "identity.node-id must be 1 to 256 characters"));
+                return Err(src.at(v, format!("identity.node-id {reason}")));
             }
             Identity::NodeId {
                 id: node_id.map(|v| v.value),
