@@ -162,10 +162,17 @@ enum LogFormat {
     Json,
 }
 
+/// The longest any duration flag may be: cps-attach's configuration caps its timeouts there too.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("{text:?} is not a duration; write it like 90s, 10m or 1h"))
+        .filter(|d| !d.is_zero() && *d <= LONGEST)
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not a duration between 1ms and 24h; write it like 90s, 10m or 1h (a bare number is seconds)"
+            )
+        })
 }
 
 fn init_logging(format: LogFormat) {

@@ -1004,13 +1004,21 @@ fn out_of_service(snap: &Snapshot) -> String {
     }
 }
 
+/// Now plus `d`, saturating: a library caller's absurd duration means "a very long time", never
+/// an overflow panic.
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// Runs the cluster health check until it passes or the timeout expires.
 async fn health_gate(
     checks: &dyn ClusterChecks,
     settings: &RollSettings,
     node: &str,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + settings.timeout;
+    let deadline = later(settings.timeout);
     let mut last;
     // Bounded by the deadline.
     loop {
@@ -1018,7 +1026,7 @@ async fn health_gate(
             Ok(()) => return Ok(()),
             Err(e) => last = e,
         }
-        if Instant::now() + settings.poll_interval >= deadline {
+        if later(settings.poll_interval) >= deadline {
             return Err(format!(
                 "the cluster health command did not pass within {}s after {node}: {last}",
                 settings.timeout.as_secs()

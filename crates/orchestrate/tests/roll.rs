@@ -752,3 +752,15 @@ async fn a_failure_inside_a_multi_instance_group_counts_against_the_budget() {
     assert_eq!(events.terminated().len(), 4);
     assert_eq!(max_unavailable_seen(&cloud), 2, "never three out");
 }
+
+/// A library caller's absurd timeout means "a very long time", never an overflow panic.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_timeout_does_not_overflow() {
+    let cloud = cluster(3, Duration::from_secs(10));
+    let mut s = settings();
+    s.timeout = Duration::MAX;
+    s.poll_interval = Duration::from_secs(1);
+    let (report, events) = roll(&cloud, &s, &NoChecks).await;
+    assert_eq!(report.outcome, RollOutcome::Completed);
+    assert_eq!(events.terminated(), ["1", "2", "3"]);
+}

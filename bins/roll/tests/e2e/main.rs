@@ -396,3 +396,25 @@ async fn an_interrupted_roll_settles_then_resumes() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_eq!(terminated_order(&stdout), ["2", "3"], "{stdout}");
 }
+
+/// A duration beyond any sensible bound is a usage error (exit 2) before anything is touched,
+/// never a panic half-way through a roll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_duration_is_a_usage_error_and_changes_nothing() {
+    let Some(c) = Cluster::start("dur", 3, Duration::from_millis(500)).await else {
+        return;
+    };
+    c.new_version().await;
+    let before = c.instances().await;
+    for flag in ["--timeout", "--poll-interval", "--command-timeout"] {
+        for value in ["18446744073709551615", "25h"] {
+            let (code, stdout, stderr) = c.roll(&["run", flag, value]).await;
+            assert_eq!(code, 2, "{flag} {value}: {stdout}\n{stderr}");
+            assert!(
+                stderr.contains("between 1ms and 24h"),
+                "{flag} {value}: {stderr}"
+            );
+        }
+    }
+    assert_eq!(c.instances().await, before, "nothing was terminated");
+}
