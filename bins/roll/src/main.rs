@@ -65,13 +65,13 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// End the launch lifecycle action of instances stuck in Pending:Wait with ABANDON, so the
-    /// group replaces them now. Only waiting instances are touched.
+    /// End the launch lifecycle action of an instance stuck in Pending:Wait with ABANDON, so the
+    /// group replaces it now. Only a waiting instance is touched.
     Abandon {
         /// The Auto Scaling group.
         #[arg(long)]
         asg: String,
-        /// One instance (default: every instance of the group in Pending:Wait).
+        /// The instance (required when more than one of the group waits in Pending:Wait).
         #[arg(long)]
         instance: Option<String>,
         /// The lifecycle hook (default: the group's only launching hook).
@@ -618,12 +618,10 @@ async fn abandon_cmd(c: &Clients, group: &str, instance: Option<&str>, hook: Opt
     )
     .await
     {
-        Ok(done) => {
-            for (id, hook) in done {
-                println!(
-                    "{id}: lifecycle action of hook {hook} completed with ABANDON; {group} launches a replacement"
-                );
-            }
+        Ok((id, hook)) => {
+            println!(
+                "{id}: lifecycle action of hook {hook} completed with ABANDON; {group} launches a replacement"
+            );
             0
         }
         Err(e) => {

@@ -1094,9 +1094,10 @@ fn recovery(snap: &Snapshot, group: Option<&str>, remaining: &[String]) -> Vec<S
     steps
 }
 
-/// Ends the launch lifecycle action of instances stuck in Pending:Wait with ABANDON, so the
-/// group replaces them now instead of at the hook's timeout. Only waiting instances are
-/// touched; an instance in any other state is refused. Returns (instance, hook) per ABANDON.
+/// Ends the launch lifecycle action of an instance stuck in Pending:Wait with ABANDON, so the
+/// group replaces it now instead of at the hook's timeout. Only a waiting instance is touched:
+/// one in any other state is refused, and without `instance` the group must have exactly one
+/// waiting (with several, some may be healthy boots in progress). Returns (instance, hook).
 pub async fn abandon(
     groups: &dyn GroupService,
     lifecycle: &dyn LifecycleService,
@@ -1104,7 +1105,7 @@ pub async fn abandon(
     instance: Option<&str>,
     hook: Option<&str>,
     policy: RetryPolicy,
-) -> Result<Vec<(String, String)>, Error> {
+) -> Result<(String, String), Error> {
     let names = [group.to_owned()];
     let found = retry(policy, "DescribeAutoScalingGroups", 0, || {
         groups.groups_named(&names)
@@ -1116,74 +1117,79 @@ pub async fn abandon(
             what: format!("Auto Scaling group {group} does not exist"),
         });
     };
-    let waiting: Vec<String> = match instance {
-        Some(id) => match g.instances.iter().find(|i| i.instance_id == id) {
-            Some(i) if i.lifecycle_state == "Pending:Wait" => vec![id.to_owned()],
-            Some(i) => {
-                return Err(Error::Precondition {
-                    what: format!(
-                        "{id} in {group} is {}, not Pending:Wait; abandon only ends a waiting launch action",
-                        i.lifecycle_state
-                    ),
-                });
-            }
-            None => {
-                return Err(Error::Precondition {
-                    what: format!("{id} is not an instance of {group}"),
-                });
-            }
-        },
-        None => g
-            .instances
-            .iter()
-            .filter(|i| i.lifecycle_state == "Pending:Wait")
-            .map(|i| i.instance_id.clone())
-            .collect(),
-    };
-    if waiting.is_empty() {
-        return Err(Error::Precondition {
-            what: format!("no instance of {group} is in Pending:Wait; nothing to abandon"),
-        });
-    }
+    let id = waiting_instance(&g, instance)?;
     let hook = match hook {
         Some(h) => h.to_owned(),
-        None => {
-            let hooks = retry(policy, "DescribeLifecycleHooks", 0, || {
-                groups.lifecycle_hooks(group)
-            })
-            .await
-            .map_err(Error::cloud("listing the group's lifecycle hooks"))?;
-            let launching: Vec<String> = hooks
-                .into_iter()
-                .filter(|h| h.transition == "autoscaling:EC2_INSTANCE_LAUNCHING")
-                .map(|h| h.name)
-                .collect();
-            match launching.as_slice() {
-                [one] => one.clone(),
-                [] => {
-                    return Err(Error::Precondition {
-                        what: format!("{group} has no launching lifecycle hook"),
-                    });
-                }
-                many => {
-                    return Err(Error::Precondition {
-                        what: format!(
-                            "{group} has several launching hooks ({}); name one with --hook",
-                            many.join(", ")
-                        ),
-                    });
-                }
-            }
-        }
+        None => launch_hook(groups, group, policy).await?,
     };
-    let mut done = Vec::new();
-    for id in waiting {
-        retry(policy, "CompleteLifecycleAction", hash_str(&id), || {
-            lifecycle.complete(group, &hook, &id, LifecycleResult::Abandon)
-        })
-        .await
-        .map_err(Error::cloud("completing the lifecycle action with ABANDON"))?;
-        done.push((id, hook.clone()));
+    retry(policy, "CompleteLifecycleAction", hash_str(&id), || {
+        lifecycle.complete(group, &hook, &id, LifecycleResult::Abandon)
+    })
+    .await
+    .map_err(Error::cloud("completing the lifecycle action with ABANDON"))?;
+    Ok((id, hook))
+}
+
+/// The one instance `abandon` may end: the one named, if it waits in Pending:Wait; else the
+/// group's only waiting instance.
+fn waiting_instance(g: &ScalingGroup, instance: Option<&str>) -> Result<String, Error> {
+    let group = &g.name;
+    let refuse = |what: String| Err(Error::Precondition { what });
+    if let Some(id) = instance {
+        return match g.instances.iter().find(|i| i.instance_id == id) {
+            Some(i) if i.lifecycle_state == "Pending:Wait" => Ok(id.to_owned()),
+            Some(i) => refuse(format!(
+                "{id} in {group} is {}, not Pending:Wait; abandon only ends a waiting launch action",
+                i.lifecycle_state
+            )),
+            None => refuse(format!("{id} is not an instance of {group}")),
+        };
     }
-    Ok(done)
+    let waiting: Vec<&str> = g
+        .instances
+        .iter()
+        .filter(|i| i.lifecycle_state == "Pending:Wait")
+        .map(|i| i.instance_id.as_str())
+        .collect();
+    match waiting.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => refuse(format!(
+            "no instance of {group} is in Pending:Wait; nothing to abandon"
+        )),
+        many => refuse(format!(
+            "{} instances of {group} wait in Pending:Wait ({}); some may be healthy boots in progress, so abandon ends one at a time: name it with --instance",
+            many.len(),
+            many.join(", ")
+        )),
+    }
+}
+
+/// The group's launching lifecycle hook, when it has exactly one.
+async fn launch_hook(
+    groups: &dyn GroupService,
+    group: &str,
+    policy: RetryPolicy,
+) -> Result<String, Error> {
+    let hooks = retry(policy, "DescribeLifecycleHooks", 0, || {
+        groups.lifecycle_hooks(group)
+    })
+    .await
+    .map_err(Error::cloud("listing the group's lifecycle hooks"))?;
+    let launching: Vec<String> = hooks
+        .into_iter()
+        .filter(|h| h.transition == "autoscaling:EC2_INSTANCE_LAUNCHING")
+        .map(|h| h.name)
+        .collect();
+    match launching.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Error::Precondition {
+            what: format!("{group} has no launching lifecycle hook"),
+        }),
+        many => Err(Error::Precondition {
+            what: format!(
+                "{group} has several launching hooks ({}); name one with --hook",
+                many.join(", ")
+            ),
+        }),
+    }
 }

@@ -318,7 +318,7 @@ async fn a_replacement_stuck_in_pending_wait_can_be_abandoned() {
     let done = abandon(&cloud, &cloud, &group_name(1), None, None, s.retry)
         .await
         .unwrap();
-    assert_eq!(done, [(stuck[0].clone(), HOOK.to_string())]);
+    assert_eq!(done, (stuck[0].clone(), HOOK.to_string()));
     // The group launched another instance in place of the abandoned one.
     let now = cloud.with(|w| w.group_instances(&group_name(1)));
     assert_eq!(now.len(), 1);

@@ -418,3 +418,52 @@ async fn an_absurd_duration_is_a_usage_error_and_changes_nothing() {
     }
     assert_eq!(c.instances().await, before, "nothing was terminated");
 }
+
+/// `abandon` without `--instance` ends a launch only when exactly one waits: with several in
+/// Pending:Wait (a slot group booting), some may be healthy boots in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandon_needs_an_instance_when_several_wait() {
+    let Some(c) = Cluster::start("abn", 1, Duration::from_millis(500)).await else {
+        return;
+    };
+    // A slot group whose two boots nobody completes: both wait in Pending:Wait.
+    let slots = "abn-slots";
+    let tags = Tags::from([("cps:cluster".to_string(), "abn-other".to_string())]);
+    c.bench
+        .create_group(slots, ZONE, 2, &tags, HOOK, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let waiting = c
+        .bench
+        .wait_pending(slots, 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = Cluster::output(c.raw(&["abandon", "--asg", slots])).await;
+    assert_eq!(code, 3, "{stdout}\n{stderr}");
+    for id in &waiting {
+        assert!(stderr.contains(id.as_str()), "names {id}: {stderr}");
+    }
+    assert!(stderr.contains("--instance"), "{stderr}");
+    let still: Vec<String> = c
+        .bench
+        .members(slots)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.lifecycle_state == "Pending:Wait")
+        .map(|m| m.instance_id)
+        .collect();
+    assert_eq!(still, waiting, "nothing was abandoned");
+
+    // Naming one ends that one only.
+    let (code, stdout, stderr) =
+        Cluster::output(c.raw(&["abandon", "--asg", slots, "--instance", &waiting[0]])).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let members = c.bench.members(slots).await.unwrap();
+    assert!(!members.iter().any(|m| m.instance_id == waiting[0]));
+    assert!(
+        members
+            .iter()
+            .any(|m| m.instance_id == waiting[1] && m.lifecycle_state == "Pending:Wait")
+    );
+}
