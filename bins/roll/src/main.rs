@@ -311,6 +311,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn plan_text(p: &Plan) -> String {
+    if p.rows.is_empty() && p.size == 0 {
+        let mut out = String::from("cluster: no Auto Scaling groups found\n\n");
+        for r in &p.refusals {
+            let _ = writeln!(out, "cannot start: {r}");
+        }
+        return out;
+    }
     let rows: Vec<Vec<String>> = p
         .rows
         .iter()
@@ -340,12 +347,11 @@ fn plan_text(p: &Plan) -> String {
         ],
         &rows,
     ));
-    let queue: Vec<&str> = p.queue().iter().map(|n| n.node.as_str()).collect();
     out.push('\n');
-    if queue.is_empty() {
+    if p.order.is_empty() {
         out.push_str("nothing to replace\n");
     } else {
-        let _ = writeln!(out, "replace in this order: {}", queue.join(", "));
+        let _ = writeln!(out, "replace in this order: {}", p.order.join(", "));
     }
     for r in &p.refusals {
         let _ = writeln!(out, "cannot start: {r}");

@@ -113,6 +113,10 @@ pub struct NodeView {
     pub current: String,
     /// What its group launches now.
     pub target: String,
+    /// The launch template version numbers (`$Latest`/`$Default` resolved); `None` when
+    /// unknown or for a launch configuration.
+    pub current_version: Option<i64>,
+    pub target_version: Option<i64>,
     pub outdated: bool,
     pub available: bool,
 }
@@ -236,6 +240,9 @@ pub struct Plan {
     pub size: usize,
     pub unavailable: usize,
     pub max_unavailable: usize,
+    /// The nodes `run` replaces, in order (node ids; the leader, when a leader command names
+    /// one, goes last at run time).
+    pub order: Vec<String>,
     /// Why the roll cannot start; empty when it can.
     pub refusals: Vec<String>,
 }
@@ -400,6 +407,14 @@ fn resolve(version: &str, id: &str, versions: &BTreeMap<String, TemplateVersions
     }
 }
 
+/// The version number a launch source stands for, when it is a template's.
+fn number(source: Option<&LaunchSource>, versions: &Versions) -> Option<i64> {
+    match source {
+        Some(LaunchSource::Template { id, version, .. }) => resolve(version, id, versions),
+        _ => None,
+    }
+}
+
 fn label(source: Option<&LaunchSource>, versions: &BTreeMap<String, TemplateVersions>) -> String {
     match source {
         Some(LaunchSource::Template { id, name, version }) => {
@@ -501,6 +516,8 @@ pub fn snapshot(
                 health_status: i.health_status.clone(),
                 current: label(i.launch.as_ref(), versions),
                 target: target.clone(),
+                current_version: number(i.launch.as_ref(), versions),
+                target_version: number(g.launch.as_ref(), versions),
                 outdated: is_outdated(g.launch.as_ref(), i.launch.as_ref(), versions),
                 available: i.available(),
             });
@@ -518,6 +535,8 @@ pub fn snapshot(
                 health_status: "-".into(),
                 current: "-".into(),
                 target: target.clone(),
+                current_version: None,
+                target_version: number(g.launch.as_ref(), versions),
                 outdated: false,
                 available: false,
             });
@@ -621,6 +640,8 @@ pub fn plan(snapshot: &Snapshot, settings: &RollSettings) -> Plan {
     }
     if settings.max_unavailable == 0 {
         refusals.push("--max-unavailable must be at least 1".into());
+    } else if snapshot.groups.is_empty() {
+        // No groups, no cluster: the refusal above says so; a quorum line would mislead.
     } else if size > 0 && size < 3 {
         if !settings.allow_downtime {
             refusals.push(format!(
@@ -642,14 +663,15 @@ pub fn plan(snapshot: &Snapshot, settings: &RollSettings) -> Plan {
             quorum_allows(size)
         ));
     }
-    let plan = Plan {
+    let mut plan = Plan {
         rows,
         size,
         unavailable: snapshot.unavailable(),
         max_unavailable: settings.max_unavailable,
+        order: Vec::new(),
         refusals,
     };
-    let mut plan = plan;
+    plan.order = plan.queue().iter().map(|n| n.node.clone()).collect();
     if !settings.wait_healthy {
         let blocked: Vec<String> = plan
             .blocked()

@@ -248,6 +248,29 @@ replace in this order: 1, 2, 3
     assert_eq!(v["rows"][1]["action"], "replace");
     assert_eq!(v["rows"][1]["current"], "plan-node-2-lt v1");
     assert_eq!(v["refusals"].as_array().map(Vec::len), Some(0));
+    // For machines: the replacement order, and versions as numbers.
+    assert_eq!(v["order"], serde_json::json!(["1", "2", "3"]), "{json}");
+    assert_eq!(v["rows"][1]["current_version"], 1, "{json}");
+    assert_eq!(v["rows"][1]["target_version"], 2, "{json}");
+
+    // A cluster with no groups says so, and nothing about quorum.
+    for output in ["text", "json"] {
+        let (code, stdout, stderr) =
+            Cluster::output(c.raw(&["plan", "--cluster", "no-such-cluster", "--output", output]))
+                .await;
+        assert_eq!(code, 3, "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("no Auto Scaling group is tagged cps:cluster=no-such-cluster"),
+            "{stdout}"
+        );
+        assert!(!stdout.contains("0 of 0"), "{stdout}");
+        assert!(!stdout.contains("majority"), "{stdout}");
+    }
+    let (_, stdout, _) = Cluster::output(c.raw(&["plan", "--cluster", "no-such-cluster"])).await;
+    assert!(
+        stdout.starts_with("cluster: no Auto Scaling groups found"),
+        "{stdout}"
+    );
 
     // Two nodes at a time would leave one of three: refused, exit 3, nothing changed.
     let before = c.instances().await;
