@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_autoscaling::types::{AutoScalingGroup, Filter, LaunchTemplateSpecification};
 use cps_provider::{
-    CallLog, Error, GroupInstance, GroupMember, GroupService, LaunchSource, LifecycleHook,
-    LifecycleResult, LifecycleService, ScalingGroup,
+    CallLog, Error, GroupInstance, GroupMember, GroupService, LaunchOverride, LaunchSource,
+    LifecycleHook, LifecycleResult, LifecycleService, ScalingGroup,
 };
 
 use crate::classify::{Context, classify};
@@ -59,6 +59,22 @@ fn to_template(t: &LaunchTemplateSpecification) -> LaunchSource {
     }
 }
 
+/// The mixed-instances overrides that name their own launch template.
+fn overrides(g: &AutoScalingGroup) -> Vec<LaunchOverride> {
+    g.mixed_instances_policy()
+        .and_then(|p| p.launch_template())
+        .map(|t| t.overrides())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|o| {
+            Some(LaunchOverride {
+                instance_type: o.instance_type().map(str::to_owned),
+                launch: to_template(o.launch_template_specification()?),
+            })
+        })
+        .collect()
+}
+
 fn to_group(g: &AutoScalingGroup) -> ScalingGroup {
     let launch = g
         .launch_template()
@@ -99,9 +115,11 @@ fn to_group(g: &AutoScalingGroup) -> ScalingGroup {
                             name: name.to_owned(),
                         })
                 }),
+                instance_type: i.instance_type().map(str::to_owned),
             })
             .collect(),
         launch,
+        overrides: overrides(g),
     }
 }
 

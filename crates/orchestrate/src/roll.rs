@@ -355,7 +355,48 @@ async fn describe(
         }
     })
     .await
+    .map(name_templates)
     .map_err(Error::cloud("describing the cluster's groups"))
+}
+
+/// Gives every launch template reference both its id and its name where any reference in the
+/// groups shows the pair (an override may name its template either way; instances report
+/// both), so templates compare by id and show by name.
+fn name_templates(mut groups: Vec<ScalingGroup>) -> Vec<ScalingGroup> {
+    fn sources(g: &mut ScalingGroup) -> impl Iterator<Item = &mut LaunchSource> {
+        g.launch
+            .iter_mut()
+            .chain(g.overrides.iter_mut().map(|o| &mut o.launch))
+            .chain(g.instances.iter_mut().filter_map(|i| i.launch.as_mut()))
+    }
+    let mut pairs: BTreeMap<String, String> = BTreeMap::new();
+    for g in &mut groups {
+        for l in sources(g) {
+            if let LaunchSource::Template { id, name, .. } = l
+                && !id.is_empty()
+                && !name.is_empty()
+            {
+                pairs.insert(id.clone(), name.clone());
+            }
+        }
+    }
+    for g in &mut groups {
+        for l in sources(g) {
+            let LaunchSource::Template { id, name, .. } = l else {
+                continue;
+            };
+            if name.is_empty() {
+                if let Some(n) = pairs.get(id.as_str()) {
+                    name.clone_from(n);
+                }
+            } else if id.is_empty()
+                && let Some((i, _)) = pairs.iter().find(|(_, n)| *n == name)
+            {
+                id.clone_from(i);
+            }
+        }
+    }
+    groups
 }
 
 /// A full look: the groups and what their `$Latest`/`$Default` stand for.
@@ -369,7 +410,7 @@ async fn observe_resolving(
     // whole lookup.
     let symbolic: BTreeSet<String> = groups
         .iter()
-        .filter_map(|g| g.launch.as_ref())
+        .flat_map(|g| g.launch.iter().chain(g.overrides.iter().map(|o| &o.launch)))
         .filter_map(|l| match l {
             LaunchSource::Template { id, version, .. } if version.starts_with('$') => {
                 Some(id.clone())
@@ -504,6 +545,9 @@ pub fn snapshot(
             .unwrap_or_else(|| g.name.clone());
         let target = label(g.launch.as_ref(), versions);
         for i in &members {
+            // A mixed-instances override with its own template is what this instance's type
+            // launches from.
+            let want = g.launch_for(i);
             nodes.push(NodeView {
                 node: if single {
                     base.clone()
@@ -515,10 +559,10 @@ pub fn snapshot(
                 lifecycle_state: i.lifecycle_state.clone(),
                 health_status: i.health_status.clone(),
                 current: label(i.launch.as_ref(), versions),
-                target: target.clone(),
+                target: label(want, versions),
                 current_version: number(i.launch.as_ref(), versions),
-                target_version: number(g.launch.as_ref(), versions),
-                outdated: is_outdated(g.launch.as_ref(), i.launch.as_ref(), versions),
+                target_version: number(want, versions),
+                outdated: is_outdated(want, i.launch.as_ref(), versions),
                 available: i.available(),
             });
         }

@@ -687,6 +687,7 @@ fn instance(id: &str, state: &str, version: &str) -> GroupInstance {
             name: "kafka".into(),
             version: version.into(),
         }),
+        instance_type: None,
     }
 }
 
@@ -707,6 +708,7 @@ fn an_instance_on_its_way_out_is_not_a_node() {
             name: "kafka".into(),
             version: "2".into(),
         }),
+        overrides: Vec::new(),
     };
     let snap = snapshot(
         std::slice::from_ref(&group),
@@ -763,4 +765,54 @@ async fn an_absurd_timeout_does_not_overflow() {
     let (report, events) = roll(&cloud, &s, &NoChecks).await;
     assert_eq!(report.outcome, RollOutcome::Completed);
     assert_eq!(events.terminated(), ["1", "2", "3"]);
+}
+
+/// A mixed-instances override naming its own template is the target of the instances of its
+/// type (or, type unknown, of the instances launched from it); the group's template is the
+/// target of the rest.
+#[test]
+fn an_override_with_its_own_template_is_what_its_instances_compare_with() {
+    let template = |id: &str, version: &str| LaunchSource::Template {
+        id: id.into(),
+        name: String::new(),
+        version: version.into(),
+    };
+    let on = |id: &str, ty: Option<&str>, lt: &str| GroupInstance {
+        instance_type: ty.map(str::to_owned),
+        launch: Some(template(lt, "3")),
+        ..instance(id, "InService", "3")
+    };
+    let group = ScalingGroup {
+        name: "brokers".into(),
+        tags: Tags::new(),
+        desired_capacity: 4,
+        instances: vec![
+            on("i-arm", Some("m7g.large"), "lt-arm"),
+            on("i-arm-untyped", None, "lt-arm"),
+            on("i-x86", Some("m6i.large"), TEMPLATE),
+            on("i-moved", Some("m7g.large"), TEMPLATE),
+        ],
+        launch: Some(template(TEMPLATE, "3")),
+        overrides: vec![cps_provider::LaunchOverride {
+            instance_type: Some("m7g.large".into()),
+            launch: template("lt-arm", "3"),
+        }],
+    };
+    let snap = snapshot(&[group], &Default::default(), "cps:node-id");
+    let outdated: Vec<(&str, bool)> = snap
+        .nodes
+        .iter()
+        .map(|n| (n.node.as_str(), n.outdated))
+        .collect();
+    assert_eq!(
+        outdated,
+        [
+            ("i-arm", false),
+            ("i-arm-untyped", false),
+            // An m7g.large launched from the group's template: its type launches from the
+            // override's template now.
+            ("i-moved", true),
+            ("i-x86", false),
+        ]
+    );
 }

@@ -18,8 +18,8 @@ pub use calls::CallLog;
 pub use error::Error;
 pub use types::{
     Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceState,
-    InterfaceAttachment, LaunchSource, LifecycleHook, LifecycleResult, NetworkInterface,
-    ScalingGroup, Tags, TemplateVersions, Volume, VolumeSpec, VolumeState,
+    InterfaceAttachment, LaunchOverride, LaunchSource, LifecycleHook, LifecycleResult,
+    NetworkInterface, ScalingGroup, Tags, TemplateVersions, Volume, VolumeSpec, VolumeState,
 };
 
 use std::collections::BTreeMap;

@@ -2,6 +2,8 @@
 //! Scaling groups with launch lifecycle hooks, and a simulator that plays each new instance's
 //! boot by completing its lifecycle action after a fixed time.
 
+mod groups;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -489,4 +491,53 @@ async fn abandon_needs_an_instance_when_several_wait() {
             .iter()
             .any(|m| m.instance_id == waiting[1] && m.lifecycle_state == "Pending:Wait")
     );
+}
+
+/// Mixed-instances groups whose override carries its own launch template: an instance launched
+/// from the override is compared with the override's template, so a rolled cluster converges
+/// (a second run replaces nothing) instead of being outdated forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_instances_overrides_are_compared_with_their_own_template() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Bench::start(BenchOptions::default()).expect("bench");
+    let main = groups::template(&bench, "mixed-main", "m6i.large").await;
+    let arm = groups::template(&bench, "mixed-arm", "m7g.large").await;
+    let names: Vec<String> = (1..=3).map(|i| format!("mixed-node-{i}")).collect();
+    let _boots = bench.simulate_boots(&names, HOOK, Duration::from_millis(500), Fates::default());
+    for (i, g) in names.iter().enumerate() {
+        let tags = Tags::from([
+            ("cps:cluster".to_string(), "mixed".to_string()),
+            ("cps:node-id".to_string(), (i + 1).to_string()),
+        ]);
+        groups::mixed_group(&bench, g, ZONE, &main, &arm, &tags, HOOK).await;
+    }
+    bench.wait_in_service(&names, groups::SETTLE).await.unwrap();
+    let roll = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::from(bench.roll_command(BIN.as_ref()));
+        cmd.args(args)
+            .args(["--cluster", "mixed"])
+            .kill_on_drop(true);
+        Cluster::output(cmd)
+    };
+    let (code, stdout, stderr) = roll(&["plan", "--output", "json"]).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    for row in v["rows"].as_array().unwrap() {
+        assert_eq!(row["action"], "keep", "{stdout}");
+        assert_eq!(row["target"], "mixed-arm v1 ($Latest)", "{stdout}");
+    }
+    let (code, stdout, _) = roll(&FAST).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("every node is up to date"), "{stdout}");
+
+    // A new version of the override's template outdates every node once.
+    assert_eq!(bench.new_template_version(&arm).await.unwrap(), 2);
+    let (code, stdout, stderr) = roll(&FAST).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(terminated_order(&stdout), ["1", "2", "3"], "{stdout}");
+    let (code, stdout, _) = roll(&FAST).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("every node is up to date"), "{stdout}");
 }

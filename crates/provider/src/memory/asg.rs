@@ -477,9 +477,11 @@ impl World {
                     lifecycle_state: m.lifecycle_state.clone(),
                     health_status: if m.healthy { "Healthy" } else { "Unhealthy" }.into(),
                     launch: m.launch.clone(),
+                    instance_type: None,
                 })
                 .collect(),
             launch: g.launch.clone(),
+            overrides: Vec::new(),
         })
     }
 
