@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_autoscaling::types::{AutoScalingGroup, Filter, LaunchTemplateSpecification};
 use cps_provider::{
-    CallLog, Error, GroupInstance, GroupMember, GroupService, LaunchOverride, LaunchSource,
-    LifecycleHook, LifecycleResult, LifecycleService, ScalingGroup,
+    CallLog, Error, GroupInstance, GroupMember, GroupService, InstanceRefresh, LaunchOverride,
+    LaunchSource, LifecycleHook, LifecycleResult, LifecycleService, ScalingGroup,
 };
 
 use crate::classify::{Context, classify};
@@ -120,6 +120,11 @@ fn to_group(g: &AutoScalingGroup) -> ScalingGroup {
             .collect(),
         launch,
         overrides: overrides(g),
+        suspended_processes: g
+            .suspended_processes()
+            .iter()
+            .filter_map(|p| p.process_name().map(str::to_owned))
+            .collect(),
     }
 }
 
@@ -232,6 +237,60 @@ impl GroupService for AutoScalingApi {
                 )
             })?;
         Ok(())
+    }
+
+    async fn instance_refreshes(&self, group: &str) -> Result<Vec<InstanceRefresh>, Error> {
+        self.calls.record("DescribeInstanceRefreshes");
+        // One page, newest first: an active refresh is always the latest one.
+        let out = self
+            .client
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstanceRefreshes", of_group(group), e))?;
+        Ok(out
+            .instance_refreshes()
+            .iter()
+            .map(|r| InstanceRefresh {
+                id: r.instance_refresh_id().unwrap_or_default().to_owned(),
+                status: r
+                    .status()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn suspend_processes(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        self.calls.record("SuspendProcesses");
+        self.client
+            .suspend_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("SuspendProcesses", of_group(group), e))?;
+        Ok(())
+    }
+
+    async fn resume_processes(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        self.calls.record("ResumeProcesses");
+        self.client
+            .resume_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("ResumeProcesses", of_group(group), e))?;
+        Ok(())
+    }
+}
+
+fn of_group(group: &str) -> Context<'_> {
+    Context {
+        group: Some(group),
+        ..Context::default()
     }
 }
 

@@ -256,6 +256,26 @@ pub struct ScalingGroup {
     pub launch: Option<LaunchSource>,
     /// Mixed-instances overrides that name a launch template of their own.
     pub overrides: Vec<LaunchOverride>,
+    /// Scaling processes suspended on the group (`Launch`, `Terminate`, `HealthCheck`…).
+    pub suspended_processes: Vec<String>,
+}
+
+/// One instance refresh of a group, as Auto Scaling reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceRefresh {
+    pub id: String,
+    /// `Pending`, `InProgress`, `Successful`, `Cancelled`, `Baking`…
+    pub status: String,
+}
+
+impl InstanceRefresh {
+    /// Still replacing instances, about to, or rolling back.
+    pub fn active(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress" | "Baking"
+        )
+    }
 }
 
 /// A mixed-instances override with its own launch template: instances of its type launch from

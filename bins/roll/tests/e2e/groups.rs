@@ -123,3 +123,155 @@ pub async fn mixed_group(
 
 /// How long the bench waits for a group to settle.
 pub const SETTLE: Duration = Duration::from_secs(60);
+
+/// Puts an instance in Standby; `decrement` lowers the group's desired capacity (else the group
+/// launches a replacement).
+pub async fn enter_standby(bench: &Bench, group: &str, instance: &str, decrement: bool) {
+    ok(bench
+        .asg()
+        .enter_standby()
+        .auto_scaling_group_name(group)
+        .instance_ids(instance)
+        .should_decrement_desired_capacity(decrement)
+        .send()
+        .await);
+}
+
+/// Detaches an instance from its group (it keeps running), lowering the desired capacity.
+pub async fn detach(bench: &Bench, group: &str, instance: &str) {
+    ok(bench
+        .asg()
+        .detach_instances()
+        .auto_scaling_group_name(group)
+        .instance_ids(instance)
+        .should_decrement_desired_capacity(true)
+        .send()
+        .await);
+}
+
+/// Suspends (or, `suspend` false, resumes) scaling processes of a group.
+pub async fn processes(bench: &Bench, group: &str, names: &[&str], suspend: bool) {
+    let names: Vec<String> = names.iter().map(|p| (*p).to_owned()).collect();
+    if suspend {
+        ok(bench
+            .asg()
+            .suspend_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(names))
+            .send()
+            .await);
+    } else {
+        ok(bench
+            .asg()
+            .resume_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(names))
+            .send()
+            .await);
+    }
+}
+
+/// Starts an instance refresh on a group, or (`start` false) cancels the one in progress.
+pub async fn refresh(bench: &Bench, group: &str, start: bool) {
+    if start {
+        ok(bench
+            .asg()
+            .start_instance_refresh()
+            .auto_scaling_group_name(group)
+            .send()
+            .await);
+    } else {
+        ok(bench
+            .asg()
+            .cancel_instance_refresh()
+            .auto_scaling_group_name(group)
+            .send()
+            .await);
+    }
+}
+
+/// A TERMINATING lifecycle hook: instances the group terminates wait in Terminating:Wait.
+pub async fn terminating_hook(bench: &Bench, group: &str, hook: &str) {
+    ok(bench
+        .asg()
+        .put_lifecycle_hook()
+        .auto_scaling_group_name(group)
+        .lifecycle_hook_name(hook)
+        .lifecycle_transition("autoscaling:EC2_INSTANCE_TERMINATING")
+        .heartbeat_timeout(600)
+        .default_result("CONTINUE")
+        .send()
+        .await);
+}
+
+/// What a group held, each time one of its instances was seen in Terminating:Wait.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>;
+
+/// Plays a drain on every group: an instance seen in Terminating:Wait has its terminating
+/// action completed `drain` later. Each time one is seen waiting, what its group held at that
+/// moment is recorded.
+pub fn drain(bench: &Bench, groups: &[String], hook: &str, drain: Duration) -> (Background, Seen) {
+    let asg = bench.asg().clone();
+    let groups = groups.to_vec();
+    let hook = hook.to_owned();
+    let seen: Seen = Default::default();
+    let sink = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut first: std::collections::BTreeMap<String, std::time::Instant> = Default::default();
+        loop {
+            if let Ok(out) = asg
+                .describe_auto_scaling_groups()
+                .set_auto_scaling_group_names(Some(groups.clone()))
+                .send()
+                .await
+            {
+                for g in out.auto_scaling_groups() {
+                    let all: Vec<(String, String)> = g
+                        .instances()
+                        .iter()
+                        .map(|i| {
+                            (
+                                i.instance_id().unwrap_or_default().to_owned(),
+                                i.lifecycle_state()
+                                    .map(|s| s.as_str().to_owned())
+                                    .unwrap_or_default(),
+                            )
+                        })
+                        .collect();
+                    for (id, state) in &all {
+                        if state != "Terminating:Wait" {
+                            continue;
+                        }
+                        sink.lock().unwrap().push(all.clone());
+                        let since = *first
+                            .entry(id.clone())
+                            .or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= drain {
+                            let _ = asg
+                                .complete_lifecycle_action()
+                                .auto_scaling_group_name(
+                                    g.auto_scaling_group_name().unwrap_or_default(),
+                                )
+                                .lifecycle_hook_name(&hook)
+                                .instance_id(id)
+                                .lifecycle_action_result("CONTINUE")
+                                .send()
+                                .await;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (Background(task), seen)
+}
+
+/// A background task, stopped on drop.
+pub struct Background(tokio::task::JoinHandle<()>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
