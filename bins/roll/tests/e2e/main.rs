@@ -839,3 +839,37 @@ async fn an_interrupt_ends_the_health_wait_before_the_first_change() {
     assert_eq!(status.code(), Some(6));
     assert_eq!(c.instances().await, after_node_3, "nothing was terminated");
 }
+/// Without credentials nothing can succeed: cps-roll fails at once (exit 5) instead of
+/// retrying for the command's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_cps_roll_fails_at_once() {
+    let Some(c) = Cluster::start("nocred", 1, Duration::from_millis(500)).await else {
+        return;
+    };
+    let empty = c.bench.dir().join("no-credentials");
+    std::fs::write(&empty, "").unwrap();
+    for args in [&["plan"][..], &["run", "--timeout", "10m"][..]] {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AWS_REGION", "us-east-1")
+            .env("CPS_AWS_ENDPOINT", c.bench.endpoint())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", &empty)
+            .env("AWS_SHARED_CREDENTIALS_FILE", &empty)
+            .args(args)
+            .args(["--cluster", "nocred"])
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("cps-roll gives up without retrying for minutes")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {stderr}");
+        assert!(stderr.contains("credentials"), "{stderr}");
+        assert!(
+            !stderr.contains("retrying"),
+            "a permanent error is not retried: {stderr}"
+        );
+    }
+}
