@@ -600,23 +600,28 @@ async fn observe_resolving(
     Ok((snap, versions))
 }
 
-/// Instance refreshes in progress on any of the groups (one request per group): a refresh
-/// replaces instances on its own, which no budget of the roll's would account for.
+/// Instance refreshes in progress on any of the groups (one request per group, a few at a
+/// time): a refresh replaces instances on its own, which no budget of the roll's accounts for.
 async fn active_refreshes(
     clouds: RollClouds<'_>,
     settings: &RollSettings,
     groups: &[ScalingGroup],
 ) -> Result<Vec<ActiveRefresh>, Error> {
-    let mut active = Vec::new();
-    for g in groups {
-        let refreshes = retry(
+    let found = in_parallel(groups, |g| async move {
+        retry(
             settings.retry,
             "DescribeInstanceRefreshes",
             hash_str(&g.name),
             || clouds.groups.instance_refreshes(&g.name),
         )
         .await
-        .map_err(Error::cloud("looking for instance refreshes in progress"))?;
+        .map(|refreshes| (g, refreshes))
+    })
+    .await;
+    let mut active = Vec::new();
+    for result in found {
+        let (g, refreshes) =
+            result.map_err(Error::cloud("looking for instance refreshes in progress"))?;
         active.extend(
             refreshes
                 .into_iter()
@@ -629,6 +634,41 @@ async fn active_refreshes(
         );
     }
     Ok(active)
+}
+
+/// Requests per group made at once (well below Auto Scaling's describe rate).
+const WIDTH: usize = 8;
+
+/// `each` over `items`, at most [`WIDTH`] at a time, the results in item order.
+async fn in_parallel<'a, T, R, Fut>(items: &'a [T], each: impl Fn(&'a T) -> Fut) -> Vec<R>
+where
+    Fut: std::future::Future<Output = R>,
+{
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(WIDTH) {
+        let mut running: Vec<std::pin::Pin<Box<Fut>>> =
+            chunk.iter().map(|i| Box::pin(each(i))).collect();
+        let mut done: Vec<Option<R>> = running.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (f, d) in running.iter_mut().zip(done.iter_mut()) {
+                if d.is_none() {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => *d = Some(v),
+                        std::task::Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        out.extend(done.into_iter().flatten());
+    }
+    out
 }
 
 /// A template version as a number: `$Latest`/`$Default` resolved, `None` when unknown.

@@ -12,9 +12,9 @@ use cps_orchestrate::roll::{
     Stop, Targets, abandon, observe, plan, run, snapshot,
 };
 use cps_provider::memory::{
-    Boot, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_LAUNCH_TEMPLATES, Fault, LifecycleEvent,
-    MemoryCloud, RESUME_PROCESSES, SUSPEND_PROCESSES, TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP,
-    Timing,
+    Boot, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_INSTANCE_REFRESHES, DESCRIBE_LAUNCH_TEMPLATES,
+    Fault, LifecycleEvent, MemoryCloud, RESUME_PROCESSES, SUSPEND_PROCESSES,
+    TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP, Timing,
 };
 use cps_provider::{GroupInstance, LaunchSource, LifecycleResult, ScalingGroup, Tags};
 
@@ -613,6 +613,8 @@ async fn planning_500_groups_takes_a_handful_of_requests() {
     assert_eq!(p.queue()[9].node, "10", "numeric node order");
     assert_eq!(cloud.calls().count(DESCRIBE_AUTO_SCALING_GROUPS), 5);
     assert_eq!(cloud.calls().count(DESCRIBE_LAUNCH_TEMPLATES), 1);
+    // Instance refreshes have no batch request: one per group.
+    assert_eq!(cloud.calls().count(DESCRIBE_INSTANCE_REFRESHES), 500);
 
     // By name: 5 batches of 100 names.
     cloud.calls().reset();
