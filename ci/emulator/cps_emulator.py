@@ -11,17 +11,25 @@ IAM policy (actions, resource ARNs, tag conditions), as AWS would; other keys st
 POST /cps/settings {"pending_delay": S, "membership_delay": S} changes, from then on, how long new
 group instances stay `Pending` before `Pending:Wait`, and how long DescribeAutoScalingInstances
 does not show a new instance yet (eventual consistency early in a boot).
+
+Auto Scaling states a rolling update must respect are played too: Standby (moto's own), suspended
+Launch (no instance launches until it is resumed), TERMINATING lifecycle hooks (the instance waits
+in Terminating:Wait, still running with its volumes and interfaces, until the action is completed
+or times out), instance refreshes (recorded with their status; the emulator does not replace
+instances for them) and mixed-instances overrides that name their own launch template.
 """
 
 import argparse
 import base64
 import copy
+import datetime
 import hashlib
 import json
 import signal
 import sys
 import threading
 import time
+import uuid
 
 import moto
 
@@ -32,11 +40,13 @@ if moto.__version__ != PINNED_MOTO:
         f"{PINNED_MOTO}; run ci/setup to rebuild the venv"
     )
 
+from moto.autoscaling.exceptions import AutoscalingClientError  # noqa: E402
 from moto.autoscaling.exceptions import ValidationError as AsgValidationError  # noqa: E402
 from moto.autoscaling.models import (  # noqa: E402
     AutoScalingBackend,
     FakeAutoScalingGroup,
     InstanceState,
+    TerminateInstanceActivity,
 )
 from moto.autoscaling.responses import AutoScalingResponse  # noqa: E402
 from moto.core.exceptions import AccessDeniedError  # noqa: E402
@@ -252,6 +262,9 @@ Instance.terminate = _terminate
 # --- Auto Scaling: launch lifecycle hooks hold new instances in Pending:Wait -----------------
 
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+# States in which an instance waits on a lifecycle hook.
+WAIT_STATES = ("Pending:Wait", "Terminating:Wait")
 # Instance states waiting on a hook: (group backend, instance state) — scanned for timeouts.
 _WAITING = []
 _plain_instance_state_init = InstanceState.__init__
@@ -265,6 +278,38 @@ def _launch_hook(group):
     return None
 
 
+def _hook_named(group, name):
+    backend = group.autoscaling_backend
+    for hook in backend.lifecycle_hooks.values():
+        if hook.auto_scaling_group_name == group.name and hook.name == name:
+            return hook
+    return None
+
+
+def _apply_override(state, group):
+    """A mixed-instances group launches its first override (moto's stand-in for "prioritized");
+    an override naming its own launch template launches from that template, and the instance
+    reports that template and version, as AWS does."""
+    policy = group.mixed_instances_policy or {}
+    overrides = (policy.get("LaunchTemplate") or {}).get("Overrides") or []
+    if not overrides:
+        return
+    first = overrides[0]
+    if first.get("InstanceType"):
+        state.instance_type = first["InstanceType"]
+    spec = first.get("LaunchTemplateSpecification")
+    if not spec:
+        return
+    ec2 = group.ec2_backend
+    if spec.get("LaunchTemplateId"):
+        template = ec2.get_launch_template(spec["LaunchTemplateId"])
+    else:
+        template = ec2.get_launch_template_by_name(spec["LaunchTemplateName"])
+    version = template.get_version(spec.get("Version") or "$Default")
+    state._cps_lt = (template.id, template.name)
+    state._cps_lt_version = str(version.number)
+
+
 def _instance_state_init(self, instance, lifecycle_state="InService", *args, **kwargs):
     _plain_instance_state_init(self, instance, lifecycle_state, *args, **kwargs)
     group = self.auto_scaling_group
@@ -274,6 +319,7 @@ def _instance_state_init(self, instance, lifecycle_state="InService", *args, **k
     if group is not None and group.ec2_launch_template is not None:
         version = group.ec2_launch_template.get_version(group.launch_template_version)
         self._cps_lt_version = str(version.number)
+        _apply_override(self, group)
     self._cps_joined_at = time.monotonic()
     hook = _launch_hook(group) if group is not None and lifecycle_state == "InService" else None
     if hook is not None:
@@ -298,6 +344,9 @@ def _enter_wait(backend, state, hook):
 
 
 def _launch_template(self):
+    if getattr(self, "_cps_lt", None) is not None:
+        lt_id, lt_name = self._cps_lt
+        return {"LaunchTemplateId": lt_id, "LaunchTemplateName": lt_name, "Version": self._cps_lt_version}
     if self.auto_scaling_group is None or self.auto_scaling_group.ec2_launch_template is None:
         return None
     lt = self.auto_scaling_group.ec2_launch_template
@@ -324,7 +373,7 @@ def _find_waiting(backend, group_name, hook_name, instance_id):
     for state in group.instance_states:
         if (
             state.instance.id == instance_id
-            and state.lifecycle_state == "Pending:Wait"
+            and state.lifecycle_state in WAIT_STATES
             and getattr(state, "_cps_hook", None) == hook_name
         ):
             return group, state
@@ -332,12 +381,16 @@ def _find_waiting(backend, group_name, hook_name, instance_id):
 
 
 def _finish(backend, group, state, result):
-    """CONTINUE → InService; ABANDON → terminated, and the group launches a replacement."""
+    """CONTINUE → InService; ABANDON → terminated, and the group launches a replacement.
+    A terminating action ends in termination either way."""
     try:
         _WAITING.remove((backend, state))
     except ValueError:
         pass
-    if result == "CONTINUE":
+    if state.lifecycle_state == "Terminating:Wait":
+        state.lifecycle_state = "Terminating:Proceed"
+        _plain_terminate_instance(backend, state.instance.id, False)
+    elif result == "CONTINUE":
         state.lifecycle_state = "InService"
     else:
         state.lifecycle_state = "Terminating"
@@ -367,7 +420,7 @@ def _complete_lifecycle_action(self):
 def _record_lifecycle_action_heartbeat(self):
     with LOCK:
         group, state = _waiting_for_request(self)
-        hook = _launch_hook(group)
+        hook = _hook_named(group, state._cps_hook)
         state._cps_deadline = time.monotonic() + float(hook.heartbeat_timeout)
     return EmptyResult()
 
@@ -398,13 +451,143 @@ def _expire_lifecycle_actions():
         with LOCK:
             now = time.monotonic()
             for backend, state in list(_WAITING):
-                if state.lifecycle_state != "Pending:Wait":
+                if state.lifecycle_state not in WAIT_STATES:
                     _WAITING.remove((backend, state))
                 elif now >= state._cps_deadline:
                     group = state.auto_scaling_group
-                    hook = _launch_hook(group)
+                    hook = _hook_named(group, state._cps_hook)
                     _finish(backend, group, state, (hook.default_result if hook else "ABANDON").upper())
 
+
+# --- Auto Scaling: TERMINATING hooks hold instances in Terminating:Wait ----------------------
+
+_plain_terminate_instance = AutoScalingBackend.terminate_instance
+
+
+def _terminate_instance(self, instance_id, should_decrement):
+    """With a TERMINATING hook, AWS holds the instance in Terminating:Wait — still running, its
+    volumes and interfaces attached — until the action is completed or times out, and launches
+    the replacement meanwhile (unless Launch is suspended)."""
+    with LOCK:
+        state = next(
+            (s for g in self.autoscaling_groups.values() for s in g.instance_states if s.instance.id == instance_id),
+            None,
+        )
+        group = state.auto_scaling_group if state is not None else None
+        hook = None
+        if group is not None:
+            hook = next(
+                (
+                    h
+                    for h in self.lifecycle_hooks.values()
+                    if h.auto_scaling_group_name == group.name and h.lifecycle_transition == TERMINATING
+                ),
+                None,
+            )
+        if hook is None:
+            return _plain_terminate_instance(self, instance_id, should_decrement)
+        original = group.desired_capacity
+        if state.lifecycle_state not in ("Terminating:Wait", "Terminating:Proceed"):
+            if should_decrement:
+                group.desired_capacity -= 1
+            state.lifecycle_state = "Terminating:Wait"
+            state._cps_hook = hook.name
+            state._cps_deadline = time.monotonic() + float(hook.heartbeat_timeout)
+            _WAITING.append((self, state))
+            group.set_desired_capacity(group.desired_capacity)
+        return TerminateInstanceActivity(state.instance, original)
+
+
+AutoScalingBackend.terminate_instance = _terminate_instance
+
+# --- Auto Scaling: a suspended Launch process launches nothing until it is resumed -----------
+
+_plain_replace_instances = FakeAutoScalingGroup.replace_autoscaling_group_instances
+
+
+def _replace_instances(self, count_needed, propagated_tags):
+    if "Launch" in (self._suspended_processes or []):
+        return None
+    return _plain_replace_instances(self, count_needed, propagated_tags)
+
+
+FakeAutoScalingGroup.replace_autoscaling_group_instances = _replace_instances
+
+_plain_resume_processes = AutoScalingBackend.resume_processes
+
+
+def _resume_processes(self, group_name, scaling_processes):
+    """Once Launch is resumed, the group launches what it is short of."""
+    with LOCK:
+        _plain_resume_processes(self, group_name, scaling_processes)
+        group = self.autoscaling_groups[group_name]
+        group.set_desired_capacity(group.desired_capacity)
+
+
+AutoScalingBackend.resume_processes = _resume_processes
+
+# --- Auto Scaling: instance refreshes (recorded with their status, not played) ---------------
+
+# (account, region, group) → refreshes, newest first.
+_REFRESHES = {}
+ACTIVE_REFRESH = ("Pending", "InProgress", "Cancelling", "RollbackInProgress", "Baking")
+
+
+def _refreshes(response, name):
+    if name not in response.autoscaling_backend.autoscaling_groups:
+        raise AsgValidationError(f"AutoScalingGroup name not found - {name}")
+    return _REFRESHES.setdefault((response.current_account, response.region, name), [])
+
+
+def _start_instance_refresh(self):
+    name = self._get_param("AutoScalingGroupName")
+    with LOCK:
+        known = _refreshes(self, name)
+        if any(r["Status"] in ACTIVE_REFRESH for r in known):
+            raise AutoscalingClientError(
+                "InstanceRefreshInProgress",
+                "An Instance Refresh is already in progress and blocks the execution of this Instance Refresh.",
+            )
+        refresh_id = str(uuid.uuid4())
+        known.insert(
+            0,
+            {
+                "InstanceRefreshId": refresh_id,
+                "AutoScalingGroupName": name,
+                "Status": "InProgress",
+                "StatusReason": "Waiting for instances to be replaced.",
+                "StartTime": datetime.datetime.now(datetime.timezone.utc),
+                "PercentageComplete": 0,
+                "InstancesToUpdate": 0,
+            },
+        )
+    return ActionResult({"InstanceRefreshId": refresh_id})
+
+
+def _describe_instance_refreshes(self):
+    name = self._get_param("AutoScalingGroupName")
+    wanted = self._get_param("InstanceRefreshIds", [])
+    with LOCK:
+        found = [dict(r) for r in _refreshes(self, name) if not wanted or r["InstanceRefreshId"] in wanted]
+    return ActionResult({"InstanceRefreshes": found})
+
+
+def _cancel_instance_refresh(self):
+    name = self._get_param("AutoScalingGroupName")
+    with LOCK:
+        active = [r for r in _refreshes(self, name) if r["Status"] in ACTIVE_REFRESH]
+        if not active:
+            raise AutoscalingClientError(
+                "ActiveInstanceRefreshNotFound", "No in progress or pending Instance Refresh found for Auto Scaling group " + name
+            )
+        active[0]["Status"] = "Cancelled"
+        active[0]["EndTime"] = datetime.datetime.now(datetime.timezone.utc)
+    return ActionResult({"InstanceRefreshId": active[0]["InstanceRefreshId"]})
+
+
+AutoScalingResponse.start_instance_refresh = _start_instance_refresh
+AutoScalingResponse.describe_instance_refreshes = _describe_instance_refreshes
+AutoScalingResponse.cancel_instance_refresh = _cancel_instance_refresh
 
 # --- AttachNetworkInterface: refuse what AWS refuses; secondary interfaces detach on termination
 

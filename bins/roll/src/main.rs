@@ -6,7 +6,6 @@
 
 use std::fmt::Write as _;
 use std::process::{ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use cps_orchestrate::backoff::RetryPolicy;
 use cps_orchestrate::config::parse_duration;
 use cps_orchestrate::roll::{
     self, ClusterChecks, Plan, RollClouds, RollEvent, RollOutcome, RollReport, RollSettings,
-    Snapshot, Targets,
+    Snapshot, Stop, Targets,
 };
 use cps_orchestrate::{Error, ErrorClass};
 use tokio::time::Instant;
@@ -65,13 +64,13 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// End the launch lifecycle action of instances stuck in Pending:Wait with ABANDON, so the
-    /// group replaces them now. Only waiting instances are touched.
+    /// End the launch lifecycle action of an instance stuck in Pending:Wait with ABANDON, so the
+    /// group replaces it now. Only a waiting instance is touched.
     Abandon {
         /// The Auto Scaling group.
         #[arg(long)]
         asg: String,
-        /// One instance (default: every instance of the group in Pending:Wait).
+        /// The instance (required when more than one of the group waits in Pending:Wait).
         #[arg(long)]
         instance: Option<String>,
         /// The lifecycle hook (default: the group's only launching hook).
@@ -162,10 +161,17 @@ enum LogFormat {
     Json,
 }
 
+/// The longest any duration flag may be: cps-attach's configuration caps its timeouts there too.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("{text:?} is not a duration; write it like 90s, 10m or 1h"))
+        .filter(|d| !d.is_zero() && *d <= LONGEST)
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not a duration between 1ms and 24h; write it like 90s, 10m or 1h (a bare number is seconds)"
+            )
+        })
 }
 
 fn init_logging(format: LogFormat) {
@@ -304,6 +310,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn plan_text(p: &Plan) -> String {
+    if p.rows.is_empty() && p.size == 0 {
+        let mut out = String::from("cluster: no Auto Scaling groups found\n\n");
+        for r in &p.refusals {
+            let _ = writeln!(out, "cannot start: {r}");
+        }
+        return out;
+    }
     let rows: Vec<Vec<String>> = p
         .rows
         .iter()
@@ -333,12 +346,17 @@ fn plan_text(p: &Plan) -> String {
         ],
         &rows,
     ));
-    let queue: Vec<&str> = p.queue().iter().map(|n| n.node.as_str()).collect();
     out.push('\n');
-    if queue.is_empty() {
+    if p.order.is_empty() {
         out.push_str("nothing to replace\n");
     } else {
-        let _ = writeln!(out, "replace in this order: {}", queue.join(", "));
+        let _ = writeln!(out, "replace in this order: {}", p.order.join(", "));
+    }
+    for n in p.left_alone() {
+        let _ = writeln!(out, "left alone: {n}");
+    }
+    for n in &p.notes {
+        let _ = writeln!(out, "waits for: {n}");
     }
     for r in &p.refusals {
         let _ = writeln!(out, "cannot start: {r}");
@@ -395,6 +413,9 @@ fn report_text(r: &RollReport) -> String {
                 r.replaced.len()
             );
         }
+    }
+    for n in &r.left_alone {
+        let _ = writeln!(out, "left alone: {n}");
     }
     if !matches!(r.outcome, RollOutcome::UpToDate | RollOutcome::Completed) {
         out.push('\n');
@@ -479,6 +500,135 @@ async fn plan_cmd(c: &Clients, s: &RollSettings, output: Output) -> u8 {
     }
 }
 
+/// What is mid-way while a run goes, for the messages of a second Ctrl-C or an error.
+#[derive(Default)]
+struct Flight {
+    /// Nodes terminated and not yet settled.
+    nodes: Mutex<Vec<String>>,
+    /// Groups whose Launch this run holds suspended (a terminating hook holds the old instance).
+    held: Mutex<Vec<String>>,
+}
+
+impl Flight {
+    fn nodes(&self) -> String {
+        self.nodes.lock().map(|f| f.join(", ")).unwrap_or_default()
+    }
+
+    /// What to do about groups whose Launch this run still holds suspended, if any.
+    fn held_step(&self) -> Option<String> {
+        let groups = self.held.lock().map(|h| h.clone()).unwrap_or_default();
+        (!groups.is_empty()).then(|| {
+            let commands: Vec<String> = groups
+                .iter()
+                .map(|g| {
+                    format!(
+                        "`aws autoscaling resume-processes --auto-scaling-group-name {g} --scaling-processes Launch`"
+                    )
+                })
+                .collect();
+            format!(
+                "Launch is still suspended on {} (held while an old instance left): the next `cps-roll run` refuses until it is resumed: {}",
+                groups.join(", "),
+                commands.join("; ")
+            )
+        })
+    }
+
+    /// Notes what an event starts or ends, and returns its progress line.
+    fn line(&self, e: RollEvent) -> String {
+        let edit = |list: &Mutex<Vec<String>>, item: &str, add: bool| {
+            if let Ok(mut l) = list.lock() {
+                if add {
+                    l.push(item.to_owned());
+                } else {
+                    l.retain(|n| n != item);
+                }
+            }
+        };
+        match e {
+            RollEvent::Waiting { what } => format!("waiting: {what}"),
+            RollEvent::Leader { node } => format!("node {node} is the leader: replacing it last"),
+            RollEvent::Terminating {
+                node,
+                group,
+                instance_id,
+                from,
+                to,
+            } => {
+                edit(&self.nodes, &node, true);
+                format!("node {node}: terminating {instance_id} in {group} ({from} → {to})")
+            }
+            RollEvent::Replaced {
+                node,
+                old_instance,
+                new_instance,
+                took,
+            } => {
+                edit(&self.nodes, &node, false);
+                format!(
+                    "node {node}: replaced {old_instance} by {} in {:.1}s (InService, Healthy)",
+                    new_instance.as_deref().unwrap_or("a new instance"),
+                    took.as_secs_f64()
+                )
+            }
+            RollEvent::Stopping { in_flight } => {
+                format!("stopping after node(s) {} settle", in_flight.join(", "))
+            }
+            RollEvent::LaunchHeld { node, group, hook } => {
+                edit(&self.held, &group, true);
+                format!(
+                    "node {node}: {group} has the terminating lifecycle hook {hook}: suspending its Launch until the old instance has left"
+                )
+            }
+            RollEvent::LaunchResumed { group } => {
+                edit(&self.held, &group, false);
+                format!("{group}: Launch resumed; the group launches the replacement")
+            }
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM once: `stop` (no new node starts, waits end, the nodes in flight
+/// settle); twice: quit at once, saying what is mid-replacement.
+fn watch_signals(stop: Arc<Stop>, flight: Arc<Flight>) {
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut count = 0;
+        // Bounded: the second signal exits the process.
+        loop {
+            tokio::select! {
+                // Without a Ctrl-C handler, SIGTERM still works.
+                r = tokio::signal::ctrl_c() => if r.is_err() { std::future::pending::<()>().await },
+                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {},
+            }
+            count += 1;
+            if count == 1 {
+                stop.request();
+                eprintln!(
+                    "stopping: no new node starts; waiting for the node(s) in flight to settle (Ctrl-C again to quit now)"
+                );
+                continue;
+            }
+            let flying = flight.nodes();
+            if flying.is_empty() {
+                eprintln!(
+                    "quitting now; no node was mid-replacement. Re-run `cps-roll run` to continue."
+                );
+            } else {
+                eprintln!(
+                    "quitting now with node(s) {flying} mid-replacement: the old instance is terminated and the group is launching its replacement. \
+                     Re-run `cps-roll run` to resume; it waits for that replacement before starting another node."
+                );
+            }
+            if let Some(step) = flight.held_step() {
+                eprintln!("{step}");
+            }
+            std::process::exit(i32::from(exit::INTERRUPTED));
+        }
+    });
+}
+
 async fn run_cmd(c: &Clients, s: &RollSettings, r: RunArgs) -> u8 {
     let clouds = RollClouds {
         groups: &c.groups,
@@ -494,86 +644,14 @@ async fn run_cmd(c: &Clients, s: &RollSettings, r: RunArgs) -> u8 {
     s.poll_interval = r.poll_interval;
     s.retry = RetryPolicy::within(r.timeout.min(Duration::from_secs(300)));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    // Nodes terminated and not yet settled, for a second Ctrl-C's message.
-    let in_flight: Arc<Mutex<Vec<String>>> = Arc::default();
-    {
-        let stop = stop.clone();
-        let in_flight = in_flight.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let mut count = 0;
-            // Bounded: the second signal exits the process.
-            loop {
-                tokio::select! {
-                    // Without a Ctrl-C handler, SIGTERM still works.
-                    r = tokio::signal::ctrl_c() => if r.is_err() { std::future::pending::<()>().await },
-                    Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {},
-                }
-                count += 1;
-                if count == 1 {
-                    stop.store(true, Ordering::SeqCst);
-                    eprintln!(
-                        "stopping: no new node starts; waiting for the node(s) in flight to settle (Ctrl-C again to quit now)"
-                    );
-                } else {
-                    let flying = in_flight.lock().map(|f| f.join(", ")).unwrap_or_default();
-                    if flying.is_empty() {
-                        eprintln!(
-                            "quitting now; no node was mid-replacement. Re-run `cps-roll run` to continue."
-                        );
-                    } else {
-                        eprintln!(
-                            "quitting now with node(s) {flying} mid-replacement: the old instance is terminated and the group is launching its replacement. \
-                             Re-run `cps-roll run` to resume; it waits for that replacement before starting another node."
-                        );
-                    }
-                    std::process::exit(i32::from(exit::INTERRUPTED));
-                }
-            }
-        });
-    }
-
+    let stop = Arc::new(Stop::new());
+    let flight = Arc::new(Flight::default());
+    watch_signals(stop.clone(), flight.clone());
     let started = Instant::now();
-    let flying = in_flight.clone();
+    let lines = flight.clone();
     let progress = move |e: RollEvent| {
         let t = started.elapsed().as_secs_f64();
-        let line = match e {
-            RollEvent::Waiting { what } => format!("waiting: {what}"),
-            RollEvent::Leader { node } => format!("node {node} is the leader: replacing it last"),
-            RollEvent::Terminating {
-                node,
-                group,
-                instance_id,
-                from,
-                to,
-            } => {
-                if let Ok(mut f) = flying.lock() {
-                    f.push(node.clone());
-                }
-                format!("node {node}: terminating {instance_id} in {group} ({from} → {to})")
-            }
-            RollEvent::Replaced {
-                node,
-                old_instance,
-                new_instance,
-                took,
-            } => {
-                if let Ok(mut f) = flying.lock() {
-                    f.retain(|n| *n != node);
-                }
-                format!(
-                    "node {node}: replaced {old_instance} by {} in {:.1}s (InService, Healthy)",
-                    new_instance.as_deref().unwrap_or("a new instance"),
-                    took.as_secs_f64()
-                )
-            }
-            RollEvent::Stopping { in_flight } => {
-                format!("stopping after node(s) {} settle", in_flight.join(", "))
-            }
-        };
-        println!("[{t:7.1}s] {line}");
+        println!("[{t:7.1}s] {}", lines.line(e));
     };
     let result = roll::run(clouds, &checks, &s, &stop, &progress).await;
     tracing::info!(calls = %api_calls(c), "api calls");
@@ -589,11 +667,14 @@ async fn run_cmd(c: &Clients, s: &RollSettings, r: RunArgs) -> u8 {
         }
         Err(e) => {
             error!("{e}");
-            let flying = in_flight.lock().map(|f| f.join(", ")).unwrap_or_default();
+            let flying = flight.nodes();
             if !flying.is_empty() {
                 error!(
                     "node(s) {flying} were mid-replacement; re-run `cps-roll run` to resume (it waits for them first)"
                 );
+            }
+            if let Some(step) = flight.held_step() {
+                error!("{step}");
             }
             cloud_failure(&e)
         }
@@ -611,12 +692,10 @@ async fn abandon_cmd(c: &Clients, group: &str, instance: Option<&str>, hook: Opt
     )
     .await
     {
-        Ok(done) => {
-            for (id, hook) in done {
-                println!(
-                    "{id}: lifecycle action of hook {hook} completed with ABANDON; {group} launches a replacement"
-                );
-            }
+        Ok((id, hook)) => {
+            println!(
+                "{id}: lifecycle action of hook {hook} completed with ABANDON; {group} launches a replacement"
+            );
             0
         }
         Err(e) => {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_autoscaling::types::{AutoScalingGroup, Filter, LaunchTemplateSpecification};
 use cps_provider::{
-    CallLog, Error, GroupInstance, GroupMember, GroupService, LaunchSource, LifecycleHook,
-    LifecycleResult, LifecycleService, ScalingGroup,
+    CallLog, Error, GroupInstance, GroupMember, GroupService, InstanceRefresh, LaunchOverride,
+    LaunchSource, LifecycleHook, LifecycleResult, LifecycleService, ScalingGroup,
 };
 
 use crate::classify::{Context, classify};
@@ -59,6 +59,22 @@ fn to_template(t: &LaunchTemplateSpecification) -> LaunchSource {
     }
 }
 
+/// The mixed-instances overrides that name their own launch template.
+fn overrides(g: &AutoScalingGroup) -> Vec<LaunchOverride> {
+    g.mixed_instances_policy()
+        .and_then(|p| p.launch_template())
+        .map(|t| t.overrides())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|o| {
+            Some(LaunchOverride {
+                instance_type: o.instance_type().map(str::to_owned),
+                launch: to_template(o.launch_template_specification()?),
+            })
+        })
+        .collect()
+}
+
 fn to_group(g: &AutoScalingGroup) -> ScalingGroup {
     let launch = g
         .launch_template()
@@ -99,9 +115,16 @@ fn to_group(g: &AutoScalingGroup) -> ScalingGroup {
                             name: name.to_owned(),
                         })
                 }),
+                instance_type: i.instance_type().map(str::to_owned),
             })
             .collect(),
         launch,
+        overrides: overrides(g),
+        suspended_processes: g
+            .suspended_processes()
+            .iter()
+            .filter_map(|p| p.process_name().map(str::to_owned))
+            .collect(),
     }
 }
 
@@ -214,6 +237,60 @@ impl GroupService for AutoScalingApi {
                 )
             })?;
         Ok(())
+    }
+
+    async fn instance_refreshes(&self, group: &str) -> Result<Vec<InstanceRefresh>, Error> {
+        self.calls.record("DescribeInstanceRefreshes");
+        // One page, newest first: an active refresh is always the latest one.
+        let out = self
+            .client
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstanceRefreshes", of_group(group), e))?;
+        Ok(out
+            .instance_refreshes()
+            .iter()
+            .map(|r| InstanceRefresh {
+                id: r.instance_refresh_id().unwrap_or_default().to_owned(),
+                status: r
+                    .status()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn suspend_processes(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        self.calls.record("SuspendProcesses");
+        self.client
+            .suspend_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("SuspendProcesses", of_group(group), e))?;
+        Ok(())
+    }
+
+    async fn resume_processes(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        self.calls.record("ResumeProcesses");
+        self.client
+            .resume_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("ResumeProcesses", of_group(group), e))?;
+        Ok(())
+    }
+}
+
+fn of_group(group: &str) -> Context<'_> {
+    Context {
+        group: Some(group),
+        ..Context::default()
     }
 }
 

@@ -31,6 +31,26 @@ impl Context<'_> {
     }
 }
 
+/// The request was never sent because no credentials could be loaded (a provider timing out
+/// or failing, STS or IMDS answering 5xx, may pass and stays transient).
+fn no_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut next = Some(err);
+    // Bounded: source chains are short.
+    for _ in 0..16 {
+        let Some(e) = next else { return false };
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return matches!(
+                c,
+                CredentialsError::CredentialsNotLoaded(_)
+                    | CredentialsError::InvalidConfiguration(_)
+            );
+        }
+        next = e.source();
+    }
+    false
+}
+
 pub(crate) fn classify<E>(
     operation: &'static str,
     ctx: Context<'_>,
@@ -45,6 +65,11 @@ where
         err,
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
     ) {
+        // No credentials at all (or a broken profile) will not pass: retrying would only
+        // delay the message by the command's timeout.
+        if no_credentials(&err) {
+            return Error::Unauthorized { operation, message };
+        }
         return Error::Transient { operation, message };
     }
     match code.as_deref() {

@@ -2,8 +2,8 @@
 //! whose bytes the volume's format journal proves are an interrupted cps mkfs's own.
 
 use std::fmt;
-use std::path::Path;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::probe::{self, Probe, Refusal};
@@ -492,7 +492,7 @@ mod tests {
             Probe::Refused(Refusal::BackupSuperblock {
                 fstype: t,
                 offset: 0,
-                recover: String::new(),
+                recover: Box::default(),
             })
         };
         assert!(left_by_mkfs(&backup("ext2/3/4"), "ext4", ours));

@@ -52,7 +52,8 @@ pub enum Refusal {
     BackupSuperblock {
         fstype: &'static str,
         offset: u64,
-        recover: String,
+        /// How to check and repair it (boxed: keeps every error that carries a refusal small).
+        recover: Box<str>,
     },
     /// No signature, but the device is not blank.
     UnknownData {
@@ -235,7 +236,7 @@ fn find_data(file: &File, device: &Device) -> Result<Option<Refusal>, Error> {
         } => Refusal::BackupSuperblock {
             fstype,
             offset,
-            recover,
+            recover: recover.into_boxed_str(),
         },
         scan::Found::Data { offset } => Refusal::UnknownData { offset },
     }))

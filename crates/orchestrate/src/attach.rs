@@ -76,11 +76,11 @@ async fn on_host<T: Send + 'static>(
         .await
         .map_err(|e| Error::Host {
             volume_id: volume_id.to_owned(),
-            source: cps_blockdev::Error::Io {
+            source: Box::new(cps_blockdev::Error::Io {
                 path: PathBuf::new(),
                 action: "run host operation",
                 source: std::io::Error::other(e.to_string()),
-            },
+            }),
         })?;
     result.map_err(Error::host(volume_id))
 }
@@ -146,23 +146,23 @@ pub async fn prepare_device(
         MountState::MountedElsewhere { mountpoint } => {
             return Err(Error::Refused {
                 volume_id: volume_id.clone(),
-                source: cps_blockdev::Error::MountedElsewhere {
+                source: Box::new(cps_blockdev::Error::MountedElsewhere {
                     device: device.path.clone(),
                     volume_id: volume_id.clone(),
                     mountpoint,
                     target,
-                },
+                }),
             });
         }
         MountState::TargetBusy { source, fstype } => {
             return Err(Error::Refused {
                 volume_id: volume_id.clone(),
-                source: cps_blockdev::Error::TargetBusy {
+                source: Box::new(cps_blockdev::Error::TargetBusy {
                     target,
                     device: device.path.clone(),
                     source_device: source,
                     fstype,
-                },
+                }),
             });
         }
         MountState::NotMounted => {
@@ -191,14 +191,14 @@ pub async fn prepare_device(
             let fs = filesystem.filesystem();
             let uuid = fs.uuid.clone().ok_or_else(|| Error::Host {
                 volume_id: volume_id.clone(),
-                source: cps_blockdev::Error::Fstab {
+                source: Box::new(cps_blockdev::Error::Fstab {
                     path: path.clone(),
                     message: format!(
                         "the {} filesystem on {} has no UUID to name it by",
                         fs.fstype,
                         device.path.display()
                     ),
-                },
+                }),
             })?;
             let entry = FstabEntry {
                 uuid,
@@ -294,11 +294,11 @@ async fn ensure_filesystem(
         }),
         (Decision::ProbeRefused, Probe::Refused(refusal)) => Err(Error::Refused {
             volume_id: vid.to_owned(),
-            source: cps_blockdev::Error::Refused {
+            source: Box::new(cps_blockdev::Error::Refused {
                 path: device.path.clone(),
                 volume_id: vid.to_owned(),
                 refusal,
-            },
+            }),
         }),
         (decision, probe) => unreachable!("journal decision {decision:?} for {probe:?}"),
     }

@@ -23,7 +23,7 @@ pub enum Error {
     Refused {
         volume_id: String,
         #[source]
-        source: cps_blockdev::Error,
+        source: Box<cps_blockdev::Error>,
     },
 
     /// The volume carrying the tags attached here is not a data volume (the root disk, or one
@@ -163,7 +163,7 @@ pub enum Error {
     Host {
         volume_id: String,
         #[source]
-        source: cps_blockdev::Error,
+        source: Box<cps_blockdev::Error>,
     },
 }
 
@@ -221,12 +221,12 @@ impl Error {
             if source.is_refusal() {
                 Self::Refused {
                     volume_id: volume_id.to_owned(),
-                    source,
+                    source: Box::new(source),
                 }
             } else {
                 Self::Host {
                     volume_id: volume_id.to_owned(),
-                    source,
+                    source: Box::new(source),
                 }
             }
         }

@@ -2,7 +2,6 @@
 //! the max-unavailable invariant at every step (over many generated clusters), failures that
 //! stop the roll, resuming after an interrupt, nodes failing on their own, throttling.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,10 +9,11 @@ use async_trait::async_trait;
 use cps_orchestrate::backoff::mix;
 use cps_orchestrate::roll::{
     Action, ClusterChecks, NoChecks, RollClouds, RollEvent, RollOutcome, RollReport, RollSettings,
-    Targets, abandon, observe, plan, run, snapshot,
+    Stop, Targets, abandon, observe, plan, run, snapshot,
 };
 use cps_provider::memory::{
-    Boot, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_LAUNCH_TEMPLATES, Fault, MemoryCloud,
+    Boot, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_INSTANCE_REFRESHES, DESCRIBE_LAUNCH_TEMPLATES,
+    Fault, LifecycleEvent, MemoryCloud, RESUME_PROCESSES, SUSPEND_PROCESSES,
     TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP, Timing,
 };
 use cps_provider::{GroupInstance, LaunchSource, LifecycleResult, ScalingGroup, Tags};
@@ -98,7 +98,7 @@ async fn roll(
 ) -> (RollReport, Events) {
     let events = Events::default();
     let sink = events.clone();
-    let stop = AtomicBool::new(false);
+    let stop = Stop::new();
     let report = run(clouds(cloud), checks, s, &stop, &move |e| sink.push(e))
         .await
         .expect("no cloud error");
@@ -318,7 +318,7 @@ async fn a_replacement_stuck_in_pending_wait_can_be_abandoned() {
     let done = abandon(&cloud, &cloud, &group_name(1), None, None, s.retry)
         .await
         .unwrap();
-    assert_eq!(done, [(stuck[0].clone(), HOOK.to_string())]);
+    assert_eq!(done, (stuck[0].clone(), HOOK.to_string()));
     // The group launched another instance in place of the abandoned one.
     let now = cloud.with(|w| w.group_instances(&group_name(1)));
     assert_eq!(now.len(), 1);
@@ -328,14 +328,14 @@ async fn a_replacement_stuck_in_pending_wait_can_be_abandoned() {
 #[tokio::test(start_paused = true)]
 async fn an_interrupted_roll_settles_the_current_node_and_a_rerun_resumes() {
     let cloud = cluster(3, Duration::from_secs(30));
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Stop::new());
     let flag = stop.clone();
     let events = Events::default();
     let sink = events.clone();
     let report = run(clouds(&cloud), &NoChecks, &settings(), &stop, &move |e| {
         if matches!(e, RollEvent::Terminating { .. }) {
             // Ctrl-C right after the first termination.
-            flag.store(true, Ordering::SeqCst);
+            flag.request();
         }
         sink.push(e)
     })
@@ -393,7 +393,7 @@ async fn a_node_failing_on_its_own_pauses_the_roll_until_it_is_back() {
     cloud.before_next(TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP, move |w| {
         w.terminate_instance(&victim)
     });
-    let stop = AtomicBool::new(false);
+    let stop = Stop::new();
     let report = run(clouds(&cloud), &NoChecks, &settings(), &stop, &move |e| {
         if let RollEvent::Terminating { node, .. } = &e {
             let now = watcher.with(|w| w.samples().last().map(|s| s.unavailable).unwrap_or(0));
@@ -613,6 +613,8 @@ async fn planning_500_groups_takes_a_handful_of_requests() {
     assert_eq!(p.queue()[9].node, "10", "numeric node order");
     assert_eq!(cloud.calls().count(DESCRIBE_AUTO_SCALING_GROUPS), 5);
     assert_eq!(cloud.calls().count(DESCRIBE_LAUNCH_TEMPLATES), 1);
+    // Instance refreshes have no batch request: one per group.
+    assert_eq!(cloud.calls().count(DESCRIBE_INSTANCE_REFRESHES), 500);
 
     // By name: 5 batches of 100 names.
     cloud.calls().reset();
@@ -622,17 +624,81 @@ async fn planning_500_groups_takes_a_handful_of_requests() {
     assert_eq!(cloud.calls().count(DESCRIBE_AUTO_SCALING_GROUPS), 5);
 }
 
+/// A state one node of a generated cluster is in when the roll starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Odd {
+    None,
+    /// In Standby, its group's capacity lowered: out of service, and no group brings it back.
+    Standby,
+    /// In Standby, its group launched a replacement.
+    StandbyReplaced,
+    /// Its group's desired capacity is 0.
+    NoCapacity,
+    /// Detached from its group, the capacity lowered.
+    Detached,
+    /// Every group has a terminating hook holding old instances in Terminating:Wait.
+    TerminatingHooks,
+}
+
+const ODD: [Odd; 6] = [
+    Odd::None,
+    Odd::Standby,
+    Odd::StandbyReplaced,
+    Odd::NoCapacity,
+    Odd::Detached,
+    Odd::TerminatingHooks,
+];
+
+/// Puts the last node of an `n`-node cluster in `odd`; returns how many nodes that leaves out
+/// of service for good, and the instance in Standby (never to be terminated), if any.
+fn make_odd(cloud: &MemoryCloud, n: usize, odd: Odd, hold: Duration) -> (usize, Option<String>) {
+    let group = group_name(n);
+    let last = cloud.with(|w| w.group_instances(&group))[0].clone();
+    cloud.with(|w| match odd {
+        Odd::None => (0, None),
+        Odd::Standby => {
+            w.enter_standby(&last, true);
+            (1, Some(last))
+        }
+        Odd::StandbyReplaced => {
+            w.enter_standby(&last, false);
+            (0, Some(last))
+        }
+        Odd::NoCapacity => {
+            w.set_desired(&group, 0);
+            (1, None)
+        }
+        Odd::Detached => {
+            w.detach_instance(&last, true);
+            (1, None)
+        }
+        Odd::TerminatingHooks => {
+            for k in 1..=n {
+                w.add_terminate_hook(&group_name(k), "drain", hold);
+            }
+            (0, None)
+        }
+    })
+}
+
 /// Many generated clusters: sizes 3–7, every allowed max-unavailable, boot times and failing
-/// boots drawn from a seeded generator. In every one, the roll never has more than
-/// max-unavailable nodes out of service, and ends replaced or stopped — never half-done silently.
+/// boots drawn from a seeded generator, and one node in Standby (with and without a
+/// replacement), at desired capacity 0, detached, or terminating hooks holding old instances.
+/// In every one, the roll never has more than max-unavailable nodes out of service — counting
+/// the nodes no group brings back — never terminates an instance in Standby, refuses when
+/// those nodes use up the budget, and otherwise ends replaced or stopped, never half-done
+/// silently.
 #[tokio::test(start_paused = true)]
 async fn max_unavailable_holds_at_every_step_across_generated_clusters() {
-    for case in 0..60u64 {
+    for case in 0..120u64 {
         let r = |k: u64| mix(case.wrapping_mul(0x1000).wrapping_add(k));
         let n = 3 + (r(1) % 5) as usize;
         let allowed = n - (n / 2 + 1);
         let max = 1 + (r(2) % allowed as u64) as usize;
-        let fail_group = (r(3) % 4 == 0).then(|| group_name(1 + (r(4) % n as u64) as usize));
+        let odd = ODD[(r(6) % ODD.len() as u64) as usize];
+        // The odd node is the last one; a failing group is another.
+        let failing = 1 + (r(4) % (n as u64 - 1)) as usize;
+        let fail_group = (r(3) % 4 == 0).then(|| group_name(failing));
         let cloud = cluster(n, Duration::from_secs(5));
         let seed = Arc::new(Mutex::new(r(5)));
         cloud.with(|w| {
@@ -646,33 +712,63 @@ async fn max_unavailable_holds_at_every_step_across_generated_clusters() {
                 }
             })
         });
+        let (held, standby) = make_odd(&cloud, n, odd, Duration::from_secs(3 + r(7) % 20));
         let mut s = settings();
         s.max_unavailable = max;
-        s.timeout = Duration::from_secs(120);
+        s.timeout = Duration::from_secs(180);
         let (report, events) = roll(&cloud, &s, &NoChecks).await;
+        let what = format!("case {case}: n={n} max={max} {odd:?}");
         let seen = max_unavailable_seen(&cloud);
         assert!(
-            seen <= max,
-            "case {case}: n={n} max={max}: {seen} out of service at once"
+            seen <= max.max(held),
+            "{what}: {seen} out of service at once"
         );
-        match &report.outcome {
-            RollOutcome::Completed => {
-                assert_eq!(events.terminated().len(), n, "case {case}");
-                assert!(report.remaining.is_empty());
-            }
-            RollOutcome::Stopped { node, .. } => {
-                let failing = report
-                    .last
-                    .nodes
-                    .iter()
-                    .find(|v| Some(&v.node) == node.as_ref())
-                    .map(|v| v.group.clone());
-                assert!(failing.is_some(), "case {case}: a stop names its node");
-                assert!(!report.remaining.is_empty(), "case {case}");
-                assert!(!report.recovery.is_empty(), "case {case}");
-            }
-            other => panic!("case {case}: {other:?}"),
+        if let Some(id) = &standby {
+            let still = cloud.with(|w| w.lifecycle_state(id));
+            assert_eq!(
+                still.as_deref(),
+                Some("Standby"),
+                "{what}: never terminated"
+            );
         }
+        check_outcome(
+            &what,
+            &report,
+            &events,
+            n - held - usize::from(standby.is_some() && held == 0),
+            held >= max,
+        );
+    }
+}
+
+fn check_outcome(what: &str, report: &RollReport, events: &Events, replaced: usize, refused: bool) {
+    match &report.outcome {
+        RollOutcome::Refused { reasons } => {
+            assert!(refused, "{what}: {reasons:?}");
+            assert!(events.terminated().is_empty(), "{what}");
+            assert!(
+                reasons.iter().any(|r| r.contains("left alone")),
+                "{what}: {reasons:?}"
+            );
+        }
+        RollOutcome::Completed => {
+            assert!(!refused, "{what}");
+            assert_eq!(events.terminated().len(), replaced, "{what}");
+            assert!(report.remaining.is_empty());
+        }
+        RollOutcome::Stopped { node, .. } => {
+            assert!(!refused, "{what}");
+            let failing = report
+                .last
+                .nodes
+                .iter()
+                .find(|v| Some(&v.node) == node.as_ref())
+                .map(|v| v.group.clone());
+            assert!(failing.is_some(), "{what}: a stop names its node");
+            assert!(!report.remaining.is_empty(), "{what}");
+            assert!(!report.recovery.is_empty(), "{what}");
+        }
+        other => panic!("{what}: {other:?}"),
     }
 }
 
@@ -687,6 +783,7 @@ fn instance(id: &str, state: &str, version: &str) -> GroupInstance {
             name: "kafka".into(),
             version: version.into(),
         }),
+        instance_type: None,
     }
 }
 
@@ -707,6 +804,8 @@ fn an_instance_on_its_way_out_is_not_a_node() {
             name: "kafka".into(),
             version: "2".into(),
         }),
+        overrides: Vec::new(),
+        suspended_processes: Vec::new(),
     };
     let snap = snapshot(
         std::slice::from_ref(&group),
@@ -751,4 +850,327 @@ async fn a_failure_inside_a_multi_instance_group_counts_against_the_budget() {
     assert_eq!(report.outcome, RollOutcome::Completed);
     assert_eq!(events.terminated().len(), 4);
     assert_eq!(max_unavailable_seen(&cloud), 2, "never three out");
+}
+
+/// A library caller's absurd timeout means "a very long time", never an overflow panic.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_timeout_does_not_overflow() {
+    let cloud = cluster(3, Duration::from_secs(10));
+    let mut s = settings();
+    s.timeout = Duration::MAX;
+    s.poll_interval = Duration::from_secs(1);
+    let (report, events) = roll(&cloud, &s, &NoChecks).await;
+    assert_eq!(report.outcome, RollOutcome::Completed);
+    assert_eq!(events.terminated(), ["1", "2", "3"]);
+}
+
+/// A mixed-instances override naming its own template is the target of the instances of its
+/// type (or, type unknown, of the instances launched from it); the group's template is the
+/// target of the rest.
+#[test]
+fn an_override_with_its_own_template_is_what_its_instances_compare_with() {
+    let template = |id: &str, version: &str| LaunchSource::Template {
+        id: id.into(),
+        name: String::new(),
+        version: version.into(),
+    };
+    let on = |id: &str, ty: Option<&str>, lt: &str| GroupInstance {
+        instance_type: ty.map(str::to_owned),
+        launch: Some(template(lt, "3")),
+        ..instance(id, "InService", "3")
+    };
+    let group = ScalingGroup {
+        name: "brokers".into(),
+        tags: Tags::new(),
+        desired_capacity: 4,
+        instances: vec![
+            on("i-arm", Some("m7g.large"), "lt-arm"),
+            on("i-arm-untyped", None, "lt-arm"),
+            on("i-x86", Some("m6i.large"), TEMPLATE),
+            on("i-moved", Some("m7g.large"), TEMPLATE),
+        ],
+        launch: Some(template(TEMPLATE, "3")),
+        overrides: vec![cps_provider::LaunchOverride {
+            instance_type: Some("m7g.large".into()),
+            launch: template("lt-arm", "3"),
+        }],
+        suspended_processes: Vec::new(),
+    };
+    let snap = snapshot(&[group], &Default::default(), "cps:node-id");
+    let outdated: Vec<(&str, bool)> = snap
+        .nodes
+        .iter()
+        .map(|n| (n.node.as_str(), n.outdated))
+        .collect();
+    assert_eq!(
+        outdated,
+        [
+            ("i-arm", false),
+            ("i-arm-untyped", false),
+            // An m7g.large launched from the group's template: its type launches from the
+            // override's template now.
+            ("i-moved", true),
+            ("i-x86", false),
+        ]
+    );
+}
+
+/// A node in Standby is out of service and its group does not count it: the roll leaves it
+/// alone and counts it against the budget. With --max-unavailable 1 nothing else may go out;
+/// with 2 the others are replaced, never more than 2 of 5 out.
+#[tokio::test(start_paused = true)]
+async fn a_node_in_standby_is_left_alone_and_uses_the_budget() {
+    let cloud = cluster(5, Duration::from_secs(20));
+    let standby = cloud.with(|w| w.group_instances(&group_name(5)))[0].clone();
+    cloud.with(|w| w.enter_standby(&standby, true));
+    let snap = observe(clouds(&cloud), &settings()).await.unwrap();
+    assert_eq!((snap.size(), snap.unavailable(), snap.held()), (5, 1, 1));
+    let p = plan(&snap, &settings());
+    assert_eq!(p.rows[4].action, Action::LeftAlone);
+    assert!(p.rows[4].reason.as_deref().unwrap().contains("in Standby"));
+    assert_eq!(p.order, ["1", "2", "3", "4"]);
+    let (report, events) = roll(&cloud, &settings(), &NoChecks).await;
+    let RollOutcome::Refused { reasons } = &report.outcome else {
+        panic!("{:?}", report.outcome)
+    };
+    assert!(
+        reasons[0].contains("node 5") && reasons[0].contains("in Standby"),
+        "{reasons:?}"
+    );
+    assert!(events.terminated().is_empty());
+
+    let mut s = settings();
+    s.max_unavailable = 2;
+    let (report, events) = roll(&cloud, &s, &NoChecks).await;
+    assert_eq!(report.outcome, RollOutcome::Completed);
+    assert_eq!(events.terminated(), ["1", "2", "3", "4"]);
+    assert_eq!(max_unavailable_seen(&cloud), 2);
+    assert_eq!(
+        cloud.with(|w| w.lifecycle_state(&standby)).as_deref(),
+        Some("Standby")
+    );
+    assert!(
+        report.left_alone[0].starts_with("node 5"),
+        "{:?}",
+        report.left_alone
+    );
+}
+
+/// A group at desired capacity 0 (scaled down, or its instance detached) is a node out of
+/// service: counted in the cluster's size and against the budget, never "0 of 4".
+#[tokio::test(start_paused = true)]
+async fn a_group_at_desired_zero_is_a_node_out_of_service() {
+    for detach in [false, true] {
+        let cloud = cluster(4, Duration::from_secs(20));
+        let last = cloud.with(|w| w.group_instances(&group_name(4)))[0].clone();
+        cloud.with(|w| {
+            if detach {
+                w.detach_instance(&last, true);
+            } else {
+                w.set_desired(&group_name(4), 0);
+            }
+        });
+        let snap = observe(clouds(&cloud), &settings()).await.unwrap();
+        assert_eq!((snap.size(), snap.unavailable()), (4, 1), "detach {detach}");
+        let p = plan(&snap, &settings());
+        assert_eq!(p.rows[3].action, Action::LeftAlone);
+        assert!(
+            p.rows[3]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("desired capacity is 0")
+        );
+        // Replacing any other node would leave 2 of 4: refused.
+        let (report, events) = roll(&cloud, &settings(), &NoChecks).await;
+        assert!(matches!(report.outcome, RollOutcome::Refused { .. }));
+        assert!(events.terminated().is_empty());
+    }
+}
+
+/// A node entering Standby while the roll runs drops out of the queue: never terminated, and
+/// counted as out of service from then on.
+#[tokio::test(start_paused = true)]
+async fn a_node_entering_standby_mid_roll_is_left_alone() {
+    let cloud = cluster(5, Duration::from_secs(20));
+    let victim = cloud.with(|w| w.group_instances(&group_name(4)))[0].clone();
+    let v = victim.clone();
+    cloud.before_next(TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP, move |w| {
+        w.enter_standby(&v, true)
+    });
+    let mut s = settings();
+    s.max_unavailable = 2;
+    let (report, events) = roll(&cloud, &s, &NoChecks).await;
+    assert_eq!(report.outcome, RollOutcome::Completed);
+    assert_eq!(events.terminated(), ["1", "2", "3", "5"]);
+    assert_eq!(max_unavailable_seen(&cloud), 2);
+    assert_eq!(
+        cloud.with(|w| w.lifecycle_state(&victim)).as_deref(),
+        Some("Standby")
+    );
+}
+
+/// With a terminating hook the group's Launch is suspended from before the termination until
+/// the old instance has left, so every replacement launches after its old instance is gone;
+/// Launch is resumed every time, also when the termination fails or the hold outlasts the
+/// timeout.
+#[tokio::test(start_paused = true)]
+async fn a_terminating_hook_holds_launch_until_the_old_instance_leaves() {
+    let cloud = cluster(3, Duration::from_secs(10));
+    let launched: Arc<Mutex<Vec<(String, tokio::time::Instant)>>> = Arc::default();
+    let log = launched.clone();
+    cloud.with(|w| {
+        for n in 1..=3 {
+            w.add_terminate_hook(&group_name(n), "drain", Duration::from_secs(30));
+        }
+        w.on_launch(move |group, _| {
+            log.lock()
+                .unwrap()
+                .push((group.to_owned(), tokio::time::Instant::now()));
+            Boot::Continue(Duration::from_secs(10))
+        });
+    });
+    let old: Vec<String> = (1..=3)
+        .map(|n| cloud.with(|w| w.group_instances(&group_name(n)))[0].clone())
+        .collect();
+    let (report, events) = roll(&cloud, &settings(), &NoChecks).await;
+    assert_eq!(report.outcome, RollOutcome::Completed);
+    assert_eq!(events.terminated(), ["1", "2", "3"]);
+    assert_eq!(cloud.calls().count(SUSPEND_PROCESSES), 3);
+    assert_eq!(cloud.calls().count(RESUME_PROCESSES), 3);
+    let left: Vec<tokio::time::Instant> = cloud.with(|w| {
+        w.lifecycle_log()
+            .iter()
+            .filter_map(|e| match e {
+                LifecycleEvent::TimedOut {
+                    instance_id, at, ..
+                } if old.contains(instance_id) => Some(*at),
+                _ => None,
+            })
+            .collect()
+    });
+    let launched = launched.lock().unwrap().clone();
+    assert_eq!((left.len(), launched.len()), (3, 3));
+    for ((group, at), gone) in launched.iter().zip(&left) {
+        assert!(at >= gone, "{group}: launched before the old instance left");
+    }
+    assert!(
+        observe(clouds(&cloud), &settings())
+            .await
+            .unwrap()
+            .groups
+            .iter()
+            .all(|g| g.suspended_processes.is_empty())
+    );
+
+    // The termination fails: Launch is resumed before the error is returned.
+    let cloud = cluster(3, Duration::from_secs(10));
+    cloud.with(|w| w.add_terminate_hook(&group_name(1), "drain", Duration::from_secs(30)));
+    cloud.inject(Fault::fail(
+        TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP,
+        cps_provider::Error::Unauthorized {
+            operation: "TerminateInstanceInAutoScalingGroup",
+            message: "not allowed".into(),
+        },
+    ));
+    let stop = Stop::new();
+    let err = run(clouds(&cloud), &NoChecks, &settings(), &stop, &|_| {}).await;
+    assert!(err.is_err());
+    assert_eq!(cloud.calls().count(RESUME_PROCESSES), 1);
+
+    // The hook holds the old instance longer than the timeout: the roll stops, saying so, and
+    // resumes Launch so the group recovers.
+    let cloud = cluster(3, Duration::from_secs(10));
+    cloud.with(|w| w.add_terminate_hook(&group_name(1), "drain", Duration::from_secs(3600)));
+    let mut s = settings();
+    s.timeout = Duration::from_secs(60);
+    let (report, _) = roll(&cloud, &s, &NoChecks).await;
+    let RollOutcome::Stopped { reason, .. } = &report.outcome else {
+        panic!("{:?}", report.outcome)
+    };
+    assert!(
+        reason.contains("terminating lifecycle hook drain still holds"),
+        "{reason}"
+    );
+    assert_eq!(cloud.calls().count(RESUME_PROCESSES), 1);
+}
+
+/// Suspended processes a replacement needs and instance refreshes in progress refuse the roll
+/// before any change; a process it does not need does not.
+#[tokio::test(start_paused = true)]
+async fn suspended_processes_and_refreshes_refuse_the_start() {
+    let cloud = cluster(3, Duration::from_secs(10));
+    cloud.with(|w| w.set_suspended(&group_name(2), "AZRebalance", true));
+    let snap = observe(clouds(&cloud), &settings()).await.unwrap();
+    assert!(plan(&snap, &settings()).refusals.is_empty());
+    cloud.with(|w| w.set_suspended(&group_name(2), "Launch", true));
+    let id = cloud.with(|w| w.add_instance_refresh(&group_name(3), "InProgress"));
+    cloud.with(|w| w.add_instance_refresh(&group_name(1), "Successful"));
+    let (report, events) = roll(&cloud, &settings(), &NoChecks).await;
+    let RollOutcome::Refused { reasons } = &report.outcome else {
+        panic!("{:?}", report.outcome)
+    };
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains("kafka-node-2 has Launch suspended"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains(&format!(
+        "instance refresh {id} is InProgress on kafka-node-3"
+    )));
+    assert!(events.terminated().is_empty());
+}
+
+/// An interrupt while the first look is being retried (throttled) ends the run at once:
+/// nothing changed, a handful of requests, not the whole retry budget.
+#[tokio::test(start_paused = true)]
+async fn an_interrupt_ends_the_retries_of_the_first_look() {
+    let cloud = cluster(3, Duration::from_secs(10));
+    cloud.inject(Fault::throttle(DESCRIBE_AUTO_SCALING_GROUPS, 10_000));
+    let stop = Arc::new(Stop::new());
+    let later = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        later.request();
+    });
+    let report = run(clouds(&cloud), &NoChecks, &settings(), &stop, &|_| {})
+        .await
+        .expect("an interrupt is no error");
+    assert_eq!(report.outcome, RollOutcome::Interrupted);
+    assert!(report.recovery[0].contains("Nothing was changed"));
+    let looks = cloud.calls().count(DESCRIBE_AUTO_SCALING_GROUPS);
+    assert!((2..10).contains(&looks), "{looks} requests");
+    assert_eq!(
+        cloud
+            .calls()
+            .count(TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP),
+        0
+    );
+}
+
+/// An interrupt while waiting for an unhealthy node (--wait-healthy, nothing in flight) ends
+/// the wait before the next look.
+#[tokio::test(start_paused = true)]
+async fn an_interrupt_ends_the_wait_for_health() {
+    let cloud = cluster(3, Duration::from_secs(10));
+    cloud.with(|w| {
+        w.set_group_template(&group_name(1), TEMPLATE, "1");
+        let i = w.group_instances(&group_name(1));
+        w.set_healthy(&i[0], false);
+    });
+    let stop = Arc::new(Stop::new());
+    let later = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10_500)).await;
+        later.request();
+    });
+    let mut s = settings();
+    s.wait_healthy = true;
+    s.poll_interval = Duration::from_secs(60);
+    let report = run(clouds(&cloud), &NoChecks, &s, &stop, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, RollOutcome::Interrupted);
+    // The first look, one more after a minute's poll would be 2: the interrupt came first.
+    assert_eq!(cloud.calls().count(DESCRIBE_AUTO_SCALING_GROUPS), 1);
 }

@@ -17,9 +17,10 @@ mod types;
 pub use calls::CallLog;
 pub use error::Error;
 pub use types::{
-    Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceState,
-    InterfaceAttachment, LaunchSource, LifecycleHook, LifecycleResult, NetworkInterface,
-    ScalingGroup, Tags, TemplateVersions, Volume, VolumeSpec, VolumeState,
+    Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceRefresh,
+    InstanceState, InterfaceAttachment, LaunchOverride, LaunchSource, LifecycleHook,
+    LifecycleResult, NetworkInterface, ScalingGroup, Tags, TemplateVersions, Volume, VolumeSpec,
+    VolumeState,
 };
 
 use std::collections::BTreeMap;
@@ -127,6 +128,15 @@ pub trait GroupService: Send + Sync {
     /// Terminates an instance without lowering the group's desired capacity, so the group
     /// launches a replacement.
     async fn terminate_in_group(&self, instance_id: &str) -> Result<(), Error>;
+
+    /// The group's recent instance refreshes, newest first (one request).
+    async fn instance_refreshes(&self, group: &str) -> Result<Vec<InstanceRefresh>, Error>;
+
+    /// Suspends scaling processes of a group (`Launch`: it launches nothing meanwhile).
+    async fn suspend_processes(&self, group: &str, processes: &[String]) -> Result<(), Error>;
+
+    /// Resumes suspended scaling processes of a group.
+    async fn resume_processes(&self, group: &str, processes: &[String]) -> Result<(), Error>;
 }
 
 /// Launch templates: what `$Default` and `$Latest` stand for.

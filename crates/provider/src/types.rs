@@ -213,6 +213,8 @@ pub struct GroupInstance {
     pub health_status: String,
     /// What the instance was launched from; `None` when the cloud does not say.
     pub launch: Option<LaunchSource>,
+    /// `m7g.large`…; `None` when the cloud does not say.
+    pub instance_type: Option<String>,
 }
 
 impl GroupInstance {
@@ -252,9 +254,65 @@ pub struct ScalingGroup {
     pub instances: Vec<GroupInstance>,
     /// What new instances are launched from (a mixed-instances policy's template counts).
     pub launch: Option<LaunchSource>,
+    /// Mixed-instances overrides that name a launch template of their own.
+    pub overrides: Vec<LaunchOverride>,
+    /// Scaling processes suspended on the group (`Launch`, `Terminate`, `HealthCheck`…).
+    pub suspended_processes: Vec<String>,
+}
+
+/// One instance refresh of a group, as Auto Scaling reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceRefresh {
+    pub id: String,
+    /// `Pending`, `InProgress`, `Successful`, `Cancelled`, `Baking`…
+    pub status: String,
+}
+
+impl InstanceRefresh {
+    /// Still replacing instances, about to, or rolling back.
+    pub fn active(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress" | "Baking"
+        )
+    }
+}
+
+/// A mixed-instances override with its own launch template: instances of its type launch from
+/// that template instead of the group's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchOverride {
+    /// `None` for an override by instance requirements.
+    pub instance_type: Option<String>,
+    pub launch: LaunchSource,
 }
 
 impl ScalingGroup {
+    /// What the group launches an instance like `instance` from now: the override of its
+    /// instance type when that override names its own template (else the override whose
+    /// template it came from, when its type is unknown or the override has none), else the
+    /// group's own template.
+    pub fn launch_for(&self, instance: &GroupInstance) -> Option<&LaunchSource> {
+        let by_type = instance.instance_type.as_ref().and_then(|t| {
+            self.overrides
+                .iter()
+                .find(|o| o.instance_type.as_ref() == Some(t))
+        });
+        let by_template = || {
+            let Some(LaunchSource::Template { id, .. }) = &instance.launch else {
+                return None;
+            };
+            self.overrides.iter().find(|o| {
+                matches!(&o.launch, LaunchSource::Template { id: oid, .. } if oid == id)
+                    && (o.instance_type.is_none() || instance.instance_type.is_none())
+            })
+        };
+        by_type
+            .or_else(by_template)
+            .map(|o| &o.launch)
+            .or(self.launch.as_ref())
+    }
+
     /// Instances still on their way in (launching, or held by a launch lifecycle hook).
     pub fn booting(&self) -> usize {
         self.instances

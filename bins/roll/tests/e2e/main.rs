@@ -2,6 +2,8 @@
 //! Scaling groups with launch lifecycle hooks, and a simulator that plays each new instance's
 //! boot by completing its lifecycle action after a fixed time.
 
+mod groups;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -248,6 +250,29 @@ replace in this order: 1, 2, 3
     assert_eq!(v["rows"][1]["action"], "replace");
     assert_eq!(v["rows"][1]["current"], "plan-node-2-lt v1");
     assert_eq!(v["refusals"].as_array().map(Vec::len), Some(0));
+    // For machines: the replacement order, and versions as numbers.
+    assert_eq!(v["order"], serde_json::json!(["1", "2", "3"]), "{json}");
+    assert_eq!(v["rows"][1]["current_version"], 1, "{json}");
+    assert_eq!(v["rows"][1]["target_version"], 2, "{json}");
+
+    // A cluster with no groups says so, and nothing about quorum.
+    for output in ["text", "json"] {
+        let (code, stdout, stderr) =
+            Cluster::output(c.raw(&["plan", "--cluster", "no-such-cluster", "--output", output]))
+                .await;
+        assert_eq!(code, 3, "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("no Auto Scaling group is tagged cps:cluster=no-such-cluster"),
+            "{stdout}"
+        );
+        assert!(!stdout.contains("0 of 0"), "{stdout}");
+        assert!(!stdout.contains("majority"), "{stdout}");
+    }
+    let (_, stdout, _) = Cluster::output(c.raw(&["plan", "--cluster", "no-such-cluster"])).await;
+    assert!(
+        stdout.starts_with("cluster: no Auto Scaling groups found"),
+        "{stdout}"
+    );
 
     // Two nodes at a time would leave one of three: refused, exit 3, nothing changed.
     let before = c.instances().await;
@@ -395,4 +420,456 @@ async fn an_interrupted_roll_settles_then_resumes() {
     let (code, stdout, stderr) = c.roll(&FAST).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_eq!(terminated_order(&stdout), ["2", "3"], "{stdout}");
+}
+
+/// A duration beyond any sensible bound is a usage error (exit 2) before anything is touched,
+/// never a panic half-way through a roll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_duration_is_a_usage_error_and_changes_nothing() {
+    let Some(c) = Cluster::start("dur", 3, Duration::from_millis(500)).await else {
+        return;
+    };
+    c.new_version().await;
+    let before = c.instances().await;
+    for flag in ["--timeout", "--poll-interval", "--command-timeout"] {
+        for value in ["18446744073709551615", "25h"] {
+            let (code, stdout, stderr) = c.roll(&["run", flag, value]).await;
+            assert_eq!(code, 2, "{flag} {value}: {stdout}\n{stderr}");
+            assert!(
+                stderr.contains("between 1ms and 24h"),
+                "{flag} {value}: {stderr}"
+            );
+        }
+    }
+    assert_eq!(c.instances().await, before, "nothing was terminated");
+}
+
+/// `abandon` without `--instance` ends a launch only when exactly one waits: with several in
+/// Pending:Wait (a slot group booting), some may be healthy boots in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandon_needs_an_instance_when_several_wait() {
+    let Some(c) = Cluster::start("abn", 1, Duration::from_millis(500)).await else {
+        return;
+    };
+    // A slot group whose two boots nobody completes: both wait in Pending:Wait.
+    let slots = "abn-slots";
+    let tags = Tags::from([("cps:cluster".to_string(), "abn-other".to_string())]);
+    c.bench
+        .create_group(slots, ZONE, 2, &tags, HOOK, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let waiting = c
+        .bench
+        .wait_pending(slots, 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = Cluster::output(c.raw(&["abandon", "--asg", slots])).await;
+    assert_eq!(code, 3, "{stdout}\n{stderr}");
+    for id in &waiting {
+        assert!(stderr.contains(id.as_str()), "names {id}: {stderr}");
+    }
+    assert!(stderr.contains("--instance"), "{stderr}");
+    let still: Vec<String> = c
+        .bench
+        .members(slots)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.lifecycle_state == "Pending:Wait")
+        .map(|m| m.instance_id)
+        .collect();
+    assert_eq!(still, waiting, "nothing was abandoned");
+
+    // Naming one ends that one only.
+    let (code, stdout, stderr) =
+        Cluster::output(c.raw(&["abandon", "--asg", slots, "--instance", &waiting[0]])).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let members = c.bench.members(slots).await.unwrap();
+    assert!(!members.iter().any(|m| m.instance_id == waiting[0]));
+    assert!(
+        members
+            .iter()
+            .any(|m| m.instance_id == waiting[1] && m.lifecycle_state == "Pending:Wait")
+    );
+}
+
+/// Mixed-instances groups whose override carries its own launch template: an instance launched
+/// from the override is compared with the override's template, so a rolled cluster converges
+/// (a second run replaces nothing) instead of being outdated forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_instances_overrides_are_compared_with_their_own_template() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Bench::start(BenchOptions::default()).expect("bench");
+    let main = groups::template(&bench, "mixed-main", "m6i.large").await;
+    let arm = groups::template(&bench, "mixed-arm", "m7g.large").await;
+    let names: Vec<String> = (1..=3).map(|i| format!("mixed-node-{i}")).collect();
+    let _boots = bench.simulate_boots(&names, HOOK, Duration::from_millis(500), Fates::default());
+    for (i, g) in names.iter().enumerate() {
+        let tags = Tags::from([
+            ("cps:cluster".to_string(), "mixed".to_string()),
+            ("cps:node-id".to_string(), (i + 1).to_string()),
+        ]);
+        groups::mixed_group(&bench, g, ZONE, &main, &arm, &tags, HOOK).await;
+    }
+    bench.wait_in_service(&names, groups::SETTLE).await.unwrap();
+    let roll = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::from(bench.roll_command(BIN.as_ref()));
+        cmd.args(args)
+            .args(["--cluster", "mixed"])
+            .kill_on_drop(true);
+        Cluster::output(cmd)
+    };
+    let (code, stdout, stderr) = roll(&["plan", "--output", "json"]).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    for row in v["rows"].as_array().unwrap() {
+        assert_eq!(row["action"], "keep", "{stdout}");
+        assert_eq!(row["target"], "mixed-arm v1 ($Latest)", "{stdout}");
+    }
+    let (code, stdout, _) = roll(&FAST).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("every node is up to date"), "{stdout}");
+
+    // A new version of the override's template outdates every node once.
+    assert_eq!(bench.new_template_version(&arm).await.unwrap(), 2);
+    let (code, stdout, stderr) = roll(&FAST).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(terminated_order(&stdout), ["1", "2", "3"], "{stdout}");
+    let (code, stdout, _) = roll(&FAST).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("every node is up to date"), "{stdout}");
+}
+
+/// A node in Standby (its group's capacity lowered) is out of service and no replacement of
+/// the roll's: it is never terminated, and it counts against the budget. In a 4-node cluster
+/// with one in Standby, replacing any other node would leave 2 of 4: refused, nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_node_is_left_alone_and_uses_the_budget() {
+    let Some(c) = Cluster::start("stby", 4, Duration::from_millis(500)).await else {
+        return;
+    };
+    c.new_version().await;
+    let standby = c.bench.members(&c.groups[3]).await.unwrap()[0]
+        .instance_id
+        .clone();
+    groups::enter_standby(&c.bench, &c.groups[3], &standby, true).await;
+    let before = c.instances().await;
+
+    let (code, json, stderr) = c.roll(&["plan", "--output", "json"]).await;
+    assert_eq!(code, 3, "{json}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(
+        v["size"], 4,
+        "the Standby node is one of the cluster's: {json}"
+    );
+    assert_eq!(v["unavailable"], 1, "{json}");
+    assert_eq!(v["rows"][3]["action"], "left-alone", "{json}");
+    let refusals = v["refusals"].to_string();
+    assert!(
+        refusals.contains("node 4") && refusals.contains("Standby"),
+        "{refusals}"
+    );
+
+    let (code, stdout, stderr) = c.roll(&FAST).await;
+    assert_eq!(code, 3, "{stdout}\n{stderr}");
+    assert!(terminated_order(&stdout).is_empty(), "{stdout}");
+    assert!(stdout.contains("Standby"), "{stdout}");
+    assert_eq!(c.instances().await, before, "nothing was terminated");
+    let members = c.bench.members(&c.groups[3]).await.unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].instance_id, standby);
+    assert_eq!(members[0].lifecycle_state, "Standby");
+}
+
+/// A node whose group is at desired capacity 0 (its instance detached) is out of service and
+/// left alone; with --max-unavailable 2 on 5 nodes the other four are replaced one at a time,
+/// never more than 2 of 5 out counting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_capacity_counts_as_out_while_the_rest_roll() {
+    let Some(c) = Cluster::start("zero", 5, Duration::from_millis(1000)).await else {
+        return;
+    };
+    c.new_version().await;
+    let detached = c.bench.members(&c.groups[4]).await.unwrap()[0]
+        .instance_id
+        .clone();
+    groups::detach(&c.bench, &c.groups[4], &detached).await;
+    let (_sampler, samples) = c.bench.sample_unavailable(&c.groups);
+    let (code, stdout, stderr) = c
+        .roll(&[FAST.as_slice(), &["--max-unavailable", "2"]].concat())
+        .await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(terminated_order(&stdout), ["1", "2", "3", "4"], "{stdout}");
+    assert!(
+        stdout.contains("node 5"),
+        "the report names the node left alone: {stdout}"
+    );
+    // The sampler counts desired − in service per group: node 5's group wants 0, so the
+    // node out of service it stands for is one more than the samples show.
+    let seen = samples.lock().unwrap().clone();
+    assert!(seen.len() > 20, "the sampler ran ({} samples)", seen.len());
+    assert_eq!(
+        seen.iter().max(),
+        Some(&1),
+        "never more than 2 of 5 out: {seen:?}"
+    );
+    assert!(c.bench.members(&c.groups[4]).await.unwrap().is_empty());
+}
+
+/// Suspended processes a replacement needs, and an instance refresh in progress, refuse the
+/// roll before any change, each named with the way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_processes_and_instance_refreshes_refuse_the_roll() {
+    let Some(c) = Cluster::start("susp", 3, Duration::from_millis(500)).await else {
+        return;
+    };
+    c.new_version().await;
+    let before = c.instances().await;
+    let refused = |stdout: &str, what: &[&str]| {
+        for w in what {
+            assert!(stdout.contains(w), "{w:?} in {stdout}");
+        }
+    };
+    for process in ["Launch", "Terminate", "HealthCheck", "ReplaceUnhealthy"] {
+        groups::processes(&c.bench, &c.groups[1], &[process], true).await;
+        let (code, stdout, stderr) = c.roll(&["plan"]).await;
+        assert_eq!(code, 3, "{process}: {stdout}\n{stderr}");
+        refused(
+            &stdout,
+            &[
+                &c.groups[1],
+                &format!("has {process} suspended"),
+                "resume-processes",
+            ],
+        );
+        let (code, stdout, _) = c.roll(&FAST).await;
+        assert_eq!(code, 3, "{process}: {stdout}");
+        assert!(terminated_order(&stdout).is_empty(), "{stdout}");
+        groups::processes(&c.bench, &c.groups[1], &[process], false).await;
+    }
+    // A process the roll does not need is no reason to refuse.
+    groups::processes(&c.bench, &c.groups[1], &["AZRebalance"], true).await;
+    let (code, stdout, _) = c.roll(&["plan"]).await;
+    assert_eq!(code, 0, "{stdout}");
+
+    groups::refresh(&c.bench, &c.groups[2], true).await;
+    let (code, stdout, _) = c.roll(&["plan"]).await;
+    assert_eq!(code, 3, "{stdout}");
+    refused(
+        &stdout,
+        &[
+            "instance refresh",
+            "InProgress",
+            &c.groups[2],
+            "cancel-instance-refresh",
+        ],
+    );
+    let (code, stdout, _) = c.roll(&FAST).await;
+    assert_eq!(code, 3, "{stdout}");
+    assert_eq!(c.instances().await, before, "nothing was terminated");
+
+    groups::refresh(&c.bench, &c.groups[2], false).await;
+    let (code, stdout, stderr) = c.roll(&FAST).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(terminated_order(&stdout), ["1", "2", "3"], "{stdout}");
+}
+
+/// With a terminating lifecycle hook (a drain), the old instance waits in Terminating:Wait
+/// still holding the node's volume and interface: the roll keeps the group from launching the
+/// replacement until it has left, so the replacement never boots beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_hook_holds_the_replacement_until_the_old_instance_leaves() {
+    let Some(c) = Cluster::start("drain", 3, Duration::from_millis(500)).await else {
+        return;
+    };
+    for g in &c.groups {
+        groups::terminating_hook(&c.bench, g, "drain").await;
+    }
+    let (_drainer, seen) = groups::drain(&c.bench, &c.groups, "drain", Duration::from_secs(2));
+    c.new_version().await;
+    let (code, stdout, stderr) = c.roll(&FAST).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(terminated_order(&stdout), ["1", "2", "3"], "{stdout}");
+    assert!(stdout.contains("waits in Terminating:Wait"), "{stdout}");
+    assert!(stdout.contains("Launch resumed"), "{stdout}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the drains were seen");
+    for group in &seen {
+        assert_eq!(
+            group.len(),
+            1,
+            "no replacement beside an instance in Terminating:Wait: {group:?}"
+        );
+    }
+    for g in &c.groups {
+        let (code, stdout, _) =
+            Cluster::output(c.raw(&["plan", "--asg", g, "--allow-downtime"])).await;
+        assert_eq!(code, 0, "{g}: Launch was resumed: {stdout}");
+    }
+}
+
+/// cps-roll against an endpoint that refuses connections, with static credentials: every
+/// request fails transiently and is retried.
+fn unreachable_roll(args: &[&str]) -> tokio::process::Command {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AWS_REGION", "us-east-1")
+        .env("CPS_AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Sends `signal` to a child once `ready` has seen a line of its stderr, and returns its exit
+/// code and output. The waits are bounds for the test, far below the roll's own timeout.
+async fn signal_when(
+    mut cmd: tokio::process::Command,
+    ready: impl Fn(&str) -> bool,
+    signal: i32,
+) -> (Option<i32>, String, String) {
+    let mut child = cmd.spawn().expect("cps-roll starts");
+    let pid = child.id().unwrap() as i32;
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stderr = String::new();
+    let seen = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = err.next_line().await {
+            stderr.push_str(&line);
+            stderr.push('\n');
+            if ready(&line) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(seen, Ok(true), "the moment to signal came: {stderr}");
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(pid, signal) };
+    let rest = async {
+        while let Ok(Some(line)) = err.next_line().await {
+            stderr.push_str(&line);
+            stderr.push('\n');
+        }
+    };
+    let out = tokio::time::timeout(Duration::from_secs(30), async {
+        rest.await;
+        child.wait_with_output().await
+    })
+    .await
+    .expect("cps-roll ends promptly after the signal")
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+/// SIGTERM (systemd, Terraform cancelling, a CI timeout) and SIGINT end a run that is
+/// retrying requests with nothing in flight at once: exit 6, nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_ends_retries_at_once() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let cmd = unreachable_roll(&["run", "--cluster", "sig", "--timeout", "10m"]);
+        let (code, stdout, stderr) = signal_when(cmd, |l| l.contains("retrying"), signal).await;
+        assert_eq!(code, Some(6), "signal {signal}: {stdout}\n{stderr}");
+        assert!(stdout.contains("Nothing was changed"), "{stdout}");
+    }
+}
+
+/// An interrupt also ends the wait for the cluster health command before the first change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_ends_the_health_wait_before_the_first_change() {
+    let Some(c) = Cluster::start("gate", 3, Duration::from_millis(500)).await else {
+        return;
+    };
+    c.new_version().await;
+    // Node 3 is being replaced (a run died): the roll waits for it, then for the health
+    // command, which keeps failing.
+    let old = c.bench.members(&c.groups[2]).await.unwrap()[0]
+        .instance_id
+        .clone();
+    c.bench.terminate_in_group(&old).await.unwrap();
+    let marker = c.bench.dir().join("health-ran");
+    let health = format!("touch '{}'; exit 1", marker.display());
+    let mut cmd = c.command(&[
+        "run",
+        "--poll-interval",
+        "200ms",
+        "--timeout",
+        "10m",
+        "--health-command",
+        &health,
+    ]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let watch = marker.clone();
+    let wait = tokio::spawn(async move {
+        for _ in 0..600 {
+            if watch.exists() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    let mut child = cmd.spawn().unwrap();
+    assert!(wait.await.unwrap(), "the health command ran");
+    let after_node_3 = c.instances().await;
+    // SAFETY: SIGINT to the child this test started.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGINT) };
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("cps-roll ends promptly after the signal")
+        .unwrap();
+    assert_eq!(status.code(), Some(6));
+    assert_eq!(c.instances().await, after_node_3, "nothing was terminated");
+}
+/// Without credentials nothing can succeed: cps-roll fails at once (exit 5) instead of
+/// retrying for the command's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_cps_roll_fails_at_once() {
+    let Some(c) = Cluster::start("nocred", 1, Duration::from_millis(500)).await else {
+        return;
+    };
+    let empty = c.bench.dir().join("no-credentials");
+    std::fs::write(&empty, "").unwrap();
+    for args in [&["plan"][..], &["run", "--timeout", "10m"][..]] {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AWS_REGION", "us-east-1")
+            .env("CPS_AWS_ENDPOINT", c.bench.endpoint())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", &empty)
+            .env("AWS_SHARED_CREDENTIALS_FILE", &empty)
+            .args(args)
+            .args(["--cluster", "nocred"])
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("cps-roll gives up without retrying for minutes")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {stderr}");
+        assert!(stderr.contains("credentials"), "{stderr}");
+        assert!(
+            !stderr.contains("retrying"),
+            "a permanent error is not retried: {stderr}"
+        );
+    }
 }

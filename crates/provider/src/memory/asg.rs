@@ -1,11 +1,14 @@
-//! Auto Scaling groups and launch lifecycle hooks in the in-memory cloud.
+//! Auto Scaling groups and lifecycle hooks in the in-memory cloud.
 //!
 //! An instance that joins a group with a LAUNCHING hook waits in `Pending:Wait` until it is
 //! completed (CONTINUE → `InService`, ABANDON → terminated) or its heartbeat timeout passes
-//! (then the hook's default result applies). Every heartbeat and completion is logged with its
-//! time, so tests can check cadence and outcome.
+//! (then the hook's default result applies). A group with a TERMINATING hook holds an instance
+//! it terminates in `Terminating:Wait` (still running) the same way, and launches its
+//! replacement meanwhile. Every heartbeat and completion is logged with its time, so tests can
+//! check cadence and outcome. Standby, detached instances, desired capacity, suspended
+//! processes (a suspended `Launch` launches nothing) and instance refreshes are played too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,8 +16,8 @@ use tokio::time::Instant;
 
 use super::{MemoryCloud, World};
 use crate::{
-    Error, GroupInstance, GroupMember, GroupService, LaunchSource, LifecycleHook, LifecycleResult,
-    LifecycleService, ScalingGroup, Tags, TemplateService, TemplateVersions,
+    Error, GroupInstance, GroupMember, GroupService, InstanceRefresh, LaunchSource, LifecycleHook,
+    LifecycleResult, LifecycleService, ScalingGroup, Tags, TemplateService, TemplateVersions,
 };
 
 pub const DESCRIBE_AUTO_SCALING_INSTANCES: &str = "DescribeAutoScalingInstances";
@@ -24,11 +27,15 @@ pub const RECORD_LIFECYCLE_ACTION_HEARTBEAT: &str = "RecordLifecycleActionHeartb
 pub const COMPLETE_LIFECYCLE_ACTION: &str = "CompleteLifecycleAction";
 pub const TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP: &str = "TerminateInstanceInAutoScalingGroup";
 pub const DESCRIBE_LAUNCH_TEMPLATES: &str = "DescribeLaunchTemplates";
+pub const DESCRIBE_INSTANCE_REFRESHES: &str = "DescribeInstanceRefreshes";
+pub const SUSPEND_PROCESSES: &str = "SuspendProcesses";
+pub const RESUME_PROCESSES: &str = "ResumeProcesses";
 
 /// Names or templates per Describe request, as AWS allows.
 const BATCH: usize = 100;
 
 const LAUNCHING: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 
 /// What happened to a lifecycle action, and when (tokio time).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +74,9 @@ type BootPlan = Box<dyn FnMut(&str, &str) -> Boot + Send>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sample {
     pub at: Instant,
-    /// Σ over groups with a capacity: desired − instances InService and Healthy.
+    /// Σ over groups with a capacity: the nodes it was created with − instances InService
+    /// and Healthy. (A node in Standby or at desired 0 is out of service, whatever the
+    /// group's capacity says.)
     pub unavailable: usize,
 }
 
@@ -101,20 +110,40 @@ pub(super) struct Group {
     members: BTreeMap<String, Member>,
     /// A group with a capacity launches instances (in `zone`) until it has that many.
     capacity: Option<(usize, String)>,
+    /// The cluster nodes this group stands for (its capacity when it was made), for samples.
+    nodes: usize,
     launch: Option<LaunchSource>,
+    suspended: BTreeSet<String>,
+    /// Newest first.
+    refreshes: Vec<InstanceRefresh>,
 }
 
 impl Group {
     fn unavailable(&self) -> usize {
-        self.capacity.as_ref().map_or(0, |(desired, _)| {
-            let available = self
-                .members
-                .values()
-                .filter(|m| m.lifecycle_state == "InService" && m.healthy)
-                .count();
-            desired.saturating_sub(available)
-        })
+        let available = self
+            .members
+            .values()
+            .filter(|m| m.lifecycle_state == "InService" && m.healthy)
+            .count();
+        self.nodes.saturating_sub(available)
     }
+
+    /// Members the group counts towards its desired capacity (not in Standby, not held by a
+    /// terminating hook).
+    fn counted(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| counts(&m.lifecycle_state))
+            .count()
+    }
+
+    fn hook(&self, transition: &str) -> Option<&LifecycleHook> {
+        self.hooks.values().find(|h| h.transition == transition)
+    }
+}
+
+fn counts(state: &str) -> bool {
+    !(state == "Standby" || state.starts_with("Terminating"))
 }
 
 impl World {
@@ -126,7 +155,10 @@ impl World {
                 hooks: BTreeMap::new(),
                 members: BTreeMap::new(),
                 capacity: None,
+                nodes: 0,
                 launch: None,
+                suspended: BTreeSet::new(),
+                refreshes: Vec::new(),
             },
         );
     }
@@ -184,6 +216,7 @@ impl World {
         }
         if let Some(g) = self.groups.get_mut(name) {
             g.capacity = Some((desired, zone.to_owned()));
+            g.nodes = desired;
         }
         self.sample();
     }
@@ -208,6 +241,91 @@ impl World {
     /// Decides how every instance a group launches from now on boots.
     pub fn on_launch(&mut self, plan: impl FnMut(&str, &str) -> Boot + Send + 'static) {
         self.fleet.boot_plan = Some(Box::new(plan));
+    }
+
+    /// Puts an instance in Standby; `decrement` lowers its group's desired capacity (else the
+    /// group launches a replacement).
+    pub fn enter_standby(&mut self, instance_id: &str, decrement: bool) {
+        for g in self.groups.values_mut() {
+            if let Some(m) = g.members.get_mut(instance_id) {
+                m.lifecycle_state = "Standby".into();
+                if decrement && let Some((desired, _)) = g.capacity.as_mut() {
+                    *desired = desired.saturating_sub(1);
+                }
+            }
+        }
+        self.refill(Instant::now());
+        self.sample();
+    }
+
+    /// Detaches an instance from its group (it keeps running); `decrement` lowers the group's
+    /// desired capacity (else the group launches a replacement).
+    pub fn detach_instance(&mut self, instance_id: &str, decrement: bool) {
+        for g in self.groups.values_mut() {
+            if g.members.remove(instance_id).is_some()
+                && decrement
+                && let Some((desired, _)) = g.capacity.as_mut()
+            {
+                *desired = desired.saturating_sub(1);
+            }
+        }
+        self.refill(Instant::now());
+        self.sample();
+    }
+
+    /// Sets a group's desired capacity: it launches, or terminates its newest instances.
+    pub fn set_desired(&mut self, group: &str, desired: usize) {
+        let extra: Vec<String> = self
+            .groups
+            .get_mut(group)
+            .map(|g| {
+                if let Some((d, _)) = g.capacity.as_mut() {
+                    *d = desired;
+                }
+                let counted: Vec<String> = g
+                    .members
+                    .iter()
+                    .filter(|(_, m)| counts(&m.lifecycle_state))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                counted.into_iter().skip(desired).collect()
+            })
+            .unwrap_or_default();
+        for id in extra {
+            self.terminate_member(&id);
+        }
+        self.refill(Instant::now());
+        self.sample();
+    }
+
+    /// Suspends (or, `suspended` false, resumes) one scaling process of a group.
+    pub fn set_suspended(&mut self, group: &str, process: &str, suspended: bool) {
+        if let Some(g) = self.groups.get_mut(group) {
+            if suspended {
+                g.suspended.insert(process.to_owned());
+            } else {
+                g.suspended.remove(process);
+            }
+        }
+        self.refill(Instant::now());
+        self.sample();
+    }
+
+    /// Records an instance refresh of a group with `status` (newest first); returns its id.
+    /// Nothing is replaced for it: tests play its effects themselves.
+    pub fn add_instance_refresh(&mut self, group: &str, status: &str) -> String {
+        self.next_id += 1;
+        let id = format!("refresh-{:04}", self.next_id);
+        if let Some(g) = self.groups.get_mut(group) {
+            g.refreshes.insert(
+                0,
+                InstanceRefresh {
+                    id: id.clone(),
+                    status: status.to_owned(),
+                },
+            );
+        }
+        id
     }
 
     /// Marks an instance healthy or not (an instance failing on its own).
@@ -274,9 +392,10 @@ impl World {
         let short: Vec<(String, String, usize)> = self
             .groups
             .iter()
+            .filter(|(_, g)| !g.suspended.contains("Launch"))
             .filter_map(|(name, g)| {
                 let (desired, zone) = g.capacity.clone()?;
-                let missing = desired.checked_sub(g.members.len()).filter(|m| *m > 0)?;
+                let missing = desired.checked_sub(g.counted()).filter(|m| *m > 0)?;
                 Some((name.clone(), zone, missing))
             })
             .collect();
@@ -346,6 +465,23 @@ impl World {
         }
         self.refill(now);
         self.sample();
+    }
+
+    /// A TERMINATING hook: instances the group terminates wait in `Terminating:Wait` (still
+    /// running) until it is completed or `heartbeat_timeout` passes.
+    pub fn add_terminate_hook(&mut self, group: &str, hook: &str, heartbeat_timeout: Duration) {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.hooks.insert(
+                hook.to_owned(),
+                LifecycleHook {
+                    group: group.to_owned(),
+                    name: hook.to_owned(),
+                    transition: TERMINATING.into(),
+                    heartbeat_timeout,
+                    default_result: "CONTINUE".into(),
+                },
+            );
+        }
     }
 
     pub fn add_launch_hook(
@@ -459,6 +595,13 @@ impl World {
     }
 
     fn finish(&mut self, instance_id: &str, result: LifecycleResult) {
+        if self.lifecycle_state(instance_id).as_deref() == Some("Terminating:Wait") {
+            // A terminating action ends in termination, whatever the result.
+            self.terminate_instance(instance_id);
+            self.refill(Instant::now());
+            self.sample();
+            return;
+        }
         match result {
             LifecycleResult::Continue => {
                 for g in self.groups.values_mut() {
@@ -469,10 +612,30 @@ impl World {
                 }
             }
             LifecycleResult::Abandon => {
-                self.terminate_instance(instance_id);
+                self.terminate_member(instance_id);
                 self.refill(Instant::now());
             }
         }
+    }
+
+    /// Terminates a group's instance as Auto Scaling does: held in `Terminating:Wait` (still
+    /// running) when its group has a TERMINATING hook, else at once.
+    fn terminate_member(&mut self, instance_id: &str) {
+        let now = Instant::now();
+        for g in self.groups.values_mut() {
+            let Some(hook) = g.hook(TERMINATING).cloned() else {
+                continue;
+            };
+            if let Some(m) = g.members.get_mut(instance_id) {
+                if !m.lifecycle_state.starts_with("Terminating") {
+                    m.lifecycle_state = "Terminating:Wait".into();
+                    m.waiting = Some((hook.name, now + hook.heartbeat_timeout));
+                }
+                self.sample();
+                return;
+            }
+        }
+        self.terminate_instance(instance_id);
     }
 
     fn describe_group(&self, name: &str) -> Option<ScalingGroup> {
@@ -481,6 +644,7 @@ impl World {
             name: name.to_owned(),
             tags: g.tags.clone(),
             desired_capacity: g.capacity.as_ref().map_or(g.members.len(), |(d, _)| *d) as i32,
+            suspended_processes: g.suspended.iter().cloned().collect(),
             instances: g
                 .members
                 .iter()
@@ -494,9 +658,11 @@ impl World {
                     lifecycle_state: m.lifecycle_state.clone(),
                     health_status: if m.healthy { "Healthy" } else { "Unhealthy" }.into(),
                     launch: m.launch.clone(),
+                    instance_type: None,
                 })
                 .collect(),
             launch: g.launch.clone(),
+            overrides: Vec::new(),
         })
     }
 
@@ -677,11 +843,57 @@ impl GroupService for MemoryCloud {
                     message: format!("Instance Id not found - {instance_id}"),
                 });
             }
-            world.terminate_instance(instance_id);
+            world.terminate_member(instance_id);
             world.refill(Instant::now());
+            world.sample();
             Ok(())
         })
         .await
+    }
+
+    async fn instance_refreshes(&self, group: &str) -> Result<Vec<InstanceRefresh>, Error> {
+        self.request(DESCRIBE_INSTANCE_REFRESHES, |world| {
+            world
+                .groups
+                .get(group)
+                .map(|g| g.refreshes.clone())
+                .ok_or_else(|| no_group(DESCRIBE_INSTANCE_REFRESHES, group))
+        })
+        .await
+    }
+
+    async fn suspend_processes(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        self.request(SUSPEND_PROCESSES, |world| {
+            let g = world
+                .groups
+                .get_mut(group)
+                .ok_or_else(|| no_group(SUSPEND_PROCESSES, group))?;
+            g.suspended.extend(processes.iter().cloned());
+            Ok(())
+        })
+        .await
+    }
+
+    async fn resume_processes(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        self.request(RESUME_PROCESSES, |world| {
+            let g = world
+                .groups
+                .get_mut(group)
+                .ok_or_else(|| no_group(RESUME_PROCESSES, group))?;
+            g.suspended.retain(|p| !processes.contains(p));
+            world.refill(Instant::now());
+            world.sample();
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn no_group(operation: &'static str, group: &str) -> Error {
+    Error::NotFound {
+        operation,
+        resource: group.to_owned(),
+        message: format!("AutoScalingGroup name not found - {group}"),
     }
 }
 
