@@ -1332,6 +1332,7 @@ fn absolute(
 mod mkfs_args;
 mod node;
 mod rules;
+mod summary;
 
 pub(crate) use rules::shown;
 

@@ -445,6 +445,31 @@ fn validate_bytes(bytes: &[u8]) -> (Option<i32>, String, String, String) {
 }
 
 #[test]
+fn validate_says_the_settings_in_words() {
+    let (code, stdout, stderr, _) = validate_bytes(
+        b"block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: kafka}\n    size: 100\n    iops: 6000\n\
+          file-system:\n  type: xfs\n  label: kafka\n  options: [-K]\nmount:\n  target: /var/lib/kafka\n  \
+          options: [noatime]\n  mode: '0750'\ntimeouts:\n  attach: 90\nidentity:\n  node-id: '2'\n\
+          lifecycle:\n  hook: kafka-launch\n",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    for words in [
+        "volume: gp3 100 GiB, 6000 iops, encrypted with the AWS-managed key",
+        "filesystem: xfs, made with `mkfs.xfs -L kafka -K DEVICE` on an empty device only",
+        "mount: /var/lib/kafka with noatime; mode 0750",
+        "timeouts: create 5m, attach 1m30s, device 2m",
+        "identity: node-id 2 (cps:node-id=2 on volume and interface)",
+        "lifecycle hook: kafka-launch of the instance's group (on failure: abandon)",
+    ] {
+        assert!(stdout.contains(words), "{words:?} in:\n{stdout}");
+    }
+    // No program internals: Debug output has braces, brackets, quotes and variant names.
+    for debug in ["{", "[", "\"", "Typed", "Some(", "Abandon", "Xfs"] {
+        assert!(!stdout.contains(debug), "{debug:?} in:\n{stdout}");
+    }
+}
+
+#[test]
 fn validate_refuses_bad_input_at_its_position_in_a_few_lines() {
     let ebs = "block-provider:\n  aws-ebs:\n    ebs-tags: {role: db}\n    size: 10\n";
     let huge = "x".repeat(5 << 20);
