@@ -6,6 +6,7 @@
 
 mod cluster;
 mod iam;
+mod messages;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

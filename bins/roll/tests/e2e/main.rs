@@ -2,6 +2,8 @@
 //! Scaling groups with launch lifecycle hooks, and a simulator that plays each new instance's
 //! boot by completing its lifecycle action after a fixed time.
 
+mod messages;
+
 use std::process::Stdio;
 use std::time::Duration;
 

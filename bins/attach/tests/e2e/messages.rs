@@ -1,0 +1,130 @@
+//! What cps-attach says when it cannot do its job: a permanent AWS failure (no credentials, a
+//! malformed endpoint) ends the boot at once with a sentence saying what to set, instead of
+//! being retried for the command timeout.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{BIN, bench_with_instance, write_config};
+
+/// Runs `cmd` to its end, or kills it after `limit` and says so: a bound for a test that must
+/// not wait out a retry loop, not a measurement.
+pub(crate) fn finish(cmd: &mut Command, limit: Duration) -> (i32, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = reader.join().unwrap_or_default();
+            panic!(
+                "still running after {limit:?}, retrying what cannot succeed:\n{}",
+                &text[text.len().saturating_sub(2000)..]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code().unwrap_or(-1),
+        reader.join().unwrap_or_default(),
+    )
+}
+
+/// The JSON log's error lines.
+fn errors(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["level"] == "ERROR")
+        .filter_map(|l| l["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_the_boot_fails_at_once_saying_what_to_set() {
+    let Some((bench, a)) = bench_with_instance().await else {
+        return;
+    };
+    let config = write_config(
+        &a,
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: nocreds}\n    size: 1\n",
+    );
+    // An instance without an IAM role: no keys in the environment, and the SDK's own IMDS
+    // lookup (pointed at this instance's metadata service) finds no role there.
+    let mut cmd = bench.attach_command(BIN.as_ref(), &a, &config);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", a.imds.endpoint())
+        .env("CPS_LOG_FORMAT", "json")
+        .env("CPS_COMMAND_TIMEOUT", "10m");
+    let (code, stderr) = finish(&mut cmd, Duration::from_secs(90));
+    assert_eq!(code, 4, "the cloud error code:\n{stderr}");
+    assert!(!stderr.contains("retrying"), "retried:\n{stderr}");
+    let errors = errors(&stderr);
+    let message = errors.last().expect("an error line");
+    for words in [
+        "no usable AWS credentials",
+        "instance profile",
+        "AWS_ACCESS_KEY_ID",
+    ] {
+        assert!(message.contains(words), "{words:?} in: {message}");
+    }
+    assert!(
+        message.len() < 1500 && !message.contains("ProviderAttempt {"),
+        "no Debug dump: {message}"
+    );
+    assert!(
+        bench
+            .volumes_tagged(&crate::tags(&[("cluster", "nocreds")]))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_endpoint_fails_the_boot_at_once() {
+    let Some((bench, a)) = bench_with_instance().await else {
+        return;
+    };
+    let config = write_config(
+        &a,
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: badurl}\n    size: 1\n",
+    );
+    for endpoint in ["http://[::1", "ftp://127.0.0.1:9"] {
+        let mut cmd = bench.attach_command(BIN.as_ref(), &a, &config);
+        cmd.env("CPS_AWS_ENDPOINT", endpoint)
+            .env("CPS_LOG_FORMAT", "json")
+            .env("CPS_COMMAND_TIMEOUT", "10m");
+        let (code, stderr) = finish(&mut cmd, Duration::from_secs(90));
+        assert_eq!(code, 4, "{endpoint}:\n{stderr}");
+        assert!(
+            !stderr.contains("retrying"),
+            "{endpoint} retried:\n{stderr}"
+        );
+        let errors = errors(&stderr);
+        let message = errors.last().expect("an error line");
+        assert!(
+            message.contains("cannot reach AWS as configured")
+                && message.contains("CPS_AWS_ENDPOINT"),
+            "{endpoint}: {message}"
+        );
+        assert!(
+            message.len() < 1500 && !message.contains("headers:"),
+            "{endpoint}: no Debug dump: {message}"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! What cps-roll says when it cannot work: no credentials, a malformed endpoint, a region that
+//! does not exist end the command at once with a sentence saying what to set (exit 5) instead
+//! of being retried for minutes.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cps_testbed::{Bench, BenchOptions};
+
+use super::{BIN, TIER};
+
+/// Runs `cmd` to its end, or kills it after `limit` and says so: a bound for a test that must
+/// not wait out a retry loop, not a measurement.
+fn finish(cmd: &mut Command, limit: Duration) -> (i32, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = reader.join().unwrap_or_default();
+            panic!(
+                "still running after {limit:?}, retrying what cannot succeed:\n{}",
+                &text[text.len().saturating_sub(2000)..]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code().unwrap_or(-1),
+        reader.join().unwrap_or_default(),
+    )
+}
+
+/// The last ERROR line's text.
+fn error_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rfind(|l| l.contains("ERROR"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn without_credentials_the_roll_fails_at_once_saying_what_to_set() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Bench::start(BenchOptions::default()).expect("bench");
+    for args in [
+        &["plan", "--cluster", "nocreds"][..],
+        &["run", "--cluster", "nocreds", "--timeout", "10m"],
+        &["abandon", "--asg", "nocreds-node-1"],
+    ] {
+        // An operator's machine with no keys, no profile and no instance metadata.
+        let mut cmd = bench.roll_command(BIN.as_ref());
+        cmd.args(args)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("NO_COLOR", "1");
+        let (code, stderr) = finish(&mut cmd, Duration::from_secs(90));
+        assert_eq!(code, 5, "{args:?}: the AWS error code:\n{stderr}");
+        assert!(!stderr.contains("retrying"), "{args:?} retried:\n{stderr}");
+        let line = error_line(&stderr);
+        for words in [
+            "no usable AWS credentials",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_PROFILE",
+        ] {
+            assert!(line.contains(words), "{args:?}: {words:?} in: {line}");
+        }
+        assert!(
+            line.len() < 1500 && !line.contains("ProviderAttempt {"),
+            "{args:?}: no Debug dump: {line}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_endpoint_or_region_fails_the_roll_at_once() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Bench::start(BenchOptions::default()).expect("bench");
+    for (flag, value) in [
+        ("--aws-endpoint", "http://[::1"),
+        ("--aws-endpoint", "ftp://127.0.0.1:9"),
+        ("--region", "not a region"),
+        // No such region: its host name does not exist (no request is sent anywhere).
+        ("--region", "us-nowhere-1"),
+    ] {
+        let mut cmd = bench.roll_command(BIN.as_ref());
+        if flag == "--region" {
+            cmd.env_remove("CPS_AWS_ENDPOINT");
+        }
+        cmd.args(["plan", "--cluster", "badurl", flag, value])
+            .env("NO_COLOR", "1");
+        let (code, stderr) = finish(&mut cmd, Duration::from_secs(90));
+        assert_eq!(code, 5, "{flag} {value}:\n{stderr}");
+        assert!(
+            !stderr.contains("retrying"),
+            "{flag} {value} retried:\n{stderr}"
+        );
+        let line = error_line(&stderr);
+        assert!(
+            line.contains("cannot reach AWS as configured") && line.contains("--region"),
+            "{flag} {value}: {line}"
+        );
+        assert!(
+            line.len() < 1500 && !line.contains("headers:"),
+            "{flag} {value}: no Debug dump: {line}"
+        );
+    }
+}
