@@ -4,6 +4,7 @@
 //! This binary only parses arguments, sets up logging, calls `run()` and maps errors to the
 //! documented exit codes; the flow lives in cps-orchestrate.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -230,9 +231,13 @@ fn init_logging(format: LogFormat) {
             "info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_ec2=warn",
         )
     });
+    // Colour is for a person at a terminal: not in a file or the journal, nor with NO_COLOR.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -1,6 +1,6 @@
 //! What cps-attach says when it cannot do its job: a permanent AWS failure (no credentials, a
 //! malformed endpoint) ends the boot at once with a sentence saying what to set, instead of
-//! being retried for the command timeout.
+//! being retried for the command timeout; log colour only for a person at a terminal.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -127,4 +127,49 @@ async fn a_malformed_endpoint_fails_the_boot_at_once() {
             "{endpoint}: no Debug dump: {message}"
         );
     }
+}
+
+/// `--log-format text` colours its output only for a terminal, and never with NO_COLOR.
+#[test]
+fn log_colour_only_on_a_terminal() {
+    // A configuration error is logged (not printed) outside `validate`.
+    let args = ["--log-format", "text", "-c", "/nonexistent/cps/attach.yml"];
+    let plain = Command::new(BIN)
+        .args(args)
+        .env_remove("NO_COLOR")
+        .env_remove("CPS_LOG_FORMAT")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("ERROR") && text.contains("cannot read"),
+        "{text}"
+    );
+    assert!(!text.contains('\u{1b}'), "escapes in a pipe: {text:?}");
+
+    let on_terminal = |no_color: Option<&str>| -> String {
+        let mut cmd = Command::new("script");
+        // script(1) runs the command on a new pseudo-terminal and copies what it writes.
+        cmd.args(["-q", "-e", "-c"])
+            .arg(format!("{BIN} {}", args.join(" ")))
+            .arg("/dev/null")
+            .env_remove("CPS_LOG_FORMAT")
+            .env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        let out = cmd.output().expect("script(1) from util-linux");
+        assert_eq!(out.status.code(), Some(3));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_terminal(None);
+    assert!(coloured.contains("cannot read"), "{coloured:?}");
+    assert!(
+        coloured.contains('\u{1b}'),
+        "a terminal gets colour: {coloured:?}"
+    );
+    assert!(!on_terminal(Some("1")).contains('\u{1b}'), "NO_COLOR=1");
+    // An empty NO_COLOR does not count (no-color.org).
+    assert!(on_terminal(Some("")).contains('\u{1b}'));
 }

@@ -1,6 +1,6 @@
 //! What cps-roll says when it cannot work: no credentials, a malformed endpoint, a region that
 //! does not exist end the command at once with a sentence saying what to set (exit 5) instead
-//! of being retried for minutes.
+//! of being retried for minutes; log colour only for a person at a terminal.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -126,4 +126,48 @@ fn a_bad_endpoint_or_region_fails_the_roll_at_once() {
             "{flag} {value}: no Debug dump: {line}"
         );
     }
+}
+
+/// `--log-format text` colours its output only for a terminal, and never with NO_COLOR.
+#[test]
+fn log_colour_only_on_a_terminal() {
+    // Without a region the command stops before any request, with an error line.
+    let args = ["plan", "--asg", "x", "--log-format", "text"];
+    let plain = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(2), "{text}");
+    assert!(text.contains("no region"), "{text}");
+    assert!(!text.contains('\u{1b}'), "escapes in a pipe: {text:?}");
+
+    let on_terminal = |no_color: Option<&str>| -> String {
+        let mut cmd = Command::new("script");
+        // script(1) runs the command on a new pseudo-terminal and copies what it writes.
+        cmd.args(["-q", "-e", "-c"])
+            .arg(format!("{BIN} {}", args.join(" ")))
+            .arg("/dev/null")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        let out = cmd.output().expect("script(1) from util-linux");
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_terminal(None);
+    assert!(coloured.contains("no region"), "{coloured:?}");
+    assert!(
+        coloured.contains('\u{1b}'),
+        "a terminal gets colour: {coloured:?}"
+    );
+    assert!(!on_terminal(Some("1")).contains('\u{1b}'), "NO_COLOR=1");
+    assert!(
+        on_terminal(Some("")).contains('\u{1b}'),
+        "an empty NO_COLOR does not count"
+    );
 }
