@@ -4,7 +4,7 @@
 //! This binary only parses arguments, sets up logging, calls `run()` and maps errors to the
 //! documented exit codes; the flow lives in cps-orchestrate.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -237,7 +237,9 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(colour);
+        .with_ansi(colour)
+        // Its report of a failed write goes to stderr too, and panics when stderr is gone.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -339,7 +341,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             if is_validate {
-                eprintln!("{e}");
+                // Not eprintln!: with stderr gone it would panic instead of exiting 3.
+                let _ = writeln!(std::io::stderr(), "{e}");
             } else {
                 error!("{e}");
             }

@@ -173,3 +173,25 @@ fn log_colour_only_on_a_terminal() {
     // An empty NO_COLOR does not count (no-color.org).
     assert!(on_terminal(Some("")).contains('\u{1b}'));
 }
+
+/// A log reader that went away (`cps-attach … 2>&1 | head`, a restarted journal) costs the
+/// log, not the exit code: no panic (101) in place of the documented code.
+#[test]
+fn a_closed_stderr_keeps_the_exit_code() {
+    for args in [
+        &["-c", "/nonexistent/cps/attach.yml", "--log-format", "text"][..],
+        &["-c", "/nonexistent/cps/attach.yml", "--log-format", "json"],
+        &["validate", "-c", "/nonexistent/cps/attach.yml"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let status = Command::new(BIN)
+            .args(args)
+            .env_remove("CPS_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(writer)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(3), "{args:?}");
+    }
+}

@@ -171,3 +171,22 @@ fn log_colour_only_on_a_terminal() {
         "an empty NO_COLOR does not count"
     );
 }
+
+/// A log reader that went away (`cps-roll … 2>&1 | head`) costs the log, not the exit code: no
+/// panic (101) in place of the documented code.
+#[test]
+fn a_closed_stderr_keeps_the_exit_code() {
+    for format in ["text", "json"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let status = Command::new(BIN)
+            .args(["plan", "--asg", "x", "--log-format", format])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdout(Stdio::null())
+            .stderr(writer)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{format}: the usage error's code");
+    }
+}
