@@ -102,7 +102,27 @@ where
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.to_owned(),
         (None, Some(message)) => message.to_owned(),
-        (None, None) => format!("HTTP {} without an error code", service.raw().status()),
+        // Not an AWS error document (a proxy, an emulator): its status and the start of what
+        // it said, on one line.
+        (None, None) => {
+            let raw = service.raw();
+            let body = raw
+                .body()
+                .bytes()
+                .map(|b| {
+                    String::from_utf8_lossy(b)
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            let shown: String = body.chars().take(300).collect();
+            let cut = if shown.len() < body.len() { "…" } else { "" };
+            format!(
+                "HTTP {} without an AWS error code: {shown}{cut}",
+                raw.status()
+            )
+        }
     };
     if let Some(id) = e.meta().extra("aws_request_id") {
         text.push_str(&format!(" (request id {id})"));
@@ -163,9 +183,13 @@ where
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             return permanent(operation, &err).unwrap_or(Error::Transient { operation, message });
         }
-        // The request could not even be built: the region is not a host name, an endpoint
-        // parameter is invalid.
-        SdkError::ConstructionFailure(_) => return Error::Endpoint { operation, message },
+        // The request could not even be built because of where it goes: the region is not a
+        // host name, an endpoint parameter is invalid. (Anything else is a plain failure.)
+        SdkError::ConstructionFailure(_)
+            if message.contains("region") || message.contains("endpoint") =>
+        {
+            return Error::Endpoint { operation, message };
+        }
         _ => {}
     }
     match code.as_deref() {
@@ -271,6 +295,12 @@ where
             .is_some_and(|r| r.status().is_server_error()) =>
         {
             Error::Transient { operation, message }
+        }
+        None if err
+            .raw_response()
+            .is_some_and(|r| r.status().as_u16() == 403) =>
+        {
+            Error::Unauthorized { operation, message }
         }
         _ => Error::Api {
             operation,
