@@ -210,6 +210,16 @@ fn argv(src: &Source<'_>, v: Spanned<Vec<String>>, what: &str) -> Result<Vec<Str
             format!("{what} must be a command: a list whose first item is the program"),
         ));
     }
+    if let Some(i) = v.value.iter().position(|a| a.contains('\0')) {
+        return Err(src.at(
+            &v,
+            format!(
+                "{what} argument {} contains a NUL character, which no command line can carry; \
+                 remove it",
+                i + 1
+            ),
+        ));
+    }
     Ok(v.value)
 }
 

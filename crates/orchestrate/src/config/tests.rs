@@ -1180,3 +1180,14 @@ hooks: {configure: [/bin/true], health: [/bin/true], health-interval: 15s}
 lifecycle: {hook: kafka-launch, heartbeat-interval: 1m}
 command-timeout: 30m
 ";
+
+#[test]
+fn hook_commands_cannot_carry_a_nul() {
+    // execve(2) cannot pass a NUL: the hook would fail at every boot, after the volume work.
+    refused_at(
+        &format!("{MINIMAL}hooks:\n  health: [sh, -c, \"check\\0\"]\n"),
+        "6:11",
+        "argument 3 contains a NUL",
+    );
+    assert!(parse(&format!("{MINIMAL}hooks:\n  health: [sh, -c, \"a\\tb\"]\n")).is_ok());
+}
