@@ -61,6 +61,11 @@ resource "aws_ebs_volume" "node" {
   encrypted         = var.encrypted
   kms_key_id        = var.kms_key_id
   tags              = merge(var.data_volume.tags, local.node_tags[each.key])
+
+  lifecycle {
+    # cps-attach keeps its format journal in this tag; it is not Terraform's to remove.
+    ignore_changes = [tags["cps:filesystem"]]
+  }
 }
 
 resource "aws_launch_template" "node" {

@@ -8,6 +8,9 @@ Usage: python cps_emulator.py [--port N] [--attach-delay S] [--create-delay S] [
 Prints one line `cps-emulator listening on 127.0.0.1:PORT` once it accepts requests.
 POST /cps/node-policy {"access_key": K, "policy": {...}} restricts requests signed with K to that
 IAM policy (actions, resource ARNs, tag conditions), as AWS would; other keys stay unrestricted.
+POST /cps/settings {"pending_delay": S, "membership_delay": S} changes, from then on, how long new
+group instances stay `Pending` before `Pending:Wait`, and how long DescribeAutoScalingInstances
+does not show a new instance yet (eventual consistency early in a boot).
 """
 
 import argparse
@@ -31,6 +34,7 @@ if moto.__version__ != PINNED_MOTO:
 
 from moto.autoscaling.exceptions import ValidationError as AsgValidationError  # noqa: E402
 from moto.autoscaling.models import (  # noqa: E402
+    AutoScalingBackend,
     FakeAutoScalingGroup,
     InstanceState,
 )
@@ -66,6 +70,12 @@ class Timing:
     create_delay = 0.0
     detach_delay = 0.0
     shutdown_delay = 0.0
+    # A new group instance is `Pending` this long before its launch hook holds it in
+    # `Pending:Wait` (AWS: the instance launches first; moto: at once).
+    pending_delay = 0.0
+    # DescribeAutoScalingInstances does not show an instance this long after it joined its group
+    # (AWS's eventual consistency early in a boot; moto: at once).
+    membership_delay = 0.0
 
 
 def aws_error(code, message):
@@ -264,13 +274,27 @@ def _instance_state_init(self, instance, lifecycle_state="InService", *args, **k
     if group is not None and group.ec2_launch_template is not None:
         version = group.ec2_launch_template.get_version(group.launch_template_version)
         self._cps_lt_version = str(version.number)
+    self._cps_joined_at = time.monotonic()
     hook = _launch_hook(group) if group is not None and lifecycle_state == "InService" else None
     if hook is not None:
-        self.lifecycle_state = "Pending:Wait"
         self._cps_hook = hook.name
-        self._cps_deadline = time.monotonic() + float(hook.heartbeat_timeout)
-        with LOCK:
-            _WAITING.append((group.autoscaling_backend, self))
+        if Timing.pending_delay > 0:
+            self.lifecycle_state = "Pending"
+            timer = threading.Timer(Timing.pending_delay, _enter_wait, (group.autoscaling_backend, self, hook))
+            timer.daemon = True
+            timer.start()
+        else:
+            _enter_wait(group.autoscaling_backend, self, hook)
+
+
+def _enter_wait(backend, state, hook):
+    """The launch hook takes hold: `Pending:Wait` until completed or timed out."""
+    with LOCK:
+        if state.lifecycle_state not in ("InService", "Pending"):
+            return
+        state.lifecycle_state = "Pending:Wait"
+        state._cps_deadline = time.monotonic() + float(hook.heartbeat_timeout)
+        _WAITING.append((backend, state))
 
 
 def _launch_template(self):
@@ -349,6 +373,21 @@ def _record_lifecycle_action_heartbeat(self):
 
 
 AutoScalingResponse.complete_lifecycle_action = _complete_lifecycle_action
+
+_plain_describe_asg_instances = AutoScalingBackend.describe_auto_scaling_instances
+
+
+def _describe_auto_scaling_instances(self, instance_ids):
+    """A new instance is not shown until the membership delay has passed since it joined."""
+    now = time.monotonic()
+    return [
+        s
+        for s in _plain_describe_asg_instances(self, instance_ids)
+        if now - getattr(s, "_cps_joined_at", 0) >= Timing.membership_delay
+    ]
+
+
+AutoScalingBackend.describe_auto_scaling_instances = _describe_auto_scaling_instances
 AutoScalingResponse.record_lifecycle_action_heartbeat = _record_lifecycle_action_heartbeat
 
 
@@ -414,21 +453,19 @@ def _create_volume_response(self):
     with LOCK:
         known = _CLIENT_TOKENS.get((self.current_account, self.region, token))
         if known is not None:
-            volume_id, known_fingerprint = known
+            volume, known_fingerprint = known
             if known_fingerprint != fingerprint:
                 raise aws_error(
                     "IdempotentParameterMismatch",
                     "The client token you have provided is associated with a resource that "
                     "has different parameters.",
                 )
-            volume = self.ec2_backend.volumes.get(volume_id)
-            if volume is not None:
-                return ActionResult(volume)
+            # AWS answers a used token with the volume it made, for hours, even after that
+            # volume was deleted (moto would make a new one): the reply names a volume that
+            # DescribeVolumes no longer knows.
+            return ActionResult(volume)
         result = _plain_create_volume_response(self)
-        _CLIENT_TOKENS[(self.current_account, self.region, token)] = (
-            result.result.id,
-            fingerprint,
-        )
+        _CLIENT_TOKENS[(self.current_account, self.region, token)] = (result.result, fingerprint)
         return result
 
 
@@ -481,9 +518,10 @@ ElasticBlockStore.describe_volumes = _describe_volumes_response
 # moto's own auth mode checks actions against resource "*" only and skips most conditions, so a
 # least-privilege policy (resources by ARN, tag conditions) cannot be proven with it. This checks
 # the requests cps-attach makes the way IAM evaluates them: every (action, resource) the request
-# needs must be allowed by a statement whose Action, Resource and StringEquals conditions match.
+# needs must be allowed by a statement whose Action, Resource and conditions (StringEquals, and
+# ForAllValues:StringEquals for aws:TagKeys) match.
 
-NODE_POLICY = {"key": None, "statements": []}
+NODE_POLICY = {"key": None, "statements": [], "denied": []}
 ACCOUNT = "123456789012"
 
 
@@ -513,11 +551,17 @@ def _statement_allows(statement, action, resource, context):
     if not any(_matches(r, resource) for r in _as_list(statement.get("Resource", []))):
         return False
     for operator, pairs in (statement.get("Condition") or {}).items():
-        if operator != "StringEquals":
-            return False  # not evaluated here: deny rather than guess
         for key, wanted in pairs.items():
-            if context.get(key) not in _as_list(wanted):
-                return False
+            if operator == "StringEquals":
+                if context.get(key) not in _as_list(wanted):
+                    return False
+            elif operator == "ForAllValues:StringEquals":
+                # Every value of a multi-valued key (aws:TagKeys) must be allowed; no values
+                # at all pass, as in IAM.
+                if not all(v in _as_list(wanted) for v in _as_list(context.get(key, []))):
+                    return False
+            else:
+                return False  # not evaluated here: deny rather than guess
     return True
 
 
@@ -542,6 +586,23 @@ def _needed(response, service, action):
             checks = [(full, f"{arn}:volume/*", context)]
             if requested:
                 checks.append(("ec2:CreateTags", f"{arn}:volume/*", dict(context, **{"ec2:CreateAction": "CreateVolume"})))
+            return checks
+        if action == "CreateTags":
+            # Tags on existing resources (cps-attach's format journal on its volume).
+            requested = {}
+            for key, values in response.querystring.items():
+                if key.startswith("Tag.") and key.endswith(".Key"):
+                    value = response.querystring.get(key[: -len("Key")] + "Value", [""])[0]
+                    requested[values[0]] = value
+            kinds = {"vol": "volume", "i": "instance", "eni": "network-interface"}
+            checks = []
+            ids = [v[0] for k, v in sorted(response.querystring.items()) if k.startswith("ResourceId.")]
+            for rid in ids:
+                kind = kinds.get(rid.split("-", 1)[0], "resource")
+                arn_, context = resource(kind, rid)
+                context = dict(context, **_tag_context(["aws:RequestTag"], requested))
+                context["aws:TagKeys"] = sorted(requested)
+                checks.append((full, arn_, context))
             return checks
         if action == "AttachVolume":
             pairs = [resource("volume", response._get_param("VolumeId")), resource("instance", response._get_param("InstanceId"))]
@@ -590,6 +651,8 @@ def _authorize(self, resource="*"):
     for needed_action, arn, context in _needed(self, service, action):
         if not any(_statement_allows(s, needed_action, arn, context) for s in NODE_POLICY["statements"]):
             message = f"the node's policy does not allow {needed_action} on {arn}"
+            with LOCK:
+                NODE_POLICY["denied"].append(needed_action)
             if service == "ec2":
                 raise Ec2Unauthorized(message)
             raise AccessDeniedError(f"arn:aws:iam::{ACCOUNT}:user/node", f"{needed_action} ({message})")
@@ -599,15 +662,31 @@ BaseResponse._authenticate_and_authorize_normal_action = _authorize
 
 
 def with_policy_api(app):
-    """Adds POST /cps/node-policy to the emulator."""
+    """Adds the control paths to the emulator: POST /cps/node-policy (set it), GET
+    /cps/node-policy (the actions it denied so far, in order), POST /cps/settings."""
 
     def wsgi(environ, start_response):
+        if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "GET":
+            with LOCK:
+                body = json.dumps({"denied": NODE_POLICY["denied"]}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        if environ.get("PATH_INFO") == "/cps/settings" and environ.get("REQUEST_METHOD") == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            with LOCK:
+                for key in ("pending_delay", "membership_delay"):
+                    if key in doc:
+                        setattr(Timing, key, float(doc[key]))
+            start_response("204 No Content", [("Content-Length", "0")])
+            return [b""]
         if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
             with LOCK:
                 NODE_POLICY["key"] = doc.get("access_key")
                 NODE_POLICY["statements"] = _as_list(doc.get("policy", {}).get("Statement", []))
+                NODE_POLICY["denied"] = []
             start_response("204 No Content", [("Content-Length", "0")])
             return [b""]
         return app(environ, start_response)

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use cps_orchestrate::{
     AttachConfig, Error, ErrorClass, FsOutcome, Hosts, MountOutcome, Overrides, Services,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Exit codes (documented in the README).
 mod exit {
@@ -24,6 +24,7 @@ mod exit {
     pub const HOST: u8 = 7;
     pub const HOOK: u8 = 8;
     pub const IDENTITY: u8 = 9;
+    pub const INTERRUPTED: u8 = 10;
 }
 
 #[derive(Parser, Debug)]
@@ -249,12 +250,15 @@ fn init_logging(format: LogFormat) {
 enum Failure {
     Identity(cps_aws::Error),
     Attach(Error),
+    /// A signal before the boot began.
+    Interrupted,
 }
 
 impl Failure {
     fn code(&self) -> u8 {
         match self {
             Self::Identity(_) => exit::CLOUD,
+            Self::Interrupted => exit::INTERRUPTED,
             Self::Attach(e) => match e.class() {
                 ErrorClass::Cloud => exit::CLOUD,
                 ErrorClass::Refused => exit::REFUSED,
@@ -262,15 +266,66 @@ impl Failure {
                 ErrorClass::Host => exit::HOST,
                 ErrorClass::Hook => exit::HOOK,
                 ErrorClass::Identity => exit::IDENTITY,
+                ErrorClass::Interrupted => exit::INTERRUPTED,
             },
         }
     }
 }
 
+/// SIGTERM (a service manager stopping the unit, a CI timeout) and SIGINT (Ctrl-C): the first
+/// ends the boot at the wait it is in (the receiver turns true); a second quits at once.
+fn listen_for_signals() -> tokio::sync::watch::Receiver<bool> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (term, int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, "cannot listen for signals; SIGTERM and Ctrl-C will end cps-attach at once");
+            return rx;
+        }
+    };
+    let (mut term, mut int) = (term, int);
+    tokio::spawn(async move {
+        let mut seen = false;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if seen {
+                error!(signal = name, "interrupted again; quitting at once");
+                std::process::exit(i32::from(exit::INTERRUPTED));
+            }
+            seen = true;
+            warn!(
+                signal = name,
+                "interrupted; ending the boot at the wait it is in (a filesystem being made or a mount under way finishes first); send it again to quit at once"
+            );
+            let _ = tx.send(true);
+        }
+    });
+    rx
+}
+
+/// Completes once a signal was received (never, when no listener runs).
+async fn stopped(mut signals: tokio::sync::watch::Receiver<bool>) {
+    if signals.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
-    let identity = cps_aws::fetch_identity(common.imds_endpoint.as_deref())
-        .await
-        .map_err(Failure::Identity)?;
+    let signals = listen_for_signals();
+    let identity = tokio::select! {
+        biased;
+        () = stopped(signals.clone()) => return Err(Failure::Interrupted),
+        identity = cps_aws::fetch_identity(common.imds_endpoint.as_deref()) => {
+            identity.map_err(Failure::Identity)?
+        }
+    };
     info!(instance_id = %identity.instance_id, zone = %identity.availability_zone, region = %identity.region, "instance identity");
     let mut settings = cps_aws::AwsSettings::new(identity.region.clone());
     settings.endpoint_url = common.aws_endpoint.clone();
@@ -289,7 +344,7 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
         )),
         node: Arc::new(cps_node::LinuxNode::new(&config.sysfs_root)),
     };
-    let out = cps_orchestrate::boot(services, hosts, &identity, &config)
+    let out = cps_orchestrate::boot_until(services, hosts, &identity, &config, stopped(signals))
         .await
         .map_err(Failure::Attach)?;
     let a = &out.attach;
@@ -370,6 +425,7 @@ fn main() -> ExitCode {
             match &f {
                 Failure::Identity(e) => error!("cannot read the instance identity: {e}"),
                 Failure::Attach(e) => error!("{e}"),
+                Failure::Interrupted => error!("interrupted by a signal before the boot began"),
             }
             ExitCode::from(f.code())
         }

@@ -63,15 +63,15 @@ impl HerdMode {
         }
     }
 
-    fn target(self, cfg: &AttachConfig, n: usize) -> ClaimTarget {
+    fn target(self, cfg: &AttachConfig, ids: &[String]) -> ClaimTarget {
         match self {
             Self::Pool => ClaimTarget::pool(cfg),
-            // The window is what boot() reads from the group: N instances booting.
+            // The peers are what boot() reads from the group: N instances booting.
             Self::Slot => ClaimTarget::Slot {
                 tags: cfg.tags.clone(),
                 key: "cps:slot".into(),
-                max: n as u32,
-                window: n,
+                max: ids.len() as u32,
+                peers: ids.to_vec(),
             },
         }
     }
@@ -79,6 +79,14 @@ impl HerdMode {
 
 pub async fn run(attach_bin: &Path, herd: &[usize]) -> io::Result<()> {
     memory_paths().await;
+    herds(herd).await?;
+    binary_paths(attach_bin).await?;
+    node_paths(attach_bin).await?;
+    Ok(())
+}
+
+/// The herd tables alone (`--parts herds`): counts that do not depend on the build.
+pub async fn herds(herd: &[usize]) -> io::Result<()> {
     herd_header("Herds: N agents booting at once");
     for mode in [HerdMode::Pool, HerdMode::Slot] {
         for &n in herd {
@@ -89,8 +97,14 @@ pub async fn run(attach_bin: &Path, herd: &[usize]) -> io::Result<()> {
         }
     }
     println!();
-    binary_paths(attach_bin).await?;
-    node_paths(attach_bin).await?;
+    held_header();
+    for &n in herd {
+        held_herd(n, false).await?;
+    }
+    for &n in herd {
+        held_herd(n, true).await?;
+    }
+    println!();
     Ok(())
 }
 
@@ -190,6 +204,75 @@ fn herd_header(title: &str) {
     println!("|---|---|---|---|---|---|---|---|---|---|");
 }
 
+fn held_header() {
+    println!("## Herds that must create: N agents, N/2 matching volumes held by running servers\n");
+    println!(
+        "| cloud | agents N | held volumes | DescribeInstances | DescribeVolumes | CreateVolume | wall |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+}
+
+/// N agents boot at once in pool mode while every matching volume (N/2 of them) is held by a
+/// running server: each looks up the holders and creates its own volume.
+async fn held_herd(n: usize, on_emulator: bool) -> io::Result<()> {
+    let cfg = Arc::new(config());
+    let held = n / 2;
+    let spec = VolumeSpec::gp3(AZ, 1, &cfg.tags);
+    let row = |calls: &CallLog, wall: Duration, where_: &str| {
+        println!(
+            "| {where_} | {n} | {held} | {} | {} | {} | {:.1} s |",
+            calls.count("DescribeInstances"),
+            calls.count("DescribeVolumes"),
+            calls.count("CreateVolume"),
+            wall.as_secs_f64()
+        );
+    };
+    let ids: Vec<String> = (0..n).map(|i| format!("i-{i:04}")).collect();
+    if !on_emulator {
+        let cloud = MemoryCloud::new(Timing {
+            latency: Duration::from_millis(50),
+            ..Timing::default()
+        });
+        cloud.with(|w| {
+            for id in &ids {
+                w.add_instance(id, AZ);
+            }
+            for i in 0..held {
+                let v = w.add_volume(AZ, 1, &cfg.tags);
+                w.add_instance(&format!("i-holder-{i}"), AZ);
+                let _ = w.attach(&v, &format!("i-holder-{i}"), "/dev/xvdc");
+            }
+        });
+        let start = Instant::now();
+        herd(Arc::new(cloud.clone()), &ids, &cfg, ClaimTarget::pool(&cfg))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        row(cloud.calls(), start.elapsed(), "in-memory, 50 ms/request");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let emu = Emulator::start(Delays::default(), dir.path().join("emulator.log"))?;
+    let api = Arc::new(cps_testbed::emulator_volumes(&emu));
+    let ids = run_instances(&emu.ec2(), AZ, n as i32).await?;
+    let holders = run_instances(&emu.ec2(), AZ, held as i32).await?;
+    for (i, holder) in holders.iter().enumerate() {
+        let v = api
+            .create_volume(&spec, &format!("held-{i}"))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        api.attach_volume(&v.id, holder, "/dev/xvdc")
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+    }
+    api.calls().reset();
+    let start = Instant::now();
+    herd(api.clone(), &ids, &cfg, ClaimTarget::pool(&cfg))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    row(api.calls(), start.elapsed(), "emulator");
+    Ok(())
+}
+
 /// Every instance in `ids` claims a volume at the same moment, each as its own task.
 async fn herd<V: VolumeService + 'static>(
     api: Arc<V>,
@@ -238,7 +321,7 @@ async fn memory_herd(n: usize, mode: HerdMode) {
         }
     });
     let start = Instant::now();
-    let claims = herd(Arc::new(cloud.clone()), &ids, &cfg, mode.target(&cfg, n))
+    let claims = herd(Arc::new(cloud.clone()), &ids, &cfg, mode.target(&cfg, &ids))
         .await
         .expect("claim");
     let created = cloud.calls().count("CreateVolume");
@@ -274,7 +357,7 @@ async fn emulator_herd(n: usize, mode: HerdMode) -> io::Result<()> {
     }
     api.calls().reset();
     let start = Instant::now();
-    let claims = herd(api.clone(), &ids, &cfg, mode.target(&cfg, n))
+    let claims = herd(api.clone(), &ids, &cfg, mode.target(&cfg, &ids))
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
     let wall = start.elapsed();

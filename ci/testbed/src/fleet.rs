@@ -260,8 +260,40 @@ impl Bench {
     /// From now on, requests signed with [`NODE_KEY`] are allowed only what `policy` (an IAM
     /// policy document, JSON) allows, as AWS would evaluate it; other keys stay unrestricted.
     pub fn restrict_key(&self, policy: &str) -> io::Result<()> {
-        use std::io::{Read, Write};
         let body = format!(r#"{{"access_key": "{NODE_KEY}", "policy": {policy}}}"#);
+        self.control("POST", "/cps/node-policy", &body)
+            .map(drop)
+            .map_err(|e| io::Error::other(format!("the emulator refused the node policy: {e}")))
+    }
+
+    /// The actions the emulator denied to [`NODE_KEY`] since the policy was set, in order.
+    pub fn denied_actions(&self) -> io::Result<Vec<String>> {
+        let body = self.control("GET", "/cps/node-policy", "")?;
+        let doc: serde_json::Value = serde_json::from_str(&body).map_err(io::Error::other)?;
+        Ok(doc["denied"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// From now on, instances a group launches stay `Pending` for `pending` before their launch
+    /// hook holds them in `Pending:Wait`, and DescribeAutoScalingInstances shows an instance only
+    /// `membership` after it joined its group (as AWS may early in a boot).
+    pub fn set_lifecycle_delays(&self, pending: Duration, membership: Duration) -> io::Result<()> {
+        let body = format!(
+            r#"{{"pending_delay": {}, "membership_delay": {}}}"#,
+            pending.as_secs_f64(),
+            membership.as_secs_f64()
+        );
+        self.control("POST", "/cps/settings", &body).map(drop)
+    }
+
+    /// One request to one of the emulator's control paths (`/cps/...`); the reply's body when
+    /// its status is 2xx.
+    fn control(&self, method: &str, path: &str, body: &str) -> io::Result<String> {
+        use std::io::{Read, Write};
         let addr = self
             .endpoint()
             .trim_start_matches("http://")
@@ -271,18 +303,19 @@ impl Bench {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             stream,
-            "POST /cps/node-policy HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply)?;
-        if reply.starts_with("HTTP/1.1 204") || reply.starts_with("HTTP/1.0 204") {
-            Ok(())
+        let status = reply.lines().next().unwrap_or("");
+        if status.split(' ').nth(1).is_some_and(|c| c.starts_with('2')) {
+            Ok(reply
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default())
         } else {
-            Err(io::Error::other(format!(
-                "the emulator refused the node policy: {}",
-                reply.lines().next().unwrap_or("")
-            )))
+            Err(io::Error::other(format!("{method} {path}: {status}")))
         }
     }
 }

@@ -1,6 +1,7 @@
 //! cps-testbed: the replacement story as a demo, and the benchmarks, on the local bench.
 
 mod bench;
+mod bench_probe;
 mod bench_roll;
 mod demo;
 
@@ -39,8 +40,9 @@ enum Cmd {
         /// Herd sizes to run.
         #[arg(long, value_delimiter = ',', default_value = "50,200")]
         herd: Vec<usize>,
-        /// Which parts to run.
-        #[arg(long, value_delimiter = ',', default_value = "attach,roll")]
+        /// Which parts to run: attach (everything of cps-attach), herds (only its herd tables),
+        /// probe (the blank check's cost), roll.
+        #[arg(long, value_delimiter = ',', default_value = "attach,probe,roll")]
         parts: Vec<String>,
     },
 }
@@ -73,6 +75,11 @@ fn main() -> ExitCode {
                 println!("# cps bench report\n");
                 if parts.iter().any(|p| p == "attach") {
                     bench::run(&attach_bin, &herd).await?;
+                } else if parts.iter().any(|p| p == "herds") {
+                    bench::herds(&herd).await?;
+                }
+                if parts.iter().any(|p| p == "probe") {
+                    bench_probe::run()?;
                 }
                 if parts.iter().any(|p| p == "roll") {
                     bench_roll::run(&roll_bin, &script).await?;

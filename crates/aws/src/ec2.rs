@@ -67,6 +67,7 @@ fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
                 instance_id: a.instance_id().unwrap_or_default().to_owned(),
                 device: a.device().unwrap_or_default().to_owned(),
                 state: AttachmentState::parse(a.state().map(|s| s.as_str()).unwrap_or("unknown")),
+                delete_on_termination: a.delete_on_termination().unwrap_or(false),
             })
             .collect(),
         tags: v
@@ -193,6 +194,26 @@ impl VolumeService for Ec2Api {
                 })
                 .collect(),
         })
+    }
+
+    async fn tag_volume(&self, volume_id: &str, tags: &Tags) -> Result<(), Error> {
+        self.calls.record("CreateTags");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            ..Context::default()
+        };
+        self.client
+            .create_tags()
+            .resources(volume_id)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map_err(|e| classify("CreateTags", ctx, e))?;
+        Ok(())
     }
 
     async fn attach_volume(

@@ -22,6 +22,17 @@ pub enum Error {
         found: u64,
     },
 
+    /// Right before a write, sysfs no longer ties the node to the volume it was verified for.
+    #[error(
+        "{path} is no longer provably {volume_id}'s ({why}); a detach and another attach may have reused the device; \
+         nothing was written to it. Run cps-attach again: it looks the volume's device up afresh"
+    )]
+    NoLongerVerified {
+        path: PathBuf,
+        volume_id: String,
+        why: String,
+    },
+
     /// Something holds the device exclusively (a mount elsewhere, swap, LVM, RAID, dm-crypt).
     #[error(
         "{path} ({volume_id}) is in use by the kernel (mounted elsewhere, swap, LVM, RAID or dm-crypt); not touching it"
@@ -126,6 +137,7 @@ impl Error {
             self,
             Self::Refused { .. }
                 | Self::AlreadyFormatted { .. }
+                | Self::NoLongerVerified { .. }
                 | Self::Busy { .. }
                 | Self::MountedElsewhere { .. }
                 | Self::TargetBusy { .. }

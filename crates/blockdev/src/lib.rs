@@ -5,7 +5,8 @@
 //! - a device is only ever used through a [`Device`], which [`BlockHost::locate`] hands out only
 //!   after verifying that the node belongs to the requested volume (NVMe serial = volume id);
 //! - [`BlockHost::make_filesystem`] probes the device again itself and refuses unless that probe
-//!   proves it empty, whatever the caller believes.
+//!   proves it empty, whatever the caller believes — or, with a [`FormatGrant::Unfinished`] from
+//!   the volume's format journal, finds nothing but what that interrupted mkfs writes.
 //!
 //! [`LinuxHost`] is the real implementation (util-linux `blkid`/`wipefs`, `mkfs.*`, mount(2)).
 //! The orchestration uses the [`BlockHost`] trait, so its tests can substitute a fake host.
@@ -17,6 +18,7 @@ mod locate;
 mod mkfs;
 mod mount;
 mod probe;
+mod scan;
 
 use std::path::{Path, PathBuf};
 
@@ -24,11 +26,12 @@ pub use error::Error;
 pub use files::write_atomically;
 pub use fstab::FstabEntry;
 pub use locate::{Lookup, Verification, Wanted, nvme_link_name};
-pub use mkfs::{FsType, MkfsSpec};
+pub use mkfs::{FormatGrant, FsType, MkfsSpec, left_by_mkfs, new_uuid};
 pub use mount::{
     MountInfo, MountState, Ownership, resolve_ownership, set_ownership, split_mount_options,
 };
 pub use probe::{Probe, Refusal};
+pub use scan::blank_check_cost;
 
 /// A kernel block device verified to be the block device of `volume_id`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,9 +67,15 @@ pub trait BlockHost: Send + Sync {
     /// For reporting only (the UUID of a mounted filesystem); never a reason to format.
     fn identify(&self, device: &Device) -> Result<Probe, Error>;
 
-    /// Makes a filesystem, but only if a fresh probe proves the device empty; returns what the
-    /// probe finds afterwards.
-    fn make_filesystem(&self, device: &Device, spec: &MkfsSpec) -> Result<Filesystem, Error>;
+    /// Makes a filesystem, but only if a fresh probe proves the device empty, or finds nothing
+    /// but what the interrupted mkfs named by `grant` writes; returns what the probe finds
+    /// afterwards.
+    fn make_filesystem(
+        &self,
+        device: &Device,
+        spec: &MkfsSpec,
+        grant: &FormatGrant,
+    ) -> Result<Filesystem, Error>;
 
     /// Mounts `device` (holding `fs`) at `target`, creating the directory if needed.
     fn mount(
@@ -128,8 +137,13 @@ impl BlockHost for LinuxHost {
         probe::identify(device)
     }
 
-    fn make_filesystem(&self, device: &Device, spec: &MkfsSpec) -> Result<Filesystem, Error> {
-        mkfs::make_filesystem(device, spec)
+    fn make_filesystem(
+        &self,
+        device: &Device,
+        spec: &MkfsSpec,
+        grant: &FormatGrant,
+    ) -> Result<Filesystem, Error> {
+        mkfs::make_filesystem(device, &self.sys_root, spec, grant)
     }
 
     fn mount(

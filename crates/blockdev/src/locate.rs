@@ -145,6 +145,29 @@ fn candidate(
     }))
 }
 
+/// Checks again, from sysfs, that `device` is still its volume's: the serial (NVMe) and the
+/// device number. Called right before anything writes to it.
+pub(crate) fn reverify(sys_root: &Path, device: &Device) -> Result<(), Error> {
+    let name = device
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = sys_root.join("block").join(&name);
+    let serial = match device.verification {
+        Verification::NvmeSerial => serial_mismatch(&dir, &device.volume_id),
+        Verification::XenName => None,
+    };
+    match serial.or_else(|| dev_mismatch(&dir, device.rdev)) {
+        None => Ok(()),
+        Some(why) => Err(Error::NoLongerVerified {
+            path: device.path.clone(),
+            volume_id: device.volume_id.clone(),
+            why,
+        }),
+    }
+}
+
 /// Why the device described by sysfs `dir` is not provably `volume_id`'s, if it is not.
 fn serial_mismatch(dir: &Path, volume_id: &str) -> Option<String> {
     let expected = volume_id.replace('-', "");

@@ -4,17 +4,18 @@
 //! permission problem, so its "nothing found" is only believed when every guard passed: the node
 //! is the block device that was verified (same device number), this process holds it open
 //! exclusively (nothing mounted, swapped or assembled on it), blkid wrote nothing on stderr,
-//! `wipefs` lists no signature either, and the first and last MiB read back as zeros (a fresh
-//! EBS volume reads zeros; anything else is data we cannot name).
+//! `wipefs` lists no signature either, and the places [`crate::scan`] reads — backup
+//! superblocks, both ends, a spread sample — are all zeros (a fresh EBS volume reads zeros;
+//! anything else is a damaged filesystem or data we cannot name).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::process::Command;
 
-use crate::{Device, Error, Filesystem};
+use crate::{Device, Error, Filesystem, scan};
 
 /// What a device holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +48,12 @@ pub enum Refusal {
         kind: String,
         offset: String,
     },
+    /// No primary signature, but a backup superblock: a damaged filesystem, not an empty device.
+    BackupSuperblock {
+        fstype: &'static str,
+        offset: u64,
+        recover: String,
+    },
     /// No signature, but the device is not blank.
     UnknownData {
         offset: u64,
@@ -74,18 +81,24 @@ impl fmt::Display for Refusal {
                 f,
                 "wipefs finds a {kind} signature at offset {offset} that blkid does not report; it will not be formatted. Inspect it with `wipefs`"
             ),
+            Self::BackupSuperblock {
+                fstype,
+                offset,
+                recover,
+            } => write!(
+                f,
+                "has no primary signature, but a backup {fstype} superblock at byte {offset}: a damaged {fstype} filesystem, \
+                 not an empty volume; it will not be formatted. {recover}"
+            ),
             Self::UnknownData { offset } => write!(
                 f,
                 "has no known signature but is not blank (non-zero bytes at offset {offset}); it will not be formatted. \
-                 If it is a half-made filesystem from an interrupted first boot and holds nothing you need, clear it with \
-                 `wipefs -a` and zero its first MiB, then run cps-attach again"
+                 If it holds nothing you need, delete the volume (cps-attach then creates a new one) or zero all of it \
+                 (`blkdiscard -z DEVICE`), then run cps-attach again"
             ),
         }
     }
 }
-
-/// Bytes checked for zeros at each end of a device that carries no signature.
-const BLANK_CHECK_BYTES: u64 = 1 << 20;
 
 pub(crate) fn probe(device: &Device) -> Result<Probe, Error> {
     let file = open_exclusive(device)?;
@@ -119,8 +132,8 @@ pub(crate) fn probe(device: &Device) -> Result<Probe, Error> {
         return Ok(Probe::Refused(Refusal::HiddenSignature { kind, offset }));
     }
 
-    if let Some(offset) = first_nonzero(file, device)? {
-        return Ok(Probe::Refused(Refusal::UnknownData { offset }));
+    if let Some(refusal) = find_data(&file, device)? {
+        return Ok(Probe::Refused(refusal));
     }
     Ok(Probe::Empty)
 }
@@ -206,24 +219,30 @@ pub(crate) fn check_node(device: &Device) -> Result<(), Error> {
     Ok(())
 }
 
-fn first_nonzero(mut file: File, device: &Device) -> Result<Option<u64>, Error> {
-    let size = file
+/// Whether anything on the device is not zero: backup superblocks, both ends, a spread sample.
+fn find_data(file: &File, device: &Device) -> Result<Option<Refusal>, Error> {
+    let mut f = file;
+    let size = f
         .seek(SeekFrom::End(0))
         .map_err(Error::io(&device.path, "seek"))?;
-    let head = BLANK_CHECK_BYTES.min(size);
-    let tail_start = size.saturating_sub(BLANK_CHECK_BYTES).max(head);
-    for (start, len) in [(0, head), (tail_start, size - tail_start)] {
-        file.seek(SeekFrom::Start(start))
-            .map_err(Error::io(&device.path, "seek"))?;
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact(&mut buf)
-            .map_err(Error::io(&device.path, "read"))?;
-        if let Some(i) = buf.iter().position(|&b| b != 0) {
-            return Ok(Some(start + i as u64));
-        }
-    }
-    Ok(None)
+    let found = scan::find_data(file, size, &device.path.display().to_string())
+        .map_err(Error::io(&device.path, "read"))?;
+    Ok(found.map(|f| match f {
+        scan::Found::Backup {
+            fstype,
+            offset,
+            recover,
+        } => Refusal::BackupSuperblock {
+            fstype,
+            offset,
+            recover,
+        },
+        scan::Found::Data { offset } => Refusal::UnknownData { offset },
+    }))
 }
+
+/// Types blkid reports with USAGE=filesystem that are members of a pool, not mountable alone.
+const POOL_MEMBERS: [&str; 1] = ["zfs_member"];
 
 fn classify(fields: &BTreeMap<String, String>) -> Probe {
     if let Some(pttype) = fields.get("PTTYPE") {
@@ -234,6 +253,11 @@ fn classify(fields: &BTreeMap<String, String>) -> Probe {
     let kind = fields.get("TYPE").cloned();
     let usage = fields.get("USAGE").cloned().unwrap_or_default();
     match kind {
+        // blkid files pool members under "filesystem", but there is nothing to mount on one.
+        Some(kind) if POOL_MEMBERS.contains(&kind.as_str()) => Probe::Refused(Refusal::Signature {
+            kind,
+            usage: "a member of a storage pool".into(),
+        }),
         Some(fstype) if usage == "filesystem" => Probe::Filesystem(Filesystem {
             fstype,
             uuid: fields.get("UUID").cloned(),

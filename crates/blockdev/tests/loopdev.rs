@@ -3,14 +3,15 @@
 //! Needs root and the filesystem tools (ci/setup installs them). Locally the tier skips with one
 //! line when they are missing; in CI it fails instead.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use cps_blockdev::{
-    BlockHost, Device, Error, FsType, FstabEntry, LinuxHost, Lookup, MkfsSpec, MountState,
-    Ownership, Probe, Refusal, Verification, Wanted, nvme_link_name,
+    BlockHost, Device, Error, FormatGrant, FsType, FstabEntry, LinuxHost, Lookup, MkfsSpec,
+    MountState, Ownership, Probe, Refusal, Verification, Wanted, nvme_link_name,
 };
 use cps_fixtures::{LoopDevice, MountGuard, Need, require, run};
 
@@ -37,7 +38,8 @@ fn device_of(l: &LoopDevice) -> Device {
         path: l.path().to_path_buf(),
         rdev: fs::metadata(l.path()).unwrap().rdev(),
         volume_id: "vol-0test".into(),
-        verification: Verification::NvmeSerial,
+        // Loop devices have no serial; the kernel's sysfs still ties name and device number.
+        verification: Verification::XenName,
     }
 }
 
@@ -78,7 +80,9 @@ fn makes_mounts_and_never_remakes_each_filesystem() {
             label: Some("cpsdata".into()),
             options: vec![],
         };
-        let made = host.make_filesystem(&dev, &spec).unwrap();
+        let made = host
+            .make_filesystem(&dev, &spec, &FormatGrant::Empty)
+            .unwrap();
         assert_eq!(made.fstype, fstype.name());
         assert_eq!(made.label.as_deref(), Some("cpsdata"));
         assert!(made.uuid.is_some());
@@ -137,7 +141,9 @@ fn makes_mounts_and_never_remakes_each_filesystem() {
             "{fstype}: probed back identically"
         );
         let before = fingerprint(&l);
-        let err = host.make_filesystem(&dev, &spec).unwrap_err();
+        let err = host
+            .make_filesystem(&dev, &spec, &FormatGrant::Empty)
+            .unwrap_err();
         assert!(
             matches!(err, Error::AlreadyFormatted { .. }),
             "{fstype}: {err}"
@@ -156,7 +162,7 @@ fn raw_mkfs_arguments_work_as_in_the_original_format() {
     let l = LoopDevice::new(SIZE).unwrap();
     let dev = device_of(&l);
     let made = LinuxHost::default()
-        .make_filesystem(&dev, &MkfsSpec::default())
+        .make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty)
         .unwrap();
     assert_eq!(made.fstype, "ext4");
     let reserved = run("tune2fs", &["-l", &l.path().to_string_lossy()]).unwrap();
@@ -226,7 +232,7 @@ fn refusal_matrix() {
         assert_eq!(found.fstype, fstype);
         let before = fingerprint(&l);
         assert!(matches!(
-            host.make_filesystem(&dev, &MkfsSpec::default()),
+            host.make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty),
             Err(Error::AlreadyFormatted { .. })
         ));
         assert_eq!(fingerprint(&l), before, "{fstype}: never formatted");
@@ -328,7 +334,7 @@ fn refusal_matrix() {
             other => panic!("{what}: probed as {other:?}"),
         }
         let err = host
-            .make_filesystem(&dev, &MkfsSpec::default())
+            .make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty)
             .unwrap_err();
         assert!(matches!(err, Error::Refused { .. }), "{what}: {err}");
         assert!(err.is_refusal());
@@ -392,7 +398,7 @@ fn what_is_not_the_verified_block_device_is_an_error_not_empty() {
         })
     ));
     assert!(matches!(
-        host.make_filesystem(&dev, &MkfsSpec::default()),
+        host.make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty),
         Err(Error::NotBlockDevice { .. })
     ));
 
@@ -402,7 +408,7 @@ fn what_is_not_the_verified_block_device_is_an_error_not_empty() {
     other.rdev += 1;
     assert!(matches!(host.probe(&other), Err(Error::Changed { .. })));
     assert!(matches!(
-        host.make_filesystem(&other, &MkfsSpec::default()),
+        host.make_filesystem(&other, &MkfsSpec::default(), &FormatGrant::Empty),
         Err(Error::Changed { .. })
     ));
     assert_eq!(
@@ -535,8 +541,12 @@ fn mount_table_states_and_refusals() {
         label: None,
         options: vec![],
     };
-    let fa = host.make_filesystem(&da, &spec).unwrap();
-    let fb = host.make_filesystem(&db, &spec).unwrap();
+    let fa = host
+        .make_filesystem(&da, &spec, &FormatGrant::Empty)
+        .unwrap();
+    let fb = host
+        .make_filesystem(&db, &spec, &FormatGrant::Empty)
+        .unwrap();
     let dir = mount_dir();
     let (t1, t2) = (dir.path().join("one"), dir.path().join("two"));
     let (_g1, _g2) = (MountGuard(t1.clone()), MountGuard(t2.clone()));
@@ -579,6 +589,7 @@ fn fstab_entry_uses_the_real_uuid_and_is_idempotent() {
                 label: None,
                 options: vec![],
             },
+            &FormatGrant::Empty,
         )
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -617,4 +628,418 @@ fn fstab_entry_uses_the_real_uuid_and_is_idempotent() {
         resolved.is_empty() || Path::new(&resolved) == l.path(),
         "{resolved}"
     );
+}
+
+/// Zeroes the first MiB through the device, as a stray `dd … count=1` or a failed
+/// partitioning tool would.
+fn zero_head(l: &LoopDevice) {
+    let mut f = fs::OpenOptions::new().write(true).open(l.path()).unwrap();
+    f.write_all(&vec![0u8; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Makes `fstype`'s filesystem with `args`, mounts it and writes files into it.
+fn filesystem_with_files(l: &LoopDevice, program: &str, args: &[&str]) {
+    let dev = l.path().to_string_lossy().into_owned();
+    let mut all: Vec<&str> = args.to_vec();
+    all.push(&dev);
+    run(program, &all).unwrap();
+    let dir = mount_dir();
+    let target = dir.path().join("m");
+    fs::create_dir_all(&target).unwrap();
+    let guard = MountGuard(target.clone());
+    run("mount", &[&dev, &target.to_string_lossy()]).unwrap();
+    for i in 0..32 {
+        fs::write(target.join(format!("file-{i}")), vec![b'x'; 256 << 10]).unwrap();
+    }
+    drop(guard);
+}
+
+/// An ext4, xfs or btrfs filesystem holding files, with only its first MiB zeroed, is damaged,
+/// not empty: its backup superblocks (ext2/3/4 at the start of block groups 1, 3, 5…, xfs at the
+/// start of every allocation group, btrfs's mirror at 64 MiB) say so, and `e2fsck -b`,
+/// `xfs_repair` or `btrfs rescue` could bring it back. It is refused, never formatted.
+#[test]
+fn damaged_filesystems_are_refused_by_their_backup_superblocks() {
+    if !ready() {
+        return;
+    }
+    let host = LinuxHost::default();
+    /// What, program, args, expected family, expected offset of the first backup (None: read it
+    /// from the filesystem before the damage).
+    type Case<'a> = (&'a str, &'a str, &'a [&'a str], &'a str, Option<u64>);
+    let cases: [Case; 5] = [
+        (
+            "ext4, 1 KiB blocks",
+            "mkfs.ext4",
+            &["-q", "-F", "-b", "1024"],
+            "ext2/3/4",
+            Some(8193 * 1024),
+        ),
+        (
+            "ext4, 2 KiB blocks",
+            "mkfs.ext4",
+            &["-q", "-F", "-b", "2048"],
+            "ext2/3/4",
+            Some(16384 * 2048),
+        ),
+        (
+            "ext4, 4 KiB blocks",
+            "mkfs.ext4",
+            &["-q", "-F", "-b", "4096"],
+            "ext2/3/4",
+            Some(32768 * 4096),
+        ),
+        ("xfs", "mkfs.xfs", &["-q", "-f"], "xfs", None),
+        (
+            "btrfs",
+            "mkfs.btrfs",
+            &["-q", "-f"],
+            "btrfs",
+            Some(64 << 20),
+        ),
+    ];
+    for (what, program, args, family, offset) in cases {
+        let l = LoopDevice::new(SIZE).unwrap();
+        filesystem_with_files(&l, program, args);
+        let expected = offset.unwrap_or_else(|| xfs_ag1_offset(&l));
+        zero_head(&l);
+        let dev = device_of(&l);
+        let before = fingerprint(&l);
+        match host.probe(&dev).unwrap() {
+            Probe::Refused(Refusal::BackupSuperblock { fstype, offset, .. }) => {
+                assert_eq!((fstype, offset), (family, expected), "{what}");
+            }
+            other => panic!("{what}: a damaged filesystem probed as {other:?}"),
+        }
+        let err = host
+            .make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty)
+            .unwrap_err();
+        assert!(matches!(err, Error::Refused { .. }), "{what}: {err}");
+        assert!(
+            err.to_string().contains("damaged"),
+            "{what}: says what it is: {err}"
+        );
+        assert_eq!(fingerprint(&l), before, "{what}: left byte for byte");
+        if family == "ext2/3/4" {
+            // The refusal is not theoretical: e2fsck opens the filesystem from that backup
+            // (exit 1: errors found and corrected; 8 would mean it could not open it).
+            let bs = args[3];
+            let block = expected / bs.parse::<u64>().unwrap();
+            let status = std::process::Command::new("e2fsck")
+                .args(["-f", "-y", "-b", &block.to_string(), "-B", bs])
+                .arg(l.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(
+                matches!(status.code(), Some(0 | 1)),
+                "{what}: e2fsck {status}"
+            );
+        }
+    }
+}
+
+/// Where xfs put allocation group 1's superblock, read from the intact filesystem.
+fn xfs_ag1_offset(l: &LoopDevice) -> u64 {
+    let out = run(
+        "xfs_db",
+        &[
+            "-r",
+            "-c",
+            "sb 0",
+            "-c",
+            "p agblocks blocksize",
+            &l.path().to_string_lossy(),
+        ],
+    )
+    .unwrap();
+    let field = |name: &str| -> u64 {
+        out.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} = ")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    field("agblocks") * field("blocksize")
+}
+
+/// Zeros at both ends prove nothing about the middle: 4 MiB of data at 100 MiB of a 1 GiB
+/// volume, first and last MiB zero, is refused.
+#[test]
+fn data_in_the_middle_of_a_blank_looking_volume_is_refused() {
+    if !ready() {
+        return;
+    }
+    let l = LoopDevice::new(1 << 30).unwrap();
+    {
+        let mut f = fs::OpenOptions::new().write(true).open(l.path()).unwrap();
+        f.seek(SeekFrom::Start(100 << 20)).unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let data: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let dev = device_of(&l);
+    let before = fingerprint(&l);
+    let host = LinuxHost::default();
+    match host.probe(&dev).unwrap() {
+        Probe::Refused(Refusal::UnknownData { offset }) => {
+            assert!(
+                ((100 << 20)..(104 << 20)).contains(&offset),
+                "found at {offset}"
+            );
+        }
+        other => panic!("probed as {other:?}"),
+    }
+    assert!(matches!(
+        host.make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty),
+        Err(Error::Refused { .. })
+    ));
+    assert_eq!(fingerprint(&l), before, "left byte for byte");
+}
+
+/// mkfs must not discard: a discard makes a mistake unrecoverable, and a fresh EBS volume needs
+/// none. On a loop device a discard punches holes into the backing file, so it shows.
+#[test]
+fn mkfs_never_discards() {
+    if !ready() {
+        return;
+    }
+    let host = LinuxHost::default();
+    let specs = [
+        MkfsSpec::default(),
+        MkfsSpec::Raw {
+            args: ["-t", "ext4", "-E", "lazy_itable_init=1"]
+                .map(String::from)
+                .to_vec(),
+        },
+        MkfsSpec::Typed {
+            fstype: FsType::Ext4,
+            label: None,
+            options: vec!["-E".into(), "lazy_journal_init=1".into()],
+        },
+        MkfsSpec::Typed {
+            fstype: FsType::Xfs,
+            label: None,
+            options: vec![],
+        },
+        MkfsSpec::Typed {
+            fstype: FsType::Btrfs,
+            label: None,
+            options: vec![],
+        },
+    ];
+    for spec in specs {
+        let l = LoopDevice::allocated(SIZE).unwrap();
+        let before = l.allocated_bytes().unwrap();
+        assert!(before >= SIZE, "the backing file is allocated");
+        host.make_filesystem(&device_of(&l), &spec, &FormatGrant::Empty)
+            .unwrap();
+        let after = l.allocated_bytes().unwrap();
+        assert!(
+            after >= before,
+            "{spec:?}: mkfs discarded {} MiB",
+            (before - after) >> 20
+        );
+    }
+}
+
+/// A ZFS pool member is not a filesystem to mount: refused, named, untouched.
+#[test]
+fn a_zfs_pool_member_is_refused() {
+    if !ready() {
+        return;
+    }
+    let l = LoopDevice::new(SMALL).unwrap();
+    {
+        // What blkid recognises as a ZFS label: uberblocks (magic 0x00bab10c) in labels 0 and 1.
+        let mut f = fs::OpenOptions::new().write(true).open(l.path()).unwrap();
+        for label in [0u64, 256 << 10] {
+            for i in 0..8u64 {
+                f.seek(SeekFrom::Start(label + (128 << 10) + i * 1024))
+                    .unwrap();
+                f.write_all(&0x00ba_b10c_u64.to_le_bytes()).unwrap();
+                f.write_all(&5000u64.to_le_bytes()).unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+    }
+    let dev = device_of(&l);
+    let before = fingerprint(&l);
+    let host = LinuxHost::default();
+    match host.probe(&dev).unwrap() {
+        Probe::Refused(Refusal::Signature { kind, .. }) => assert_eq!(kind, "zfs_member"),
+        other => panic!("a ZFS member probed as {other:?}"),
+    }
+    assert!(matches!(
+        host.make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty),
+        Err(Error::Refused { .. })
+    ));
+    assert_eq!(fingerprint(&l), before);
+}
+
+/// Device numbers are reused after a detach and a new attach; the serial is not. mkfs re-reads
+/// the serial right before it starts, so a node that now belongs to another volume is refused.
+#[test]
+fn mkfs_rechecks_the_serial_before_it_starts() {
+    if !ready() {
+        return;
+    }
+    let l = LoopDevice::new(SIZE).unwrap();
+    let roots = FakeRoots::new();
+    roots.link_nvme("vol-0abc", &l, "vol0abc");
+    let host = LinuxHost::new(roots.dev(), roots.sys());
+    let Lookup::Found(dev) = host.locate(wanted("/dev/xvdc")).unwrap() else {
+        panic!("a verified link was not found")
+    };
+    assert_eq!(host.probe(&dev).unwrap(), Probe::Empty);
+    // Same node, same device number, but now the serial of another volume.
+    roots.link_nvme("vol-0abc", &l, "vol0def");
+    let err = host
+        .make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty)
+        .unwrap_err();
+    assert!(err.to_string().contains("vol0def"), "{err}");
+    assert_eq!(host.probe(&dev).unwrap(), Probe::Empty, "nothing written");
+}
+
+/// mkfs as cps runs it (no discard, the UUID chosen beforehand), with its `n`-th pwrite64
+/// replaced by SIGKILL: what a first boot killed inside mkfs leaves on the volume. `n = 0`
+/// counts the writes of a whole run instead.
+fn mkfs_killed_at(fstype: FsType, uuid: &str, device: &Path, n: usize) -> usize {
+    let dev = device.to_string_lossy().into_owned();
+    let xfs_uuid = format!("uuid={uuid}");
+    let args: Vec<&str> = match fstype {
+        FsType::Ext4 => vec!["-q", "-U", uuid, "-E", "nodiscard"],
+        FsType::Xfs => vec!["-q", "-m", &xfs_uuid, "-K"],
+        FsType::Btrfs => vec!["-q", "-U", uuid, "--nodiscard"],
+    };
+    let mkfs = format!("mkfs.{}", fstype.name());
+    let trace = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-e", "trace=pwrite64", "-o"])
+        .arg(trace.path());
+    if n > 0 {
+        cmd.args(["-e", &format!("inject=pwrite64:signal=KILL:when={n}")]);
+    }
+    let status = cmd
+        .arg(&mkfs)
+        .args(&args)
+        .arg(&dev)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    // The last point may not be reached: the number of writes varies a little between runs.
+    assert!(
+        n == 0 || !status.success() || n + 2 >= count_hint(fstype),
+        "{mkfs} was not killed at write {n}: {status}"
+    );
+    if n == 0 {
+        assert!(status.success(), "{mkfs}: {status}");
+    }
+    fs::read_to_string(trace.path())
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("pwrite64("))
+        .count()
+}
+
+/// The kill points of a run of `total` writes: the first few (signatures erased, the first
+/// metadata), then five spread to the last.
+fn kill_points(total: usize) -> Vec<usize> {
+    let mut points = vec![1, 2, 3, 5, 8];
+    points.extend((1..=5).map(|i| 8 + (total - 8) * i / 5));
+    points.retain(|&p| p <= total);
+    points.dedup();
+    points
+}
+
+static WRITES: std::sync::Mutex<BTreeMap<&'static str, usize>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn count_hint(fstype: FsType) -> usize {
+    WRITES
+        .lock()
+        .unwrap()
+        .get(fstype.name())
+        .copied()
+        .unwrap_or(0)
+}
+
+/// mkfs killed at write 1, 2, 3, 5, 8, … and at its last: with the format journal's grant
+/// (the volume says that mkfs started and never finished), the leftovers are recognised as
+/// mkfs's own and the filesystem is made; without it, they are refused and left byte for byte.
+#[test]
+fn leftovers_of_a_killed_mkfs_are_remade_only_under_the_journal() {
+    let mut needs = cps_fixtures::kernel_needs();
+    needs.extend([
+        Need::Tool("mkfs.btrfs", "btrfs-progs"),
+        Need::Tool("strace", "strace"),
+    ]);
+    if !require("blockdev on loop devices: mkfs killed", &needs) {
+        return;
+    }
+    let host = LinuxHost::default();
+    for fstype in FsType::ALL {
+        let total = {
+            let l = LoopDevice::new(SIZE).unwrap();
+            mkfs_killed_at(fstype, &cps_blockdev::new_uuid().unwrap(), l.path(), 0)
+        };
+        WRITES.lock().unwrap().insert(fstype.name(), total);
+        assert!(total > 10, "{fstype}: {total} writes");
+        let mut refused = 0;
+        for n in kill_points(total) {
+            let l = LoopDevice::new(SIZE).unwrap();
+            let uuid = cps_blockdev::new_uuid().unwrap();
+            mkfs_killed_at(fstype, &uuid, l.path(), n);
+            let dev = device_of(&l);
+            let what = format!("{fstype} killed at write {n} of {total}");
+            let spec = MkfsSpec::Typed {
+                fstype,
+                label: None,
+                options: vec![],
+            }
+            .with_uuid(&uuid);
+            // mkfs's first writes are zeros (it erases old signatures): still blank, nothing
+            // to prove then.
+            if host.probe(&dev).unwrap() == Probe::Empty {
+                continue;
+            }
+            let before = fingerprint(&l);
+            match host.make_filesystem(&dev, &spec, &FormatGrant::Empty) {
+                Err(e) if e.is_refusal() => refused += 1,
+                Err(e) => panic!("{what}: without the journal: {e}"),
+                Ok(_) => panic!("{what}: formatted without the journal"),
+            }
+            assert_eq!(fingerprint(&l), before, "{what}: refused byte for byte");
+            let grant = FormatGrant::Unfinished {
+                fstype: fstype.name().into(),
+                uuid: Some(uuid.clone()),
+            };
+            let made = host
+                .make_filesystem(&dev, &spec, &grant)
+                .unwrap_or_else(|e| panic!("{what}: under the journal: {e}"));
+            assert_eq!(
+                (made.fstype.as_str(), made.uuid.as_deref()),
+                (fstype.name(), Some(uuid.as_str())),
+                "{what}"
+            );
+            let dir = mount_dir();
+            let target = dir.path().join("m");
+            let _guard = MountGuard(target.clone());
+            host.mount(&dev, &made, &target, &[])
+                .unwrap_or_else(|e| panic!("{what}: the new filesystem mounts: {e}"));
+        }
+        assert!(refused > 0, "{fstype}: some kill left something to refuse");
+    }
 }

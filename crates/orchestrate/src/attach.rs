@@ -1,18 +1,22 @@
 //! Preparing the claimed volume on the host: wait for the kernel device and verify it, look at
-//! the mount table, probe, make a filesystem only on a device the probe proved empty, mount, set
+//! the mount table, probe, make a filesystem only on a device the probe proved empty (or that
+//! the volume's format journal proves holds an interrupted cps mkfs's leftovers), mount, set
 //! ownership, persist.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cps_blockdev::{BlockHost, Device, Filesystem, FstabEntry, Lookup, MountState, Probe, Wanted};
-use cps_provider::{InstanceIdentity, VolumeService};
+use cps_blockdev::{
+    BlockHost, Device, Filesystem, FormatGrant, FstabEntry, Lookup, MountState, Probe, Wanted,
+};
+use cps_provider::{InstanceIdentity, Tags, VolumeService};
 use tracing::{debug, info, warn};
 
 use crate::backoff::{self, Poll, RetryPolicy, Schedule};
 use crate::claim::{Claim, ClaimTarget, Origin, claim_volume};
 use crate::config::AttachConfig;
 use crate::error::Error;
+use crate::journal::{self, Decision, Journal};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FsOutcome {
@@ -56,15 +60,9 @@ pub async fn attach(
     identity: &InstanceIdentity,
     config: &AttachConfig,
 ) -> Result<AttachOutcome, Error> {
-    let claim = claim_volume(
-        cloud,
-        identity,
-        config,
-        &ClaimTarget::pool(config),
-        RetryPolicy::default(),
-    )
-    .await?;
-    prepare_device(host, &claim, config).await
+    let policy = RetryPolicy::default();
+    let claim = claim_volume(cloud, identity, config, &ClaimTarget::pool(config), policy).await?;
+    prepare_device(host, cloud, &claim, config, policy).await
 }
 
 /// Runs a host operation off the async threads (mkfs and mount can take seconds).
@@ -87,11 +85,14 @@ async fn on_host<T: Send + 'static>(
     result.map_err(Error::host(volume_id))
 }
 
-/// Finds and verifies the device, then makes sure a filesystem is on it and mounted.
+/// Finds and verifies the device, then makes sure a filesystem is on it and mounted. `cloud`
+/// keeps the volume's format journal.
 pub async fn prepare_device(
     host: Arc<dyn BlockHost>,
+    cloud: &dyn VolumeService,
     claim: &Claim,
     config: &AttachConfig,
+    policy: RetryPolicy,
 ) -> Result<AttachOutcome, Error> {
     let volume_id = claim.volume.id.clone();
     let vid = volume_id.as_str();
@@ -165,37 +166,7 @@ pub async fn prepare_device(
             });
         }
         MountState::NotMounted => {
-            let d = device.clone();
-            let probe = on_host(&host, vid, move |h| h.probe(&d)).await?;
-            let outcome = match probe {
-                Probe::Empty => {
-                    info!(volume_id = vid, device = %device.path.display(), fstype = %config.mkfs.fstype(), "device is empty (no signature, blank); making a filesystem");
-                    let (d, spec) = (device.clone(), config.mkfs.clone());
-                    let fs = on_host(&host, vid, move |h| h.make_filesystem(&d, &spec)).await?;
-                    info!(volume_id = vid, device = %device.path.display(), fstype = %fs.fstype, uuid = fs.uuid.as_deref().unwrap_or(""), "filesystem made");
-                    FsOutcome::Created(fs)
-                }
-                Probe::Filesystem(fs) => {
-                    let configured = config.mkfs.fstype();
-                    if fs.fstype != configured {
-                        warn!(volume_id = vid, device = %device.path.display(), found = %fs.fstype, configured = %configured,
-                            "the volume holds another filesystem type than configured; mounting what is there, never reformatting");
-                    } else {
-                        info!(volume_id = vid, device = %device.path.display(), fstype = %fs.fstype, "existing filesystem found; keeping it");
-                    }
-                    FsOutcome::Existing(fs)
-                }
-                Probe::Refused(refusal) => {
-                    return Err(Error::Refused {
-                        volume_id: volume_id.clone(),
-                        source: cps_blockdev::Error::Refused {
-                            path: device.path.clone(),
-                            volume_id: volume_id.clone(),
-                            refusal,
-                        },
-                    });
-                }
-            };
+            let outcome = ensure_filesystem(&host, cloud, claim, config, &device, policy).await?;
             let (d, fs, t, options) = (
                 device.clone(),
                 outcome.filesystem().clone(),
@@ -252,4 +223,141 @@ pub async fn prepare_device(
         mount,
         fstab_changed,
     })
+}
+
+/// Probes the device and, with the format journal, keeps what is there, makes the filesystem,
+/// or refuses (see [`journal`]). Returns once the filesystem is there and, if cps made it, the
+/// journal says so — the mount may follow.
+async fn ensure_filesystem(
+    host: &Arc<dyn BlockHost>,
+    cloud: &dyn VolumeService,
+    claim: &Claim,
+    config: &AttachConfig,
+    device: &Device,
+    policy: RetryPolicy,
+) -> Result<FsOutcome, Error> {
+    let vid = claim.volume.id.as_str();
+    let d = device.clone();
+    let probe = on_host(host, vid, move |h| h.probe(&d)).await?;
+    let mut journal = Journal::of(&claim.volume);
+    let fresh = cps_blockdev::new_uuid().map_err(Error::host(vid))?;
+    let mut decision = journal::decide(&probe, &journal, &config.mkfs, &fresh);
+    if let Decision::Make {
+        grant: FormatGrant::Unfinished { .. },
+        ..
+    } = decision
+    {
+        // Only the journal permits this; read it again now that the volume is ours, rather
+        // than trust the listing from before the attach.
+        let now = backoff::retry(policy, "DescribeVolumes", 0, || cloud.volume(vid))
+            .await
+            .map_err(Error::cloud("reading the format journal"))?;
+        journal = Journal::of(&now);
+        decision = journal::decide(&probe, &journal, &config.mkfs, &fresh);
+    }
+    match (decision, probe) {
+        (Decision::Keep, Probe::Filesystem(fs)) => {
+            keep(cloud, vid, &journal, &fs, config, device, policy).await?;
+            Ok(FsOutcome::Existing(fs))
+        }
+        (Decision::Make { uuid, grant }, _) => {
+            let spec = match &uuid {
+                Some(u) => config.mkfs.with_uuid(u),
+                None => config.mkfs.clone(),
+            };
+            let fstype = spec.fstype();
+            let tracked = spec.uuid();
+            info!(volume_id = vid, device = %device.path.display(), fstype = %fstype, journal = ?journal,
+                "making a filesystem (the device is blank, or holds only an interrupted cps mkfs's leftovers)");
+            let formatting = Journal::Formatting {
+                fstype: fstype.clone(),
+                uuid: tracked.clone(),
+            };
+            // The mark goes on before mkfs writes a byte; without it there is no mkfs.
+            if journal != formatting {
+                mark(cloud, vid, &formatting, policy).await?;
+            }
+            let (d, s) = (device.clone(), spec.clone());
+            let fs = on_host(host, vid, move |h| h.make_filesystem(&d, &s, &grant)).await?;
+            // …and "made" before the mount, after which the volume may hold data.
+            let made = Journal::Made {
+                fstype: fs.fstype.clone(),
+                uuid: fs.uuid.clone(),
+            };
+            mark(cloud, vid, &made, policy).await?;
+            info!(volume_id = vid, device = %device.path.display(), fstype = %fs.fstype, uuid = fs.uuid.as_deref().unwrap_or(""), "filesystem made");
+            Ok(FsOutcome::Created(fs))
+        }
+        (Decision::Refuse(message), _) => Err(Error::Journal {
+            volume_id: vid.to_owned(),
+            message,
+        }),
+        (Decision::ProbeRefused, Probe::Refused(refusal)) => Err(Error::Refused {
+            volume_id: vid.to_owned(),
+            source: cps_blockdev::Error::Refused {
+                path: device.path.clone(),
+                volume_id: vid.to_owned(),
+                refusal,
+            },
+        }),
+        (decision, probe) => unreachable!("journal decision {decision:?} for {probe:?}"),
+    }
+}
+
+/// A filesystem that is kept: say so, and settle a stale "formatting" mark (somebody finished
+/// the volume by hand), so that no later run takes it for mkfs's leftovers.
+async fn keep(
+    cloud: &dyn VolumeService,
+    vid: &str,
+    journal: &Journal,
+    fs: &Filesystem,
+    config: &AttachConfig,
+    device: &Device,
+    policy: RetryPolicy,
+) -> Result<(), Error> {
+    let configured = config.mkfs.fstype();
+    if fs.fstype != configured {
+        warn!(volume_id = vid, device = %device.path.display(), found = %fs.fstype, configured = %configured,
+            "the volume holds another filesystem type than configured; mounting what is there, never reformatting");
+    } else {
+        info!(volume_id = vid, device = %device.path.display(), fstype = %fs.fstype, "existing filesystem found; keeping it");
+    }
+    match journal {
+        Journal::Formatting { .. } => {
+            warn!(volume_id = vid, uuid = fs.uuid.as_deref().unwrap_or(""), journal = ?journal,
+                "the volume's format journal says a cps mkfs never finished, but this filesystem is not that mkfs's; keeping it and recording it as made");
+            let made = Journal::Made {
+                fstype: fs.fstype.clone(),
+                uuid: fs.uuid.clone(),
+            };
+            mark(cloud, vid, &made, policy).await
+        }
+        Journal::Made { uuid, .. } if uuid.is_some() && *uuid != fs.uuid => {
+            warn!(volume_id = vid, found = fs.uuid.as_deref().unwrap_or(""), journal = ?journal,
+                "this is not the filesystem cps made on the volume (another UUID); keeping it");
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes the journal tag, retrying transient failures within the policy.
+async fn mark(
+    cloud: &dyn VolumeService,
+    vid: &str,
+    entry: &Journal,
+    policy: RetryPolicy,
+) -> Result<(), Error> {
+    let value = entry.value().unwrap_or_default();
+    let tags: Tags = [(journal::TAG.to_owned(), value.clone())].into();
+    backoff::retry(policy, "CreateTags", 0, || cloud.tag_volume(vid, &tags))
+        .await
+        .map_err(Error::cloud("writing the format journal tag"))?;
+    debug!(
+        volume_id = vid,
+        tag = journal::TAG,
+        value,
+        "format journal written"
+    );
+    Ok(())
 }

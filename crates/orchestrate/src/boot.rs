@@ -14,13 +14,14 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cps_blockdev::BlockHost;
 use cps_node::{Hook, HookExit, NodeFile, NodeHost};
 use cps_provider::{
-    AttachmentState, Error as CloudError, InstanceIdentity, InterfaceService, LifecycleResult,
-    LifecycleService, NetworkInterface, ScalingGroup, Tags, VolumeService,
+    AttachmentState, Error as CloudError, GroupMember, InstanceIdentity, InterfaceService,
+    LifecycleResult, LifecycleService, NetworkInterface, ScalingGroup, Tags, VolumeService,
 };
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -28,7 +29,7 @@ use tracing::{info, warn};
 use crate::attach::{AttachOutcome, prepare_device};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str};
 use crate::claim::{ClaimTarget, claim_volume};
-use crate::config::{AttachConfig, Identity, InterfaceOptions, OnFailure};
+use crate::config::{AttachConfig, Identity, InterfaceOptions, OnFailure, check_node_id};
 use crate::error::Error;
 
 /// The cloud services a boot uses (one object may provide all three).
@@ -91,6 +92,70 @@ struct LifecycleContext {
     interval: Duration,
     /// The instance was in Pending:Wait when the boot began.
     waiting_at_start: bool,
+    /// The action was seen waiting: at the start, or by an accepted heartbeat. Only then does
+    /// "no active lifecycle action" mean it ended (before, the instance may still be `Pending`).
+    seen_waiting: AtomicBool,
+}
+
+impl LifecycleContext {
+    fn seen_waiting(&self) -> bool {
+        self.waiting_at_start || self.seen_waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// How long an empty membership lookup is looked at again while a lifecycle hook is configured
+/// (early in a boot Auto Scaling may not show the instance yet); the command timeout if shorter.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(120);
+
+/// The instance's group and lifecycle state. With a lifecycle hook configured, an empty answer
+/// is asked again (bounded), then — unless the group is configured — an error: going on would
+/// leave the instance to the hook's timeout and its default result.
+async fn find_membership(
+    lifecycle: &dyn LifecycleService,
+    me: &str,
+    config: &AttachConfig,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<Option<GroupMember>, Error> {
+    let lookup = || async {
+        backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
+            lifecycle.membership(me)
+        })
+        .await
+        .map_err(Error::cloud("finding the instance's Auto Scaling group"))
+    };
+    let Some(opts) = &config.node.lifecycle else {
+        return lookup().await;
+    };
+    let bound = MEMBERSHIP_WAIT.min(config.node.command_timeout);
+    let found = backoff::poll(Schedule::CLOUD_STATE, bound, || async {
+        Ok::<_, Error>(match lookup().await? {
+            Some(m) => Poll::Ready(m),
+            None => Poll::Pending(format!(
+                "DescribeAutoScalingInstances shows no group for {me}"
+            )),
+        })
+    })
+    .await?;
+    match found {
+        Ok(m) => Ok(Some(m)),
+        Err(t) if opts.group.is_some() => {
+            warn!(
+                instance_id = me,
+                waited_s = t.waited.as_secs(),
+                "Auto Scaling does not show this instance in a group; using the configured lifecycle.group"
+            );
+            Ok(None)
+        }
+        Err(t) => Err(Error::Timeout {
+            what: format!(
+                "{me} to show up in an Auto Scaling group (lifecycle.hook {} is configured)",
+                opts.hook
+            ),
+            waited: t.waited,
+            last: t.last,
+        }),
+    }
 }
 
 /// Boots the node. On failure, the lifecycle action is abandoned (if configured so) before the
@@ -101,69 +166,38 @@ pub async fn boot(
     identity: &InstanceIdentity,
     config: &AttachConfig,
 ) -> Result<BootOutcome, Error> {
+    boot_until(services, hosts, identity, config, std::future::pending()).await
+}
+
+/// How long completing the lifecycle action may take after an interruption (the service manager
+/// that sent the signal kills the process for good after its own timeout).
+const INTERRUPTED_COMPLETION: Duration = Duration::from_secs(15);
+
+/// [`boot`], until `stop` completes (a signal): then the wait in progress ends, the lifecycle
+/// action is completed as on any failure (`lifecycle.on-failure`), and [`Error::Interrupted`]
+/// is returned. A host step already under way on the blocking pool (mkfs, mount) is not cut
+/// short; the caller's runtime lets it finish before the process exits.
+pub async fn boot_until(
+    services: Services<'_>,
+    hosts: Hosts,
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+    stop: impl Future<Output = ()>,
+) -> Result<BootOutcome, Error> {
+    tokio::pin!(stop);
     let policy = RetryPolicy::within(config.node.command_timeout);
     let seed = hash_str(&identity.instance_id);
     let me = identity.instance_id.as_str();
-
-    // The group is looked up once, if anything needs it.
-    let needs_membership = config.node.lifecycle.is_some()
-        || matches!(config.node.identity, Identity::Slot { .. })
-        || matches!(config.node.identity, Identity::NodeId { id: None, .. });
-    let membership = if needs_membership {
-        backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
-            services.lifecycle.membership(me)
-        })
-        .await
-        .map_err(Error::cloud("finding the instance's Auto Scaling group"))?
-    } else {
-        None
+    let setup = tokio::select! {
+        biased;
+        () = &mut stop => return Err(Error::Interrupted),
+        setup = lifecycle_setup(services.lifecycle, me, config, policy, seed) => setup?,
     };
-    let configured_group = config.node.lifecycle.as_ref().and_then(|l| l.group.clone());
-    let group_name = configured_group.or_else(|| membership.as_ref().map(|m| m.group.clone()));
-    // Waiting in the hook now: a "no active action" at the end then means it expired.
-    let waiting_at_start = membership
-        .as_ref()
-        .is_some_and(|m| m.lifecycle_state == "Pending:Wait");
-
-    // Already in service (a re-run, a reboot): no action is waiting, nothing to beat or complete.
-    let in_service = membership
-        .as_ref()
-        .is_some_and(|m| m.lifecycle_state == "InService");
-    if in_service && config.node.lifecycle.is_some() {
-        info!("the instance is already InService; no lifecycle action to keep alive or complete");
-    }
-    let lifecycle = match (&config.node.lifecycle, &group_name) {
-        (None, _) => None,
-        (Some(_), Some(_)) if in_service => None,
-        (Some(_), None) => {
-            warn!(
-                instance_id = me,
-                "a lifecycle hook is configured but this instance is in no Auto Scaling group; nothing to complete"
-            );
-            None
-        }
-        (Some(opts), Some(group)) => {
-            match lifecycle_context(services.lifecycle, group, opts, policy, seed).await {
-                Ok(lc) => Some(lc),
-                Err(e) => {
-                    // The hook could not be read, but its name is known: still release the
-                    // instance rather than leave it to the hook's timeout (and default result).
-                    let lc = LifecycleContext {
-                        group: group.clone(),
-                        hook: opts.hook.clone(),
-                        interval: Duration::from_secs(10),
-                        waiting_at_start,
-                    };
-                    return Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await);
-                }
-            }
-        }
-    };
-    let lifecycle = lifecycle.map(|mut lc| {
-        lc.waiting_at_start = waiting_at_start;
-        lc
-    });
-
+    let LifecycleSetup {
+        group_name,
+        in_service,
+        lifecycle,
+    } = setup;
     let steps = run_steps(
         services,
         &hosts,
@@ -172,17 +206,33 @@ pub async fn boot(
         group_name.as_deref(),
         policy,
     );
-    let Some(lc) = lifecycle else {
-        return steps.await.map(|mut out| {
+    let lc = match lifecycle {
+        Ok(Some(lc)) => lc,
+        Ok(None) => {
+            let mut out = tokio::select! {
+                biased;
+                () = &mut stop => return Err(Error::Interrupted),
+                out = steps => out?,
+            };
             out.lifecycle = match (&config.node.lifecycle, in_service) {
                 (None, _) => LifecycleOutcome::NotConfigured,
                 (Some(_), true) => LifecycleOutcome::NotWaiting,
                 (Some(_), false) => LifecycleOutcome::NotInGroup,
             };
-            out
-        });
+            return Ok(out);
+        }
+        // The hook could not be read, but its name is known: still release the instance
+        // rather than leave it to the hook's timeout (and default result).
+        Err((lc, e)) => {
+            return Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await);
+        }
     };
-    match with_heartbeats(Duration::ZERO, services.lifecycle, &lc, me, steps).await {
+    let stepped = tokio::select! {
+        biased;
+        () = &mut stop => Err(Error::Interrupted),
+        out = with_heartbeats(Duration::ZERO, services.lifecycle, &lc, me, steps) => out,
+    };
+    match stepped {
         Ok(mut out) => {
             let done = complete(
                 services.lifecycle,
@@ -195,8 +245,87 @@ pub async fn boot(
             out.lifecycle = with_heartbeats(lc.interval, services.lifecycle, &lc, me, done).await?;
             Ok(out)
         }
-        Err(e) => Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await),
+        Err(e) => {
+            // After a signal, the completion gets a short bound of its own.
+            let policy = match e {
+                Error::Interrupted => RetryPolicy::within(INTERRUPTED_COMPLETION),
+                _ => policy,
+            };
+            Err(fail(services.lifecycle, &lc, config, me, e, policy, seed).await)
+        }
     }
+}
+
+/// What the boot knows of its group before the steps.
+struct LifecycleSetup {
+    group_name: Option<String>,
+    /// Already InService: a re-run or a reboot.
+    in_service: bool,
+    /// The action to keep alive and complete; `Err` when the hook could not be read (with a
+    /// context under its configured name, to abandon).
+    lifecycle: Result<Option<LifecycleContext>, (LifecycleContext, Error)>,
+}
+
+/// The group lookup (once, if anything needs it) and the lifecycle hook.
+async fn lifecycle_setup(
+    lifecycle: &dyn LifecycleService,
+    me: &str,
+    config: &AttachConfig,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<LifecycleSetup, Error> {
+    let needs_membership = config.node.lifecycle.is_some()
+        || matches!(config.node.identity, Identity::Slot { .. })
+        || matches!(config.node.identity, Identity::NodeId { id: None, .. });
+    let membership = if needs_membership {
+        find_membership(lifecycle, me, config, policy, seed).await?
+    } else {
+        None
+    };
+    let configured_group = config.node.lifecycle.as_ref().and_then(|l| l.group.clone());
+    let group_name = configured_group.or_else(|| membership.as_ref().map(|m| m.group.clone()));
+    // Waiting in the hook now: a "no active action" at the end then means it expired.
+    let state = membership.as_ref().map(|m| m.lifecycle_state.as_str());
+    let waiting_at_start = state == Some("Pending:Wait");
+    // Already in service (a re-run, a reboot): no action is waiting, nothing to beat or complete.
+    let in_service = state == Some("InService");
+    if in_service && config.node.lifecycle.is_some() {
+        info!("the instance is already InService; no lifecycle action to keep alive or complete");
+    }
+    let context = match (&config.node.lifecycle, &group_name) {
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) if in_service => Ok(None),
+        (Some(_), None) => {
+            warn!(
+                instance_id = me,
+                "a lifecycle hook is configured but this instance is in no Auto Scaling group; nothing to complete"
+            );
+            Ok(None)
+        }
+        (Some(opts), Some(group)) => {
+            match lifecycle_context(lifecycle, group, opts, policy, seed).await {
+                Ok(mut lc) => {
+                    lc.waiting_at_start = waiting_at_start;
+                    Ok(Some(lc))
+                }
+                Err(e) => Err((
+                    LifecycleContext {
+                        group: group.clone(),
+                        hook: opts.hook.clone(),
+                        interval: Duration::from_secs(10),
+                        waiting_at_start,
+                        seen_waiting: AtomicBool::new(false),
+                    },
+                    e,
+                )),
+            }
+        }
+    };
+    Ok(LifecycleSetup {
+        group_name,
+        in_service,
+        lifecycle: context,
+    })
 }
 
 /// The hook as Auto Scaling has it, checked, and the heartbeat interval.
@@ -242,6 +371,7 @@ async fn lifecycle_context(
         hook: opts.hook.clone(),
         interval,
         waiting_at_start: false,
+        seen_waiting: AtomicBool::new(false),
     })
 }
 
@@ -288,16 +418,80 @@ async fn complete(
             info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
             Ok(LifecycleOutcome::Completed(result))
         }
-        Err(CloudError::NoActiveLifecycleAction { message, .. }) if !lc.waiting_at_start => {
-            info!(group = %lc.group, hook = %lc.hook, detail = %message, "no lifecycle action is waiting for this instance (a re-run?); nothing to complete");
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) if lc.seen_waiting() => {
+            Err(Error::LifecycleExpired {
+                group: lc.group.clone(),
+                hook: lc.hook.clone(),
+                detail: message,
+            })
+        }
+        Err(CloudError::NoActiveLifecycleAction { message, .. }) => {
+            complete_unseen(lifecycle, lc, me, result, message, policy, seed).await
+        }
+        Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
+    }
+}
+
+/// "No active lifecycle action" at the end of a boot during which the hook was never seen
+/// holding the instance: it may still be `Pending`, so look (bounded) at what it becomes.
+/// Held now → complete; in service → nothing was waiting; anything else → the action ended
+/// without cps-attach, which is not a success.
+async fn complete_unseen(
+    lifecycle: &dyn LifecycleService,
+    lc: &LifecycleContext,
+    me: &str,
+    result: LifecycleResult,
+    detail: String,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<LifecycleOutcome, Error> {
+    let settled = backoff::poll(Schedule::CLOUD_STATE, MEMBERSHIP_WAIT, || async {
+        let m = backoff::retry(policy, "DescribeAutoScalingInstances", seed, || {
+            lifecycle.membership(me)
+        })
+        .await
+        .map_err(Error::cloud("finding the instance's Auto Scaling group"))?;
+        Ok::<_, Error>(match m {
+            Some(GroupMember {
+                lifecycle_state, ..
+            }) if lifecycle_state == "Pending" => Poll::Pending(format!(
+                "{me} is still Pending, not yet held by {}",
+                lc.hook
+            )),
+            other => Poll::Ready(other.map(|m| m.lifecycle_state)),
+        })
+    })
+    .await?;
+    let expired = |detail: String| Error::LifecycleExpired {
+        group: lc.group.clone(),
+        hook: lc.hook.clone(),
+        detail,
+    };
+    match settled {
+        Ok(Some(state)) if state == "Pending:Wait" => {
+            lc.seen_waiting.store(true, Ordering::Relaxed);
+            match backoff::retry(policy, "CompleteLifecycleAction", seed, || {
+                lifecycle.complete(&lc.group, &lc.hook, me, result)
+            })
+            .await
+            {
+                Ok(()) => {
+                    info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
+                    Ok(LifecycleOutcome::Completed(result))
+                }
+                Err(CloudError::NoActiveLifecycleAction { message, .. }) => Err(expired(message)),
+                Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
+            }
+        }
+        Ok(Some(state)) if state == "InService" => {
+            info!(group = %lc.group, hook = %lc.hook, detail = %detail, "the instance went in service without its lifecycle hook holding it; nothing to complete");
             Ok(LifecycleOutcome::NotWaiting)
         }
-        Err(CloudError::NoActiveLifecycleAction { message, .. }) => Err(Error::LifecycleExpired {
-            group: lc.group.clone(),
-            hook: lc.hook.clone(),
-            detail: message,
-        }),
-        Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
+        Ok(state) => Err(expired(format!(
+            "{detail}; the instance is {}",
+            state.as_deref().unwrap_or("in no group any more")
+        ))),
+        Err(t) => Err(expired(format!("{detail}; {}", t.last))),
     }
 }
 
@@ -312,12 +506,20 @@ async fn with_heartbeats<T>(
     let beat = || async {
         match lifecycle.heartbeat(&lc.group, &lc.hook, me).await {
             Ok(()) => {
+                lc.seen_waiting.store(true, Ordering::Relaxed);
                 info!(group = %lc.group, hook = %lc.hook, "lifecycle heartbeat sent");
                 true
             }
-            Err(CloudError::NoActiveLifecycleAction { .. }) => {
-                info!("no lifecycle action is waiting for this instance; no more heartbeats");
+            Err(CloudError::NoActiveLifecycleAction { .. }) if lc.seen_waiting() => {
+                info!(
+                    "the lifecycle action is no longer waiting (expired or completed); no more heartbeats"
+                );
                 false
+            }
+            // Not held by the hook yet (still `Pending`): the action is still to come.
+            Err(CloudError::NoActiveLifecycleAction { .. }) => {
+                info!("no lifecycle action is waiting for this instance yet; heartbeats go on");
+                true
             }
             // A missed heartbeat is not fatal: the next one may get through in time.
             Err(e) => {
@@ -383,19 +585,27 @@ async fn run_steps(
                     })
                     .await
                     .map_err(Error::cloud("reading the instance's tags"))?;
-                    let from_group = match tags.get(source_tag) {
-                        Some(_) => None,
-                        None => describe_group()
-                            .await?
-                            .and_then(|g| g.tags.get(source_tag).cloned()),
+                    let (value, origin) = match tags.get(source_tag) {
+                        Some(v) => (Some(v.clone()), format!("instance {me}")),
+                        None => (
+                            describe_group()
+                                .await?
+                                .and_then(|g| g.tags.get(source_tag).cloned()),
+                            format!("group {}", group_name.unwrap_or("?")),
+                        ),
                     };
-                    tags.get(source_tag)
-                        .cloned()
-                        .or(from_group)
-                        .ok_or_else(|| Error::NoNodeId {
-                            instance_id: me.to_owned(),
-                            tag: source_tag.clone(),
-                        })?
+                    let id = value.ok_or_else(|| Error::NoNodeId {
+                        instance_id: me.to_owned(),
+                        tag: source_tag.clone(),
+                    })?;
+                    // Exactly the check a configured id gets.
+                    check_node_id(&id).map_err(|reason| Error::BadNodeId {
+                        tag: source_tag.clone(),
+                        origin,
+                        value: id.clone(),
+                        reason: reason.to_owned(),
+                    })?;
+                    id
                 }
             };
             info!(node_id = %id, "node identity");
@@ -410,17 +620,29 @@ async fn run_steps(
             )
         }
         Identity::Slot { max, id_tag } => {
-            let window = describe_group()
+            // The instances booting here now share the slots out (see claim.rs).
+            let mut peers: Vec<String> = describe_group()
                 .await?
-                .map(|g| g.booting_in(&identity.availability_zone))
-                .unwrap_or(1)
-                .max(1);
+                .map(|g| {
+                    g.instances
+                        .into_iter()
+                        .filter(|i| {
+                            i.lifecycle_state.starts_with("Pending")
+                                && i.availability_zone == identity.availability_zone
+                        })
+                        .map(|i| i.instance_id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !peers.iter().any(|p| p == me) {
+                peers.push(me.to_owned());
+            }
             (
                 ClaimTarget::Slot {
                     tags: config.tags.clone(),
                     key: id_tag.clone(),
                     max: *max,
-                    window,
+                    peers,
                 },
                 None,
             )
@@ -433,7 +655,14 @@ async fn run_steps(
     if let Some(s) = slot {
         info!(slot = s, volume_id = %claim.volume.id, "slot claimed");
     }
-    let attach = prepare_device(hosts.block.clone(), &claim, config).await?;
+    let attach = prepare_device(
+        hosts.block.clone(),
+        services.volumes,
+        &claim,
+        config,
+        policy,
+    )
+    .await?;
 
     // The node's own tags: the cluster's plus its id, for finding its interface.
     let mut node_tags: Tags = config.tags.clone();
@@ -786,9 +1015,20 @@ async fn attach_interface(
                         attached_now = true;
                         break eni;
                     }
-                    // Someone got it first (the old instance again?): look again.
-                    Err(CloudError::InterfaceInUse { .. } | CloudError::IncorrectState { .. }) => {
-                        continue;
+                    // Someone got it first (the old instance again?): look again after a
+                    // pause, within the same release timeout as waiting for a holder.
+                    Err(
+                        e @ (CloudError::InterfaceInUse { .. } | CloudError::IncorrectState { .. }),
+                    ) => {
+                        if started.elapsed() >= config.node.release_timeout {
+                            return Err(Error::Timeout {
+                                what: "the network interface to become attachable".into(),
+                                waited: started.elapsed(),
+                                last: e.to_string(),
+                            });
+                        }
+                        tokio::time::sleep(Schedule::CLOUD_STATE.delay(looks)).await;
+                        looks += 1;
                     }
                     Err(e) => return Err(Error::cloud("attaching the network interface")(e)),
                 }

@@ -11,10 +11,12 @@
 //!   shutting down, or still running) → wait for it to be released, logging who holds it and in
 //!   what state, never detaching it. Only in another zone → refuse. None at all → create it, with
 //!   a token shared by every instance of the node, so two can never make two.
-//! - **slot**: the lowest free slot (1..=max) whose volume is in this zone, or the lowest slot
-//!   that has no volume yet (created with a token shared by everyone creating that slot). With
-//!   several instances booting at once, each picks within the lowest *booting* candidates in
-//!   its own order, so a herd spreads over the slots instead of piling onto slot 1.
+//! - **slot**: slots 1..=max, best first: free ones in this zone, then ones held only by an
+//!   instance going away (a replacement waits for its slot rather than make a new, empty
+//!   member), then ones with no volume yet (created with a token shared by everyone creating
+//!   that slot). The instances booting at once in the zone share them out by rank: the i-th of
+//!   those still without a slot takes the i-th candidate, so with k slots leaving and m
+//!   instances booting the k slots go to replacements and only the other m − k create.
 //!
 //! After AttachVolume, wait until EC2 reports the attachment attached.
 
@@ -37,6 +39,15 @@ use crate::error::Error;
 /// another agent claimed the volume this one had just created).
 const MAX_CREATES: u32 = 3;
 
+/// How many of an identity's creation tokens one run walks through (each one past the first
+/// means the volume the previous one names is gone).
+const MAX_GENERATIONS: u32 = 8;
+
+/// How long the volume a creation token names may stay unknown to EC2 before it counts as gone
+/// (a fresh volume can be invisible to DescribeVolumes for a moment; a deleted one stays so);
+/// half of `timeouts.create` when that is shorter.
+const GONE_AFTER: Duration = Duration::from_secs(30);
+
 /// Where the claimed volume came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -58,13 +69,13 @@ pub enum ClaimTarget {
         tags: Tags,
         release_timeout: Duration,
     },
-    /// Slots 1..=max: volumes with `tags` and `key = slot`. `window`: how many instances are
-    /// booting at once in this group (1 when unknown).
+    /// Slots 1..=max: volumes with `tags` and `key = slot`. `peers`: the instances of this
+    /// group booting in this zone (this one among them; only this one when unknown).
     Slot {
         tags: Tags,
         key: String,
         max: u32,
-        window: usize,
+        peers: Vec<String>,
     },
 }
 
@@ -151,12 +162,14 @@ pub fn client_token(identity: &InstanceIdentity, spec: &VolumeSpec, attempt: u32
     token(&[&identity.instance_id], spec, attempt)
 }
 
-/// Node and slot modes: a function of the identity alone (its tags) — not of the instance, the
-/// zone, the spec or how often this run tried. Every instance creating this node's (slot's)
-/// volume, at any time, sends the same token: the cloud returns the one volume, or refuses with
+/// Node and slot modes: a function of the identity (its tags) and a generation — not of the
+/// instance, the zone, the spec or how often this run tried. Every instance creating this node's
+/// (slot's) volume sends the same token: the cloud returns the one volume, or refuses with
 /// IdempotentParameterMismatch when the parameters differ (another zone, another size), never
-/// makes a second.
-pub fn identity_token(tags: &Tags) -> String {
+/// makes a second. The generation moves on only when the volume a token names is gone (AWS
+/// answers a used token with its volume for hours, even once that volume was deleted); every
+/// instance walks the generations in the same order on the same evidence, so they still agree.
+pub fn identity_token(tags: &Tags, generation: u32) -> String {
     let mut h = Sha256::new();
     h.update(b"cps-identity");
     for (k, v) in tags {
@@ -165,6 +178,11 @@ pub fn identity_token(tags: &Tags) -> String {
         h.update((v.len() as u64).to_le_bytes());
         h.update(v.as_bytes());
     }
+    // Generation 0 is the token earlier versions sent.
+    if generation > 0 {
+        h.update(b"generation");
+        h.update(generation.to_le_bytes());
+    }
     let hex: String = h
         .finalize()
         .iter()
@@ -172,6 +190,28 @@ pub fn identity_token(tags: &Tags) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("cps-id-{hex}")
+}
+
+/// A volume carrying the tags that is this instance's root disk, or dies with the instance, is
+/// no place for the node's data: launch-template tag specifications for volumes tag the root
+/// disk too, and reusing it would put the data on a disk deleted at the next replacement.
+fn refuse_unless_data_volume(volume: &Volume, me: &str) -> Result<(), Error> {
+    let Some(a) = volume.attachment_to(me) else {
+        return Ok(());
+    };
+    let why = if !crate::config::is_data_device_name(&a.device) {
+        "the root disk (or another name EC2 does not give data volumes)"
+    } else if a.delete_on_termination {
+        "a volume EC2 deletes when this instance terminates (DeleteOnTermination)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::NotDataVolume {
+        volume_id: volume.id.clone(),
+        instance_id: me.to_owned(),
+        device: a.device.clone(),
+        why,
+    })
 }
 
 /// What the loop does next.
@@ -218,6 +258,7 @@ pub async fn claim_volume(
     let mut race_budget: Option<u32> = None;
     let mut lost_races = 0u32;
     let mut waiting: Option<(Instant, u32, String)> = None;
+    let mut walks: BTreeMap<Tags, TokenWalk> = BTreeMap::new();
     let claimed = |volume: Volume, origin: Origin, attach_attempts: u32, slot: Option<u32>| async move {
         let claim = Claim {
             volume,
@@ -259,6 +300,7 @@ pub async fn claim_volume(
         match mine.as_slice() {
             [] => {}
             [volume] => {
+                refuse_unless_data_volume(volume, me)?;
                 info!(volume_id = %volume.id, "volume with these tags is already attached to this instance; reusing it");
                 let attached = volume
                     .attachment_to(me)
@@ -384,87 +426,37 @@ pub async fn claim_volume(
                 tags,
                 key,
                 max,
-                window,
+                peers,
             } => {
-                let mut by_slot: BTreeMap<u32, Vec<&Volume>> = BTreeMap::new();
-                for v in &volumes {
-                    match target.slot_of(v) {
-                        Some(k) => by_slot.entry(k).or_default().push(v),
-                        None => {
-                            debug!(volume_id = %v.id, "volume has no valid {key} tag; not a slot")
-                        }
-                    }
-                }
-                let duplicated: Vec<String> = by_slot
-                    .iter()
-                    .filter(|(_, vs)| vs.len() > 1)
-                    .map(|(k, vs)| {
-                        format!(
-                            "slot {k}: {}",
-                            vs.iter()
-                                .map(|v| v.id.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    })
-                    .collect();
-                if !duplicated.is_empty() {
-                    warn!(duplicates = %duplicated.join("; "), "slots with more than one volume are skipped; remove or retag the extra volumes");
-                }
-                // Existing free slots here first (lowest first); slots with no volume yet only
-                // when fewer are free than instances are booting here.
-                let mut candidates: Vec<(u32, Option<&Volume>)> = by_slot
-                    .iter()
-                    .filter(|(_, vs)| vs.len() == 1)
-                    .filter(|(_, vs)| {
-                        vs[0].availability_zone == identity.availability_zone && free(&vs[0])
-                    })
-                    .map(|(k, vs)| (*k, Some(vs[0])))
-                    .collect();
-                let window = (*window).max(1);
-                if candidates.len() < window {
-                    candidates.extend(
-                        (1..=*max)
-                            .filter(|k| !by_slot.contains_key(k))
-                            .map(|k| (k, None)),
-                    );
-                }
-                let pick = candidates[..candidates.len().min(window)]
-                    .iter()
-                    .min_by_key(|(k, _)| mix(seed ^ u64::from(*k)));
-                match pick {
-                    Some((k, Some(v))) => Next::Attach {
-                        volume_id: v.id.clone(),
-                        slot: Some(*k),
+                let choice =
+                    slot_next(cloud_api, target, &volumes, identity, peers, seed, policy).await?;
+                match choice {
+                    SlotChoice::Attach { volume_id, slot } => Next::Attach {
+                        volume_id,
+                        slot: Some(slot),
                     },
-                    Some((k, None)) => {
+                    SlotChoice::Create(k) => {
                         let mut t = tags.clone();
                         t.insert(key.clone(), k.to_string());
                         Next::Create {
                             tags: t,
-                            slot: Some(*k),
+                            slot: Some(k),
                         }
                     }
-                    None => match leaving(cloud_api, &here, seed, policy).await? {
-                        Some(what) => Next::Wait {
-                            what,
-                            timeout: config.timeouts.attach,
-                        },
-                        None => {
-                            let (_, held) = holders(
-                                cloud_api,
-                                &volumes.iter().collect::<Vec<_>>(),
-                                seed,
-                                policy,
-                            )
-                            .await?;
-                            return Err(Error::NoFreeSlot {
-                                max: *max,
-                                zone: identity.availability_zone.clone(),
-                                detail: held,
-                            });
-                        }
+                    SlotChoice::Wait { what } => Next::Wait {
+                        what,
+                        timeout: config.timeouts.attach,
                     },
+                    SlotChoice::NoneFree => {
+                        let (_, held) =
+                            holders(cloud_api, &volumes.iter().collect::<Vec<_>>(), seed, policy)
+                                .await?;
+                        return Err(Error::NoFreeSlot {
+                            max: *max,
+                            zone: identity.availability_zone.clone(),
+                            detail: held,
+                        });
+                    }
                 }
             }
         };
@@ -498,9 +490,10 @@ pub async fn claim_volume(
                 lost_races += 1;
             }
             Next::Create { tags, slot } => {
+                let pool = matches!(target, ClaimTarget::Pool { .. });
                 // Pool mode makes a new volume per creation; node and slot modes cannot (the
                 // token is the identity's), so only the race budget bounds them.
-                if creates >= MAX_CREATES && matches!(target, ClaimTarget::Pool { .. }) {
+                if creates >= MAX_CREATES && pool {
                     return Err(Error::Exhausted {
                         attempts: attach_attempts,
                         detail: format!(
@@ -509,44 +502,158 @@ pub async fn claim_volume(
                     });
                 }
                 let spec = volume_spec(identity, config, &tags);
-                let token = match target {
-                    ClaimTarget::Pool { .. } => client_token(identity, &spec, creates),
-                    _ => identity_token(&tags),
+                let walk = walks.entry(tags.clone()).or_default();
+                if walk.generation >= MAX_GENERATIONS {
+                    return Err(Error::Exhausted {
+                        attempts: attach_attempts,
+                        detail: format!(
+                            "the volumes {MAX_GENERATIONS} creation tokens of this identity named are all gone (deleted while cps-attach ran?)"
+                        ),
+                    });
+                }
+                let token = if pool {
+                    client_token(identity, &spec, creates)
+                } else {
+                    identity_token(&tags, walk.generation)
                 };
                 creates += 1;
-                info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
-                let created = match backoff::retry(policy, "CreateVolume", seed, || {
-                    cloud_api.create_volume(&spec, &token)
-                })
-                .await
-                {
-                    Ok(v) => v,
-                    // Another instance in another zone created this identity's volume first.
-                    Err(CloudError::IdempotencyMismatch { .. })
-                        if !matches!(target, ClaimTarget::Pool { .. }) =>
-                    {
-                        debug!("this identity's volume was just created elsewhere; looking again");
-                        lost_races += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(Error::cloud("creating a volume")(e)),
+                let creator = Creator {
+                    cloud_api,
+                    config,
+                    identity,
+                    pool,
+                    seed,
+                    policy,
                 };
-                info!(volume_id = %created.id, slot, "volume created");
-                if !wait_available(cloud_api, config, &created.id, seed, policy).await? {
-                    debug!(volume_id = %created.id, "the new volume was claimed by another instance; looking again");
-                    lost_races += 1;
-                    continue;
+                info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
+                match creator
+                    .create_once(&spec, &token, walk, &mut attach_attempts)
+                    .await?
+                {
+                    Creation::Attached(volume) => {
+                        return claimed(volume, Origin::Created, attach_attempts, slot).await;
+                    }
+                    Creation::Lost => lost_races += 1,
+                    Creation::Again => {}
                 }
-                attach_attempts += 1;
-                info!(volume_id = %created.id, device = device_name, "attaching new volume");
-                if try_attach(cloud_api, &created.id, me, device_name, seed, policy).await? {
-                    let volume =
-                        wait_attached(cloud_api, identity, config, &created.id, policy).await?;
-                    return claimed(volume, Origin::Created, attach_attempts, slot).await;
-                }
-                lost_races += 1;
             }
         }
+    }
+}
+
+/// How one creation went.
+enum Creation {
+    Attached(Volume),
+    /// Another instance attached the new volume first.
+    Lost,
+    /// List again: the identity's volume may show up, or the next token is due.
+    Again,
+}
+
+/// Where an identity's creation token is: the generation in use, and since when the volume it
+/// names (or the identity's volume, after IdempotentParameterMismatch) has been nowhere to see.
+#[derive(Default)]
+struct TokenWalk {
+    generation: u32,
+    unseen_since: Option<Instant>,
+    looks: u32,
+}
+
+impl TokenWalk {
+    fn next_token(&mut self, token: &str, why: &str) {
+        info!(
+            client_token = token,
+            generation = self.generation,
+            reason = why,
+            "the volume this identity's creation token names is gone (deleted?); moving on to the next token"
+        );
+        *self = Self {
+            generation: self.generation + 1,
+            ..Self::default()
+        };
+    }
+}
+
+/// What a creation needs to know.
+struct Creator<'a> {
+    cloud_api: &'a dyn VolumeService,
+    config: &'a AttachConfig,
+    identity: &'a InstanceIdentity,
+    pool: bool,
+    seed: u64,
+    policy: RetryPolicy,
+}
+
+impl Creator<'_> {
+    /// CreateVolume with `token`, wait for the volume, attach it.
+    async fn create_once(
+        &self,
+        spec: &VolumeSpec,
+        token: &str,
+        walk: &mut TokenWalk,
+        attach_attempts: &mut u32,
+    ) -> Result<Creation, Error> {
+        let (cloud_api, seed, policy) = (self.cloud_api, self.seed, self.policy);
+        let gone_after = GONE_AFTER.min(self.config.timeouts.create / 2);
+        let created = match backoff::retry(policy, "CreateVolume", seed, || {
+            cloud_api.create_volume(spec, token)
+        })
+        .await
+        {
+            Ok(v) => v,
+            // Used with other settings: by another instance creating this identity's volume
+            // (another zone or size; it shows up in a listing), or long ago for a volume since
+            // deleted, when nothing ever shows up.
+            Err(CloudError::IdempotencyMismatch { .. }) if !self.pool => {
+                let since = *walk.unseen_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= gone_after {
+                    let why = format!(
+                        "it was used with other settings and no volume with this identity appeared for {}s",
+                        since.elapsed().as_secs()
+                    );
+                    walk.next_token(token, &why);
+                } else {
+                    debug!("this identity's token was used with other settings; looking again");
+                    tokio::time::sleep(Schedule::CLOUD_STATE.delay(walk.looks)).await;
+                    walk.looks += 1;
+                }
+                return Ok(Creation::Again);
+            }
+            Err(e) => return Err(Error::cloud("creating a volume")(e)),
+        };
+        info!(volume_id = %created.id, "volume created");
+        let me = self.identity.instance_id.as_str();
+        match wait_available(
+            cloud_api,
+            self.config,
+            &created.id,
+            gone_after,
+            seed,
+            policy,
+        )
+        .await?
+        {
+            Fresh::Available => {}
+            Fresh::Taken => {
+                debug!(volume_id = %created.id, "the new volume was claimed by another instance; looking again");
+                return Ok(Creation::Lost);
+            }
+            // Pool mode's next creation has a token of its own.
+            Fresh::Gone(_) if self.pool => return Ok(Creation::Lost),
+            Fresh::Gone(why) => {
+                walk.next_token(token, &why);
+                return Ok(Creation::Again);
+            }
+        }
+        *attach_attempts += 1;
+        let device = self.config.block_device.as_str();
+        info!(volume_id = %created.id, device, "attaching new volume");
+        if try_attach(cloud_api, &created.id, me, device, seed, policy).await? {
+            let volume =
+                wait_attached(cloud_api, self.identity, self.config, &created.id, policy).await?;
+            return Ok(Creation::Attached(volume));
+        }
+        Ok(Creation::Lost)
     }
 }
 
@@ -594,15 +701,15 @@ async fn sole_holder_of_identity(
     Ok(())
 }
 
-/// Who holds `held` volumes and in what state: whether all of them are held only by
-/// instances going away, and a description for logs and errors.
-async fn holders(
+/// The states of the instances holding any of `held` (one DescribeInstances for all of them,
+/// none when nothing is held), so a look costs one request however many volumes are held.
+async fn holder_states(
     cloud_api: &dyn VolumeService,
     held: &[&Volume],
     seed: u64,
     policy: RetryPolicy,
-) -> Result<(bool, String), Error> {
-    let ids: Vec<String> = held
+) -> Result<BTreeMap<String, InstanceState>, Error> {
+    let mut ids: Vec<String> = held
         .iter()
         .flat_map(|v| v.attachments.iter())
         .filter(|a| {
@@ -613,43 +720,61 @@ async fn holders(
         })
         .map(|a| a.instance_id.clone())
         .collect();
-    let states = if ids.is_empty() {
-        BTreeMap::new()
-    } else {
-        backoff::retry(policy, "DescribeInstances", seed, || {
-            cloud_api.instance_states(&ids)
-        })
-        .await
-        .map_err(Error::cloud(
-            "looking up the instances holding matching volumes",
-        ))?
-    };
-    let mut going_away = true;
-    let parts: Vec<String> = held
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    backoff::retry(policy, "DescribeInstances", seed, || {
+        cloud_api.instance_states(&ids)
+    })
+    .await
+    .map_err(Error::cloud(
+        "looking up the instances holding matching volumes",
+    ))
+}
+
+/// Whether `v` is held, and only by instances going away (or detaching), and a description of
+/// its holders for logs and errors.
+fn describe_holders(v: &Volume, states: &BTreeMap<String, InstanceState>) -> (bool, String) {
+    let mut going_away = !v.attachments.is_empty();
+    let by: Vec<String> = v
+        .attachments
         .iter()
-        .filter(|v| !v.attachments.is_empty())
-        .map(|v| {
-            let by: Vec<String> = v
-                .attachments
-                .iter()
-                .map(|a| match a.state {
-                    AttachmentState::Detaching | AttachmentState::Detached => {
-                        format!("detaching from {}", a.instance_id)
-                    }
-                    _ => {
-                        let state = states.get(&a.instance_id);
-                        going_away &= state.is_some_and(InstanceState::is_going_away);
-                        let state = state
-                            .map(ToString::to_string)
-                            .unwrap_or_else(|| "unknown".into());
-                        format!("{} to {}, which is {state}", a.state, a.instance_id)
-                    }
-                })
-                .collect();
-            format!("{} ({})", v.id, by.join("; "))
+        .map(|a| match a.state {
+            AttachmentState::Detaching | AttachmentState::Detached => {
+                format!("detaching from {}", a.instance_id)
+            }
+            _ => {
+                let state = states.get(&a.instance_id);
+                going_away &= state.is_some_and(InstanceState::is_going_away);
+                let state = state
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| "unknown".into());
+                format!("{} to {}, which is {state}", a.state, a.instance_id)
+            }
         })
         .collect();
-    Ok((going_away && !parts.is_empty(), parts.join("; ")))
+    (going_away, format!("{} ({})", v.id, by.join("; ")))
+}
+
+/// Who holds `held` volumes and in what state: whether all of them are held only by
+/// instances going away, and a description for logs and errors.
+async fn holders(
+    cloud_api: &dyn VolumeService,
+    held: &[&Volume],
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<(bool, String), Error> {
+    let states = holder_states(cloud_api, held, seed, policy).await?;
+    let described: Vec<(bool, String)> = held
+        .iter()
+        .filter(|v| !v.attachments.is_empty())
+        .map(|v| describe_holders(v, &states))
+        .collect();
+    let going_away = !described.is_empty() && described.iter().all(|(g, _)| *g);
+    let parts: Vec<String> = described.into_iter().map(|(_, d)| d).collect();
+    Ok((going_away, parts.join("; ")))
 }
 
 /// A description of the volumes here held by servers going away, if any: worth waiting for.
@@ -664,14 +789,175 @@ async fn leaving(
         .copied()
         .filter(|v| !v.attachments.is_empty())
         .collect();
-    let mut leaving = Vec::new();
-    for v in held {
-        let (going_away, what) = holders(cloud_api, &[v], seed, policy).await?;
-        if going_away {
-            leaving.push(what);
+    let states = holder_states(cloud_api, &held, seed, policy).await?;
+    let leaving: Vec<String> = held
+        .iter()
+        .map(|v| describe_holders(v, &states))
+        .filter(|(going_away, _)| *going_away)
+        .map(|(_, what)| what)
+        .collect();
+    Ok((!leaving.is_empty()).then(|| leaving.join("; ")))
+}
+
+/// What slot mode does on one look.
+enum SlotChoice {
+    Attach {
+        volume_id: String,
+        slot: u32,
+    },
+    Create(u32),
+    /// The slot this instance is to take is held by an instance going away.
+    Wait {
+        what: String,
+    },
+    NoneFree,
+}
+
+/// A slot this instance may take.
+enum SlotCandidate<'a> {
+    Free(&'a Volume),
+    /// Held only by instances going away.
+    Leaving(&'a Volume),
+    /// No volume yet (or one still being created, which a create with the slot's token joins).
+    Missing,
+}
+
+/// The slots of `target` with exactly one volume, by slot number; logs the duplicated ones.
+fn volumes_by_slot<'a>(
+    target: &ClaimTarget,
+    volumes: &'a [Volume],
+) -> BTreeMap<u32, Vec<&'a Volume>> {
+    let mut by_slot: BTreeMap<u32, Vec<&Volume>> = BTreeMap::new();
+    for v in volumes {
+        match target.slot_of(v) {
+            Some(k) => by_slot.entry(k).or_default().push(v),
+            None => debug!(volume_id = %v.id, "volume has no valid slot tag; not a slot"),
         }
     }
-    Ok((!leaving.is_empty()).then(|| leaving.join("; ")))
+    let duplicated: Vec<String> = by_slot
+        .iter()
+        .filter(|(_, vs)| vs.len() > 1)
+        .map(|(k, vs)| {
+            let ids: Vec<&str> = vs.iter().map(|v| v.id.as_str()).collect();
+            format!("slot {k}: {}", ids.join(", "))
+        })
+        .collect();
+    if !duplicated.is_empty() {
+        warn!(duplicates = %duplicated.join("; "), "slots with more than one volume are skipped; remove or retag the extra volumes");
+    }
+    by_slot
+}
+
+/// The slots this instance may take, best first: free ones in `zone`, then (when `states` is
+/// known) ones there held only by instances going away, then ones with no volume yet. Slots with
+/// two volumes, held by a running instance or in another zone are left out.
+fn slot_candidates<'a>(
+    by_slot: &BTreeMap<u32, Vec<&'a Volume>>,
+    max: u32,
+    zone: &str,
+    states: Option<&BTreeMap<String, InstanceState>>,
+) -> Vec<(u32, SlotCandidate<'a>)> {
+    let (mut free, mut leaving, mut missing) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 1..=max {
+        match by_slot.get(&k).map(Vec::as_slice) {
+            None => missing.push((k, SlotCandidate::Missing)),
+            Some([v]) if v.availability_zone == zone => {
+                if v.attachments.is_empty() {
+                    match v.state {
+                        VolumeState::Available => free.push((k, SlotCandidate::Free(v))),
+                        VolumeState::Creating => missing.push((k, SlotCandidate::Missing)),
+                        _ => {}
+                    }
+                } else if let Some(states) = states
+                    && describe_holders(v, states).0
+                {
+                    leaving.push((k, SlotCandidate::Leaving(v)));
+                }
+            }
+            _ => {}
+        }
+    }
+    free.extend(leaving);
+    free.extend(missing);
+    free
+}
+
+/// This instance's place among its booting peers that hold no slot yet (by instance id), so
+/// that peers seeing the same slots take different ones.
+fn slot_rank(by_slot: &BTreeMap<u32, Vec<&Volume>>, peers: &[String], me: &str) -> usize {
+    let claimed: std::collections::BTreeSet<&str> = by_slot
+        .values()
+        .flatten()
+        .flat_map(|v| v.attachments.iter())
+        .filter(|a| {
+            matches!(
+                a.state,
+                AttachmentState::Attaching | AttachmentState::Attached
+            )
+        })
+        .map(|a| a.instance_id.as_str())
+        .collect();
+    let mut unclaimed: Vec<&str> = peers
+        .iter()
+        .map(String::as_str)
+        .filter(|p| *p != me && !claimed.contains(p))
+        .collect();
+    unclaimed.push(me);
+    unclaimed.sort_unstable();
+    unclaimed.iter().position(|p| *p == me).unwrap_or(0)
+}
+
+/// Slot mode's decision on one look: the candidate at this instance's rank (beyond the
+/// candidates — more peers than slots, or peers that left — one in this instance's own order,
+/// so the rest contend by AttachVolume). Holders are looked up only when the free slots do not
+/// reach this rank.
+async fn slot_next(
+    cloud_api: &dyn VolumeService,
+    target: &ClaimTarget,
+    volumes: &[Volume],
+    identity: &InstanceIdentity,
+    peers: &[String],
+    seed: u64,
+    policy: RetryPolicy,
+) -> Result<SlotChoice, Error> {
+    let ClaimTarget::Slot { max, .. } = target else {
+        return Ok(SlotChoice::NoneFree);
+    };
+    let zone = identity.availability_zone.as_str();
+    let by_slot = volumes_by_slot(target, volumes);
+    let rank = slot_rank(&by_slot, peers, &identity.instance_id);
+    let mut candidates = slot_candidates(&by_slot, *max, zone, None);
+    let free = candidates
+        .iter()
+        .take_while(|(_, c)| matches!(c, SlotCandidate::Free(_)))
+        .count();
+    let mut states = BTreeMap::new();
+    if rank >= free {
+        let held: Vec<&Volume> = by_slot
+            .values()
+            .flatten()
+            .copied()
+            .filter(|v| v.availability_zone == zone && !v.attachments.is_empty())
+            .collect();
+        states = holder_states(cloud_api, &held, seed, policy).await?;
+        candidates = slot_candidates(&by_slot, *max, zone, Some(&states));
+    }
+    let pick = candidates.get(rank).or_else(|| {
+        candidates
+            .iter()
+            .min_by_key(|(k, _)| mix(seed ^ u64::from(*k)))
+    });
+    Ok(match pick {
+        None => SlotChoice::NoneFree,
+        Some((k, SlotCandidate::Free(v))) => SlotChoice::Attach {
+            volume_id: v.id.clone(),
+            slot: *k,
+        },
+        Some((k, SlotCandidate::Leaving(v))) => SlotChoice::Wait {
+            what: format!("slot {k}: {}", describe_holders(v, &states).1),
+        },
+        Some((k, SlotCandidate::Missing)) => SlotChoice::Create(*k),
+    })
 }
 
 /// AttachVolume; `Ok(false)` when another instance got the volume first.
@@ -706,14 +992,26 @@ async fn try_attach(
     }
 }
 
-/// Polls until the new volume is available; `Ok(false)` if someone else attached it first.
+/// What became of a volume just created.
+enum Fresh {
+    Available,
+    /// Someone else attached it first.
+    Taken,
+    /// It is deleted, failed, or unknown to EC2 for longer than a fresh volume stays invisible:
+    /// the token named a volume that no longer exists.
+    Gone(String),
+}
+
+/// Polls until the new volume is available (or taken, or gone).
 async fn wait_available(
     cloud_api: &dyn VolumeService,
     config: &AttachConfig,
     volume_id: &str,
+    gone_after: Duration,
     seed: u64,
     policy: RetryPolicy,
-) -> Result<bool, Error> {
+) -> Result<Fresh, Error> {
+    let unseen: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let waited = backoff::poll(Schedule::CLOUD_STATE, config.timeouts.create, || async {
         match backoff::retry(policy, "DescribeVolumes", seed, || {
             cloud_api.volume(volume_id)
@@ -721,9 +1019,12 @@ async fn wait_available(
         .await
         {
             Ok(v) => match v.state {
-                VolumeState::Available => Ok(Poll::Ready(true)),
-                VolumeState::InUse => Ok(Poll::Ready(false)),
+                VolumeState::Available => Ok(Poll::Ready(Fresh::Available)),
+                VolumeState::InUse => Ok(Poll::Ready(Fresh::Taken)),
                 VolumeState::Creating => Ok(Poll::Pending("creating".into())),
+                VolumeState::Deleting | VolumeState::Deleted | VolumeState::Error => Ok(
+                    Poll::Ready(Fresh::Gone(format!("{volume_id} is {}", v.state))),
+                ),
                 other => Err(Error::Cloud {
                     step: "waiting for the new volume",
                     source: CloudError::Api {
@@ -733,8 +1034,22 @@ async fn wait_available(
                     },
                 }),
             },
-            // Describe is eventually consistent: a fresh volume may not be visible yet.
-            Err(CloudError::NotFound { .. }) => Ok(Poll::Pending("not visible yet".into())),
+            // Describe is eventually consistent: a fresh volume may not be visible yet. One
+            // that stays unknown is gone.
+            Err(CloudError::NotFound { .. }) => {
+                let since = *unseen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(Instant::now);
+                if since.elapsed() >= gone_after {
+                    Ok(Poll::Ready(Fresh::Gone(format!(
+                        "DescribeVolumes has not known {volume_id} for {}s",
+                        since.elapsed().as_secs()
+                    ))))
+                } else {
+                    Ok(Poll::Pending("not visible yet".into()))
+                }
+            }
             Err(e) => Err(Error::cloud("waiting for the new volume")(e)),
         }
     })

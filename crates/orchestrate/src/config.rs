@@ -934,7 +934,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
 }
 
 /// The names EC2 accepts for an EBS data volume on Linux (not the root disk's `a`).
-fn is_data_device_name(name: &str) -> bool {
+pub(crate) fn is_data_device_name(name: &str) -> bool {
     let letter = |c: u8| (b'b'..=b'z').contains(&c);
     match name.strip_prefix("/dev/").map(str::as_bytes) {
         Some([b's', b'd', l]) => letter(*l),
@@ -1338,6 +1338,7 @@ pub(crate) use rules::shown;
 
 pub use node::{
     FileSpec, HookOptions, Identity, InterfaceOptions, LifecycleOptions, NodeOptions, OnFailure,
+    check_node_id,
 };
 
 #[cfg(test)]

@@ -26,6 +26,25 @@ pub enum Error {
         source: cps_blockdev::Error,
     },
 
+    /// The volume carrying the tags attached here is not a data volume (the root disk, or one
+    /// deleted with the instance).
+    #[error(
+        "{volume_id} carries the configured tags and is attached to {instance_id} as {device}, but it is {why}: \
+         it cannot keep the node's data across a replacement, so cps-attach will neither format nor mount it. \
+         Remove those tags from it (a launch template's tag specification for volumes tags the root disk too) \
+         or make ebs-tags specific to the data volume"
+    )]
+    NotDataVolume {
+        volume_id: String,
+        instance_id: String,
+        device: String,
+        why: &'static str,
+    },
+
+    /// The volume's format journal and the device disagree; nothing was changed.
+    #[error("refusing to continue with {volume_id}: {message}")]
+    Journal { volume_id: String, message: String },
+
     /// More than one matching volume is attached to this instance; which one is the node's?
     #[error(
         "{count} volumes with these tags are attached to {instance_id} ({volumes}); cps-attach will not choose between them. \
@@ -63,6 +82,17 @@ pub enum Error {
         "no node id for {instance_id}: set identity.node-id, or tag the instance or its Auto Scaling group with {tag}"
     )]
     NoNodeId { instance_id: String, tag: String },
+
+    /// A node id read from a tag is not one a configuration could carry.
+    #[error(
+        "the {tag} tag of {origin} is {value:?}, which cannot be a node id (a node id {reason}); set the tag to this node's id"
+    )]
+    BadNodeId {
+        tag: String,
+        origin: String,
+        value: String,
+        reason: String,
+    },
 
     /// The node's network interface does not exist.
     #[error(
@@ -123,6 +153,12 @@ pub enum Error {
     #[error("{what}")]
     Precondition { what: String },
 
+    /// A signal (SIGTERM, Ctrl-C) ended the boot at the wait it was in.
+    #[error(
+        "interrupted by a signal before the boot finished; nothing was detached, and a filesystem being made or a mount under way was let finish; run cps-attach again to go on"
+    )]
+    Interrupted,
+
     #[error("{volume_id}: {source}")]
     Host {
         volume_id: String,
@@ -146,6 +182,8 @@ pub enum ErrorClass {
     Identity,
     /// A user hook failed: configure exited non-zero, or health never passed.
     Hook,
+    /// Stopped by a signal.
+    Interrupted,
 }
 
 impl Error {
@@ -153,17 +191,21 @@ impl Error {
         match self {
             Self::Cloud { .. } | Self::Lost { .. } | Self::Exhausted { .. } => ErrorClass::Cloud,
             Self::Timeout { .. } => ErrorClass::Timeout,
-            Self::Refused { .. } | Self::Ambiguous { .. } | Self::Duplicates { .. } => {
-                ErrorClass::Refused
-            }
+            Self::Refused { .. }
+            | Self::Journal { .. }
+            | Self::NotDataVolume { .. }
+            | Self::Ambiguous { .. }
+            | Self::Duplicates { .. } => ErrorClass::Refused,
             Self::WrongZone { .. }
             | Self::NoFreeSlot { .. }
             | Self::NoNodeId { .. }
+            | Self::BadNodeId { .. }
             | Self::NoInterface { .. } => ErrorClass::Identity,
             Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } => ErrorClass::Cloud,
             Self::Node { .. } => ErrorClass::Host,
             Self::Hook { .. } | Self::Check { .. } => ErrorClass::Hook,
             Self::Precondition { .. } => ErrorClass::Refused,
+            Self::Interrupted => ErrorClass::Interrupted,
             Self::Host { source, .. } if source.is_refusal() => ErrorClass::Refused,
             Self::Host { .. } => ErrorClass::Host,
         }

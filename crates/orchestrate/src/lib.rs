@@ -15,10 +15,13 @@ pub mod boot;
 pub mod claim;
 pub mod config;
 mod error;
+pub mod journal;
 pub mod roll;
 
 pub use attach::{AttachOutcome, FsOutcome, MountOutcome, attach, prepare_device};
-pub use boot::{BootOutcome, Hosts, InterfaceOutcome, LifecycleOutcome, Services, boot};
+pub use boot::{
+    BootOutcome, Hosts, InterfaceOutcome, LifecycleOutcome, Services, boot, boot_until,
+};
 pub use claim::{Claim, ClaimTarget, Origin, claim_volume};
 pub use config::{AttachConfig, ConfigError, Overrides};
 pub use error::{Error, ErrorClass};

@@ -186,6 +186,13 @@ impl Cluster {
         }
     }
 
+    /// A new instance the group launched that is `Pending` for `for_` before the hook holds it.
+    fn launch_pending(&self, id: &str, zone: &str, for_: Duration) -> Machine {
+        let m = self.launch(id, zone);
+        self.cloud.with(|w| w.join_group_pending(id, GROUP, for_));
+        m
+    }
+
     async fn boot(&self, m: &Machine, config: &AttachConfig) -> Result<BootOutcome, Error> {
         let services = Services {
             volumes: &self.cloud,
@@ -780,4 +787,295 @@ async fn a_free_slot_is_taken_before_a_missing_one_is_created() {
         .unwrap();
     assert_eq!(out.slot, Some(1));
     assert_eq!(c.cloud.volumes().len(), 1, "no new slot created");
+}
+
+/// A small seeded generator (splitmix64), so every generated case can be replayed by its seed.
+struct Draw(u64);
+
+impl Draw {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = cps_orchestrate::backoff::mix(self.0);
+        self.0 % n.max(1)
+    }
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+}
+
+/// Slot herds, generated: `n` slots in use (max-slots `max` ≥ n), the servers of `k` of them
+/// shutting down with their volumes still attached, and `m` new instances booting at once. In
+/// every case the leaving slots go to the new instances before any slot is created (min(m, k)
+/// of them), only the others create (up to the headroom), no slot ever has two volumes, and
+/// whoever gets nothing fails with "no free slot".
+#[tokio::test(start_paused = true)]
+async fn slot_herds_give_leaving_slots_to_replacements_before_creating() {
+    for case in 0..48u64 {
+        let mut d = Draw(case);
+        let n = d.between(1, 5) as u32;
+        let k = d.between(0, u64::from(n)) as u32;
+        let max = n + d.between(0, 3) as u32;
+        let m = d.between(1, 6) as u32;
+        let shutdown = Duration::from_secs(d.between(2, 60));
+        let c = Arc::new(Cluster::new(Timing {
+            latency: Duration::from_millis(d.between(10, 80)),
+            create_delay: Duration::from_millis(d.between(100, 1500)),
+            attach_delay: Duration::from_millis(d.between(100, 1000)),
+        }));
+        let mut leaving = BTreeMap::new();
+        c.cloud.with(|w| {
+            for slot in 1..=n {
+                let mut t = cluster_tags();
+                t.insert("cps:slot".into(), slot.to_string());
+                let v = w.add_volume(AZ, 10, &t);
+                let holder = format!("i-old-{slot}");
+                w.add_instance(&holder, AZ);
+                w.attach(&v, &holder, "/dev/xvdc").unwrap();
+                if slot > n - k {
+                    w.begin_terminate(&holder, shutdown);
+                    leaving.insert(slot, v);
+                }
+            }
+        });
+        let cfg = Arc::new(config(&format!(
+            "identity:\n  mode: slot\n  max-slots: {max}\n"
+        )));
+        let machines: Vec<Arc<Machine>> = (0..m)
+            .map(|i| Arc::new(c.launch(&format!("i-new-{i}"), AZ)))
+            .collect();
+        let tasks: Vec<_> = machines
+            .iter()
+            .map(|mach| {
+                let (c, mach, cfg) = (c.clone(), mach.clone(), cfg.clone());
+                tokio::spawn(async move { c.boot(&mach, &cfg).await })
+            })
+            .collect();
+        let mut got = BTreeMap::new();
+        let mut failed = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(out) => {
+                    let slot = out.slot.unwrap();
+                    assert!(
+                        got.insert(slot, out.attach.volume_id).is_none(),
+                        "case {case}: slot {slot} claimed twice"
+                    );
+                }
+                Err(e) => {
+                    assert!(
+                        e.to_string().contains("no free slot"),
+                        "case {case} (n {n}, k {k}, max {max}, m {m}): {e}"
+                    );
+                    failed += 1;
+                }
+            }
+        }
+        let what = format!("case {case}: n {n}, k {k}, max {max}, m {m}: got {got:?}");
+        let reclaimed = leaving
+            .iter()
+            .filter(|(slot, v)| got.get(slot) == Some(v))
+            .count() as u32;
+        assert_eq!(
+            reclaimed,
+            m.min(k),
+            "leaving slots go to replacements; {what}"
+        );
+        let created = got.keys().filter(|s| **s > n).count() as u32;
+        assert_eq!(
+            created,
+            m.saturating_sub(k).min(max - n),
+            "only the rest create; {what}"
+        );
+        assert_eq!(failed, m - reclaimed - created, "{what}");
+        let mut per_slot: BTreeMap<String, u32> = BTreeMap::new();
+        for v in c.cloud.volumes() {
+            *per_slot.entry(v.tags["cps:slot"].clone()).or_default() += 1;
+        }
+        assert!(per_slot.values().all(|c| *c == 1), "{what}: {per_slot:?}");
+    }
+}
+
+/// Node 4's volume was deleted by an operator; two of its instances boot at once. The node's
+/// token answers with the deleted volume, so both move on to the next token — the same one —
+/// and node 4 gets exactly one new volume.
+#[tokio::test(start_paused = true)]
+async fn two_instances_recreating_a_deleted_node_volume_make_one() {
+    let c = Arc::new(Cluster::new(Timing {
+        latency: Duration::from_millis(50),
+        create_delay: Duration::from_secs(1),
+        attach_delay: Duration::from_millis(200),
+    }));
+    let cfg = Arc::new(config(&format!(
+        "{NODE}  node-id: '4'\n  release-timeout: 2m\n"
+    )));
+    let first = c.launch("i-first", AZ);
+    let out = c.boot(&first, &cfg).await.unwrap();
+    first.block.unmount_all();
+    c.cloud.with(|w| {
+        w.terminate_instance("i-first");
+        w.delete_volume(&out.attach.volume_id);
+    });
+    let a = Arc::new(c.launch("i-a", AZ));
+    let b = Arc::new(c.launch("i-b", AZ));
+    let runs: Vec<_> = [a, b]
+        .into_iter()
+        .map(|m| {
+            let (c, cfg) = (c.clone(), cfg.clone());
+            tokio::spawn(async move { c.boot(&m, &cfg).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for r in runs {
+        if r.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    let volumes = c.cloud.volumes();
+    assert_eq!(volumes.len(), 1, "one new volume for node 4: {volumes:?}");
+    assert_ne!(volumes[0].id, out.attach.volume_id);
+    assert_eq!(ok, 1, "one of them is node 4, the other waits for it");
+}
+
+/// The heartbeat and lifecycle state machine, generated: the instance is `Pending` for a while
+/// (up to two heartbeat intervals) before its hook holds it, the boot takes up to three hook
+/// timeouts, heartbeats fail now and then, and in some cases are refused for good. Whenever the
+/// heartbeats get through, the action never expires and the boot ends with CONTINUE; whenever
+/// the action expired, the boot is not reported as a success.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_keep_the_action_alive_from_pending_to_completion() {
+    for case in 0..40u64 {
+        let mut d = Draw(1000 + case);
+        let timeout = Duration::from_secs(d.between(30, 300));
+        let interval = timeout / 3;
+        let pending = Duration::from_secs(d.between(0, 2 * interval.as_secs()));
+        let boot_takes = Duration::from_secs(d.between(1, 3 * timeout.as_secs()));
+        let refused = d.below(4) == 0;
+        let flaky = d.below(3) as u32;
+        let c = Cluster::new(Timing::default());
+        c.cloud.with(|w| {
+            w.add_launch_hook(GROUP, HOOK, timeout, LifecycleResult::Abandon);
+        });
+        let m = c.launch_pending("i-1", AZ, pending);
+        let failure = if refused {
+            cps_provider::Error::Unauthorized {
+                operation: "RecordLifecycleActionHeartbeat",
+                message: "not allowed".into(),
+            }
+        } else {
+            cps_provider::Error::Transient {
+                operation: "RecordLifecycleActionHeartbeat",
+                message: "connection reset".into(),
+            }
+        };
+        c.cloud.inject(
+            cps_provider::memory::Fault::fail(
+                cps_provider::memory::RECORD_LIFECYCLE_ACTION_HEARTBEAT,
+                failure,
+            )
+            .times(if refused { 10_000 } else { flaky }),
+        );
+        m.node.st().configure = Some((boot_takes, HookExit::Success));
+        let cfg = config(&format!(
+            "{NODE}  node-id: '1'\nhooks:\n  configure: [/bin/configure]\n  timeout: 1h\n"
+        ));
+        let out = c.boot(&m, &cfg).await;
+        let expired = c
+            .log_for("i-1")
+            .iter()
+            .any(|e| matches!(e, LifecycleEvent::TimedOut { .. }));
+        let what = format!(
+            "case {case}: timeout {timeout:?}, pending {pending:?}, boot {boot_takes:?}, refused {refused}, flaky {flaky}: {out:?} {:?}",
+            c.log_for("i-1")
+        );
+        if expired {
+            assert!(out.is_err(), "an expired action is not a success; {what}");
+        }
+        if !refused {
+            assert!(!expired, "heartbeats kept the action alive; {what}");
+            assert_eq!(
+                out.as_ref().map(|o| o.lifecycle).ok(),
+                Some(LifecycleOutcome::Completed(LifecycleResult::Continue)),
+                "{what}"
+            );
+            assert_eq!(c.completions("i-1"), [LifecycleResult::Continue], "{what}");
+        }
+    }
+}
+
+/// The node's interface looks available, but every AttachNetworkInterface is refused as in use
+/// (another instance keeps winning it): the attach loop backs off between tries and gives up at
+/// the release timeout, like every other wait, instead of retrying at once forever.
+#[tokio::test(start_paused = true)]
+async fn an_interface_that_keeps_being_taken_is_retried_with_backoff_and_a_deadline() {
+    let c = Cluster::new(Timing {
+        latency: Duration::from_millis(50),
+        ..Timing::default()
+    });
+    c.cloud
+        .with(|w| w.add_interface(AZ, "10.0.1.15", &node_tags("5")));
+    c.cloud.inject(
+        cps_provider::memory::Fault::fail(
+            cps_provider::memory::ATTACH_NETWORK_INTERFACE,
+            cps_provider::Error::InterfaceInUse {
+                interface_id: "eni".into(),
+                message: "Interface: [eni] in use.".into(),
+            },
+        )
+        .times(u32::MAX),
+    );
+    let m = c.launch("i-1", AZ);
+    let cfg = config(&format!(
+        "{NODE}  node-id: '5'\n  release-timeout: 2m\nnetwork-interface:\n  device-index: 1\n"
+    ));
+    let started = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(3600), c.boot(&m, &cfg)).await;
+    let tries = c
+        .cloud
+        .calls()
+        .count(cps_provider::memory::ATTACH_NETWORK_INTERFACE);
+    let Ok(out) = out else {
+        panic!("still retrying after an hour: {tries} AttachNetworkInterface");
+    };
+    let err = out.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Timeout, "{err}");
+    assert!(
+        started.elapsed() <= Duration::from_secs(130),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!((5..=80).contains(&tries), "{tries} tries in 2 minutes");
+    assert_eq!(c.completions("i-1"), [LifecycleResult::Abandon]);
+}
+
+/// `boot_until`: a stop while the boot waits for a holder ends the wait at once, abandons the
+/// lifecycle action (the configured on-failure) and leaves the holder's volume alone.
+#[tokio::test(start_paused = true)]
+async fn a_stop_ends_the_wait_and_abandons() {
+    let c = Cluster::new(Timing::default());
+    let cfg = config(&format!("{NODE}  node-id: '2'\n  release-timeout: 10m\n"));
+    let old = c.launch("i-old", AZ);
+    c.boot(&old, &cfg).await.unwrap();
+    let new = c.launch("i-new", AZ);
+    let services = Services {
+        volumes: &c.cloud,
+        interfaces: &c.cloud,
+        lifecycle: &c.cloud,
+    };
+    let hosts = Hosts {
+        block: new.block.clone(),
+        node: new.node.clone(),
+    };
+    let started = Instant::now();
+    let stop = tokio::time::sleep(Duration::from_secs(20));
+    let err = cps_orchestrate::boot_until(services, hosts, &identity("i-new", AZ), &cfg, stop)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Interrupted, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(21),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.completions("i-new"), [LifecycleResult::Abandon]);
+    let vols = c.cloud.volumes();
+    assert_eq!(vols[0].attachments[0].instance_id, "i-old");
 }

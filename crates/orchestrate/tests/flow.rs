@@ -9,13 +9,15 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Content, Disks, FakeHost};
+use common::{Content, Disks, FakeHost, MkfsDeath};
 use cps_blockdev::{Filesystem, Refusal};
 use cps_orchestrate::attach;
 use cps_orchestrate::claim::{self, ClaimTarget, Origin};
+use cps_orchestrate::journal::{self, Journal};
 use cps_orchestrate::{AttachConfig, Error, ErrorClass, FsOutcome, MountOutcome, Overrides};
 use cps_provider::memory::{
-    ATTACH_VOLUME, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES, Fault, MemoryCloud, Timing,
+    ATTACH_VOLUME, CREATE_TAGS, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES, Fault,
+    MemoryCloud, Timing,
 };
 use cps_provider::{Error as CloudError, InstanceIdentity, Tags};
 
@@ -98,7 +100,16 @@ async fn first_boot_creates_formats_mounts_and_persists() {
     assert_eq!(a.st().ownership_runs, 1);
     assert_eq!(b.cloud.calls().count(CREATE_VOLUME), 1);
     assert_eq!(b.cloud.calls().count(ATTACH_VOLUME), 1);
-    let vol = &b.cloud.volumes()[0];
+    let mut vol = b.cloud.volumes()[0].clone();
+    let FsOutcome::Created(fs) = &out.filesystem else {
+        unreachable!()
+    };
+    // The format journal: marked before mkfs, and made (with the new UUID) before the mount.
+    assert_eq!(b.cloud.calls().count(CREATE_TAGS), 2);
+    assert_eq!(
+        vol.tags.remove(journal::TAG),
+        Some(format!("ext4:{}", fs.uuid.as_deref().unwrap()))
+    );
     assert_eq!(vol.tags, tags(), "created with the configured tags");
     assert!(vol.encrypted);
 }
@@ -421,45 +432,75 @@ async fn a_create_that_fails_after_tagging_is_claimed_on_the_rerun() {
 }
 
 /// A crash is a run that stops at some step; the next run (same instance, same disks) must
-/// converge to the same end state: one volume, attached here, formatted once, mounted.
+/// converge to the same end state: one volume, attached here, formatted, the format journal
+/// saying so, mounted. A filesystem is made again only when the previous one was never
+/// recorded as made (so never mounted); a later boot with data on the volume never formats.
 #[tokio::test(start_paused = true)]
 async fn crash_and_rerun_at_every_step_converges() {
     let cloud_steps = [DESCRIBE_VOLUMES, CREATE_VOLUME, ATTACH_VOLUME];
     let host_steps = ["locate", "probe", "mkfs", "mount", "ownership", "persist"];
     type Arm = Box<dyn Fn(&Bench, &FakeHost)>;
-    let mut cases: Vec<(String, Arm)> = Vec::new();
+    let crash = |op: &'static str, passing: u32, after: bool| -> Arm {
+        Box::new(move |b: &Bench, _h: &FakeHost| {
+            let f = Fault::fail(
+                op,
+                CloudError::Api {
+                    operation: op,
+                    code: Some("Crash".into()),
+                    message: "the agent died here".into(),
+                },
+            )
+            .after(passing);
+            b.cloud.inject(if after { f.after_effect() } else { f });
+        })
+    };
+    let effect = |after: bool| {
+        if after {
+            "after its effect"
+        } else {
+            "before its effect"
+        }
+    };
+    // (name, arm, filesystems made in all)
+    let mut cases: Vec<(String, Arm, u32)> = Vec::new();
     for op in cloud_steps {
         for after in [false, true] {
-            cases.push((
-                format!(
-                    "{op} ({})",
-                    if after {
-                        "after its effect"
-                    } else {
-                        "before its effect"
-                    }
-                ),
-                Box::new(move |b: &Bench, _h: &FakeHost| {
-                    let f = Fault::fail(
-                        op,
-                        CloudError::Api {
-                            operation: op,
-                            code: Some("Crash".into()),
-                            message: "the agent died here".into(),
-                        },
-                    );
-                    b.cloud.inject(if after { f.after_effect() } else { f });
-                }),
-            ));
+            cases.push((format!("{op} ({})", effect(after)), crash(op, 0, after), 1));
         }
+    }
+    for after in [false, true] {
+        cases.push((
+            format!("the journal's formatting mark ({})", effect(after)),
+            crash(CREATE_TAGS, 0, after),
+            1,
+        ));
+        // Lost before it was written, the filesystem is not known to be whole: made again.
+        cases.push((
+            format!("the journal's made mark ({})", effect(after)),
+            crash(CREATE_TAGS, 1, after),
+            if after { 1 } else { 2 },
+        ));
     }
     for op in host_steps {
         cases.push((
             format!("host {op}"),
             Box::new(move |_b: &Bench, h: &FakeHost| h.st().fail_next.push(op)),
+            1,
         ));
     }
-    for (name, arm) in cases {
+    for death in [
+        MkfsDeath::BeforeWriting,
+        MkfsDeath::Metadata,
+        MkfsDeath::Superblock,
+        MkfsDeath::Finished,
+    ] {
+        cases.push((
+            format!("inside mkfs: {death:?}"),
+            Box::new(move |_b: &Bench, h: &FakeHost| h.st().mkfs_dies = Some(death)),
+            1,
+        ));
+    }
+    for (name, arm, made) in cases {
         let b = Bench::new(Timing {
             attach_delay: Duration::from_secs(2),
             create_delay: Duration::from_secs(1),
@@ -476,35 +517,115 @@ async fn crash_and_rerun_at_every_step_converges() {
             .await
             .unwrap_or_else(|e| panic!("{name}: rerun failed: {e}"));
         assert_eq!(b.volumes_with_tags(), 1, "{name}: exactly one volume");
-        assert_eq!(me.st().mkfs_runs, 1, "{name}: formatted exactly once");
+        assert_eq!(me.st().mkfs_runs, made, "{name}: filesystems made");
         assert_eq!(
             me.st().mounts.get(Path::new("/data")),
             Some(&out.volume_id),
             "{name}: mounted"
         );
         assert_eq!(me.st().fstab.len(), 1, "{name}: one fstab entry");
+        let Content::Fs(fs) = me.content(&out.volume_id) else {
+            panic!("{name}: {:?} on the volume", me.content(&out.volume_id))
+        };
+        assert_eq!(
+            journal_of(&b, &out.volume_id),
+            Journal::Made {
+                fstype: fs.fstype.clone(),
+                uuid: fs.uuid.clone()
+            },
+            "{name}: the journal records the filesystem mounted"
+        );
+        me.write_user_data(&out.volume_id);
         let again = b.boot(&me).await.unwrap();
         assert_eq!(
             again.origin,
             Origin::Reused,
             "{name}: a third run is a no-op"
         );
+        // The replacement gets the data; the fake mkfs panics if anything formats it.
+        b.terminate(&me);
+        let next = b.instance("i-next");
+        let out = b.boot(&next).await.unwrap();
+        assert_eq!(out.filesystem, FsOutcome::Existing(fs), "{name}");
     }
 }
 
+fn journal_of(b: &Bench, volume_id: &str) -> Journal {
+    let v = b
+        .cloud
+        .volumes()
+        .into_iter()
+        .find(|v| v.id == volume_id)
+        .unwrap();
+    Journal::of(&v)
+}
+
+/// Killed inside mkfs, a first boot leaves bytes that are neither a filesystem nor blank. The
+/// format journal says they are mkfs's own, so the next run (here: the replacement instance)
+/// makes the filesystem again instead of refusing it forever.
 #[tokio::test(start_paused = true)]
-async fn an_interrupted_mkfs_leaves_a_device_that_is_refused_not_reformatted() {
+async fn an_interrupted_mkfs_is_finished_by_the_next_boot() {
+    for death in [MkfsDeath::Metadata, MkfsDeath::Superblock] {
+        let b = Bench::new(Timing::default());
+        let first = b.instance("i-first");
+        first.st().mkfs_dies = Some(death);
+        assert_eq!(b.boot(&first).await.unwrap_err().class(), ErrorClass::Host);
+        b.terminate(&first);
+        let next = b.instance("i-next");
+        let out = b
+            .boot(&next)
+            .await
+            .unwrap_or_else(|e| panic!("{death:?}: {e}"));
+        assert!(matches!(out.filesystem, FsOutcome::Created(_)), "{death:?}");
+        assert_eq!(next.st().mkfs_runs, 1);
+    }
+}
+
+/// Without the journal's mark (an older cps, or the tag deleted), the same bytes are somebody's
+/// data as far as cps can tell: refused, untouched, with what to do.
+#[tokio::test(start_paused = true)]
+async fn without_the_journal_an_interrupted_mkfs_is_still_refused() {
     let b = Bench::new(Timing::default());
     let me = b.instance("i-me");
-    me.st().mkfs_interrupted = true;
+    me.st().mkfs_dies = Some(MkfsDeath::Metadata);
     assert_eq!(b.boot(&me).await.unwrap_err().class(), ErrorClass::Host);
+    let vol = b.cloud.volumes()[0].id.clone();
+    b.cloud.with(|w| w.remove_volume_tag(&vol, journal::TAG));
+    let left = me.content(&vol);
     let err = b.boot(&me).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Refused);
     assert!(
-        err.to_string().contains("wipefs -a"),
+        err.to_string().contains("blkdiscard -z"),
         "says what to do: {err}"
     );
+    assert_eq!(me.content(&vol), left, "left as it was");
     assert_eq!(me.st().mkfs_runs, 0);
+}
+
+/// A journal that says cps made a filesystem on a volume that now reads blank: the data was
+/// erased somewhere else, or it is the wrong copy. Not formatted until an operator says so.
+#[tokio::test(start_paused = true)]
+async fn a_blank_volume_the_journal_says_held_data_is_refused() {
+    let b = Bench::new(Timing::default());
+    let me = b.instance("i-me");
+    let first = b.boot(&me).await.unwrap();
+    b.terminate(&me);
+    b.disks
+        .lock()
+        .unwrap()
+        .insert(first.volume_id.clone(), Content::Blank);
+    let next = b.instance("i-next");
+    let err = b.boot(&next).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Refused);
+    assert!(
+        err.to_string().contains("delete the tag cps:filesystem"),
+        "{err}"
+    );
+    assert_eq!(next.st().mkfs_runs, 0);
+    b.cloud
+        .with(|w| w.remove_volume_tag(&first.volume_id, journal::TAG));
+    let out = b.boot(&next).await.unwrap();
+    assert!(matches!(out.filesystem, FsOutcome::Created(_)));
 }
 
 #[tokio::test(start_paused = true)]
@@ -655,6 +776,52 @@ async fn a_herd_claims_the_pool_without_creating_or_piling_up() {
         assert!(
             attempts <= 2 * n as u64,
             "{attempts} attach attempts for {n} agents"
+        );
+    }
+}
+
+/// A herd that must create, with every matching volume held by a running server: who holds
+/// them costs one DescribeInstances per look, so the herd's requests grow with the agents, not
+/// with agents × held volumes.
+#[tokio::test(start_paused = true)]
+async fn a_herd_against_held_volumes_looks_up_holders_once_per_look() {
+    for (agents, held) in [(20usize, 10usize), (40, 20)] {
+        let b = Bench::new(Timing {
+            latency: Duration::from_millis(50),
+            ..Timing::default()
+        });
+        b.cloud.with(|w| {
+            for i in 0..held {
+                let v = w.add_volume(AZ, 10, &tags());
+                w.add_instance(&format!("i-holder-{i}"), AZ);
+                w.attach(&v, &format!("i-holder-{i}"), "/dev/xvdc").unwrap();
+            }
+        });
+        let ids: Vec<String> = (0..agents).map(|i| format!("i-{i:03}")).collect();
+        for id in &ids {
+            b.cloud.with(|w| w.add_instance(id, AZ));
+        }
+        b.cloud.calls().reset();
+        let runs = ids.iter().map(|id| {
+            let (cloud, config, id) = (b.cloud.clone(), b.config.clone(), id.clone());
+            async move {
+                claim::claim_volume(
+                    &cloud,
+                    &identity(&id),
+                    &config,
+                    &ClaimTarget::pool(&config),
+                    Default::default(),
+                )
+                .await
+            }
+        });
+        for claim in futures_join_all(runs).await {
+            assert_eq!(claim.unwrap().origin, Origin::Created);
+        }
+        assert_eq!(
+            b.cloud.calls().count(DESCRIBE_INSTANCES),
+            agents as u64,
+            "{agents} agents against {held} held volumes: one lookup per agent's look"
         );
     }
 }

@@ -42,6 +42,10 @@ pub trait VolumeService: Send + Sync {
     /// idempotent: the same token and spec return the volume the first request created.
     async fn create_volume(&self, spec: &VolumeSpec, client_token: &str) -> Result<Volume, Error>;
 
+    /// Adds or overwrites tags on a volume (one request). The format journal lives here: it
+    /// must outlive the instance, as the volume does.
+    async fn tag_volume(&self, volume_id: &str, tags: &Tags) -> Result<(), Error>;
+
     /// Requests attachment of `volume_id` to `instance_id` as `device`. Succeeds for exactly
     /// one caller while the volume is available; the others get [`Error::VolumeInUse`].
     async fn attach_volume(

@@ -26,6 +26,7 @@ pub const CREATE_VOLUME: &str = "CreateVolume";
 pub const ATTACH_VOLUME: &str = "AttachVolume";
 pub const DESCRIBE_INSTANCES: &str = "DescribeInstances";
 pub const DESCRIBE_TAGS: &str = "DescribeTags";
+pub const CREATE_TAGS: &str = "CreateTags";
 
 mod asg;
 mod eni;
@@ -55,6 +56,8 @@ pub struct Fault {
     error: Error,
     after_effect: bool,
     remaining: u32,
+    /// Requests of `operation` that pass before the fault strikes.
+    skip: u32,
 }
 
 impl Fault {
@@ -65,6 +68,7 @@ impl Fault {
             error,
             after_effect: false,
             remaining: 1,
+            skip: 0,
         }
     }
 
@@ -88,6 +92,12 @@ impl Fault {
 
     pub fn times(mut self, times: u32) -> Self {
         self.remaining = times;
+        self
+    }
+
+    /// The first `requests` requests of `operation` pass; the fault strikes after them.
+    pub fn after(mut self, requests: u32) -> Self {
+        self.skip = requests;
         self
     }
 }
@@ -132,10 +142,14 @@ pub struct World {
     fleet: asg::Fleet,
     /// Every lifecycle call, in order, for tests to check cadence and outcome.
     lifecycle_log: Vec<asg::LifecycleEvent>,
-    tokens: HashMap<String, (String, VolumeSpec)>,
+    /// Client token → the volume it made, its spec and the first reply (AWS answers a used
+    /// token with that reply for hours, even after the volume was deleted).
+    tokens: HashMap<String, (String, VolumeSpec, Volume)>,
     next_id: u64,
     faults: Vec<Fault>,
     hooks: Vec<(&'static str, Hook)>,
+    /// Changes that happen by themselves at a time (see [`World::at`]).
+    scheduled: Vec<(Instant, Hook)>,
     timing: Timing,
     page_size: usize,
 }
@@ -180,8 +194,20 @@ impl World {
         for id in due {
             self.terminate_instance(&id);
         }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduled)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.scheduled = later;
+        for (_, change) in due {
+            change(self);
+        }
         self.expire_lifecycle_actions(now);
         self.run_boots(now);
+    }
+
+    /// Makes `change` happen by itself at `when` (seen by the first request from then on).
+    pub fn at(&mut self, when: Instant, change: impl FnOnce(&mut World) + Send + 'static) {
+        self.scheduled.push((when, Box::new(change)));
     }
 
     /// Sets a tag on an instance.
@@ -209,6 +235,13 @@ impl World {
     }
 
     /// Adds an available volume (as if created long ago) and returns its id.
+    /// Removes a tag from a volume (an operator's `aws ec2 delete-tags`).
+    pub fn remove_volume_tag(&mut self, volume_id: &str, key: &str) {
+        if let Some(stored) = self.volumes.get_mut(volume_id) {
+            stored.volume.tags.remove(key);
+        }
+    }
+
     pub fn add_volume(&mut self, availability_zone: &str, size_gib: i32, tags: &Tags) -> String {
         let id = self.new_volume_id();
         let volume = Volume {
@@ -304,9 +337,16 @@ impl World {
             instance_id: instance_id.to_owned(),
             device: device.to_owned(),
             state: AttachmentState::Attaching,
+            delete_on_termination: false,
         });
         stored.attached_at = Some(now + self.timing.attach_delay);
         Ok(())
+    }
+
+    /// Deletes a volume (an operator's DeleteVolume): it is gone from every listing, but a
+    /// CreateVolume with the token that made it still answers with it, as AWS does for hours.
+    pub fn delete_volume(&mut self, volume_id: &str) {
+        self.volumes.remove(volume_id);
     }
 
     /// Detaches a volume from whatever holds it.
@@ -370,7 +410,7 @@ impl World {
     }
 
     fn create(&mut self, spec: &VolumeSpec, token: &str) -> Result<Volume, Error> {
-        if let Some((id, known)) = self.tokens.get(token) {
+        if let Some((id, known, first_reply)) = self.tokens.get(token) {
             if known != spec {
                 return Err(Error::IdempotencyMismatch {
                     operation: CREATE_VOLUME,
@@ -378,9 +418,10 @@ impl World {
                     message: "The client token was used with different parameters".into(),
                 });
             }
-            if let Some(stored) = self.volumes.get(id) {
-                return Ok(Self::observe(stored, Instant::now()));
-            }
+            return Ok(match self.volumes.get(id) {
+                Some(stored) => Self::observe(stored, Instant::now()),
+                None => first_reply.clone(),
+            });
         }
         let id = self.new_volume_id();
         let now = Instant::now();
@@ -401,7 +442,8 @@ impl World {
         };
         let observed = Self::observe(&stored, now);
         self.volumes.insert(id.clone(), stored);
-        self.tokens.insert(token.to_owned(), (id, spec.clone()));
+        self.tokens
+            .insert(token.to_owned(), (id, spec.clone(), observed.clone()));
         Ok(observed)
     }
 }
@@ -433,6 +475,7 @@ impl MemoryCloud {
                 next_id: 0,
                 faults: Vec::new(),
                 hooks: Vec::new(),
+                scheduled: Vec::new(),
                 timing,
                 page_size: 500,
             })),
@@ -503,9 +546,13 @@ impl MemoryCloud {
                 .faults
                 .iter_mut()
                 .find(|f| f.operation == operation && f.remaining > 0)
-                .map(|f| {
+                .and_then(|f| {
+                    if f.skip > 0 {
+                        f.skip -= 1;
+                        return None;
+                    }
                     f.remaining -= 1;
-                    (f.error.clone(), f.after_effect)
+                    Some((f.error.clone(), f.after_effect))
                 });
             world.faults.retain(|f| f.remaining > 0);
             let result = match fault {
@@ -576,6 +623,23 @@ impl VolumeService for MemoryCloud {
     async fn create_volume(&self, spec: &VolumeSpec, client_token: &str) -> Result<Volume, Error> {
         self.request(CREATE_VOLUME, |world| world.create(spec, client_token))
             .await
+    }
+
+    async fn tag_volume(&self, volume_id: &str, tags: &Tags) -> Result<(), Error> {
+        self.request(CREATE_TAGS, |world| {
+            match world.volumes.get_mut(volume_id) {
+                Some(stored) => {
+                    stored.volume.tags.extend(tags.clone());
+                    Ok(())
+                }
+                None => Err(Error::NotFound {
+                    operation: CREATE_TAGS,
+                    resource: volume_id.to_owned(),
+                    message: format!("The volume '{volume_id}' does not exist."),
+                }),
+            }
+        })
+        .await
     }
 
     async fn attach_volume(
@@ -707,6 +771,22 @@ mod tests {
         let seen = cloud.volume(&first.id).await.unwrap();
         assert_eq!(seen.attachments[0].state, AttachmentState::Attached);
         assert_eq!(cloud.volumes().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_used_token_names_its_volume_even_after_it_was_deleted() {
+        let cloud = MemoryCloud::default();
+        let spec = VolumeSpec::gp3("az-a", 1, &tags());
+        let first = cloud.create_volume(&spec, "tok").await.unwrap();
+        cloud.with(|w| w.delete_volume(&first.id));
+        let again = cloud.create_volume(&spec, "tok").await.unwrap();
+        assert_eq!(
+            again.id, first.id,
+            "the deleted volume's id, as AWS answers"
+        );
+        let err = cloud.volume(&first.id).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert!(cloud.volumes().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -139,6 +139,9 @@ pub struct Attachment {
     /// The device name requested at attach time (`/dev/xvdc`), not the kernel's name for it.
     pub device: String,
     pub state: AttachmentState,
+    /// The volume is deleted when the instance terminates (a root disk, or one the launch
+    /// template made): it cannot carry data across a replacement.
+    pub delete_on_termination: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

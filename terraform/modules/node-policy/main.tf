@@ -44,6 +44,18 @@ locals {
         Condition = { StringEquals = { "ec2:CreateAction" = "CreateVolume" } }
       },
       {
+        # The format journal: one tag on the node's own volume, written before mkfs starts and
+        # after the filesystem is verified; no other key, on no other cluster's volume.
+        Sid      = "FormatJournal"
+        Effect   = "Allow"
+        Action   = ["ec2:CreateTags"]
+        Resource = "arn:aws:ec2:*:*:volume/*"
+        Condition = {
+          StringEquals                = local.cluster_condition
+          "ForAllValues:StringEquals" = { "aws:TagKeys" = ["cps:filesystem"] }
+        }
+      },
+      {
         Sid    = "AttachClusterVolumesAndInterfaces"
         Effect = "Allow"
         Action = ["ec2:AttachVolume", "ec2:AttachNetworkInterface"]

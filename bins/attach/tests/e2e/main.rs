@@ -2,10 +2,15 @@
 //! instance, and loop devices that appear when EC2 says a volume is attached.
 //!
 //! This module: one node's volume (pool mode, the original tool's behaviour). `cluster`: node
-//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups.
+//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups. `identity`: slot
+//! replacements, node ids from tags, deleted volumes. `lifecycle`: membership and heartbeat
+//! edge cases, signals. `iam`: the node policy. `messages`: permanent AWS failures, log colour.
 
 mod cluster;
+mod format;
 mod iam;
+mod identity;
+mod lifecycle;
 mod messages;
 
 use std::path::{Path, PathBuf};
@@ -144,7 +149,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
             attach: std::time::Duration::from_millis(400),
             create: std::time::Duration::from_millis(300),
             detach: std::time::Duration::from_secs(2),
-            shutdown: std::time::Duration::from_secs(3),
+            shutdown: std::time::Duration::from_secs(6),
         },
         ..BenchOptions::default()
     })
@@ -220,7 +225,7 @@ async fn replacement_keeps_the_data_and_reruns_are_no_ops() {
         std::fs::read_to_string(mount.join("precious.txt")).unwrap(),
         "written by A"
     );
-    // Reattach: listings while A shuts down and the volume detaches (up to 5 s), one
+    // Reattach: listings while A shuts down and the volume detaches (up to 8 s), one
     // AttachVolume, polls during the 400 ms attach; the schedule (100 ms, growing by half, at
     // most 3 s apart) keeps it to a dozen or so, not dozens.
     let calls = ready["calls"].as_str().unwrap();
@@ -424,6 +429,86 @@ fn validate_checks_without_touching_anything() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
+}
+
+/// The root disk carries the configured tags (a launch template's tag specification for
+/// volumes tags every volume of the instance, the root one included): it is attached here, but
+/// it is not a place for the node's data — it dies with the instance. Refused, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_volume_carrying_the_tags_is_refused() {
+    let Some((bench, a)) = bench_with_instance().await else {
+        return;
+    };
+    let all = bench.volumes_tagged(&Tags::new()).await;
+    let root = all
+        .iter()
+        .find(|v| v.attachment_to(&a.id).is_some())
+        .expect("the emulator gives each instance a root volume");
+    bench
+        .volumes_api()
+        .tag_volume(&root.id, &tags(&[("cluster", "rooted")]))
+        .await
+        .unwrap();
+    let target = bench.dir().join("never");
+    let config = write_config(
+        &a,
+        &format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: rooted}}\n    size: 1\nmount:\n  target: {}\ntimeouts:\n  device: 5s\n",
+            target.display()
+        ),
+    );
+    let out = run(&bench, &a, &config, &[]);
+    assert_eq!(out.code, 5, "refused:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains(&root.id) && out.stderr.contains("root"),
+        "names the volume and what it is:\n{}",
+        out.stderr
+    );
+    assert!(!is_mountpoint(&target));
+    let after = bench.volumes_tagged(&tags(&[("cluster", "rooted")])).await;
+    assert_eq!(after.len(), 1, "no volume created");
+}
+
+/// In a pool whose every matching volume is held by a running server, the agent must create.
+/// Who holds them is one DescribeInstances per look, not one per held volume (20 agents booting
+/// against 10 held volumes made 200 requests, 40 against 20 made 800).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_volumes_cost_one_instance_lookup_per_look() {
+    let Some((bench, a)) = bench_with_instance().await else {
+        return;
+    };
+    let t = tags(&[("cluster", "held")]);
+    let holders = cps_testbed::run_instances(bench.ec2(), "us-east-1a", 10)
+        .await
+        .unwrap();
+    let api = bench.volumes_api();
+    for (i, holder) in holders.iter().enumerate() {
+        let v = api
+            .create_volume(
+                &cps_provider::VolumeSpec::gp3("us-east-1a", 1, &t),
+                &format!("held-{i}"),
+            )
+            .await
+            .unwrap();
+        api.attach_volume(&v.id, holder, "/dev/xvdc").await.unwrap();
+    }
+    let mount = bench.dir().join("held");
+    let _guard = MountGuard(mount.clone());
+    let config = write_config(
+        &a,
+        &format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: held}}\n    size: 1\nmount:\n  target: {}\n",
+            mount.display()
+        ),
+    );
+    let out = run(&bench, &a, &config, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ready()["origin"], "Created");
+    let calls = out.ready()["calls"].as_str().unwrap();
+    assert!(
+        calls.split(',').any(|c| c == "DescribeInstances=1"),
+        "one look, one DescribeInstances for the 10 held volumes: {calls}"
+    );
 }
 
 /// `cps-attach validate` on a file holding `bytes`: (exit code, stdout, stderr, the file's path).

@@ -174,6 +174,21 @@ pub(super) struct NodeSections {
     pub command_timeout: Option<Spanned<String>>,
 }
 
+/// Whether `id` can be a node id, wherever it comes from (the configuration, or a tag read at
+/// boot): it lands in tags, `${CPS_NODE_ID}` and the env file, so a blank one would give many
+/// nodes one identity and a newline would add lines to the node's files.
+pub fn check_node_id(id: &str) -> Result<(), &'static str> {
+    if id.trim().is_empty() {
+        Err("must not be empty or only whitespace")
+    } else if id.chars().count() > 256 {
+        Err("must be at most 256 characters")
+    } else if id.chars().any(char::is_control) {
+        Err("must not contain control characters (newlines, tabs)")
+    } else {
+        Ok(())
+    }
+}
+
 fn tag_key(src: &Source<'_>, v: &Val<String>) -> Result<(), ConfigError> {
     match rules::tag_key_problem(&v.value) {
         Some(problem) => Err(src.at(v, format!("tag key {} {problem}", shown(&v.value)))),
@@ -335,14 +350,10 @@ pub(super) fn build(
             if let Some(v) = &max_slots {
                 return Err(src.at(v, "identity.max-slots goes with mode slot, not node-id"));
             }
-            if let Some(v) = &node_id {
-                // The id is a tag value on the node's volume and interface.
-                if let Some(problem) = rules::text_problem(&v.value, 1, 256) {
-                    return Err(src.at(v, format!("identity.node-id {problem}")));
-                }
-                if v.value.trim().is_empty() {
-                    return Err(src.at(v, "identity.node-id must not be blank"));
-                }
+            if let Some(v) = &node_id
+                && let Err(reason) = check_node_id(&v.value)
+            {
+                return Err(src.at(v, format!("identity.node-id {reason}")));
             }
             Identity::NodeId {
                 id: node_id.map(|v| v.value),

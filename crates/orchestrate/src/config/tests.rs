@@ -528,6 +528,24 @@ fn node_section_errors_point_at_the_value() {
     );
 }
 
+#[test]
+fn a_node_id_is_refused_blank_too_long_or_with_control_characters() {
+    for (value, says) in [
+        ("'  '", "empty or only whitespace"),
+        ("\"7\\nrole=admin\"", "control characters"),
+        ("\"a\\tb\"", "control characters"),
+    ] {
+        let text = format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{a: b}}\n    size: 1\nidentity:\n  mode: node-id\n  node-id: {value}\n"
+        );
+        let err = AttachConfig::parse("n.yml", &text, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains(says), "{value}: {err}");
+        assert!(err.to_string().starts_with("n.yml:7:"), "{value}: {err}");
+    }
+    assert!(super::check_node_id(&"x".repeat(257)).is_err());
+    assert!(super::check_node_id("broker-1").is_ok());
+}
+
 // ---- the limits the documentation states, each enforced where the value is ---------------
 
 /// `err` for a document whose error must point at `line:column` and say `expected`.
@@ -762,7 +780,7 @@ fn names_have_no_control_characters() {
     refused_at(
         &format!("{MINIMAL}identity:\n  node-id: \"2\\n\"\n"),
         "6:12",
-        "control character U+000A",
+        "control characters",
     );
     refused_at(
         &format!("{MINIMAL}identity:\n  mode: node-id\n  id-tag: \"cps:\\x00\"\n"),

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cps_blockdev::{
-    BlockHost, Device, Error as HostError, Filesystem, FstabEntry, Lookup, MkfsSpec, MountState,
-    Ownership, Probe, Refusal, Verification, Wanted,
+    BlockHost, Device, Error as HostError, Filesystem, FormatGrant, FstabEntry, Lookup, MkfsSpec,
+    MountState, Ownership, Probe, Refusal, Verification, Wanted, left_by_mkfs,
 };
 use cps_provider::AttachmentState;
 use cps_provider::memory::MemoryCloud;
@@ -18,7 +18,26 @@ use cps_provider::memory::MemoryCloud;
 pub enum Content {
     Blank,
     Fs(Filesystem),
+    /// A filesystem the user has written data to: formatting it is the one unforgivable bug,
+    /// so the fake mkfs panics on it.
+    Data(Filesystem),
+    /// What mkfs.xfs leaves when killed after its first superblock write: blkid names it, but
+    /// it does not mount.
+    HalfMade(Filesystem),
     Foreign(Refusal),
+}
+
+/// Where the next mkfs dies (the process killed, the machine powered off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MkfsDeath {
+    /// Before its first write.
+    BeforeWriting,
+    /// After some metadata, before any superblock: no signature, not blank.
+    Metadata,
+    /// After the primary superblock, before the rest.
+    Superblock,
+    /// After its last write, before it exited.
+    Finished,
 }
 
 /// What is on each volume, shared by every fake host (the data lives with the volume).
@@ -32,8 +51,8 @@ pub struct HostState {
     pub ownership_runs: u32,
     /// Operations that fail once, in order of arming.
     pub fail_next: Vec<&'static str>,
-    /// mkfs dies half-way, leaving unnamed data behind.
-    pub mkfs_interrupted: bool,
+    /// The next mkfs dies there.
+    pub mkfs_dies: Option<MkfsDeath>,
 }
 
 /// One instance's view of the machine: the device appears when the cloud says attached.
@@ -82,6 +101,15 @@ impl FakeHost {
 
     pub fn unmount_all(&self) {
         self.st().mounts.clear();
+    }
+
+    /// The service writes to the mounted volume: from now on it holds user data.
+    pub fn write_user_data(&self, volume_id: &str) {
+        let mut disks = self.disks.lock().unwrap();
+        let Some(Content::Fs(fs)) = disks.get(volume_id).cloned() else {
+            panic!("{volume_id} holds no mountable filesystem to write to");
+        };
+        disks.insert(volume_id.to_owned(), Content::Data(fs));
     }
 }
 
@@ -134,7 +162,7 @@ impl BlockHost for FakeHost {
         self.fail("probe")?;
         Ok(match self.content(&device.volume_id) {
             Content::Blank => Probe::Empty,
-            Content::Fs(fs) => Probe::Filesystem(fs),
+            Content::Fs(fs) | Content::Data(fs) | Content::HalfMade(fs) => Probe::Filesystem(fs),
             Content::Foreign(r) => Probe::Refused(r),
         })
     }
@@ -143,38 +171,72 @@ impl BlockHost for FakeHost {
         self.probe(device)
     }
 
-    fn make_filesystem(&self, device: &Device, spec: &MkfsSpec) -> Result<Filesystem, HostError> {
+    fn make_filesystem(
+        &self,
+        device: &Device,
+        spec: &MkfsSpec,
+        grant: &FormatGrant,
+    ) -> Result<Filesystem, HostError> {
+        let content = self.content(&device.volume_id);
+        assert!(
+            !matches!(content, Content::Data(_)),
+            "mkfs on {}, which holds user data",
+            device.volume_id
+        );
         // The real host re-probes and refuses; so does the fake, so the flow cannot rely on less.
-        if self.content(&device.volume_id) != Content::Blank {
-            return Err(HostError::AlreadyFormatted {
-                path: device.path.clone(),
-                volume_id: device.volume_id.clone(),
-                fstype: "something".into(),
-            });
-        }
-        if std::mem::take(&mut self.st().mkfs_interrupted) {
-            self.disks.lock().unwrap().insert(
-                device.volume_id.clone(),
-                Content::Foreign(Refusal::UnknownData { offset: 4096 }),
-            );
-            return Err(HostError::Tool {
-                command: "mkfs".into(),
-                status: "killed by a signal".into(),
-                stderr: String::new(),
+        let found = self.probe(device)?;
+        let permitted = match grant {
+            FormatGrant::Empty => found == Probe::Empty,
+            FormatGrant::Unfinished { fstype, uuid } => {
+                left_by_mkfs(&found, fstype, uuid.as_deref())
+            }
+        };
+        if !permitted {
+            return Err(match found {
+                Probe::Refused(refusal) => HostError::Refused {
+                    path: device.path.clone(),
+                    volume_id: device.volume_id.clone(),
+                    refusal,
+                },
+                _ => HostError::AlreadyFormatted {
+                    path: device.path.clone(),
+                    volume_id: device.volume_id.clone(),
+                    fstype: "something".into(),
+                },
             });
         }
         self.fail("mkfs")?;
         let fs = Filesystem {
             fstype: spec.fstype(),
-            uuid: Some(format!("uuid-{}", device.volume_id)),
+            uuid: Some(
+                spec.uuid()
+                    .unwrap_or_else(|| format!("uuid-{}", device.volume_id)),
+            ),
             label: None,
         };
-        self.st().mkfs_runs += 1;
+        let death = self.st().mkfs_dies.take();
+        let left = match death {
+            None => {
+                self.st().mkfs_runs += 1;
+                Content::Fs(fs.clone())
+            }
+            Some(MkfsDeath::BeforeWriting) => content,
+            Some(MkfsDeath::Metadata) => Content::Foreign(Refusal::UnknownData { offset: 4096 }),
+            Some(MkfsDeath::Superblock) => Content::HalfMade(fs.clone()),
+            Some(MkfsDeath::Finished) => Content::Fs(fs.clone()),
+        };
         self.disks
             .lock()
             .unwrap()
-            .insert(device.volume_id.clone(), Content::Fs(fs.clone()));
-        Ok(fs)
+            .insert(device.volume_id.clone(), left);
+        match death {
+            None => Ok(fs),
+            Some(_) => Err(HostError::Tool {
+                command: "mkfs".into(),
+                status: "killed by a signal".into(),
+                stderr: String::new(),
+            }),
+        }
     }
 
     fn mount(
@@ -185,6 +247,14 @@ impl BlockHost for FakeHost {
         _options: &[String],
     ) -> Result<(), HostError> {
         self.fail("mount")?;
+        if let Content::HalfMade(fs) = self.content(&device.volume_id) {
+            return Err(HostError::Mount {
+                device: device.path.clone(),
+                target: target.to_path_buf(),
+                fstype: fs.fstype,
+                source: std::io::Error::from_raw_os_error(libc_einval()),
+            });
+        }
         self.st()
             .mounts
             .insert(target.to_path_buf(), device.volume_id.clone());
@@ -202,4 +272,9 @@ impl BlockHost for FakeHost {
         let old = self.st().fstab.insert(entry.target.clone(), entry.clone());
         Ok(old.as_ref() != Some(entry))
     }
+}
+
+/// mount(2)'s "invalid argument": what a half-made filesystem gets.
+fn libc_einval() -> i32 {
+    22
 }

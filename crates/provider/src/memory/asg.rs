@@ -393,6 +393,23 @@ impl World {
         self.tag_instance(instance_id, "aws:autoscaling:groupName", group);
     }
 
+    /// Puts an instance in a group as a new launch that is `Pending` for `for_` before its
+    /// launch hook holds it in `Pending:Wait` (on AWS the instance starts first).
+    pub fn join_group_pending(&mut self, instance_id: &str, group: &str, for_: Duration) {
+        self.join_group(instance_id, group);
+        if let Some(m) = self
+            .groups
+            .get_mut(group)
+            .and_then(|g| g.members.get_mut(instance_id))
+            .filter(|m| m.waiting.is_some())
+        {
+            m.lifecycle_state = "Pending".into();
+            m.waiting = None;
+            let (id, group) = (instance_id.to_owned(), group.to_owned());
+            self.at(Instant::now() + for_, move |w| w.join_group(&id, &group));
+        }
+    }
+
     pub fn lifecycle_state(&self, instance_id: &str) -> Option<String> {
         self.groups.values().find_map(|g| {
             g.members
