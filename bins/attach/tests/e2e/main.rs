@@ -541,7 +541,7 @@ fn validate_says_the_settings_in_words() {
     assert_eq!(code, Some(0), "{stderr}");
     for words in [
         "volume: gp3 100 GiB, 6000 iops, encrypted with the AWS-managed key",
-        "filesystem: xfs, made with `mkfs.xfs -L kafka -K DEVICE` on an empty device only",
+        "filesystem: xfs, made with `mkfs.xfs -L kafka -K DEVICE` (and cps's no-discard and UUID options unless these set them) on an empty device only",
         "mount: /var/lib/kafka with noatime; mode 0750",
         "timeouts: create 5m, attach 1m30s, device 2m",
         "identity: node-id 2 (cps:node-id=2 on volume and interface)",

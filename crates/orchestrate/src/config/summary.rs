@@ -95,7 +95,8 @@ impl AttachConfig {
         }
         line(format!("{volume} (when one is created)"));
         line(format!(
-            "filesystem: {}, made with `{} DEVICE` on an empty device only",
+            "filesystem: {}, made with `{} DEVICE` (and cps's no-discard and UUID options unless \
+             these set them) on an empty device only",
             self.mkfs.fstype(),
             mkfs_text(&self.mkfs)
         ));
