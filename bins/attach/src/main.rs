@@ -4,12 +4,12 @@
 //! This binary only parses arguments, sets up logging, calls `run()` and maps errors to the
 //! documented exit codes; the flow lives in cps-orchestrate.
 
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cps_orchestrate::config::Identity;
 use cps_orchestrate::{
     AttachConfig, Error, ErrorClass, FsOutcome, Hosts, MountOutcome, Overrides, Services,
 };
@@ -232,9 +232,15 @@ fn init_logging(format: LogFormat) {
             "info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_ec2=warn",
         )
     });
+    // Colour is for a person at a terminal: not in a file or the journal, nor with NO_COLOR.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        // Its report of a failed write goes to stderr too, and panics when stderr is gone.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -374,95 +380,7 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
 
 fn validate(config: &AttachConfig, path: &std::path::Path) {
     println!("{}: valid", path.display());
-    println!("  block-device: {}", config.block_device);
-    let tags: Vec<String> = config
-        .tags
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    println!("  tags: {}", tags.join(", "));
-    let v = &config.volume;
-    println!(
-        "  volume: {} {} GiB{}{} encrypted={}{}",
-        v.volume_type,
-        v.size_gib,
-        v.iops.map(|i| format!(" iops={i}")).unwrap_or_default(),
-        v.throughput
-            .map(|t| format!(" throughput={t}"))
-            .unwrap_or_default(),
-        v.encrypted,
-        v.kms_key_id
-            .as_deref()
-            .map(|k| format!(" kms-key-id={k}"))
-            .unwrap_or_default(),
-    );
-    println!("  filesystem: {} ({:?})", config.mkfs.fstype(), config.mkfs);
-    println!(
-        "  mount: {} options={:?}",
-        config.mount.target.display(),
-        config.mount.options
-    );
-    if let Some(fstab) = &config.mount.fstab {
-        println!("  persist: {}", fstab.display());
-    }
-    let t = &config.timeouts;
-    println!(
-        "  timeouts: create={:?} attach={:?} device={:?}",
-        t.create, t.attach, t.device
-    );
-    let n = &config.node;
-    match &n.identity {
-        Identity::Pool => println!("  identity: pool (any volume with the tags)"),
-        Identity::NodeId {
-            id: Some(id),
-            id_tag,
-            ..
-        } => println!("  identity: node-id {id} ({id_tag}={id} on volume and interface)"),
-        Identity::NodeId {
-            id: None,
-            source_tag,
-            id_tag,
-        } => {
-            println!(
-                "  identity: node-id from the {source_tag} tag of the instance or its group ({id_tag} on volume and interface)"
-            )
-        }
-        Identity::Slot { max, id_tag } => {
-            println!("  identity: slot 1..={max} ({id_tag} on the volume)")
-        }
-    }
-    if let Some(i) = &n.interface {
-        let which =
-            i.id.clone()
-                .unwrap_or_else(|| "found by the node's tags".into());
-        println!(
-            "  network interface: {which} at device index {}",
-            i.device_index
-        );
-    }
-    for f in &n.files {
-        println!(
-            "  file: {} ({} bytes, mode {:o})",
-            f.path.display(),
-            f.content.len(),
-            f.mode
-        );
-    }
-    for (name, argv) in [
-        ("configure", &n.hooks.configure),
-        ("health", &n.hooks.health),
-    ] {
-        if let Some(argv) = argv {
-            println!("  hook {name}: {}", argv.join(" "));
-        }
-    }
-    if let Some(l) = &n.lifecycle {
-        println!(
-            "  lifecycle hook: {} (on failure: {:?})",
-            l.hook, l.on_failure
-        );
-    }
-    println!("  env file: {}", n.env_file.display());
+    print!("{}", config.summary());
 }
 
 fn main() -> ExitCode {
@@ -478,7 +396,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             if is_validate {
-                eprintln!("{e}");
+                // Not eprintln!: with stderr gone it would panic instead of exiting 3.
+                let _ = writeln!(std::io::stderr(), "{e}");
             } else {
                 error!("{e}");
             }

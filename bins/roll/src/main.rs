@@ -5,6 +5,7 @@
 //! maps outcomes to the documented exit codes; the roll itself lives in cps-orchestrate.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -178,9 +179,15 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("warn,cps_roll=info,cps_orchestrate=info")
     });
+    // Colour is for a person at a terminal: not in a file or the journal, nor with NO_COLOR.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        // Its report of a failed write goes to stderr too, and panics when stderr is gone.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

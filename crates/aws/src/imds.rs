@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use aws_config::imds;
-use aws_sdk_ec2::error::DisplayErrorContext;
 use cps_provider::InstanceIdentity;
 use serde::Deserialize;
 
@@ -37,7 +36,7 @@ pub async fn fetch_identity(endpoint: Option<&str>) -> Result<InstanceIdentity, 
     let client = builder.build();
     let text = client.get(DOCUMENT).await.map_err(|e| Error::Imds {
         endpoint: shown.clone(),
-        message: DisplayErrorContext(&e).to_string(),
+        message: crate::classify::causes(&e),
     })?;
     let doc: IdentityDocument =
         serde_json::from_str(text.as_ref()).map_err(|e| Error::IdentityDocument {

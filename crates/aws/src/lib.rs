@@ -3,8 +3,8 @@
 //! through IMDSv2.
 //!
 //! Every SDK failure is classified into a [`cps_provider::Error`] the orchestration can act on;
-//! its message is the SDK's full error chain (`DisplayErrorContext`), never a bare "service
-//! error". Endpoints are overridable so the same code runs against the local emulator.
+//! its message is what AWS said (code, sentence, request id) or the chain of causes, never a
+//! bare "service error" and never the SDK's Debug dump of the raw response. Endpoints are overridable so the same code runs against the local emulator.
 
 mod autoscaling;
 mod classify;

@@ -241,6 +241,27 @@ async fn aws_refusals_are_classified() {
     let err = api.volume("vol-00000000000000000").await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
     assert!(!err.is_retryable());
+    // AWS's code and sentence, and the causes — not the SDK's Debug dump of the raw response.
+    for refusal in [
+        &err,
+        &api.attach_volume(&v1, &i2, "/dev/xvdc").await.unwrap_err(),
+    ] {
+        let text = refusal.to_string();
+        assert!(text.len() < 400, "{} bytes: {text}", text.len());
+        for dump in [
+            "headers",
+            "<?xml",
+            "HttpResponse",
+            "ServiceError {",
+            "Unhandled",
+        ] {
+            assert!(!text.contains(dump), "{dump:?} in {text}");
+        }
+    }
+    assert!(
+        err.to_string().contains("InvalidVolume.NotFound"),
+        "the code is kept: {err}"
+    );
 
     // Nothing listening: a transient failure, retryable, with the cause in the message.
     let mut settings = AwsSettings::new(REGION);
@@ -252,6 +273,11 @@ async fn aws_refusals_are_classified() {
     assert!(
         matches!(err, Error::Transient { .. }) && err.is_retryable(),
         "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("Connection refused") && !text.contains("DispatchFailure {"),
+        "the chain of causes, no dump: {text}"
     );
     assert!(
         !err.to_string().contains("service error") || err.to_string().len() > 40,

@@ -301,6 +301,42 @@ mod tests {
         );
     }
 
+    /// Missing credentials and an unusable endpoint are not retried, even with a command
+    /// timeout of minutes: the first call's error is the answer.
+    #[tokio::test(start_paused = true)]
+    async fn permanent_failures_are_not_retried_within_a_command_timeout() {
+        let permanent = [
+            Error::Credentials {
+                operation: "X",
+                message: "no credentials found in chain".into(),
+            },
+            Error::Endpoint {
+                operation: "X",
+                message: "endpoint is not a valid URI".into(),
+            },
+            Error::Unauthorized {
+                operation: "X",
+                message: "AccessDenied".into(),
+            },
+        ];
+        for error in permanent {
+            let mut calls = 0;
+            let out: Result<(), Error> = retry(
+                RetryPolicy::within(Duration::from_secs(600)),
+                "X",
+                1,
+                || {
+                    calls += 1;
+                    let e = error.clone();
+                    async move { Err(e) }
+                },
+            )
+            .await;
+            assert_eq!(out.unwrap_err(), error);
+            assert_eq!(calls, 1, "{error}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retry_stops_at_non_retryable_errors_and_spent_attempts() {
         let mut calls = 0;

@@ -5,7 +5,6 @@
 //! names where the bad value came from: `file:line:column` with the offending line, or the flag
 //! and environment variable that set it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -175,12 +174,12 @@ struct BlockProvider {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct AwsEbs {
-    ebs_tags: Option<Spanned<BTreeMap<String, String>>>,
+    ebs_tags: Option<Spanned<TagMap>>,
     #[serde(rename = "type")]
     volume_type: Option<Spanned<String>>,
-    size: Option<Spanned<i64>>,
-    iops: Option<Spanned<i64>>,
-    throughput: Option<Spanned<i64>>,
+    size: Option<Spanned<Int>>,
+    iops: Option<Spanned<Int>>,
+    throughput: Option<Spanned<Int>>,
     encrypted: Option<Spanned<bool>>,
     kms_key_id: Option<Spanned<String>>,
 }
@@ -188,11 +187,11 @@ struct AwsEbs {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileSystem {
-    mkfs: Option<Spanned<Vec<String>>>,
+    mkfs: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(rename = "type")]
     fs_type: Option<Spanned<String>>,
     label: Option<Spanned<String>>,
-    options: Option<Spanned<Vec<String>>>,
+    options: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +241,60 @@ impl<'de> Deserialize<'de> for OptionList {
             }
         }
         d.deserialize_any(Visitor)
+    }
+}
+
+/// An integer as written: read as text, so that the one integer rule (`rules::integer`) can
+/// judge its spelling rather than the YAML parser's wider reading.
+#[derive(Debug)]
+struct Int(String);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Int;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Int, E> {
+                Ok(Int(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Int, E> {
+                Ok(Int(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Int, E> {
+                Ok(Int(v.to_string()))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+/// A tag map as written, each key and value with its position (a plain map would lose them).
+#[derive(Debug, Default)]
+struct TagMap(Vec<(Spanned<String>, Spanned<String>)>);
+
+impl<'de> Deserialize<'de> for TagMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TagMap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of tag keys to values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TagMap, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(TagMap(out))
+            }
+        }
+        d.deserialize_map(Visitor)
     }
 }
 
@@ -306,19 +359,56 @@ impl Source<'_> {
                     "{} (no such file; settings from flags and CPS_* only)",
                     self.name
                 ),
-                message: message.into(),
+                message: capped(message.into()),
                 snippet: None,
             },
             Origin::File { line, column } => ConfigError::Invalid {
                 at: format!("{}:{line}:{column}", self.name),
-                message: message.into(),
+                message: capped(message.into()),
                 snippet: snippet(self.text, line, column),
             },
             Origin::Flag(flag) => ConfigError::Invalid {
                 at: flag.to_owned(),
-                message: message.into(),
+                message: capped(message.into()),
                 snippet: None,
             },
+        }
+    }
+
+    /// A file's integer, held to the one integer rule (`rules::integer`) as it is written
+    /// where it is defined (an alias's anchor), quotes included.
+    fn integer(&self, s: Spanned<Int>) -> Result<Val<i64>, ConfigError> {
+        let span = s.defined.span();
+        let raw = span
+            .byte_offset()
+            .zip(span.byte_len())
+            .and_then(|(at, len)| {
+                let at = usize::try_from(at).ok()?;
+                self.text
+                    .get(at..at.checked_add(usize::try_from(len).ok()?)?)
+            });
+        match rules::integer(raw.unwrap_or(&s.value.0)) {
+            Ok(value) => Ok(Val {
+                value,
+                origin: origin(&s),
+            }),
+            Err(problem) => Err(self.error(&origin(&s), problem)),
+        }
+    }
+
+    /// The override if given, else the file's integer (checked).
+    fn pick_integer(
+        &self,
+        flag: Option<i64>,
+        name: &'static str,
+        file: Option<Spanned<Int>>,
+    ) -> Result<Option<Val<i64>>, ConfigError> {
+        match flag {
+            Some(value) => Ok(Some(Val {
+                value,
+                origin: Origin::Flag(name),
+            })),
+            None => file.map(|s| self.integer(s)).transpose(),
         }
     }
 
@@ -327,17 +417,149 @@ impl Source<'_> {
     }
 }
 
-/// The source line with a caret under the column.
+/// The longest message shown; longer ones (a huge value quoted by the YAML parser) lose their
+/// middle, keeping the start (what is wrong) and the end (what to do).
+const MAX_MESSAGE: usize = 600;
+
+fn capped(message: String) -> String {
+    let count = message.chars().count();
+    if count <= MAX_MESSAGE {
+        return message;
+    }
+    let head: String = message.chars().take(MAX_MESSAGE / 2).collect();
+    let tail: String = message.chars().skip(count - MAX_MESSAGE / 3).collect();
+    format!(
+        "{head}… ({} characters left out) …{tail}",
+        count - MAX_MESSAGE / 2 - MAX_MESSAGE / 3
+    )
+}
+
+/// The parser quotes what it found (`unknown field `…``, `invalid type: string "…"`); a quoted
+/// part longer than a line is cut, so the rest of the message (what was expected) survives.
+fn shorten_quoted(message: &str) -> String {
+    const LONGEST: usize = 80;
+    let mut out = String::with_capacity(message.len().min(4 * MAX_MESSAGE));
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = &rest[open..=open];
+        let Some(len) = rest[open + 1..].find(quote) else {
+            break;
+        };
+        let inner = &rest[open + 1..open + 1 + len];
+        out.push_str(&rest[..=open]);
+        let count = inner.chars().count();
+        if count > LONGEST {
+            out.extend(inner.chars().take(LONGEST - 20));
+            out.push_str(&format!("… ({count} characters)"));
+        } else {
+            out.push_str(inner);
+        }
+        out.push_str(quote);
+        rest = &rest[open + 2 + len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Characters of the source line shown before and after the column.
+const SNIPPET_BEFORE: usize = 40;
+const SNIPPET_AFTER: usize = 60;
+
+/// The source line with a caret under the column: a window around the column when the line is
+/// long, control characters shown as `?` (one character each, so the caret stays in place).
 fn snippet(text: &str, line: u64, column: u64) -> Option<String> {
     let source_line = text
         .lines()
         .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let col = usize::try_from(column.saturating_sub(1)).ok()?;
+    let start = col.saturating_sub(SNIPPET_BEFORE);
+    let mut shown: String = source_line
+        .chars()
+        .skip(start)
+        .take(SNIPPET_BEFORE + SNIPPET_AFTER)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    let mut pad = col - start;
+    if start > 0 {
+        shown.insert(0, '…');
+        pad += 1;
+    }
+    if source_line
+        .chars()
+        .nth(start + SNIPPET_BEFORE + SNIPPET_AFTER)
+        .is_some()
+    {
+        shown.push('…');
+    }
     let width = line.to_string().len();
-    let pad = " ".repeat(usize::try_from(column.saturating_sub(1)).ok()?);
     Some(format!(
-        "{:width$} |\n{line} | {source_line}\n{:width$} | {pad}^",
-        "", ""
+        "{:width$} |\n{line} | {shown}\n{:width$} | {}^",
+        "",
+        "",
+        " ".repeat(pad)
     ))
+}
+
+/// The file's bytes as text, or where they stop being UTF-8 (byte offset, line and column),
+/// with a hint when they look like UTF-16 (what some Windows editors save).
+fn decode(name: &str, bytes: Vec<u8>) -> Result<String, ConfigError> {
+    let looks_utf16 = bytes.starts_with(&[0xff, 0xfe])
+        || bytes.starts_with(&[0xfe, 0xff])
+        || bytes.iter().take(64).filter(|&&b| b == 0).count() >= 4;
+    let bytes = match String::from_utf8(bytes) {
+        Ok(text) if !looks_utf16 && !text.contains('\0') => return Ok(text),
+        Ok(text) => text.into_bytes(),
+        Err(e) => e.into_bytes(),
+    };
+    let offset = match std::str::from_utf8(&bytes) {
+        Err(e) => e.valid_up_to(),
+        Ok(text) => text.find('\0').unwrap_or(0),
+    };
+    let prefix = String::from_utf8_lossy(&bytes[..offset]);
+    let line = prefix.matches('\n').count() as u64 + 1;
+    let column = prefix.rsplit('\n').next().unwrap_or("").chars().count() as u64 + 1;
+    let what = match bytes.get(offset) {
+        _ if looks_utf16 => "the file is UTF-16 text, not UTF-8".to_owned(),
+        Some(0) => format!("the file is not text: it has a NUL byte at offset {offset}"),
+        Some(b) => format!(
+            "the file is not UTF-8 text: byte 0x{b:02x} at offset {offset} is not valid UTF-8"
+        ),
+        None => "the file is not UTF-8 text".to_owned(),
+    };
+    let lossy = String::from_utf8_lossy(&bytes);
+    Err(ConfigError::Invalid {
+        at: format!("{name}:{line}:{column}"),
+        message: format!("{what}; save it as UTF-8"),
+        snippet: snippet(&lossy, line, column),
+    })
+}
+
+/// The YAML parser's messages, with its resource limits said in words rather than as the
+/// parser's internal names.
+struct Words;
+
+impl serde_saphyr::MessageFormatter for Words {
+    fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> std::borrow::Cow<'a, str> {
+        use serde_saphyr::budget::BudgetBreach as B;
+        let serde_saphyr::Error::Budget { breach, .. } = err else {
+            return serde_saphyr::DefaultMessageFormatter.format_message(err);
+        };
+        let what = match breach {
+            B::ScalarBytes { .. } | B::InputBytes { .. } | B::RecordedAnchorBytes { .. } => {
+                "it holds more text than the parser allows (an alias counts each time it is used)"
+            }
+            B::Aliases { .. } | B::AliasAnchorRatio { .. } | B::RecordedAnchorEvents { .. } => {
+                "it uses aliases (*name) more often than the parser allows"
+            }
+            B::Depth { .. } => "it nests deeper than the parser allows",
+            B::Documents { .. } => "it holds more documents than the parser allows",
+            _ => "it has more values than the parser allows",
+        };
+        std::borrow::Cow::Owned(format!(
+            "the YAML document is too large: {what}; a configuration is a few kilobytes, so look \
+             for an alias repeated by mistake or a file pasted into a value"
+        ))
+    }
 }
 
 // ---- loading --------------------------------------------------------------------------------
@@ -346,8 +568,8 @@ impl AttachConfig {
     /// Reads `path` and applies `overrides`. A missing file is an error when `required`;
     /// otherwise the configuration comes from the overrides alone.
     pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let (text, missing) = match std::fs::read_to_string(path) {
-            Ok(text) => (text, false),
+        let (text, missing) = match std::fs::read(path) {
+            Ok(bytes) => (decode(&path.display().to_string(), bytes)?, false),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
                 (String::new(), true)
             }
@@ -389,10 +611,11 @@ impl Source<'_> {
                     .map(|l| (l.line(), l.column()))
                     .unwrap_or((1, 1));
                 let plain = e.render_with_options(serde_saphyr::render_options! {
+                    formatter: &Words,
                     snippets: serde_saphyr::SnippetMode::Off,
                 });
                 let suffix = format!(" at line {line}, column {column}");
-                let message = plain.strip_suffix(&suffix).unwrap_or(&plain).to_owned();
+                let message = shorten_quoted(plain.strip_suffix(&suffix).unwrap_or(&plain));
                 source.error(&Origin::File { line, column }, message)
             })?
         };
@@ -411,9 +634,9 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         Some(v) => {
             if !is_data_device_name(&v.value) {
                 return Err(src.at(&v, format!(
-                    "block-device {:?} is not an EC2 name for a data volume; use /dev/sd[b-z], /dev/xvd[b-z] \
+                    "block-device {} is not an EC2 name for a data volume; use /dev/sd[b-z], /dev/xvd[b-z] \
                      or /dev/xvd[b-c][a-z] (like /dev/xvdc or /dev/sdf; sda and xvda are the root disk)",
-                    v.value
+                    shown(&v.value)
                 )));
             }
             v.value
@@ -450,24 +673,41 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         kms_key_id: None,
     });
 
-    let tags = if !o.tags.is_empty() {
-        Val {
-            value: o.tags.iter().cloned().collect::<BTreeMap<_, _>>(),
-            origin: Origin::Flag("--tag (CPS_TAGS)"),
+    let tags = match ebs.ebs_tags.take() {
+        _ if !o.tags.is_empty() => {
+            let flag = Origin::Flag("--tag (CPS_TAGS)");
+            let entries = o.tags.iter().map(|(k, v)| {
+                let val = |value: &String| Val {
+                    value: value.clone(),
+                    origin: flag.clone(),
+                };
+                (val(k), val(v))
+            });
+            tag_map(src, flag.clone(), entries.collect())?
         }
-    } else {
-        match ebs.ebs_tags.take() {
-            Some(t) => from_file(t),
-            None => {
-                return Err(src.error(
-                    &ebs_origin,
-                    "block-provider.aws-ebs.ebs-tags is required: the tags that identify this node's volume \
-                     (or --tag KEY=VALUE / CPS_TAGS)",
-                ));
-            }
+        Some(t) => {
+            let at = origin(&t);
+            let entries = t
+                .value
+                .0
+                .into_iter()
+                .map(|(k, v)| (from_file(k), from_file(v)));
+            tag_map(src, at, entries.collect())?
+        }
+        None => {
+            return Err(src.error(
+                &ebs_origin,
+                "block-provider.aws-ebs.ebs-tags is required: the tags that identify this node's volume \
+                 (or --tag KEY=VALUE / CPS_TAGS)",
+            ));
         }
     };
-    validate_tags(src, &tags)?;
+    if tags.value.is_empty() {
+        return Err(src.at(
+            &tags,
+            "ebs-tags must name at least one tag, or every volume in the account would match",
+        ));
+    }
 
     let volume_type = pick(
         o.volume_type.clone(),
@@ -482,15 +722,15 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
                 src.at(
                     v,
                     format!(
-                        "unknown volume type {:?}; one of {}",
-                        v.value,
+                        "unknown volume type {}; one of {}",
+                        shown(&v.value),
                         VOLUME_TYPES.map(|t| t.0).join(", ")
                     ),
                 )
             })?,
         None => VOLUME_TYPES[0],
     };
-    let size = pick(o.size, "--size (CPS_SIZE)", ebs.size.take()).ok_or_else(|| {
+    let size = src.pick_integer(o.size, "--size (CPS_SIZE)", ebs.size.take())?.ok_or_else(|| {
         src.error(
             &ebs_origin,
             "block-provider.aws-ebs.size is required: the size in GiB of a volume created when none can be claimed \
@@ -506,7 +746,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
             ),
         ));
     }
-    let iops = pick(o.iops, "--iops (CPS_IOPS)", ebs.iops.take());
+    let iops = src.pick_integer(o.iops, "--iops (CPS_IOPS)", ebs.iops.take())?;
     match (&iops, type_name) {
         (None, "io1" | "io2") => {
             return Err(src.error(
@@ -534,11 +774,11 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         }
         _ => {}
     }
-    let throughput = pick(
+    let throughput = src.pick_integer(
         o.throughput,
         "--throughput (CPS_THROUGHPUT)",
         ebs.throughput.take(),
-    );
+    )?;
     if let Some(v) = &throughput {
         if type_name != "gp3" {
             return Err(src.at(
@@ -569,9 +809,9 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         ));
     }
     if let Some(kms) = &kms_key_id
-        && kms.value.trim().is_empty()
+        && let Some(problem) = rules::kms_key_problem(&kms.value)
     {
-        return Err(src.at(kms, "kms-key-id is empty"));
+        return Err(src.at(kms, format!("kms-key-id {problem}")));
     }
 
     let volume = VolumeOptions {
@@ -655,15 +895,29 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         },
         o,
     )?;
-    if let Some(key) = node.identity.id_tag()
-        && tags.value.contains_key(key)
-    {
-        return Err(src.at(
-            &tags,
-            format!(
-                "ebs-tags must not contain the identity tag {key:?}: cps-attach sets it per node"
-            ),
-        ));
+    if let Some(key) = node.identity.id_tag() {
+        if tags.value.contains_key(key) {
+            return Err(src.at(
+                &tags,
+                format!(
+                    "ebs-tags must not contain the identity tag {}: cps-attach sets it per node",
+                    shown(key)
+                ),
+            ));
+        }
+        if tags.value.len() >= rules::MAX_TAGS {
+            return Err(src.at(
+                &tags,
+                format!(
+                    "ebs-tags has {} tags plus the identity tag {} that cps-attach adds; AWS allows \
+                     {} on a volume: remove {}",
+                    tags.value.len(),
+                    shown(key),
+                    rules::MAX_TAGS,
+                    tags.value.len() + 1 - rules::MAX_TAGS
+                ),
+            ));
+        }
     }
 
     Ok(AttachConfig {
@@ -690,53 +944,84 @@ pub(crate) fn is_data_device_name(name: &str) -> bool {
     }
 }
 
-fn validate_tags(src: &Source<'_>, tags: &Val<Tags>) -> Result<(), ConfigError> {
-    if tags.value.is_empty() {
-        return Err(src.at(
-            tags,
-            "ebs-tags must name at least one tag, or every volume in the account would match",
+/// Tags as given (a file's map or `--tag` flags), each key and value held to AWS's rules, at
+/// most 50 of them, no key twice.
+fn tag_map(
+    src: &Source<'_>,
+    at: Origin,
+    entries: Vec<(Val<String>, Val<String>)>,
+) -> Result<Val<Tags>, ConfigError> {
+    let mut tags = Tags::new();
+    let count = entries.len();
+    for (key, value) in entries {
+        if let Some(problem) = rules::tag_key_problem(&key.value) {
+            return Err(src.at(&key, format!("tag key {} {problem}", shown(&key.value))));
+        }
+        if let Some(problem) = rules::tag_value_problem(&value.value) {
+            return Err(src.at(
+                &value,
+                format!("the value of tag {} {problem}", shown(&key.value)),
+            ));
+        }
+        if tags.insert(key.value.clone(), value.value).is_some() {
+            return Err(src.at(
+                &key,
+                format!("tag key {} is given twice", shown(&key.value)),
+            ));
+        }
+    }
+    if count > rules::MAX_TAGS {
+        return Err(src.error(
+            &at,
+            format!(
+                "{count} tags; AWS allows {} on a resource: remove {}",
+                rules::MAX_TAGS,
+                count - rules::MAX_TAGS
+            ),
         ));
     }
-    for (key, value) in &tags.value {
-        if key.is_empty() || key.len() > 128 {
-            return Err(src.at(tags, format!("tag key {key:?} must be 1 to 128 characters")));
-        }
-        if key.to_ascii_lowercase().starts_with("aws:") {
-            return Err(src.at(
-                tags,
-                format!("tag key {key:?} uses the reserved aws: prefix"),
-            ));
-        }
-        if value.len() > 256 {
-            return Err(src.at(
-                tags,
-                format!("the value of tag {key:?} is longer than 256 characters"),
-            ));
-        }
-    }
-    Ok(())
+    Ok(Val {
+        value: tags,
+        origin: at,
+    })
 }
 
-/// Force flags would override mkfs's own last refusal to overwrite a filesystem; cps-attach
-/// formats only devices it proved empty, so it never needs them.
-fn reject_force(
-    src: &Source<'_>,
-    origin: &Origin,
-    args: &[String],
-    fstype: &str,
-) -> Result<(), ConfigError> {
-    let managed = fstype.starts_with("ext") || fstype == "xfs" || fstype == "btrfs";
-    if let Some(flag) = args
-        .iter()
-        .find(|a| matches!(a.as_str(), "-f" | "-F" | "--force"))
-        && managed
-    {
-        return Err(src.error(origin, format!(
-                "mkfs option {flag} forces overwriting existing data; cps-attach only formats devices it proved empty, \
-                 so remove it"
-            )));
+/// mkfs arguments as given, each with where it came from.
+struct Args {
+    origin: Origin,
+    items: Vec<Val<String>>,
+}
+
+impl Args {
+    fn from_flag(values: &[String], flag: &'static str) -> Self {
+        Self {
+            origin: Origin::Flag(flag),
+            items: values
+                .iter()
+                .map(|v| Val {
+                    value: v.clone(),
+                    origin: Origin::Flag(flag),
+                })
+                .collect(),
+        }
     }
-    Ok(())
+
+    fn from_file(list: Spanned<Vec<Spanned<String>>>) -> Self {
+        Self {
+            origin: origin(&list),
+            items: list.value.into_iter().map(from_file).collect(),
+        }
+    }
+
+    fn values(&self) -> Vec<String> {
+        self.items.iter().map(|v| v.value.clone()).collect()
+    }
+
+    /// The error of `mkfs::check`, at the argument it is about.
+    fn refuse(&self, src: &Source<'_>, p: mkfs_args::Problem) -> ConfigError {
+        let at = self.items.get(p.index).map_or(&self.origin, |v| &v.origin);
+        src.error(at, p.message)
+    }
 }
 
 fn build_mkfs(
@@ -752,13 +1037,10 @@ fn build_mkfs(
     // Flags replace the file's file-system section: raw arguments replace it all, typed flags
     // replace the file's raw arguments.
     if let Some(args) = &o.mkfs_args {
-        let raw = Val {
-            value: args.clone(),
-            origin: Origin::Flag("--mkfs-arg (CPS_MKFS_ARGS)"),
-        };
+        let raw = Args::from_flag(args, "--mkfs-arg (CPS_MKFS_ARGS)");
         if typed_flags {
-            return Err(src.at(
-                &raw,
+            return Err(src.error(
+                &raw.origin,
                 "raw mkfs arguments and --fs-type/--fs-label/--fs-option are alternatives; give one",
             ));
         }
@@ -766,11 +1048,10 @@ fn build_mkfs(
     }
     let fs_type = pick(o.fs_type.clone(), "--fs-type (CPS_FS_TYPE)", file_type);
     let label = pick(o.fs_label.clone(), "--fs-label (CPS_FS_LABEL)", file_label);
-    let options = pick(
-        o.fs_options.clone(),
-        "--fs-option (CPS_FS_OPTIONS)",
-        file_options,
-    );
+    let options = match &o.fs_options {
+        Some(values) => Some(Args::from_flag(values, "--fs-option (CPS_FS_OPTIONS)")),
+        None => file_options.map(Args::from_file),
+    };
 
     if let Some(raw) = file_raw
         && !typed_flags
@@ -785,12 +1066,12 @@ fn build_mkfs(
             return Err(src.at(v, "file-system.label goes with file-system.type, not with mkfs; put -L in the mkfs list"));
         }
         if let Some(v) = &options {
-            return Err(src.at(
-                v,
+            return Err(src.error(
+                &v.origin,
                 "file-system.options goes with file-system.type, not with mkfs",
             ));
         }
-        return raw_spec(src, from_file(raw));
+        return raw_spec(src, Args::from_file(raw));
     }
 
     let Some(fs_type) = fs_type else {
@@ -798,28 +1079,46 @@ fn build_mkfs(
             return Err(src.at(l, "a label needs file-system.type (ext4, xfs or btrfs)"));
         }
         if let Some(v) = &options {
-            return Err(src.at(v, "file-system.options needs file-system.type"));
+            return Err(src.error(&v.origin, "file-system.options needs file-system.type"));
         }
         return Ok(MkfsSpec::default());
     };
     let parsed = FsType::parse(&fs_type.value).ok_or_else(|| {
-        src.at(&fs_type, format!("unknown filesystem type {:?}; one of ext4, xfs, btrfs (or give raw mkfs arguments)", fs_type.value))
-    })?;
-    if let Some(l) = &label
-        && (l.value.is_empty() || l.value.len() > parsed.max_label_len())
-    {
-        return Err(src.at(
-            l,
+        src.at(
+            &fs_type,
             format!(
-                "a {parsed} label must be 1 to {} bytes",
-                parsed.max_label_len()
+                "unknown filesystem type {}; one of ext4, xfs, btrfs (or give raw mkfs arguments)",
+                shown(&fs_type.value)
             ),
-        ));
+        )
+    })?;
+    if let Some(l) = &label {
+        if let Some(problem) = rules::text_problem(&l.value, 1, usize::MAX) {
+            return Err(src.at(l, format!("the label {problem}")));
+        }
+        if l.value.len() > parsed.max_label_len() {
+            return Err(src.at(
+                l,
+                format!(
+                    "a {parsed} label must be 1 to {} bytes (it has {})",
+                    parsed.max_label_len(),
+                    l.value.len()
+                ),
+            ));
+        }
     }
     let options = match options {
-        Some(v) => {
-            reject_force(src, &v.origin, &v.value, parsed.name())?;
-            v.value
+        Some(args) => {
+            if let Some(family) = mkfs_args::Family::of(parsed.name()) {
+                let indexed: Vec<(usize, &str)> = args
+                    .items
+                    .iter()
+                    .map(|v| v.value.as_str())
+                    .enumerate()
+                    .collect();
+                mkfs_args::check(family, &indexed).map_err(|p| args.refuse(src, p))?;
+            }
+            args.values()
         }
         None => Vec::new(),
     };
@@ -831,17 +1130,15 @@ fn build_mkfs(
 }
 
 /// Raw `mkfs` arguments, as the original format has them.
-fn raw_spec(src: &Source<'_>, raw: Val<Vec<String>>) -> Result<MkfsSpec, ConfigError> {
-    if raw.value.is_empty() {
-        return Err(src.at(
-            &raw,
+fn raw_spec(src: &Source<'_>, raw: Args) -> Result<MkfsSpec, ConfigError> {
+    if raw.items.is_empty() {
+        return Err(src.error(
+            &raw.origin,
             "the mkfs argument list is empty; remove it to get the default (-t ext4 -m 0)",
         ));
     }
-    let spec = MkfsSpec::Raw {
-        args: raw.value.clone(),
-    };
-    reject_force(src, &raw.origin, &raw.value, &spec.fstype())?;
+    let spec = MkfsSpec::Raw { args: raw.values() };
+    mkfs_args::check_raw(&raw.values(), &spec.fstype()).map_err(|p| raw.refuse(src, p))?;
     Ok(spec)
 }
 
@@ -863,24 +1160,43 @@ fn build_mount(
         target,
     ) {
         Some(v) => {
+            if let Some(problem) = rules::path_problem(&v.value) {
+                return Err(src.at(&v, format!("mount.target {} {problem}", shown(&v.value))));
+            }
             let path = PathBuf::from(&v.value);
-            if !path.is_absolute() || path == Path::new("/") || v.value.contains(['\n', '\0']) {
+            if path == Path::new("/") {
                 return Err(src.at(
                     &v,
-                    format!(
-                        "mount.target {:?} must be an absolute path other than /",
-                        v.value
-                    ),
+                    "mount.target must be a directory other than /: the volume is mounted there",
                 ));
             }
             path
         }
         None => PathBuf::from("/mnt"),
     };
-    let options = match o.mount_options.clone() {
-        Some(list) => list.iter().flat_map(|s| split_commas(s)).collect(),
-        None => options.map(|s| s.value.0).unwrap_or_default(),
+    let options = match (o.mount_options.clone(), options) {
+        (Some(list), _) => Val {
+            value: list.iter().flat_map(|s| split_commas(s)).collect(),
+            origin: Origin::Flag("--mount-option (CPS_MOUNT_OPTIONS)"),
+        },
+        (None, Some(list)) => Val {
+            origin: origin(&list),
+            value: list.value.0,
+        },
+        (None, None) => Val {
+            value: Vec::new(),
+            origin: Origin::File { line: 1, column: 1 },
+        },
     };
+    for option in &options.value {
+        if let Some(problem) = rules::mount_option_problem(option) {
+            return Err(src.at(
+                &options,
+                format!("mount option {} {problem}", shown(option)),
+            ));
+        }
+    }
+    let options = options.value;
     let ownership = ownership(
         src,
         pick(o.owner.clone(), "--owner (CPS_OWNER)", owner),
@@ -891,8 +1207,12 @@ fn build_mount(
     let fstab_path = pick(o.fstab.clone(), "--fstab (CPS_FSTAB)", fstab);
     let fstab = match persist.as_ref().map(|v| v.value.as_str()) {
         Some("fstab") => Some(match fstab_path {
-            Some(v) if Path::new(&v.value).is_absolute() => PathBuf::from(v.value),
-            Some(v) => return Err(src.at(&v, "mount.fstab must be an absolute path")),
+            Some(v) => match rules::path_problem(&v.value) {
+                None => PathBuf::from(v.value),
+                Some(problem) => {
+                    return Err(src.at(&v, format!("mount.fstab {} {problem}", shown(&v.value))));
+                }
+            },
             None => PathBuf::from("/etc/fstab"),
         }),
         Some("none") | None => {
@@ -903,7 +1223,10 @@ fn build_mount(
         }
         Some(other) => {
             let v = persist.as_ref().expect("matched Some");
-            return Err(src.at(v, format!("persist {other:?} is not one of fstab, none")));
+            return Err(src.at(
+                v,
+                format!("persist {} is not one of fstab, none", shown(other)),
+            ));
         }
     };
     Ok(MountOptions {
@@ -922,10 +1245,13 @@ fn ownership(
     mode: Option<Val<String>>,
 ) -> Result<Ownership, ConfigError> {
     for v in [&owner, &group].into_iter().flatten() {
-        if v.value.trim().is_empty() || v.value.contains([':', ' ', '\n']) {
+        if let Some(problem) = rules::text_problem(&v.value, 1, 256) {
+            return Err(src.at(v, format!("the user or group name {problem}")));
+        }
+        if v.value.trim().is_empty() || v.value.contains([':', ' ']) {
             return Err(src.at(
                 v,
-                format!("{:?} is not a user or group name or number", v.value),
+                format!("{} is not a user or group name or number", shown(&v.value)),
             ));
         }
     }
@@ -938,8 +1264,8 @@ fn ownership(
                     return Err(src.at(
                         &v,
                         format!(
-                            "mode {:?} is not an octal permission like \"0750\"",
-                            v.value
+                            "mode {} is not an octal permission like \"0750\"",
+                            shown(&v.value)
                         ),
                     ));
                 }
@@ -959,50 +1285,34 @@ fn duration(
     v: Option<Val<String>>,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    match v {
-        None => Ok(default),
-        Some(v) => match parse_duration(&v.value) {
-            Some(d) if !d.is_zero() && d <= Duration::from_secs(24 * 3600) => Ok(d),
-            _ => Err(src.at(&v, format!(
-                "{:?} is not a duration between 1s and 24h; write it like 90s, 3m or 1m30s (a bare number is seconds)",
-                v.value
-            ))),
-        },
+    const HOW: &str = "write it like 90s, 3m or 1m30s (a bare number is seconds)";
+    let Some(v) = v else {
+        return Ok(default);
+    };
+    match rules::parse_duration(&v.value) {
+        Ok(d) if (rules::MIN_DURATION..=rules::MAX_DURATION).contains(&d) => Ok(d),
+        Ok(_) => Err(src.at(
+            &v,
+            format!(
+                "{} is not a duration between 1s and 24h; {HOW}",
+                shown(&v.value)
+            ),
+        )),
+        Err(e) => Err(src.at(
+            &v,
+            format!(
+                "{} is not a duration: {}; {HOW}, between 1s and 24h",
+                shown(&v.value),
+                e.hint()
+            ),
+        )),
     }
 }
 
-/// `90`, `90s`, `1500ms`, `3m`, `1h`, `1m30s`.
+/// `90` (seconds), `90s`, `1500ms`, `3m`, `1h`, `1m30s`: the one duration syntax of cps (units
+/// largest first, each once). Range checks are the caller's.
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
-        if digits == 0 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.checked_mul(60)?),
-            "h" => Duration::from_secs(n.checked_mul(3600)?),
-            _ => return None,
-        };
-        total = total.checked_add(unit)?;
-        rest = &rest[unit_len..];
-    }
-    Some(total)
+    rules::parse_duration(text).ok()
 }
 
 fn absolute(
@@ -1012,12 +1322,19 @@ fn absolute(
 ) -> Result<PathBuf, ConfigError> {
     match v {
         None => Ok(PathBuf::from(default)),
-        Some(v) if Path::new(&v.value).is_absolute() => Ok(PathBuf::from(v.value)),
-        Some(v) => Err(src.at(&v, format!("{:?} must be an absolute path", v.value))),
+        Some(v) => match rules::path_problem(&v.value) {
+            None => Ok(PathBuf::from(v.value)),
+            Some(problem) => Err(src.at(&v, format!("{} {problem}", shown(&v.value)))),
+        },
     }
 }
 
+mod mkfs_args;
 mod node;
+mod rules;
+mod summary;
+
+pub(crate) use rules::shown;
 
 pub use node::{
     FileSpec, HookOptions, Identity, InterfaceOptions, LifecycleOptions, NodeOptions, OnFailure,

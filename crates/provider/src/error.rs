@@ -74,8 +74,34 @@ pub enum Error {
         message: String,
     },
 
-    #[error("{operation} is not permitted for these credentials: {message}")]
+    /// The credentials are valid but their policy does not allow this action.
+    #[error(
+        "{operation} is not permitted for these credentials: {message}; allow {operation} in the \
+         role's IAM policy (the README lists what each feature needs)"
+    )]
     Unauthorized {
+        operation: &'static str,
+        message: String,
+    },
+
+    /// No credentials could be found, or AWS does not accept them (unknown key, bad signature,
+    /// expired token): nothing works until they are fixed, so it is never retried.
+    #[error(
+        "{operation}: no usable AWS credentials: {message}. Give the instance an IAM role \
+         (instance profile), or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    )]
+    Credentials {
+        operation: &'static str,
+        message: String,
+    },
+
+    /// The request cannot be sent where it is configured to go: a malformed endpoint URL, a
+    /// region that is not a name, a host name that does not exist. Never retried.
+    #[error(
+        "{operation}: cannot reach AWS as configured: {message}. Check the region (AWS_REGION, \
+         --region, or the instance's) and the endpoint (--aws-endpoint, CPS_AWS_ENDPOINT)"
+    )]
+    Endpoint {
         operation: &'static str,
         message: String,
     },
@@ -94,8 +120,9 @@ pub enum Error {
         message: String,
     },
 
-    /// Anything else the provider refused, with its error code when it gave one.
-    #[error("{operation} failed{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    /// Anything else the provider refused, with its error code when it gave one (said once:
+    /// not again when the message starts with it).
+    #[error("{operation} failed{}: {message}", code.as_deref().filter(|c| !message.starts_with(c)).map(|c| format!(" ({c})")).unwrap_or_default())]
     Api {
         operation: &'static str,
         code: Option<String>,
@@ -104,7 +131,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether repeating the same request later may succeed.
+    /// Whether repeating the same request later may succeed. Missing credentials, refused
+    /// permissions and an unusable endpoint never do: retrying them for a command timeout only
+    /// delays the message that says what to fix.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Throttled { .. } | Self::Transient { .. })
     }

@@ -4,13 +4,14 @@
 //! This module: one node's volume (pool mode, the original tool's behaviour). `cluster`: node
 //! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups. `identity`: slot
 //! replacements, node ids from tags, deleted volumes. `lifecycle`: membership and heartbeat
-//! edge cases, signals. `iam`: the node policy.
+//! edge cases, signals. `iam`: the node policy. `messages`: permanent AWS failures, log colour.
 
 mod cluster;
 mod format;
 mod iam;
 mod identity;
 mod lifecycle;
+mod messages;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -508,4 +509,146 @@ async fn held_volumes_cost_one_instance_lookup_per_look() {
         calls.split(',').any(|c| c == "DescribeInstances=1"),
         "one look, one DescribeInstances for the 10 held volumes: {calls}"
     );
+}
+
+/// `cps-attach validate` on a file holding `bytes`: (exit code, stdout, stderr, the file's path).
+fn validate_bytes(bytes: &[u8]) -> (Option<i32>, String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("attach.yml");
+    std::fs::write(&path, bytes).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["validate", "-c"])
+        .arg(&path)
+        .env_remove("CPS_LOG_FORMAT")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path.display().to_string(),
+    )
+}
+
+#[test]
+fn validate_says_the_settings_in_words() {
+    let (code, stdout, stderr, _) = validate_bytes(
+        b"block-provider:\n  aws-ebs:\n    ebs-tags: {cluster: kafka}\n    size: 100\n    iops: 6000\n\
+          file-system:\n  type: xfs\n  label: kafka\n  options: [-K]\nmount:\n  target: /var/lib/kafka\n  \
+          options: [noatime]\n  mode: '0750'\ntimeouts:\n  attach: 90\nidentity:\n  node-id: '2'\n\
+          lifecycle:\n  hook: kafka-launch\n",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    for words in [
+        "volume: gp3 100 GiB, 6000 iops, encrypted with the AWS-managed key",
+        "filesystem: xfs, made with `mkfs.xfs -L kafka -K DEVICE` (and cps's no-discard and UUID options unless these set them) on an empty device only",
+        "mount: /var/lib/kafka with noatime; mode 0750",
+        "timeouts: create 5m, attach 1m30s, device 2m",
+        "identity: node-id 2 (cps:node-id=2 on volume and interface)",
+        "lifecycle hook: kafka-launch of the instance's group (on failure: abandon)",
+    ] {
+        assert!(stdout.contains(words), "{words:?} in:\n{stdout}");
+    }
+    // No program internals: Debug output has braces, brackets, quotes and variant names.
+    for debug in ["{", "[", "\"", "Typed", "Some(", "Abandon", "Xfs"] {
+        assert!(!stdout.contains(debug), "{debug:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn validate_refuses_bad_input_at_its_position_in_a_few_lines() {
+    let ebs = "block-provider:\n  aws-ebs:\n    ebs-tags: {role: db}\n    size: 10\n";
+    let huge = "x".repeat(5 << 20);
+    let bomb = format!(
+        "{ebs}mount:\n  options: [&big {}, {}]\n",
+        "y".repeat(1 << 20),
+        vec!["*big"; 70].join(", ")
+    );
+    let mut not_utf8 = ebs.as_bytes().to_vec();
+    not_utf8.extend_from_slice(b"mount:\n  target: /d\xe9j\xe0\n");
+    let utf16: Vec<u8> = [0xff, 0xfe]
+        .into_iter()
+        .chain(ebs.encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (
+            format!("{ebs}timeouts:\n  attach: 1ms\n").into(),
+            "6:11",
+            "between 1s and 24h",
+        ),
+        (
+            format!("{ebs}timeouts:\n  attach: 1h1h\n").into(),
+            "6:11",
+            "largest first",
+        ),
+        (
+            ebs.replace("size: 10", "size: \"200\"").into(),
+            "4:11",
+            "write 200 without quotes",
+        ),
+        (
+            ebs.replace("size: 10", "size: 0x10").into(),
+            "4:11",
+            "write 16",
+        ),
+        (
+            format!("{ebs}mount:\n  target: /a/..\n").into(),
+            "6:11",
+            "must not contain . or ..",
+        ),
+        (
+            format!("{ebs}lifecycle:\n  hook: \"h\\0\"\n").into(),
+            "6:9",
+            "control character U+0000",
+        ),
+        (
+            format!("{ebs}file-system:\n  type: xfs\n  options: [-qf]\n").into(),
+            "7:13",
+            "forces",
+        ),
+        (
+            format!("{ebs}file-system:\n  mkfs: [-t, xfs, -llogdev=/dev/sdb]\n").into(),
+            "6:19",
+            "another device",
+        ),
+        (
+            format!("{ebs}file-system:\n  mkfs: [-m, '0', -t]\n").into(),
+            "6:19",
+            "needs a value",
+        ),
+        (
+            format!("{ebs}mount:\n  options: ['noatime,#x']\n").into(),
+            "6:12",
+            "comment in fstab",
+        ),
+        (
+            format!("{ebs}mount:\n  target: /{huge}\n").into(),
+            "6:11",
+            "Linux allows 4095",
+        ),
+        (format!("{ebs}{huge}: 1\n").into(), "5:1", "key"),
+        (bomb.into(), "6:", "the YAML document is too large"),
+        (
+            not_utf8,
+            "6:13",
+            "byte 0xe9 at offset 84 is not valid UTF-8",
+        ),
+        (utf16, "1:1", "UTF-16"),
+    ];
+    for (bytes, at, words) in cases {
+        let (code, stdout, stderr, path) = validate_bytes(&bytes);
+        let shown = &stderr[..stderr.len().min(400)];
+        assert_eq!(code, Some(3), "{at} {words}: {shown}");
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(
+            stderr.starts_with(&format!("{path}:{at}")),
+            "expected {at}: {shown}"
+        );
+        assert!(stderr.contains(words), "expected {words:?}: {shown}");
+        assert!(
+            stderr.len() < 1500,
+            "{at} {words}: {} bytes on stderr",
+            stderr.len()
+        );
+    }
 }

@@ -3,6 +3,7 @@
 //! boot by completing its lifecycle action after a fixed time.
 
 mod groups;
+mod messages;
 
 use std::process::Stdio;
 use std::time::Duration;

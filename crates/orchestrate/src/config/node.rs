@@ -2,7 +2,7 @@
 //! lifecycle hook, and where the identity environment file goes.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
@@ -11,8 +11,8 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{
-    ConfigError, Origin, Overrides, Source, Val, absolute, duration, from_file, origin, ownership,
-    pick,
+    ConfigError, Int, Origin, Overrides, Source, TagMap, Val, absolute, duration, from_file,
+    origin, ownership, pick, rules, shown, tag_map,
 };
 
 /// How this instance finds its identity (and with it, its volume and interface).
@@ -118,7 +118,7 @@ pub(super) struct IdentitySection {
     node_id: Option<Spanned<String>>,
     node_id_tag: Option<Spanned<String>>,
     id_tag: Option<Spanned<String>>,
-    max_slots: Option<Spanned<i64>>,
+    max_slots: Option<Spanned<Int>>,
     release_timeout: Option<Spanned<String>>,
 }
 
@@ -126,8 +126,8 @@ pub(super) struct IdentitySection {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct InterfaceSection {
     id: Option<Spanned<String>>,
-    tags: Option<Spanned<BTreeMap<String, String>>>,
-    device_index: Option<Spanned<i64>>,
+    tags: Option<Spanned<TagMap>>,
+    device_index: Option<Spanned<Int>>,
     timeout: Option<Spanned<String>>,
 }
 
@@ -190,13 +190,27 @@ pub fn check_node_id(id: &str) -> Result<(), &'static str> {
 }
 
 fn tag_key(src: &Source<'_>, v: &Val<String>) -> Result<(), ConfigError> {
-    if v.value.is_empty() || v.value.len() > 128 || v.value.to_ascii_lowercase().starts_with("aws:")
+    match rules::tag_key_problem(&v.value) {
+        Some(problem) => Err(src.at(v, format!("tag key {} {problem}", shown(&v.value)))),
+        None => Ok(()),
+    }
+}
+
+/// A lifecycle hook name as Auto Scaling accepts it: 1–255 of `[A-Za-z0-9-_/]`.
+fn check_hook_name(src: &Source<'_>, v: &Val<String>) -> Result<(), ConfigError> {
+    if let Some(problem) = rules::text_problem(&v.value, 1, 255) {
+        return Err(src.at(v, format!("the lifecycle hook name {problem}")));
+    }
+    if !v
+        .value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/'))
     {
         return Err(src.at(
             v,
             format!(
-                "{:?} is not a usable tag key (1–128 characters, not aws:)",
-                v.value
+                "the lifecycle hook name {} may only have letters, digits, -, _ and / (Auto Scaling's rule)",
+                shown(&v.value)
             ),
         ));
     }
@@ -209,6 +223,16 @@ fn argv(src: &Source<'_>, v: Spanned<Vec<String>>, what: &str) -> Result<Vec<Str
         return Err(src.at(
             &v,
             format!("{what} must be a command: a list whose first item is the program"),
+        ));
+    }
+    if let Some(i) = v.value.iter().position(|a| a.contains('\0')) {
+        return Err(src.at(
+            &v,
+            format!(
+                "{what} argument {} contains a NUL character, which no command line can carry; \
+                 remove it",
+                i + 1
+            ),
         ));
     }
     Ok(v.value)
@@ -297,7 +321,7 @@ pub(super) fn build(
         "--node-id (CPS_IDENTITY_NODE_ID)",
         node_id,
     );
-    let max_slots = pick(o.max_slots, "--max-slots (CPS_MAX_SLOTS)", max_slots);
+    let max_slots = src.pick_integer(o.max_slots, "--max-slots (CPS_MAX_SLOTS)", max_slots)?;
     let node_id_tag = node_id_tag.map(from_file);
     let id_tag = id_tag.map(from_file);
     for t in [&node_id_tag, &id_tag].into_iter().flatten() {
@@ -363,7 +387,10 @@ pub(super) fn build(
             let at = mode.as_ref().map(|m| m.origin.clone()).unwrap_or(id_at);
             return Err(src.error(
                 &at,
-                format!("identity mode {other:?} is not one of pool, node-id, slot"),
+                format!(
+                    "identity mode {} is not one of pool, node-id, slot",
+                    shown(other)
+                ),
             ));
         }
     };
@@ -386,18 +413,30 @@ pub(super) fn build(
             {
                 return Err(src.at(
                     v,
-                    format!("{:?} is not a network interface id (eni-…)", v.value),
+                    format!("{} is not a network interface id (eni-…)", shown(&v.value)),
                 ));
             }
-            let index = i.device_index.map(from_file);
+            let index = i.device_index.map(|s| src.integer(s)).transpose()?;
             if let Some(v) = &index
                 && !(1..=31).contains(&v.value)
             {
                 return Err(src.at(v, "network-interface.device-index must be between 1 and 31 (0 is the primary interface)"));
             }
+            let extra_tags = match i.tags {
+                Some(t) => {
+                    let at = origin(&t);
+                    let entries = t
+                        .value
+                        .0
+                        .into_iter()
+                        .map(|(k, v)| (from_file(k), from_file(v)));
+                    tag_map(src, at, entries.collect())?.value
+                }
+                None => BTreeMap::new(),
+            };
             Some(InterfaceOptions {
                 id: id.map(|v| v.value),
-                extra_tags: i.tags.map(|t| t.value).unwrap_or_default(),
+                extra_tags,
                 device_index: index.map(|v| v.value as i32).unwrap_or(1),
                 timeout: duration(src, i.timeout.map(from_file), Duration::from_secs(180))?,
             })
@@ -410,10 +449,16 @@ pub(super) fn build(
         let mut seen = std::collections::BTreeSet::new();
         for entry in list.value {
             let path = from_file(entry.path);
-            if !Path::new(&path.value).is_absolute() || path.value.ends_with('/') {
+            if let Some(problem) = rules::path_problem(&path.value) {
+                return Err(src.at(&path, format!("file path {} {problem}", shown(&path.value))));
+            }
+            if path.value.ends_with('/') {
                 return Err(src.at(
                     &path,
-                    format!("file path {:?} must be an absolute file path", path.value),
+                    format!(
+                        "file path {} must name a file, not a directory",
+                        shown(&path.value)
+                    ),
                 ));
             }
             if !seen.insert(path.value.clone()) {
@@ -517,8 +562,12 @@ pub(super) fn build(
     let lifecycle = match hook_name {
         None => None,
         Some(h) => {
-            if h.value.is_empty() || h.value.len() > 255 {
-                return Err(src.at(&h, "the lifecycle hook name must be 1 to 255 characters"));
+            check_hook_name(src, &h)?;
+            let group = group.map(from_file);
+            if let Some(g) = &group
+                && let Some(problem) = rules::text_problem(&g.value, 1, 255)
+            {
+                return Err(src.at(g, format!("lifecycle.group {problem}")));
             }
             let on_failure = match on_failure.map(from_file) {
                 None => OnFailure::Abandon,
@@ -527,7 +576,10 @@ pub(super) fn build(
                 Some(v) => {
                     return Err(src.at(
                         &v,
-                        format!("on-failure {:?} is not one of abandon, leave", v.value),
+                        format!(
+                            "on-failure {} is not one of abandon, leave",
+                            shown(&v.value)
+                        ),
                     ));
                 }
             };
