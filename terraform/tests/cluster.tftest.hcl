@@ -73,6 +73,12 @@ run "plan_three_nodes" {
     condition     = strcontains(module.node_config["2"].yaml, "/etc/kafka/extra.properties") && !strcontains(module.node_config["1"].yaml, "extra.properties")
     error_message = "node files go to their node only"
   }
+  assert {
+    # The configuration carries every node file's content: root's alone, made 0600 (replacing
+    # any earlier file) before a byte is written into it.
+    condition     = alltrue([for lt in aws_launch_template.node : strcontains(base64decode(lt.user_data), "install -m 0600 /dev/null /etc/cps/attach.yml\ncat > /etc/cps/attach.yml <<'CPS_CONFIG'\n")])
+    error_message = "the configuration is installed 0600 before its content is written"
+  }
 }
 
 run "apply_three_nodes" {
