@@ -21,7 +21,7 @@ mod probe;
 use std::path::{Path, PathBuf};
 
 pub use error::Error;
-pub use files::write_atomically;
+pub use files::{write_atomically, write_if_changed};
 pub use fstab::FstabEntry;
 pub use locate::{Lookup, Verification, Wanted, nvme_link_name};
 pub use mkfs::{FsType, MkfsSpec};

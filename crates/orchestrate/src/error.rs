@@ -161,6 +161,7 @@ impl Error {
             | Self::NoNodeId { .. }
             | Self::NoInterface { .. } => ErrorClass::Identity,
             Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } => ErrorClass::Cloud,
+            Self::Node { source } if source.is_refusal() => ErrorClass::Refused,
             Self::Node { .. } => ErrorClass::Host,
             Self::Hook { .. } | Self::Check { .. } => ErrorClass::Hook,
             Self::Precondition { .. } => ErrorClass::Refused,

@@ -2,9 +2,12 @@
 //! instance, and loop devices that appear when EC2 says a volume is attached.
 //!
 //! This module: one node's volume (pool mode, the original tool's behaviour). `cluster`: node
-//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups.
+//! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups. `files`: node
+//! files in a directory the service owns, and from the secret stores. `iam`: the module's
+//! policy, exactly.
 
 mod cluster;
+mod files;
 mod iam;
 
 use std::path::{Path, PathBuf};
