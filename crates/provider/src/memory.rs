@@ -29,6 +29,7 @@ pub const DESCRIBE_TAGS: &str = "DescribeTags";
 
 mod asg;
 mod eni;
+mod secrets;
 
 pub use asg::{
     Boot, COMPLETE_LIFECYCLE_ACTION, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_AUTO_SCALING_INSTANCES,
@@ -36,6 +37,7 @@ pub use asg::{
     RECORD_LIFECYCLE_ACTION_HEARTBEAT, Sample, TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP,
 };
 pub use eni::{ATTACH_NETWORK_INTERFACE, DESCRIBE_NETWORK_INTERFACES};
+pub use secrets::{GET_PARAMETER, GET_SECRET_VALUE};
 
 /// How long simulated things take.
 #[derive(Clone, Copy, Debug, Default)]
@@ -133,6 +135,8 @@ pub struct World {
     /// Every lifecycle call, in order, for tests to check cadence and outcome.
     lifecycle_log: Vec<asg::LifecycleEvent>,
     tokens: HashMap<String, (String, VolumeSpec)>,
+    /// Parameters and secrets (node file contents).
+    secrets: BTreeMap<crate::SecretRef, Vec<u8>>,
     next_id: u64,
     faults: Vec<Fault>,
     hooks: Vec<(&'static str, Hook)>,
@@ -430,6 +434,7 @@ impl MemoryCloud {
                 fleet: asg::Fleet::default(),
                 lifecycle_log: Vec::new(),
                 tokens: HashMap::new(),
+                secrets: BTreeMap::new(),
                 next_id: 0,
                 faults: Vec::new(),
                 hooks: Vec::new(),

@@ -111,7 +111,7 @@ pub(crate) fn run(
 }
 
 /// A bench with one instance in us-east-1a, or `None` when the tier skips here.
-async fn bench_with_instance() -> Option<(Bench, std::sync::Arc<Instance>)> {
+pub(crate) async fn bench_with_instance() -> Option<(Bench, std::sync::Arc<Instance>)> {
     if !cps_testbed::ready(TIER) {
         return None;
     }
