@@ -1,9 +1,11 @@
 # The nodes' role: the policy of modules/node-policy plus SSM Session Manager access.
 
 module "node_policy" {
-  source     = "./modules/node-policy"
-  app_name   = var.app_name
-  kms_key_id = var.kms_key_id
+  source              = "./modules/node-policy"
+  app_name            = var.app_name
+  kms_key_id          = var.kms_key_id
+  secrets             = local.secrets
+  secrets_kms_key_arn = var.node_secrets_kms_key_arn
 }
 
 resource "aws_iam_role" "node" {

@@ -14,7 +14,9 @@ data "aws_subnet" "node" {
 locals {
   nodes = { for n in var.nodes : n.node_id => n }
   files = { for f in var.node_files : f.node_id => f.node_files_toupload }
-  hook  = "${var.app_name}-launch"
+  # What the node files read at boot: the nodes' role may read these and nothing else.
+  secrets = distinct(flatten([for f in var.node_files : [for u in f.node_files_toupload : u.content_from if u.content_from != null]]))
+  hook    = "${var.app_name}-launch"
 
   cluster_tags = merge(var.tags, { "cps:cluster" = var.app_name })
   node_tags = {

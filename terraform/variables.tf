@@ -40,17 +40,40 @@ variable "nodes" {
 
 variable "node_files" {
   description = <<-EOT
-    Files per node: node_files_toupload is a list of { contents = base64, destination = path }.
-    Written atomically by cps-attach after the data volume is mounted, before the hooks.
+    Files per node: node_files_toupload is a list of { contents = base64, destination = path },
+    or { content_from = "ssm:NAME" | "secretsmanager:NAME-OR-ARN", destination = path } for a
+    secret: user data is readable through the instance metadata service by any process on the
+    node, so a secret is read at boot with the node's role instead (which is then allowed
+    ssm:GetParameter or secretsmanager:GetSecretValue on exactly those). Written atomically by
+    cps-attach after the data volume is mounted, before the hooks.
   EOT
   type = set(object({
     node_id = string
     node_files_toupload = optional(list(object({
-      contents    = string
-      destination = string
+      contents     = optional(string)
+      content_from = optional(string)
+      destination  = string
     })), [])
   }))
   default = []
+  validation {
+    condition     = alltrue(flatten([for n in var.node_files : [for f in n.node_files_toupload : (f.contents == null) != (f.content_from == null)]]))
+    error_message = "node_files: each file has either contents (base64) or content_from, not both."
+  }
+  validation {
+    condition     = alltrue(flatten([for n in var.node_files : [for f in n.node_files_toupload : f.content_from == null || can(regex("^(ssm|secretsmanager):.", f.content_from))]]))
+    error_message = "node_files: content_from is ssm:PARAMETER-NAME-OR-ARN or secretsmanager:SECRET-NAME-OR-ARN."
+  }
+}
+
+variable "node_secrets_kms_key_arn" {
+  description = "Customer-managed KMS key ARN that encrypts the content_from parameters or secrets (the nodes get kms:Decrypt on it); null for the AWS-managed keys."
+  type        = string
+  default     = null
+  validation {
+    condition     = var.node_secrets_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/", var.node_secrets_kms_key_arn))
+    error_message = "node_secrets_kms_key_arn: a key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID)."
+  }
 }
 
 variable "node_config_script" {

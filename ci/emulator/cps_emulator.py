@@ -49,7 +49,7 @@ from moto.autoscaling.models import (  # noqa: E402
     TerminateInstanceActivity,
 )
 from moto.autoscaling.responses import AutoScalingResponse  # noqa: E402
-from moto.core.exceptions import AccessDeniedError  # noqa: E402
+from moto.core.exceptions import AccessDeniedError, JsonRESTError  # noqa: E402
 from moto.core.responses import ActionResult, BaseResponse, EmptyResult  # noqa: E402
 from moto.ec2.exceptions import EC2ClientError  # noqa: E402
 from moto.ec2.models.elastic_network_interfaces import NetworkInterfaceBackend  # noqa: E402
@@ -796,6 +796,16 @@ def _needed(response, service, action):
                 resource("instance", response._get_param("InstanceId")),
             ]
             return [(full, r, c) for r, c in pairs]
+    if service == "ssm" and action == "GetParameter":
+        name = response._get_param("Name") or ""
+        resource = name if name.startswith("arn:") else f"{arn}:parameter/{name.lstrip('/')}"
+        return [(full, resource, {})]
+    if service == "secretsmanager" and action == "GetSecretValue":
+        secret_id = response._get_param("SecretId") or ""
+        secrets = response.backend.secrets
+        # By name or ARN; the ARN of a secret that exists ends in its random suffix.
+        resource = secrets[secret_id].arn if secret_id in secrets else f"{arn}:secret:{secret_id}"
+        return [(full, resource, {})]
     if service == "autoscaling" and action in ("CompleteLifecycleAction", "RecordLifecycleActionHeartbeat"):
         name = response._get_param("AutoScalingGroupName")
         group = response.autoscaling_backend.autoscaling_groups.get(name)
@@ -838,6 +848,12 @@ def _authorize(self, resource="*"):
                 NODE_POLICY["denied"].append(needed_action)
             if service == "ec2":
                 raise Ec2Unauthorized(message)
+            if service in ("ssm", "secretsmanager"):
+                # JSON protocols: AWS's AccessDeniedException in their error format.
+                raise JsonRESTError(
+                    "AccessDeniedException",
+                    f"User: arn:aws:iam::{ACCOUNT}:user/node is not authorized to perform: {needed_action} on resource: {arn} ({message})",
+                )
             raise AccessDeniedError(f"arn:aws:iam::{ACCOUNT}:user/node", f"{needed_action} ({message})")
 
 

@@ -25,7 +25,11 @@ variables {
     { node_id = "3", node_ip = "10.0.3.13", node_subnet_id = "subnet-c" },
   ]
   node_files = [
-    { node_id = "2", node_files_toupload = [{ contents = "aGVsbG8K", destination = "/etc/kafka/extra.properties" }] },
+    { node_id = "2", node_files_toupload = [
+      { contents = "aGVsbG8K", destination = "/etc/kafka/extra.properties" },
+      { content_from = "ssm:/kafka/2/jaas", destination = "/etc/kafka/jaas.conf" },
+      { content_from = "secretsmanager:kafka/tls-key", destination = "/etc/kafka/tls.key" },
+    ] },
   ]
   configure_command = ["/usr/local/bin/configure-kafka"]
   health_command    = ["/usr/local/bin/kafka-healthy"]
@@ -73,6 +77,12 @@ run "plan_three_nodes" {
     condition     = strcontains(module.node_config["2"].yaml, "/etc/kafka/extra.properties") && !strcontains(module.node_config["1"].yaml, "extra.properties")
     error_message = "node files go to their node only"
   }
+  assert {
+    # The configuration carries every node file's content: root's alone, made 0600 (replacing
+    # any earlier file) before a byte is written into it.
+    condition     = alltrue([for lt in aws_launch_template.node : strcontains(base64decode(lt.user_data), "install -m 0600 /dev/null /etc/cps/attach.yml\ncat > /etc/cps/attach.yml <<'CPS_CONFIG'\n")])
+    error_message = "the configuration is installed 0600 before its content is written"
+  }
 }
 
 run "apply_three_nodes" {
@@ -118,4 +128,60 @@ run "script_and_commands_exclude_each_other" {
     node_config_script = "IyEvYmluL2Jhc2gK"
   }
   expect_failures = [aws_launch_template.node]
+}
+
+run "secrets_come_from_the_stores_and_the_role_reads_only_those" {
+  command = plan
+
+  assert {
+    condition     = strcontains(module.node_config["2"].yaml, "\"content-from\": \"ssm:/kafka/2/jaas\"") && strcontains(module.node_config["2"].yaml, "\"content-from\": \"secretsmanager:kafka/tls-key\"")
+    error_message = "content_from files are written as content-from references"
+  }
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.node.policy).Statement : s if s.Sid == "ReadNodeFileParameters"]).Resource == ["arn:aws:ssm:*:*:parameter/kafka/2/jaas"]
+    error_message = "ssm:GetParameter on exactly the named parameter"
+  }
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.node.policy).Statement : s if s.Sid == "ReadNodeFileSecrets"]).Resource == ["arn:aws:secretsmanager:*:*:secret:kafka/tls-key-??????"]
+    error_message = "secretsmanager:GetSecretValue on exactly the named secret"
+  }
+  assert {
+    condition     = !contains(output.iam_actions, "kms:Decrypt")
+    error_message = "no kms:Decrypt without a customer-managed key"
+  }
+}
+
+run "a_customer_key_for_secrets_adds_decrypt_on_that_key" {
+  command = plan
+  variables {
+    node_secrets_kms_key_arn = "arn:aws:kms:eu-west-1:123456789012:key/0b0b0b0b-1111-2222-3333-444444444444"
+  }
+  assert {
+    condition     = one([for s in jsondecode(aws_iam_role_policy.node.policy).Statement : s if s.Sid == "DecryptNodeFileSecrets"]).Resource == "arn:aws:kms:eu-west-1:123456789012:key/0b0b0b0b-1111-2222-3333-444444444444"
+    error_message = "kms:Decrypt on the secrets' key"
+  }
+}
+
+run "no_secret_access_without_content_from" {
+  command = plan
+  variables {
+    node_files = [
+      { node_id = "2", node_files_toupload = [{ contents = "aGVsbG8K", destination = "/etc/kafka/extra.properties" }] },
+    ]
+    node_secrets_kms_key_arn = "arn:aws:kms:eu-west-1:123456789012:key/0b0b0b0b-1111-2222-3333-444444444444"
+  }
+  assert {
+    condition     = length([for a in output.iam_actions : a if startswith(a, "ssm:") || startswith(a, "secretsmanager:") || startswith(a, "kms:")]) == 0
+    error_message = "nothing to read, no secret actions"
+  }
+}
+
+run "a_file_has_contents_or_content_from" {
+  command = plan
+  variables {
+    node_files = [
+      { node_id = "2", node_files_toupload = [{ contents = "aGVsbG8K", content_from = "ssm:/x", destination = "/etc/x" }] },
+    ]
+  }
+  expect_failures = [var.node_files]
 }

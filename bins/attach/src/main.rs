@@ -229,7 +229,7 @@ impl From<OverrideArgs> for Overrides {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_ec2=warn",
+            "info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_ec2=warn,aws_sdk_ssm=warn,aws_sdk_secretsmanager=warn",
         )
     });
     // Colour is for a person at a terminal: not in a file or the journal, nor with NO_COLOR.
@@ -332,10 +332,12 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     let sdk = settings.load().await;
     let ec2 = cps_aws::Ec2Api::new(&sdk);
     let autoscaling = cps_aws::AutoScalingApi::new(&sdk);
+    let secrets = cps_aws::SecretsApi::new(&sdk);
     let services = Services {
         volumes: &ec2,
         interfaces: &ec2,
         lifecycle: &autoscaling,
+        secrets: &secrets,
     };
     let hosts = Hosts {
         block: Arc::new(cps_blockdev::LinuxHost::new(
@@ -354,6 +356,7 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     };
     let mut calls = ec2.calls().snapshot();
     calls.extend(autoscaling.calls().snapshot());
+    calls.extend(secrets.calls().snapshot());
     info!(
         volume_id = %a.volume_id,
         origin = ?a.origin,

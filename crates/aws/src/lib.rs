@@ -1,6 +1,6 @@
 //! The cps cloud traits on AWS: volumes, instances and network interfaces through
-//! `aws-sdk-ec2`, groups and lifecycle hooks through `aws-sdk-autoscaling`, instance identity
-//! through IMDSv2.
+//! `aws-sdk-ec2`, groups and lifecycle hooks through `aws-sdk-autoscaling`, node file secrets
+//! through `aws-sdk-ssm` and `aws-sdk-secretsmanager`, instance identity through IMDSv2.
 //!
 //! Every SDK failure is classified into a [`cps_provider::Error`] the orchestration can act on;
 //! its message is what AWS said (code, sentence, request id) or the chain of causes, never a
@@ -12,11 +12,13 @@ mod ec2;
 mod error;
 mod imds;
 mod pages;
+mod secrets;
 
 pub use autoscaling::AutoScalingApi;
 pub use ec2::Ec2Api;
 pub use error::Error;
 pub use imds::fetch_identity;
+pub use secrets::SecretsApi;
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! cps-aws against the AWS emulator, over the real wire protocol: find, create, attach,
-//! describe, pagination, error classification, and IMDSv2 identity.
+//! describe, pagination, error classification, secrets, and IMDSv2 identity.
 
 use std::time::Duration;
 
@@ -511,4 +511,61 @@ async fn lifecycle_hooks_hold_complete_and_report_no_active_action() {
         "{err}"
     );
     assert_eq!(asg.calls().count("CompleteLifecycleAction"), 2);
+}
+
+#[tokio::test]
+async fn secrets_are_read_from_both_stores_and_missing_ones_are_not_found() {
+    use cps_provider::{SecretRef, SecretService};
+    if !ready() {
+        return;
+    }
+    let bench = bench();
+    bench.put_parameter("/wire/jaas", "pw=1").unwrap();
+    bench.create_secret("wire/tls", "key\n").unwrap();
+    let mut settings = AwsSettings::new(REGION);
+    settings.endpoint_url = Some(bench.endpoint().to_owned());
+    // SAFETY: as in `provider`: the same static values for every test.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    }
+    let api = cps_aws::SecretsApi::new(&settings.load().await);
+    let read = |r: SecretRef| {
+        let api = api.clone();
+        async move { api.secret(&r).await }
+    };
+    assert_eq!(
+        read(SecretRef::Parameter("/wire/jaas".into()))
+            .await
+            .unwrap()
+            .into_bytes(),
+        b"pw=1"
+    );
+    let arn = format!("arn:aws:ssm:{REGION}:123456789012:parameter/wire/jaas");
+    assert_eq!(
+        read(SecretRef::Parameter(arn)).await.unwrap().into_bytes(),
+        b"pw=1",
+        "by ARN too"
+    );
+    assert_eq!(
+        read(SecretRef::Secret("wire/tls".into()))
+            .await
+            .unwrap()
+            .into_bytes(),
+        b"key\n"
+    );
+    for (missing, name) in [
+        (
+            SecretRef::Parameter("/wire/missing".into()),
+            "/wire/missing",
+        ),
+        (SecretRef::Secret("wire/missing".into()), "wire/missing"),
+    ] {
+        match read(missing.clone()).await.unwrap_err() {
+            Error::NotFound { resource, .. } => assert_eq!(resource, name),
+            other => panic!("{missing}: {other}"),
+        }
+    }
+    assert_eq!(api.calls().count("GetParameter"), 3);
+    assert_eq!(api.calls().count("GetSecretValue"), 2);
 }

@@ -115,6 +115,11 @@ pub enum Error {
 
     #[error("{path}: {message}")]
     Fstab { path: PathBuf, message: String },
+
+    /// A path another user could have redirected (a planted link, a swapped file): nothing is
+    /// written, created or chowned through it.
+    #[error("{path}: {reason}")]
+    UnsafePath { path: PathBuf, reason: String },
 }
 
 impl Error {
@@ -141,6 +146,7 @@ impl Error {
                 | Self::Busy { .. }
                 | Self::MountedElsewhere { .. }
                 | Self::TargetBusy { .. }
+                | Self::UnsafePath { .. }
         )
     }
 }

@@ -23,7 +23,7 @@ mod scan;
 use std::path::{Path, PathBuf};
 
 pub use error::Error;
-pub use files::write_atomically;
+pub use files::{write_atomically, write_if_changed};
 pub use fstab::FstabEntry;
 pub use locate::{Lookup, Verification, Wanted, nvme_link_name};
 pub use mkfs::{FormatGrant, FsType, MkfsSpec, left_by_mkfs, new_uuid};

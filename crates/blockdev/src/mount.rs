@@ -229,13 +229,20 @@ pub fn resolve_ownership(ownership: &Ownership) -> Result<(Option<u32>, Option<u
     ))
 }
 
+/// Applies owner, group and mode to the directory `target`, opened without following a link
+/// another user could have planted (see [`crate::files`]) and changed through its descriptor:
+/// a mount point in a service's directory must not hand root's directories to that service.
 pub fn set_ownership(target: &Path, ownership: &Ownership) -> Result<(), Error> {
     let (uid, gid) = resolve_ownership(ownership)?;
+    if ownership.is_empty() {
+        return Ok(());
+    }
+    let dir = crate::files::open_dir(target, false)?.into_file();
     if uid.is_some() || gid.is_some() {
-        std::os::unix::fs::chown(target, uid, gid).map_err(Error::io(target, "chown"))?;
+        std::os::unix::fs::fchown(&dir, uid, gid).map_err(Error::io(target, "chown"))?;
     }
     if let Some(mode) = ownership.mode {
-        fs::set_permissions(target, fs::Permissions::from_mode(mode))
+        dir.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(Error::io(target, "chmod"))?;
     }
     Ok(())

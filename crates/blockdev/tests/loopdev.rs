@@ -1043,3 +1043,58 @@ fn leftovers_of_a_killed_mkfs_are_remade_only_under_the_journal() {
         assert!(refused > 0, "{fstype}: some kill left something to refuse");
     }
 }
+
+/// `mount.owner` on a path the service account controls: that account replaced the mount point
+/// with a link to a directory of root's. Applying owner and mode through the link would hand
+/// root's directory to the account; the planted link is refused and nothing outside changes.
+#[test]
+fn mount_ownership_is_never_applied_through_a_planted_link() {
+    if !require(
+        "blockdev ownership (real user)",
+        &[Need::Root, Need::Tool("useradd", "passwd")],
+    ) {
+        return;
+    }
+    let user = cps_fixtures::ServiceUser::create("mntown").unwrap();
+    let base = mount_dir();
+    fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let svc = base.path().join("svc");
+    fs::create_dir(&svc).unwrap();
+    user.own(&svc).unwrap();
+    let root_dir = base.path().join("root-only");
+    fs::create_dir(&root_dir).unwrap();
+    fs::set_permissions(&root_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let target = svc.join("data");
+    user.symlink(&root_dir, &target).unwrap();
+
+    let ownership = Ownership {
+        owner: Some(user.name.clone()),
+        group: Some(user.name.clone()),
+        mode: Some(0o777),
+    };
+    let err = LinuxHost::default()
+        .set_ownership(&target, &ownership)
+        .unwrap_err();
+    assert!(
+        err.is_refusal() && err.to_string().contains("symbolic link"),
+        "{err}"
+    );
+    let meta = fs::metadata(&root_dir).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777),
+        (0, 0, 0o700),
+        "root's directory was chowned or chmodded through the link"
+    );
+
+    // The real directory in its place gets owner and mode, through its descriptor.
+    fs::remove_file(&target).unwrap();
+    fs::create_dir(&target).unwrap();
+    LinuxHost::default()
+        .set_ownership(&target, &ownership)
+        .unwrap();
+    let meta = fs::metadata(&target).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777),
+        (user.uid, user.gid, 0o777)
+    );
+}

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cps_blockdev::{Ownership, resolve_ownership, write_atomically};
+use cps_blockdev::{Ownership, write_atomically, write_if_changed};
 
 pub use hooks::run_command;
 
@@ -41,13 +41,34 @@ pub enum Error {
     },
 }
 
-/// A file the node needs, written after the volume is mounted (it may live on the volume).
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Error {
+    /// Whether this error means "found something that must not be used" (a link or file
+    /// another user planted) rather than a failure of the host.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::File { source, .. } if source.is_refusal())
+    }
+}
+
+/// A file the node needs, written after the volume is mounted (it may live on the volume, in
+/// a directory the service's account owns: see [`cps_blockdev::write_if_changed`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct NodeFile {
     pub path: PathBuf,
     pub content: Vec<u8>,
     pub mode: u32,
     pub ownership: Ownership,
+}
+
+/// The content may be a secret: its length only.
+impl std::fmt::Debug for NodeFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeFile")
+            .field("path", &self.path)
+            .field("content", &format_args!("{} bytes", self.content.len()))
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("ownership", &self.ownership)
+            .finish()
+    }
 }
 
 /// One of the user's commands: an argv, run without a shell.
@@ -170,27 +191,12 @@ impl NodeHost for LinuxNode {
     }
 
     fn write_file(&self, file: &NodeFile) -> Result<bool, Error> {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let (uid, gid) = resolve_ownership(&file.ownership).map_err(|source| Error::File {
-            path: file.path.clone(),
-            source: Box::new(source),
-        })?;
-        let unchanged = std::fs::read(&file.path).is_ok_and(|c| c == file.content)
-            && std::fs::metadata(&file.path).is_ok_and(|m| {
-                m.permissions().mode() & 0o7777 == file.mode
-                    && uid.is_none_or(|u| u == m.uid())
-                    && gid.is_none_or(|g| g == m.gid())
-            });
-        if unchanged {
-            return Ok(false);
-        }
-        write_atomically(&file.path, &file.content, file.mode, &file.ownership).map_err(
-            |source| Error::File {
+        write_if_changed(&file.path, &file.content, file.mode, &file.ownership).map_err(|source| {
+            Error::File {
                 path: file.path.clone(),
                 source: Box::new(source),
-            },
-        )?;
-        Ok(true)
+            }
+        })
     }
 
     fn write_env_file(&self, path: &Path, vars: &[(String, String)]) -> Result<(), Error> {

@@ -21,7 +21,8 @@ use cps_blockdev::BlockHost;
 use cps_node::{Hook, HookExit, NodeFile, NodeHost};
 use cps_provider::{
     AttachmentState, Error as CloudError, GroupMember, InstanceIdentity, InterfaceService,
-    LifecycleResult, LifecycleService, NetworkInterface, ScalingGroup, Tags, VolumeService,
+    LifecycleResult, LifecycleService, NetworkInterface, ScalingGroup, SecretService, Tags,
+    VolumeService,
 };
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -32,12 +33,14 @@ use crate::claim::{ClaimTarget, claim_volume};
 use crate::config::{AttachConfig, Identity, InterfaceOptions, OnFailure, check_node_id};
 use crate::error::Error;
 
-/// The cloud services a boot uses (one object may provide all three).
+/// The cloud services a boot uses (one object may provide them all).
 #[derive(Clone, Copy)]
 pub struct Services<'a> {
     pub volumes: &'a dyn VolumeService,
     pub interfaces: &'a dyn InterfaceService,
     pub lifecycle: &'a dyn LifecycleService,
+    /// Node file contents kept in the cloud (`content-from`).
+    pub secrets: &'a dyn SecretService,
 }
 
 /// The host sides a boot uses.
@@ -699,9 +702,29 @@ async fn run_steps(
     blocking(move || node.write_env_file(&path, &vars)).await?;
     info!(env_file = %config.node.env_file.display(), "identity written");
 
-    let mut files_changed = 0;
+    // Every secret is read before any file is written: a missing one writes nothing.
+    let mut fetched = Vec::with_capacity(config.node.files.len());
     for spec in &config.node.files {
-        let content = if spec.template {
+        fetched.push(match &spec.secret {
+            None => None,
+            Some(secret) => Some(
+                backoff::retry(policy, "reading a secret", seed, || {
+                    services.secrets.secret(secret)
+                })
+                .await
+                .map_err(|source| Error::Secret {
+                    path: spec.path.clone(),
+                    secret: secret.clone(),
+                    source: Box::new(source),
+                })?,
+            ),
+        });
+    }
+    let mut files_changed = 0;
+    for (spec, fetched) in config.node.files.iter().zip(fetched) {
+        let content = if let Some(value) = fetched {
+            value.into_bytes()
+        } else if spec.template {
             fill(&String::from_utf8_lossy(&spec.content), &env).into_bytes()
         } else {
             spec.content.clone()

@@ -123,6 +123,18 @@ pub enum Error {
         source: cps_node::Error,
     },
 
+    /// A node file's content could not be read from the cloud (`content-from`).
+    #[error(
+        "node file {}: reading its content from {secret}: {source}; check files[].content-from and that the instance's role may read it",
+        path.display()
+    )]
+    Secret {
+        path: std::path::PathBuf,
+        secret: cps_provider::SecretRef,
+        #[source]
+        source: Box<cps_provider::Error>,
+    },
+
     /// A user hook failed.
     #[error("hook {hook} failed: {detail}")]
     Hook { hook: String, detail: String },
@@ -201,7 +213,10 @@ impl Error {
             | Self::NoNodeId { .. }
             | Self::BadNodeId { .. }
             | Self::NoInterface { .. } => ErrorClass::Identity,
-            Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } => ErrorClass::Cloud,
+            Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } | Self::Secret { .. } => {
+                ErrorClass::Cloud
+            }
+            Self::Node { source } if source.is_refusal() => ErrorClass::Refused,
             Self::Node { .. } => ErrorClass::Host,
             Self::Hook { .. } | Self::Check { .. } => ErrorClass::Hook,
             Self::Precondition { .. } => ErrorClass::Refused,

@@ -198,6 +198,7 @@ impl Cluster {
             volumes: &self.cloud,
             interfaces: &self.cloud,
             lifecycle: &self.cloud,
+            secrets: &self.cloud,
         };
         let hosts = Hosts {
             block: m.block.clone(),
@@ -1059,6 +1060,7 @@ async fn a_stop_ends_the_wait_and_abandons() {
         volumes: &c.cloud,
         interfaces: &c.cloud,
         lifecycle: &c.cloud,
+        secrets: &c.cloud,
     };
     let hosts = Hosts {
         block: new.block.clone(),
@@ -1078,4 +1080,49 @@ async fn a_stop_ends_the_wait_and_abandons() {
     assert_eq!(c.completions("i-new"), [LifecycleResult::Abandon]);
     let vols = c.cloud.volumes();
     assert_eq!(vols[0].attachments[0].instance_id, "i-old");
+}
+
+/// Files from the secret stores: read with retries (throttling), written as is; a missing one
+/// fails the boot before any file is written, naming the file and the parameter, and the
+/// group is told ABANDON.
+#[tokio::test(start_paused = true)]
+async fn secrets_are_read_before_any_file_is_written_and_a_missing_one_fails_the_boot() {
+    use cps_provider::memory::{Fault, GET_PARAMETER};
+    let c = Cluster::new(Timing::default());
+    c.cloud.with(|w| {
+        w.put_secret("kafka/tls-key", b"-----KEY-----\n");
+        w.put_parameter("/kafka/jaas", b"password=${CPS_NODE_ID} stays as is");
+    });
+    c.cloud.inject(Fault::throttle(GET_PARAMETER, 2));
+    let files = "files:\n  - path: /etc/kafka/tls.key\n    content-from: secretsmanager:kafka/tls-key\n    mode: '0600'\n  - path: /etc/kafka/jaas.conf\n    content-from: ssm:/kafka/jaas\n";
+    let m = c.launch("i-1", AZ);
+    let out = c
+        .boot(&m, &config(&format!("{NODE}  node-id: '1'\n{files}")))
+        .await
+        .unwrap();
+    assert_eq!(out.files_changed, 2);
+    assert_eq!(
+        m.node.st().files[Path::new("/etc/kafka/jaas.conf")],
+        b"password=${CPS_NODE_ID} stays as is"
+    );
+    assert_eq!(
+        m.node.st().files[Path::new("/etc/kafka/tls.key")],
+        b"-----KEY-----\n"
+    );
+
+    let missing =
+        format!("{files}  - path: /etc/kafka/other\n    content-from: ssm:/kafka/missing\n");
+    let m = c.launch("i-2", AZ);
+    let err = c
+        .boot(&m, &config(&format!("{NODE}  node-id: '2'\n{missing}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), cps_orchestrate::ErrorClass::Cloud);
+    let text = err.to_string();
+    assert!(
+        text.contains("/etc/kafka/other") && text.contains("/kafka/missing"),
+        "{text}"
+    );
+    assert!(m.node.st().files.is_empty(), "no file written");
+    assert_eq!(c.completions("i-2"), [LifecycleResult::Abandon]);
 }

@@ -1,7 +1,8 @@
 //! Domain types and the cloud traits the cps orchestration is written against: volumes and
 //! instances ([`VolumeService`]), network interfaces ([`InterfaceService`]), and Auto Scaling
-//! membership and lifecycle hooks ([`LifecycleService`]), and the operator's view of groups
-//! and launch templates for rolling updates ([`GroupService`], [`TemplateService`]).
+//! membership and lifecycle hooks ([`LifecycleService`]), secrets for node files
+//! ([`SecretService`]), and the operator's view of groups and launch templates for rolling
+//! updates ([`GroupService`], [`TemplateService`]).
 //!
 //! Two implementations exist: `cps-aws` (EC2 and Auto Scaling over the real wire protocol) and [`memory`], an
 //! in-process cloud with simulated latency and fault injection for logic tests and benchmarks.
@@ -145,4 +146,53 @@ pub trait TemplateService: Send + Sync {
     /// The default and latest version numbers of the given templates (missing ids are left
     /// out); batched and paginated inside.
     async fn template_versions(&self, ids: &[String]) -> Result<Vec<TemplateVersions>, Error>;
+}
+
+/// Where a secret lives in the cloud: the content of a node file kept out of user data (which
+/// any process on the instance can read through the metadata service), read at boot with the
+/// instance's own role.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SecretRef {
+    /// A parameter of the cloud's parameter store (SSM Parameter Store on AWS), by name or ARN;
+    /// an encrypted one is decrypted.
+    Parameter(String),
+    /// A secret of the cloud's secret manager (Secrets Manager on AWS), by name or ARN; its
+    /// current version.
+    Secret(String),
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Parameter(name) => write!(f, "parameter {name}"),
+            Self::Secret(id) => write!(f, "secret {id}"),
+        }
+    }
+}
+
+/// A secret's value. Its `Debug` shows the length only, so it never lands in a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(Vec<u8>);
+
+impl SecretValue {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretValue({} bytes)", self.0.len())
+    }
+}
+
+/// Secrets the instance's role may read.
+#[async_trait]
+pub trait SecretService: Send + Sync {
+    /// The current value (one request). A secret that does not exist is [`Error::NotFound`].
+    async fn secret(&self, secret: &SecretRef) -> Result<SecretValue, Error>;
 }

@@ -30,6 +30,7 @@ pub const CREATE_TAGS: &str = "CreateTags";
 
 mod asg;
 mod eni;
+mod secrets;
 
 pub use asg::{
     Boot, COMPLETE_LIFECYCLE_ACTION, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_AUTO_SCALING_INSTANCES,
@@ -38,6 +39,7 @@ pub use asg::{
     TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP,
 };
 pub use eni::{ATTACH_NETWORK_INTERFACE, DESCRIBE_NETWORK_INTERFACES};
+pub use secrets::{GET_PARAMETER, GET_SECRET_VALUE};
 
 /// How long simulated things take.
 #[derive(Clone, Copy, Debug, Default)]
@@ -146,6 +148,8 @@ pub struct World {
     /// Client token → the volume it made, its spec and the first reply (AWS answers a used
     /// token with that reply for hours, even after the volume was deleted).
     tokens: HashMap<String, (String, VolumeSpec, Volume)>,
+    /// Parameters and secrets (node file contents).
+    secrets: BTreeMap<crate::SecretRef, Vec<u8>>,
     next_id: u64,
     faults: Vec<Fault>,
     hooks: Vec<(&'static str, Hook)>,
@@ -473,6 +477,7 @@ impl MemoryCloud {
                 fleet: asg::Fleet::default(),
                 lifecycle_log: Vec::new(),
                 tokens: HashMap::new(),
+                secrets: BTreeMap::new(),
                 next_id: 0,
                 faults: Vec::new(),
                 hooks: Vec::new(),

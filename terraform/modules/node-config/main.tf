@@ -45,10 +45,11 @@ variable "kms_key_id" {
 }
 
 variable "files" {
-  description = "Files for this node: base64 contents and destination."
+  description = "Files for this node: destination and base64 contents, or content_from (ssm:… or secretsmanager:…)."
   type = list(object({
-    contents    = string
-    destination = string
+    contents     = optional(string)
+    content_from = optional(string)
+    destination  = string
   }))
 }
 
@@ -83,7 +84,8 @@ locals {
   hooks = merge(local.script_hooks, local.command_hooks)
 
   files = concat(
-    [for f in var.files : { path = f.destination, "content-base64" = f.contents }],
+    # Either content-base64 or content-from (a secret read at boot, never in user data).
+    [for f in var.files : { for k, v in { path = f.destination, "content-base64" = f.contents, "content-from" = f.content_from } : k => v if v != null }],
     var.node_config_script == null ? [] : [{
       path             = local.script_path
       "content-base64" = var.node_config_script

@@ -1,8 +1,9 @@
 # The nodes' IAM policy: exactly the actions cps-attach needs with its configuration written by
 # this module (node id in the file, so no DescribeTags or DescribeAutoScalingGroups; interface;
 # lifecycle hook), scoped to the cluster's tag
-# wherever AWS supports a condition. No provider: the tests render it as the module does, and the
-# bench proves a boot needs every action in it.
+# wherever AWS supports a condition; reading node file secrets only when files name them, and
+# only those. No provider: the tests render it as the module does, and the bench proves a boot
+# needs every action in it.
 
 terraform {
   required_version = ">= 1.7.0"
@@ -18,8 +19,27 @@ variable "kms_key_id" {
   type        = string
 }
 
+variable "secrets" {
+  description = "The content_from references of the node files (ssm:NAME, secretsmanager:NAME-OR-ARN)."
+  type        = list(string)
+  default     = []
+}
+
+variable "secrets_kms_key_arn" {
+  description = "Customer-managed key ARN of those parameters or secrets, or null."
+  type        = string
+  default     = null
+}
+
 locals {
   cluster_condition = { "aws:ResourceTag/cps:cluster" = var.app_name }
+
+  # A parameter's ARN is its name after "parameter/" (one slash); a secret's ends in a dash
+  # and six random characters.
+  parameter_names = distinct([for r in var.secrets : trimprefix(r, "ssm:") if startswith(r, "ssm:")])
+  secret_ids      = distinct([for r in var.secrets : trimprefix(r, "secretsmanager:") if startswith(r, "secretsmanager:")])
+  parameter_arns  = [for n in local.parameter_names : startswith(n, "arn:") ? n : "arn:aws:ssm:*:*:parameter/${trimprefix(n, "/")}"]
+  secret_arns     = [for n in local.secret_ids : startswith(n, "arn:") ? n : "arn:aws:secretsmanager:*:*:secret:${n}-??????"]
 
   node_statements = concat(
     [
@@ -85,6 +105,24 @@ locals {
       Effect   = "Allow"
       Action   = ["kms:CreateGrant", "kms:GenerateDataKeyWithoutPlaintext", "kms:Decrypt"]
       Resource = var.kms_key_id
+    }],
+    length(local.parameter_arns) == 0 ? [] : [{
+      Sid      = "ReadNodeFileParameters"
+      Effect   = "Allow"
+      Action   = ["ssm:GetParameter"]
+      Resource = local.parameter_arns
+    }],
+    length(local.secret_arns) == 0 ? [] : [{
+      Sid      = "ReadNodeFileSecrets"
+      Effect   = "Allow"
+      Action   = ["secretsmanager:GetSecretValue"]
+      Resource = local.secret_arns
+    }],
+    var.secrets_kms_key_arn == null || length(var.secrets) == 0 ? [] : [{
+      Sid      = "DecryptNodeFileSecrets"
+      Effect   = "Allow"
+      Action   = ["kms:Decrypt"]
+      Resource = var.secrets_kms_key_arn
     }],
   )
 }

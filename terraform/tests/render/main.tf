@@ -23,6 +23,8 @@ locals {
     commands = { files = [], script = null, configure = ["/usr/local/bin/configure"], health = ["/usr/local/bin/healthy"], kms = null }
     # node files
     files = { files = [{ contents = "bm9kZS5pZD0yCg==", destination = "/etc/kafka/node.properties" }], script = null, configure = [], health = [], kms = null }
+    # secrets read at boot from SSM Parameter Store and Secrets Manager
+    secrets = { files = [{ content_from = "ssm:/kafka/jaas", destination = "/etc/kafka/jaas.conf" }, { content_from = "secretsmanager:kafka/tls-key", destination = "/etc/kafka/tls.key" }], script = null, configure = [], health = [], kms = null }
     # the second design's script contract and a customer-managed key
     script = { files = [], script = "IyEvYmluL2Jhc2gKY29uZmlndXJlX2NsdXN0ZXJfbm9kZSgpIHsgOjsgfQp3YWl0X2Zvcl9oZWFsdGh5X2NsdXN0ZXIoKSB7IDo7IH0K", configure = [], health = [], kms = "arn:aws:kms:eu-west-1:123456789012:key/0b0b0b0b-1111-2222-3333-444444444444" }
   }
@@ -49,10 +51,12 @@ output "configs" {
   value = { for id, m in module.node_config : id => m.yaml }
 }
 
+# The bench's node (bins/attach/tests/e2e/iam.rs) reads one parameter and one secret.
 module "policy" {
   source     = "../../modules/node-policy"
   app_name   = "iam-e2e"
   kms_key_id = null
+  secrets    = ["ssm:/iam-e2e/jaas", "secretsmanager:iam-e2e/tls-key"]
 }
 
 output "policy" {

@@ -48,8 +48,9 @@ fn without(policy: &Value, action: &str) -> Value {
     p
 }
 
-/// The configuration the module writes for node 1 (node id in the file, interface, hook), with
-/// a health check longer than the hook's heartbeat timeout: without heartbeats it expires.
+/// The configuration the module writes for node 1 (node id in the file, interface, two files
+/// read from the secret stores, hook), with a health check longer than the hook's heartbeat
+/// timeout: without heartbeats it expires.
 fn config(home: &std::path::Path) -> String {
     format!(
         r#"block-device: /dev/sdf
@@ -68,8 +69,13 @@ identity:
 network-interface:
   device-index: 1
   timeout: 30s
+files:
+  - path: {home}/etc/jaas.conf
+    content-from: ssm:/iam-e2e/jaas
+  - path: {home}/etc/tls.key
+    content-from: secretsmanager:iam-e2e/tls-key
 hooks:
-  health: [sh, -c, 'sleep 5']
+  health: [sh, -c, 'sleep 7']
 lifecycle:
   hook: {HOOK}
 timeouts:
@@ -87,13 +93,20 @@ async fn scenario(policy: &Value) -> (Vec<i32>, String, Vec<String>) {
     let bench = Arc::new(
         Bench::start(BenchOptions {
             delays: Delays {
-                shutdown: Duration::from_millis(1500),
+                // The replacement boots while the old server still holds the volume, even
+                // on a loaded machine (so DescribeInstances is needed, and proven needed).
+                shutdown: Duration::from_secs(4),
                 ..Delays::default()
             },
             ..BenchOptions::default()
         })
         .unwrap(),
     );
+    // The files' contents, stored with the bench's own (unrestricted) key — before the group
+    // exists: the emulator's first parameter and secret take a while, and the hook's clock
+    // starts with the group's instance.
+    bench.put_parameter("/iam-e2e/jaas", "jaas").unwrap();
+    bench.create_secret("iam-e2e/tls-key", "key").unwrap();
     let node = tags(&[("cps:cluster", "iam-e2e"), ("cps:node-id", "1")]);
     bench
         .create_interface("us-east-1a", 31, &node)
@@ -106,7 +119,10 @@ async fn scenario(policy: &Value) -> (Vec<i32>, String, Vec<String>) {
             1,
             &node,
             HOOK,
-            Duration::from_secs(4),
+            // Heartbeats every 2 s; without them the action expires during health. Long
+            // enough that on a loaded machine (three benches at a time, each starting its
+            // emulator's parameter store) the boot gets going before it expires.
+            Duration::from_secs(6),
         )
         .await
         .unwrap();

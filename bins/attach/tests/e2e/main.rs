@@ -4,9 +4,12 @@
 //! This module: one node's volume (pool mode, the original tool's behaviour). `cluster`: node
 //! identities, interfaces, hooks and lifecycle hooks on Auto Scaling groups. `identity`: slot
 //! replacements, node ids from tags, deleted volumes. `lifecycle`: membership and heartbeat
-//! edge cases, signals. `iam`: the node policy. `messages`: permanent AWS failures, log colour.
+//! edge cases, signals. `files`: node files in a directory the service owns, and from the
+//! secret stores. `format`: the agent killed inside mkfs. `iam`: the module's policy, exactly.
+//! `messages`: permanent AWS failures, log colour.
 
 mod cluster;
+mod files;
 mod format;
 mod iam;
 mod identity;
@@ -114,7 +117,7 @@ pub(crate) fn run(
 }
 
 /// A bench with one instance in us-east-1a, or `None` when the tier skips here.
-async fn bench_with_instance() -> Option<(Bench, std::sync::Arc<Instance>)> {
+pub(crate) async fn bench_with_instance() -> Option<(Bench, std::sync::Arc<Instance>)> {
     if !cps_testbed::ready(TIER) {
         return None;
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use cps_blockdev::Ownership;
+use cps_provider::SecretRef;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -59,6 +60,9 @@ pub struct FileSpec {
     pub content: Vec<u8>,
     /// `content` came as text and placeholders are filled; base64 content is written as is.
     pub template: bool,
+    /// `content-from`: the content is read at boot from the cloud's parameter store or secret
+    /// manager (written as is; `content` is empty).
+    pub secret: Option<SecretRef>,
     pub mode: u32,
     pub ownership: Ownership,
 }
@@ -137,6 +141,7 @@ pub(super) struct FileEntry {
     path: Spanned<String>,
     content: Option<Spanned<String>>,
     content_base64: Option<Spanned<String>>,
+    content_from: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     owner: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
@@ -289,6 +294,50 @@ fn check_placeholders(
         rest = &after[name.len()..];
     }
     Ok(())
+}
+
+/// `content-from: ssm:NAME` (a parameter, by name or ARN) or `secretsmanager:ID` (a secret,
+/// by name or ARN).
+fn secret_ref(src: &Source<'_>, v: &Val<String>) -> Result<SecretRef, ConfigError> {
+    let usage = "content-from takes ssm:PARAMETER-NAME-OR-ARN or secretsmanager:SECRET-NAME-OR-ARN";
+    let Some((store, name)) = v.value.split_once(':') else {
+        return Err(src.at(v, format!("{:?}: {usage}", v.value)));
+    };
+    let name = name.trim();
+    let arn = name.starts_with("arn:");
+    let (allowed, secret): (&str, fn(String) -> SecretRef) = match store {
+        // Parameter names: letters, digits, `_.-`, `/` for hierarchies.
+        "ssm" => ("_.-/", SecretRef::Parameter),
+        // Secret names: letters, digits, `/_+=.@-`.
+        "secretsmanager" => ("/_+=.@-", SecretRef::Secret),
+        other => {
+            return Err(src.at(v, format!("{other:?} is not a secret store: {usage}")));
+        }
+    };
+    let bad = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || allowed.contains(*c) || (arn && *c == ':')));
+    if name.is_empty() || name.len() > 2048 {
+        return Err(src.at(
+            v,
+            format!("{store}: needs a name or ARN of 1 to 2048 characters"),
+        ));
+    }
+    if let Some(c) = bad {
+        return Err(src.at(
+            v,
+            format!(
+                "{name:?} is not a usable {store} name: {c:?} is not allowed (ARNs start with arn:)"
+            ),
+        ));
+    }
+    if store == "ssm" && !arn && name.contains('/') && !name.starts_with('/') {
+        return Err(src.at(
+            v,
+            format!("parameter {name:?}: a name with a hierarchy starts with / (/{name})"),
+        ));
+    }
+    Ok(secret(name.to_owned()))
 }
 
 pub(super) fn build(
@@ -464,26 +513,42 @@ pub(super) fn build(
             if !seen.insert(path.value.clone()) {
                 return Err(src.at(&path, format!("{} is listed twice", path.value)));
             }
-            let (content, template) = match (entry.content, entry.content_base64) {
-                (Some(c), None) => {
-                    let c = from_file(c);
+            let mut sources = [
+                entry.content.map(|c| ("content", from_file(c))),
+                entry
+                    .content_base64
+                    .map(|b| ("content-base64", from_file(b))),
+                entry.content_from.map(|f| ("content-from", from_file(f))),
+            ]
+            .into_iter()
+            .flatten();
+            let (content, template, secret) = match (sources.next(), sources.next()) {
+                (Some(("content", c)), None) => {
                     check_placeholders(src, &c, &identity, interface_configured)?;
-                    (c.value.into_bytes(), true)
+                    (c.value.into_bytes(), true, None)
                 }
-                (None, Some(b)) => {
-                    let b = from_file(b);
+                (Some(("content-base64", b)), None) => {
                     let compact: String = b.value.split_whitespace().collect();
                     let bytes = base64::engine::general_purpose::STANDARD
                         .decode(compact)
                         .map_err(|e| {
                             src.at(&b, format!("content-base64 is not valid base64: {e}"))
                         })?;
-                    (bytes, false)
+                    (bytes, false, None)
                 }
-                (Some(c), Some(_)) => {
-                    return Err(src.at(&from_file(c), "give content or content-base64, not both"));
+                (Some((_, f)), None) => (Vec::new(), false, Some(secret_ref(src, &f)?)),
+                (Some((first, _)), Some((second, v))) => {
+                    return Err(src.at(
+                        &v,
+                        format!("give one of content, content-base64, content-from, not both {first} and {second}"),
+                    ));
                 }
-                (None, None) => return Err(src.at(&path, "a file needs content or content-base64")),
+                (None, _) => {
+                    return Err(src.at(
+                        &path,
+                        "a file needs content, content-base64 or content-from",
+                    ));
+                }
             };
             let own = ownership(
                 src,
@@ -495,6 +560,7 @@ pub(super) fn build(
                 path: PathBuf::from(path.value),
                 content,
                 template,
+                secret,
                 mode: own.mode.unwrap_or(0o644),
                 ownership: Ownership { mode: None, ..own },
             });

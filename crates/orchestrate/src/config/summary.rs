@@ -160,10 +160,13 @@ fn node_lines(n: &NodeOptions, out: &mut Vec<String>) {
     }
     for f in &n.files {
         let own = ownership_text(&f.ownership);
+        let content = match &f.secret {
+            Some(secret) => format!("read at boot from {secret}"),
+            None => format!("{} bytes", f.content.len()),
+        };
         line(format!(
-            "file: {} ({} bytes, mode {:04o}{}{})",
+            "file: {} ({content}, mode {:04o}{}{})",
             f.path.display(),
-            f.content.len(),
             f.mode,
             if own.is_empty() { "" } else { ", " },
             own

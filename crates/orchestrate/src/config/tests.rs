@@ -467,11 +467,11 @@ fn node_section_errors_point_at_the_value() {
         ),
         (
             "files:\n  - path: /etc/x\n",
-            "a file needs content or content-base64",
+            "a file needs content, content-base64 or content-from",
         ),
         (
             "files:\n  - path: /etc/x\n    content: a\n    content-base64: YQ==\n",
-            "give content or content-base64, not both",
+            "8:21: give one of content, content-base64, content-from, not both content and content-base64",
         ),
         (
             "files:\n  - path: /etc/x\n    content-base64: '%%%'\n",
@@ -1208,4 +1208,62 @@ fn hook_commands_cannot_carry_a_nul() {
         "argument 3 contains a NUL",
     );
     assert!(parse(&format!("{MINIMAL}hooks:\n  health: [sh, -c, \"a\\tb\"]\n")).is_ok());
+}
+
+#[test]
+fn file_contents_can_come_from_the_secret_stores() {
+    use cps_provider::SecretRef;
+    let c = AttachConfig::parse(
+        "attach.yml",
+        &format!(
+            "{MINIMAL}files:\n  - path: /etc/a\n    content-from: ssm:/kafka/jaas\n    mode: '0600'\n  - path: /etc/b\n    content-from: 'secretsmanager:arn:aws:secretsmanager:eu-west-1:123456789012:secret:kafka/tls-AbCdEf'\n  - path: /etc/c\n    content-from: ssm:plain_name.v2\n"
+        ),
+        &Overrides::default(),
+    )
+    .unwrap();
+    let f = &c.node.files;
+    assert_eq!(
+        f.iter().map(|f| f.secret.clone()).collect::<Vec<_>>(),
+        [
+            Some(SecretRef::Parameter("/kafka/jaas".into())),
+            Some(SecretRef::Secret(
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:kafka/tls-AbCdEf".into()
+            )),
+            Some(SecretRef::Parameter("plain_name.v2".into())),
+        ]
+    );
+    assert!(f[0].content.is_empty() && !f[0].template && f[0].mode == 0o600);
+
+    for (entry, expected) in [
+        (
+            "content-from: vault:kv/x",
+            "7:19: \"vault\" is not a secret store: content-from takes ssm:PARAMETER-NAME-OR-ARN or secretsmanager:SECRET-NAME-OR-ARN",
+        ),
+        (
+            "content-from: /kafka/jaas",
+            "7:19: \"/kafka/jaas\": content-from takes",
+        ),
+        (
+            "content-from: 'ssm:'",
+            "7:19: ssm: needs a name or ARN of 1 to 2048 characters",
+        ),
+        (
+            "content-from: 'ssm:/kafka/pass word'",
+            "\"/kafka/pass word\" is not a usable ssm name: ' ' is not allowed",
+        ),
+        (
+            "content-from: ssm:kafka/jaas",
+            "parameter \"kafka/jaas\": a name with a hierarchy starts with / (/kafka/jaas)",
+        ),
+        (
+            "content: a\n    content-from: ssm:/x",
+            "8:19: give one of content, content-base64, content-from, not both content and content-from",
+        ),
+    ] {
+        let e = err(&format!("{MINIMAL}files:\n  - path: /etc/x\n    {entry}\n"));
+        assert!(
+            e.contains(expected),
+            "{entry:?}\n  expected: {expected}\n  got: {e}"
+        );
+    }
 }
