@@ -1,6 +1,7 @@
 //! The mount table, mounting, and the mounted root's ownership.
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -184,7 +185,11 @@ pub(crate) fn mount(
             });
         }
     }
-    fs::create_dir_all(target).map_err(Error::io(target, "create mount point"))?;
+    // The mount point may sit in a directory another account controls (a target under the
+    // service's home): it is reached, and made if missing, without following a link that
+    // account could have planted, and mount(2) is given the opened directory itself.
+    let point = crate::files::open_dir(target, true)?.into_file();
+    let at = PathBuf::from(format!("/proc/self/fd/{}", point.as_raw_fd()));
     let (flags, data) = split_mount_options(options);
     let mount_error = |source| Error::Mount {
         device: device.path.clone(),
@@ -196,7 +201,8 @@ pub(crate) fn mount(
     if !data.is_empty() {
         builder = builder.data(&data);
     }
-    let _mounted: Mount = builder.mount(&device.path, target).map_err(mount_error)?;
+    let _mounted: Mount = builder.mount(&device.path, &at).map_err(mount_error)?;
+    drop(point);
     match MountInfo::read(mountinfo)?.state_of(device, target) {
         MountState::Mounted { .. } => Ok(()),
         other => Err(mount_error(std::io::Error::other(format!(

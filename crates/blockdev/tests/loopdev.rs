@@ -1098,3 +1098,57 @@ fn mount_ownership_is_never_applied_through_a_planted_link() {
         (user.uid, user.gid, 0o777)
     );
 }
+
+/// The mount point under a directory the service account owns: that account replaced it with
+/// a link to a directory of root's. Mounting through the link would lay the volume over root's
+/// directory (over `/etc`, say); the link is refused and nothing is mounted anywhere.
+#[test]
+fn a_mount_point_replaced_by_a_link_is_refused() {
+    if !ready()
+        || !require(
+            "blockdev mount (real user)",
+            &[Need::Tool("useradd", "passwd")],
+        )
+    {
+        return;
+    }
+    let user = cps_fixtures::ServiceUser::create("mntpt").unwrap();
+    let base = mount_dir();
+    fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let svc = base.path().join("svc");
+    fs::create_dir(&svc).unwrap();
+    user.own(&svc).unwrap();
+    let root_dir = base.path().join("root-only");
+    fs::create_dir(&root_dir).unwrap();
+    let (_g1, _g2) = (MountGuard(root_dir.clone()), MountGuard(svc.join("data")));
+    let target = svc.join("data");
+    user.symlink(&root_dir, &target).unwrap();
+
+    let host = LinuxHost::default();
+    let l = LoopDevice::new(SIZE).unwrap();
+    let dev = device_of(&l);
+    let made = host
+        .make_filesystem(&dev, &MkfsSpec::default(), &FormatGrant::Empty)
+        .unwrap();
+    let err = host.mount(&dev, &made, &target, &[]).unwrap_err();
+    assert!(
+        err.is_refusal() && err.to_string().contains("symbolic link"),
+        "{err}"
+    );
+    assert!(
+        !cps_fixtures::is_mountpoint(&root_dir),
+        "mounted over root's directory"
+    );
+    assert_eq!(
+        host.mount_state(&dev, &root_dir).unwrap(),
+        MountState::NotMounted
+    );
+
+    // A real directory in its place (or none: it is made) gets the mount.
+    fs::remove_file(&target).unwrap();
+    host.mount(&dev, &made, &target, &[]).unwrap();
+    assert!(matches!(
+        host.mount_state(&dev, &target).unwrap(),
+        MountState::Mounted { .. }
+    ));
+}
