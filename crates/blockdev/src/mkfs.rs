@@ -287,9 +287,33 @@ pub(crate) fn make_filesystem(
     spec: &MkfsSpec,
     grant: &FormatGrant,
 ) -> Result<Filesystem, Error> {
-    let found = probe::probe(device)?;
-    match (grant, found) {
-        (_, Probe::Empty) => {}
+    check_grant(device, grant)?;
+    // The probe's exclusive handle is closed now (mkfs opens the device exclusively itself).
+    // Device numbers are reused after a detach and another attach; the serial is not, so it
+    // is read again right before mkfs starts.
+    probe::check_node(device)?;
+    locate::reverify(sys_root, device)?;
+    run_mkfs(device, spec)?;
+
+    let expected = spec.fstype();
+    let uuid = spec.uuid();
+    match probe::probe(device)? {
+        Probe::Filesystem(fs) if fs.fstype == expected && (uuid.is_none() || fs.uuid == uuid) => {
+            Ok(fs)
+        }
+        other => Err(Error::MkfsUnverified {
+            path: device.path.clone(),
+            expected,
+            found: describe(&other),
+        }),
+    }
+}
+
+/// Lets mkfs go ahead only on a device the probe proves empty, or on one holding exactly the
+/// leftovers of the unfinished mkfs the grant names (whose signatures are erased first).
+fn check_grant(device: &Device, grant: &FormatGrant) -> Result<(), Error> {
+    match (grant, probe::probe(device)?) {
+        (_, Probe::Empty) => Ok(()),
         (FormatGrant::Unfinished { fstype, uuid }, found)
             if left_by_mkfs(&found, fstype, uuid.as_deref()) =>
         {
@@ -303,28 +327,23 @@ pub(crate) fn make_filesystem(
                     return Err(out.failure());
                 }
             }
+            Ok(())
         }
-        (_, Probe::Filesystem(fs)) => {
-            return Err(Error::AlreadyFormatted {
-                path: device.path.clone(),
-                volume_id: device.volume_id.clone(),
-                fstype: fs.fstype,
-            });
-        }
-        (_, Probe::Refused(refusal)) => {
-            return Err(Error::Refused {
-                path: device.path.clone(),
-                volume_id: device.volume_id.clone(),
-                refusal,
-            });
-        }
+        (_, Probe::Filesystem(fs)) => Err(Error::AlreadyFormatted {
+            path: device.path.clone(),
+            volume_id: device.volume_id.clone(),
+            fstype: fs.fstype,
+        }),
+        (_, Probe::Refused(refusal)) => Err(Error::Refused {
+            path: device.path.clone(),
+            volume_id: device.volume_id.clone(),
+            refusal,
+        }),
     }
+}
 
-    // The probe's exclusive handle is closed now (mkfs opens the device exclusively itself).
-    // Device numbers are reused after a detach and another attach; the serial is not, so it
-    // is read again right before mkfs starts.
-    probe::check_node(device)?;
-    locate::reverify(sys_root, device)?;
+/// Runs the mkfs command on the device; a non-zero exit is an error carrying its stderr.
+fn run_mkfs(device: &Device, spec: &MkfsSpec) -> Result<(), Error> {
     let (program, args) = spec.command();
     tracing::info!(volume_id = %device.volume_id, device = %device.path.display(), command = %format!("{program} {}", args.join(" ")), "making filesystem");
     let out = Command::new(&program)
@@ -333,7 +352,7 @@ pub(crate) fn make_filesystem(
         .env("LC_ALL", "C")
         // mke2fs asks before overwriting an existing filesystem only when stdin and stdout
         // are terminals; here they are not, so it would go ahead. The probe above is what
-        // protects data, not mkfs.
+        // protects data, not mkfs (see check_grant).
         .stdin(Stdio::null())
         // Its own process group: a Ctrl-C meant for cps-attach (which stops at its next wait)
         // does not cut mkfs short half-way through the device.
@@ -349,30 +368,18 @@ pub(crate) fn make_filesystem(
                 Error::io(&program, "run")(e)
             }
         })?;
-    if !out.status.success() {
-        return Err(Error::Tool {
-            command: format!("{program} {} {}", args.join(" "), device.path.display()),
-            status: out
-                .status
-                .code()
-                .map(|c| format!("exit {c}"))
-                .unwrap_or_else(|| "killed by a signal".into()),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+    if out.status.success() {
+        return Ok(());
     }
-
-    let expected = spec.fstype();
-    let uuid = spec.uuid();
-    match probe::probe(device)? {
-        Probe::Filesystem(fs) if fs.fstype == expected && (uuid.is_none() || fs.uuid == uuid) => {
-            Ok(fs)
-        }
-        other => Err(Error::MkfsUnverified {
-            path: device.path.clone(),
-            expected,
-            found: describe(&other),
-        }),
-    }
+    Err(Error::Tool {
+        command: format!("{program} {} {}", args.join(" "), device.path.display()),
+        status: out
+            .status
+            .code()
+            .map(|c| format!("exit {c}"))
+            .unwrap_or_else(|| "killed by a signal".into()),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
 }
 
 /// A probe result in words, for messages.

@@ -3,7 +3,7 @@
 //! the volume's format journal proves holds an interrupted cps mkfs's leftovers), mount, set
 //! ownership, persist.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cps_blockdev::{
@@ -94,8 +94,37 @@ pub async fn prepare_device(
     config: &AttachConfig,
     policy: RetryPolicy,
 ) -> Result<AttachOutcome, Error> {
-    let volume_id = claim.volume.id.clone();
-    let vid = volume_id.as_str();
+    let device = locate_device(&host, claim, config).await?;
+    let (filesystem, mount) = mount_device(&host, cloud, claim, config, &device, policy).await?;
+    let vid = claim.volume.id.as_str();
+    let target = &config.mount.target;
+    if !config.mount.ownership.is_empty() {
+        let (t, own) = (target.clone(), config.mount.ownership.clone());
+        on_host(&host, vid, move |h| h.set_ownership(&t, &own)).await?;
+        debug!(volume_id = vid, mount_target = %target.display(), "ownership applied");
+    }
+    let fstab_changed = match &config.mount.fstab {
+        None => None,
+        Some(path) => Some(persist_fstab(&host, claim, config, &device, &filesystem, path).await?),
+    };
+    Ok(AttachOutcome {
+        volume_id: claim.volume.id.clone(),
+        origin: claim.origin,
+        attach_attempts: claim.attach_attempts,
+        device: device.path,
+        filesystem,
+        mount,
+        fstab_changed,
+    })
+}
+
+/// Waits for the claimed volume's kernel device and verifies it is that volume.
+async fn locate_device(
+    host: &Arc<dyn BlockHost>,
+    claim: &Claim,
+    config: &AttachConfig,
+) -> Result<Device, Error> {
+    let vid = claim.volume.id.as_str();
     // The name it was attached under may differ from the configured one (a reused volume
     // attached by an older configuration); the kernel's Xen name follows the attachment.
     let requested = claim
@@ -124,16 +153,34 @@ pub async fn prepare_device(
         last: t.last,
     })?;
     info!(volume_id = vid, device = %device.path.display(), verified_by = ?device.verification, "found the volume's device");
+    Ok(device)
+}
 
+/// Leaves a device mounted at the target as it is; otherwise makes sure of its filesystem and
+/// mounts it. Refuses a device mounted elsewhere and a target something else is mounted on.
+async fn mount_device(
+    host: &Arc<dyn BlockHost>,
+    cloud: &dyn VolumeService,
+    claim: &Claim,
+    config: &AttachConfig,
+    device: &Device,
+    policy: RetryPolicy,
+) -> Result<(FsOutcome, MountOutcome), Error> {
+    let volume_id = &claim.volume.id;
+    let vid = volume_id.as_str();
     let target = config.mount.target.clone();
-    let state = host
-        .mount_state(&device, &target)
-        .map_err(Error::host(vid))?;
-    let (filesystem, mount) = match state {
+    let refused = |source| Error::Refused {
+        volume_id: volume_id.clone(),
+        source: Box::new(source),
+    };
+    match host
+        .mount_state(device, &target)
+        .map_err(Error::host(vid))?
+    {
         MountState::Mounted { fstype } => {
             info!(volume_id = vid, device = %device.path.display(), mount_target = %target.display(), fstype, "already mounted; nothing to do");
             let d = device.clone();
-            let fs = match on_host(&host, vid, move |h| h.identify(&d)).await? {
+            let fs = match on_host(host, vid, move |h| h.identify(&d)).await? {
                 Probe::Filesystem(fs) => fs,
                 _ => Filesystem {
                     fstype,
@@ -141,88 +188,73 @@ pub async fn prepare_device(
                     label: None,
                 },
             };
-            (FsOutcome::Existing(fs), MountOutcome::AlreadyMounted)
+            Ok((FsOutcome::Existing(fs), MountOutcome::AlreadyMounted))
         }
         MountState::MountedElsewhere { mountpoint } => {
-            return Err(Error::Refused {
+            Err(refused(cps_blockdev::Error::MountedElsewhere {
+                device: device.path.clone(),
                 volume_id: volume_id.clone(),
-                source: Box::new(cps_blockdev::Error::MountedElsewhere {
-                    device: device.path.clone(),
-                    volume_id: volume_id.clone(),
-                    mountpoint,
-                    target,
-                }),
-            });
+                mountpoint,
+                target,
+            }))
         }
         MountState::TargetBusy { source, fstype } => {
-            return Err(Error::Refused {
-                volume_id: volume_id.clone(),
-                source: Box::new(cps_blockdev::Error::TargetBusy {
-                    target,
-                    device: device.path.clone(),
-                    source_device: source,
-                    fstype,
-                }),
-            });
+            Err(refused(cps_blockdev::Error::TargetBusy {
+                target,
+                device: device.path.clone(),
+                source_device: source,
+                fstype,
+            }))
         }
         MountState::NotMounted => {
-            let outcome = ensure_filesystem(&host, cloud, claim, config, &device, policy).await?;
+            let outcome = ensure_filesystem(host, cloud, claim, config, device, policy).await?;
             let (d, fs, t, options) = (
                 device.clone(),
                 outcome.filesystem().clone(),
                 target.clone(),
                 config.mount.options.clone(),
             );
-            on_host(&host, vid, move |h| h.mount(&d, &fs, &t, &options)).await?;
+            on_host(host, vid, move |h| h.mount(&d, &fs, &t, &options)).await?;
             info!(volume_id = vid, device = %device.path.display(), mount_target = %target.display(), "mounted");
-            (outcome, MountOutcome::Mounted)
+            Ok((outcome, MountOutcome::Mounted))
         }
-    };
-
-    if !config.mount.ownership.is_empty() {
-        let (t, own) = (target.clone(), config.mount.ownership.clone());
-        on_host(&host, vid, move |h| h.set_ownership(&t, &own)).await?;
-        debug!(volume_id = vid, mount_target = %target.display(), "ownership applied");
     }
+}
 
-    let fstab_changed = match &config.mount.fstab {
-        None => None,
-        Some(path) => {
-            let fs = filesystem.filesystem();
-            let uuid = fs.uuid.clone().ok_or_else(|| Error::Host {
-                volume_id: volume_id.clone(),
-                source: Box::new(cps_blockdev::Error::Fstab {
-                    path: path.clone(),
-                    message: format!(
-                        "the {} filesystem on {} has no UUID to name it by",
-                        fs.fstype,
-                        device.path.display()
-                    ),
-                }),
-            })?;
-            let entry = FstabEntry {
-                uuid,
-                target: target.clone(),
-                fstype: fs.fstype.clone(),
-                options: config.mount.options.clone(),
-                volume_id: volume_id.clone(),
-            };
-            let p = path.clone();
-            let changed = on_host(&host, vid, move |h| h.persist(&p, &entry)).await?;
-            info!(volume_id = vid, fstab = %path.display(), changed, "fstab entry in place");
-            Some(changed)
-        }
+/// Puts the filesystem's fstab entry (by UUID) in place; says whether the file changed.
+async fn persist_fstab(
+    host: &Arc<dyn BlockHost>,
+    claim: &Claim,
+    config: &AttachConfig,
+    device: &Device,
+    filesystem: &FsOutcome,
+    path: &Path,
+) -> Result<bool, Error> {
+    let volume_id = &claim.volume.id;
+    let vid = volume_id.as_str();
+    let fs = filesystem.filesystem();
+    let uuid = fs.uuid.clone().ok_or_else(|| Error::Host {
+        volume_id: volume_id.clone(),
+        source: Box::new(cps_blockdev::Error::Fstab {
+            path: path.to_owned(),
+            message: format!(
+                "the {} filesystem on {} has no UUID to name it by",
+                fs.fstype,
+                device.path.display()
+            ),
+        }),
+    })?;
+    let entry = FstabEntry {
+        uuid,
+        target: config.mount.target.clone(),
+        fstype: fs.fstype.clone(),
+        options: config.mount.options.clone(),
+        volume_id: volume_id.clone(),
     };
-
-    Ok(AttachOutcome {
-        volume_id,
-        origin: claim.origin,
-        attach_attempts: claim.attach_attempts,
-        device: device.path,
-        filesystem,
-        mount,
-        fstab_changed,
-    })
+    let p = path.to_owned();
+    let changed = on_host(host, vid, move |h| h.persist(&p, &entry)).await?;
+    info!(volume_id = vid, fstab = %path.display(), changed, "fstab entry in place");
+    Ok(changed)
 }
 
 /// Probes the device and, with the format journal, keeps what is there, makes the filesystem,
