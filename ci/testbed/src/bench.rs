@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cps_orchestrate::backoff::RetryPolicy;
-use cps_orchestrate::claim::{Claim, ClaimTarget, claim_volume};
+use cps_orchestrate::boot::claim::{Claim, ClaimTarget, claim_volume};
 use cps_orchestrate::{AttachConfig, Overrides};
 use cps_provider::memory::{MemoryCloud, Timing};
 use cps_provider::{CallLog, InstanceIdentity, Tags, VolumeService, VolumeSpec};

@@ -4,24 +4,22 @@
 //! code.
 //!
 //! - [`config`] reads and validates the YAML configuration (and command-line overrides).
-//! - [`attach`] claims the volume (reuse, pool, create), waits for it, then has the host find
-//!   the device, format it only if proven empty, mount it and persist the mount.
+//! - [`boot`] is cps-attach's boot: the node's identity, its volume claimed ([`boot::claim`]:
+//!   reuse, pool, slot, create) and prepared ([`boot::device`]: find the device, format it only
+//!   if proven empty, mount it, persist the mount), its interface, files, hooks and lifecycle.
 //! - [`roll`] replaces a cluster's outdated nodes one at a time, never breaking quorum.
 //! - [`backoff`] holds the retry and polling schedules every wait uses.
 
-pub mod attach;
 pub mod backoff;
 pub mod boot;
-pub mod claim;
 pub mod config;
 mod error;
-pub mod journal;
 pub mod roll;
 
-pub use attach::{AttachOutcome, FsOutcome, MountOutcome, attach, prepare_device};
+pub use boot::claim::{Claim, ClaimTarget, Origin, claim_volume};
+pub use boot::device::{AttachOutcome, FsOutcome, MountOutcome, attach, prepare_device};
 pub use boot::{
     BootOutcome, Hosts, InterfaceOutcome, LifecycleOutcome, Services, boot, boot_until,
 };
-pub use claim::{Claim, ClaimTarget, Origin, claim_volume};
 pub use config::{AttachConfig, ConfigError, Overrides};
 pub use error::{Error, ErrorClass};

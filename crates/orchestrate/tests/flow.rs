@@ -11,9 +11,9 @@ mod common;
 
 use common::{Content, Disks, FakeHost, MkfsDeath};
 use cps_blockdev::{Filesystem, Refusal};
-use cps_orchestrate::attach;
-use cps_orchestrate::claim::{self, ClaimTarget, Origin};
-use cps_orchestrate::journal::{self, Journal};
+use cps_orchestrate::boot::claim::{self, ClaimTarget, Origin};
+use cps_orchestrate::boot::device;
+use cps_orchestrate::boot::journal::{self, Journal};
 use cps_orchestrate::{AttachConfig, Error, ErrorClass, FsOutcome, MountOutcome, Overrides};
 use cps_provider::memory::{
     ATTACH_VOLUME, CREATE_TAGS, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES, Fault,
@@ -62,8 +62,8 @@ impl Bench {
         FakeHost::new(&self.cloud, id, &self.disks)
     }
 
-    async fn boot(&self, host: &Arc<FakeHost>) -> Result<attach::AttachOutcome, Error> {
-        attach::attach(
+    async fn boot(&self, host: &Arc<FakeHost>) -> Result<device::AttachOutcome, Error> {
+        device::attach(
             &self.cloud,
             host.clone(),
             &identity(&host.instance),
@@ -367,7 +367,7 @@ async fn a_device_that_never_appears_times_out_clearly() {
     let b = Bench::new(Timing::default());
     let other = b.instance("i-other");
     let host_that_never_sees = FakeHost::new(&b.cloud, "i-nobody", &b.disks);
-    let err = attach::attach(
+    let err = device::attach(
         &b.cloud,
         host_that_never_sees,
         &identity(&other.instance),

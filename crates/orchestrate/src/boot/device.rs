@@ -12,11 +12,11 @@ use cps_blockdev::{
 use cps_provider::{InstanceIdentity, Tags, VolumeService};
 use tracing::{debug, info, warn};
 
+use super::claim::{Claim, ClaimTarget, Origin, claim_volume};
+use super::journal::{self, Decision, Journal};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule};
-use crate::claim::{Claim, ClaimTarget, Origin, claim_volume};
 use crate::config::AttachConfig;
 use crate::error::Error;
-use crate::journal::{self, Decision, Journal};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FsOutcome {
