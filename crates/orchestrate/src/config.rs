@@ -623,6 +623,10 @@ impl Source<'_> {
     }
 }
 
+/// The file's values (with command-line overrides) checked and turned into the settings.
+// Long on purpose: one straight pass, a block per setting in the order of the reference
+// (docs/configuration.md), each with its rule and its error position; split, the reader would
+// lose that order.
 fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConfig, ConfigError> {
     let whole_file = Origin::File { line: 1, column: 1 };
 
@@ -1024,6 +1028,9 @@ impl Args {
     }
 }
 
+/// The `filesystem` section as the mkfs to run, its arguments checked.
+// Long on purpose: one block per way of writing the filesystem (type and options, or raw
+// arguments), each with its own refusals next to it.
 fn build_mkfs(
     src: &Source<'_>,
     fs: Option<Spanned<FileSystem>>,
@@ -1142,6 +1149,8 @@ fn raw_spec(src: &Source<'_>, raw: Args) -> Result<MkfsSpec, ConfigError> {
     Ok(spec)
 }
 
+/// The `mount` section: target, options, owner, fstab.
+// A block per setting, as in `build`.
 fn build_mount(
     src: &Source<'_>,
     mount: Option<Spanned<Mount>>,

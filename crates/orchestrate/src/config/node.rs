@@ -340,6 +340,7 @@ fn secret_ref(src: &Source<'_>, v: &Val<String>) -> Result<SecretRef, ConfigErro
     Ok(secret(name.to_owned()))
 }
 
+// Long on purpose, as the top-level `build`: a block per node setting in the reference's order.
 pub(super) fn build(
     src: &Source<'_>,
     s: NodeSections,

@@ -124,6 +124,7 @@ impl AttachConfig {
 }
 
 /// Identity, interface, files, hooks and lifecycle.
+// A line per node setting, in the reference's order; splitting it would only scatter them.
 fn node_lines(n: &NodeOptions, out: &mut Vec<String>) {
     let mut line = |text: String| out.push(text);
     line(match &n.identity {

@@ -20,20 +20,27 @@
 //!
 //! After AttachVolume, wait until EC2 reports the attachment attached.
 
+mod create;
+mod holders;
+mod slot;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cps_provider::{
-    AttachmentState, Error as CloudError, InstanceIdentity, InstanceState, Tags, Volume,
-    VolumeService, VolumeSpec, VolumeState,
+    AttachmentState, Error as CloudError, InstanceIdentity, Tags, Volume, VolumeService,
+    VolumeSpec, VolumeState,
 };
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str, mix};
 use crate::config::AttachConfig;
 use crate::error::Error;
+use create::{Creation, Creator, TokenWalk};
+use holders::{holders, leaving, sole_holder_of_identity};
+use slot::{SlotChoice, slot_next};
 
 /// How many volumes one run may create before giving up (each creation after the first means
 /// another agent claimed the volume this one had just created).
@@ -239,53 +246,105 @@ pub async fn claim_volume(
     target: &ClaimTarget,
     policy: RetryPolicy,
 ) -> Result<Claim, Error> {
-    let me = identity.instance_id.as_str();
-    let seed = hash_str(me);
-    let device_name = config.block_device.as_str();
-    let started = Instant::now();
     let release_timeout = match target {
         ClaimTarget::Node {
             release_timeout, ..
         } => *release_timeout,
         _ => config.timeouts.attach,
     };
-    // The whole claim may take as long as creating and attaching one volume, plus waiting for
-    // a holder to let go.
-    let claim_deadline = config.timeouts.create + config.timeouts.attach + release_timeout;
-    let mut attach_attempts = 0u32;
-    let mut creates = 0u32;
-    let mut logged_elsewhere = false;
-    let mut race_budget: Option<u32> = None;
-    let mut lost_races = 0u32;
-    let mut waiting: Option<(Instant, u32, String)> = None;
-    let mut walks: BTreeMap<Tags, TokenWalk> = BTreeMap::new();
-    let claimed = |volume: Volume, origin: Origin, attach_attempts: u32, slot: Option<u32>| async move {
-        let claim = Claim {
-            volume,
-            instance_id: me.to_owned(),
-            origin,
-            attach_attempts,
-            slot,
-        };
-        sole_holder_of_identity(cloud_api, target, &claim, seed, policy).await?;
-        Ok(claim)
+    let mut claimer = Claimer {
+        cloud_api,
+        identity,
+        config,
+        target,
+        policy,
+        me: identity.instance_id.as_str(),
+        seed: hash_str(&identity.instance_id),
+        started: Instant::now(),
+        // The whole claim may take as long as creating and attaching one volume, plus waiting
+        // for a holder to let go.
+        deadline: config.timeouts.create + config.timeouts.attach + release_timeout,
+        attach_attempts: 0,
+        creates: 0,
+        logged_elsewhere: false,
+        race_budget: None,
+        lost_races: 0,
+        waiting: None,
+        walks: BTreeMap::new(),
     };
-
     loop {
-        if started.elapsed() > claim_deadline {
+        if claimer.started.elapsed() > claimer.deadline {
             return Err(Error::Timeout {
                 what: "a volume to claim".into(),
-                waited: started.elapsed(),
-                last: format!("{attach_attempts} attach attempts, {creates} volumes created"),
+                waited: claimer.started.elapsed(),
+                last: format!(
+                    "{} attach attempts, {} volumes created",
+                    claimer.attach_attempts, claimer.creates
+                ),
             });
         }
-        let volumes = backoff::retry(policy, "DescribeVolumes", seed, || {
+        let volumes = backoff::retry(policy, "DescribeVolumes", claimer.seed, || {
             cloud_api.volumes_tagged(target.tags())
         })
         .await
         .map_err(Error::cloud("listing volumes by tag"))?;
+        if let Some(claim) = claimer.already_mine(&volumes).await? {
+            return Ok(claim);
+        }
+        claimer.check_race_budget(&volumes)?;
+        let next = claimer.next(&volumes).await?;
+        if let Some(claim) = claimer.act(next).await? {
+            return Ok(claim);
+        }
+    }
+}
 
-        // Already attached to this instance? (Also what a lost AttachVolume reply looks like.)
+/// One claim's state across its looks: what it tried, lost and created so far.
+struct Claimer<'a> {
+    cloud_api: &'a dyn VolumeService,
+    identity: &'a InstanceIdentity,
+    config: &'a AttachConfig,
+    target: &'a ClaimTarget,
+    policy: RetryPolicy,
+    me: &'a str,
+    seed: u64,
+    started: Instant,
+    deadline: Duration,
+    attach_attempts: u32,
+    creates: u32,
+    logged_elsewhere: bool,
+    /// Fixed at the first look, from what there is to get.
+    race_budget: Option<u32>,
+    lost_races: u32,
+    /// Since when, how many looks, and the last holder described.
+    waiting: Option<(Instant, u32, String)>,
+    walks: BTreeMap<Tags, TokenWalk>,
+}
+
+impl Claimer<'_> {
+    /// The claim, once its volume is attached here and nothing else holds its identity.
+    async fn claimed(
+        &self,
+        volume: Volume,
+        origin: Origin,
+        slot: Option<u32>,
+    ) -> Result<Claim, Error> {
+        let claim = Claim {
+            volume,
+            instance_id: self.me.to_owned(),
+            origin,
+            attach_attempts: self.attach_attempts,
+            slot,
+        };
+        sole_holder_of_identity(self.cloud_api, self.target, &claim, self.seed, self.policy)
+            .await?;
+        Ok(claim)
+    }
+
+    /// A volume with the tags already attached (or attaching) here: a re-run, or what a lost
+    /// AttachVolume reply looks like. Several are refused.
+    async fn already_mine(&self, volumes: &[Volume]) -> Result<Option<Claim>, Error> {
+        let me = self.me;
         let mine: Vec<&Volume> = volumes
             .iter()
             .filter(|v| {
@@ -294,29 +353,160 @@ pub async fn claim_volume(
                         a.state,
                         AttachmentState::Attaching | AttachmentState::Attached
                     )
-                }) && (!matches!(target, ClaimTarget::Slot { .. }) || target.slot_of(v).is_some())
+                }) && (!matches!(self.target, ClaimTarget::Slot { .. })
+                    || self.target.slot_of(v).is_some())
             })
             .collect();
         match mine.as_slice() {
-            [] => {}
+            [] => Ok(None),
             [volume] => {
                 refuse_unless_data_volume(volume, me)?;
                 info!(volume_id = %volume.id, "volume with these tags is already attached to this instance; reusing it");
                 let attached = volume
                     .attachment_to(me)
                     .is_some_and(|a| a.state == AttachmentState::Attached);
-                let slot = target.slot_of(volume);
+                let slot = self.target.slot_of(volume);
                 let volume = if attached {
                     (*volume).clone()
                 } else {
-                    wait_attached(cloud_api, identity, config, &volume.id, policy).await?
+                    wait_attached(
+                        self.cloud_api,
+                        self.identity,
+                        self.config,
+                        &volume.id,
+                        self.policy,
+                    )
+                    .await?
                 };
-                return claimed(volume, Origin::Reused, attach_attempts, slot).await;
+                Ok(Some(self.claimed(volume, Origin::Reused, slot).await?))
             }
-            many => {
-                return Err(Error::Ambiguous {
-                    instance_id: me.to_owned(),
-                    count: many.len(),
+            many => Err(Error::Ambiguous {
+                instance_id: me.to_owned(),
+                count: many.len(),
+                volumes: many
+                    .iter()
+                    .map(|v| v.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// Every lost race means another instance got a volume; bounded by what there is to get.
+    fn check_race_budget(&mut self, volumes: &[Volume]) -> Result<(), Error> {
+        let pool = match self.target {
+            ClaimTarget::Slot { max, .. } => volumes.len().max(*max as usize),
+            _ => volumes.len(),
+        };
+        let budget = *self.race_budget.get_or_insert(4 * pool as u32 + 16);
+        if self.lost_races > budget {
+            return Err(Error::Exhausted {
+                attempts: self.attach_attempts,
+                detail: format!(
+                    "lost {} races for a volume; the volumes keep being taken by other instances",
+                    self.lost_races
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// What to do after this look, by claim mode.
+    async fn next(&mut self, volumes: &[Volume]) -> Result<Next, Error> {
+        let zone = &self.identity.availability_zone;
+        let (here, elsewhere): (Vec<&Volume>, Vec<&Volume>) =
+            volumes.iter().partition(|v| &v.availability_zone == zone);
+        if !elsewhere.is_empty()
+            && !self.logged_elsewhere
+            && !matches!(self.target, ClaimTarget::Node { .. })
+        {
+            self.logged_elsewhere = true;
+            info!(
+                zone = %zone,
+                skipped = %elsewhere.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(","),
+                "skipping matching volumes in other availability zones (EBS attaches within a zone only)"
+            );
+        }
+        match self.target {
+            ClaimTarget::Pool { tags } => self.next_in_pool(tags, &here).await,
+            ClaimTarget::Node {
+                tags,
+                release_timeout,
+            } => {
+                self.next_for_node(tags, *release_timeout, &here, &elsewhere)
+                    .await
+            }
+            ClaimTarget::Slot { .. } => self.next_for_slot(volumes).await,
+        }
+    }
+
+    /// A free volume in this zone, in this instance's own order; else wait for one leaving;
+    /// else create.
+    async fn next_in_pool(&self, tags: &Tags, here: &[&Volume]) -> Result<Next, Error> {
+        let mut candidates: Vec<&Volume> = here.iter().copied().filter(|v| free(v)).collect();
+        candidates.sort_by_key(|v| mix(self.seed ^ hash_str(&v.id)));
+        if let Some(v) = candidates.first() {
+            return Ok(Next::Attach {
+                volume_id: v.id.clone(),
+                slot: None,
+            });
+        }
+        Ok(
+            match leaving(self.cloud_api, here, self.seed, self.policy).await? {
+                Some(what) => Next::Wait {
+                    what,
+                    timeout: self.config.timeouts.attach,
+                },
+                None => Next::Create {
+                    tags: tags.clone(),
+                    slot: None,
+                },
+            },
+        )
+    }
+
+    /// The node's one volume: attach it when free, wait while it is held, create it when
+    /// there is none; refuse one in another zone only, and several.
+    async fn next_for_node(
+        &self,
+        tags: &Tags,
+        release_timeout: Duration,
+        here: &[&Volume],
+        elsewhere: &[&Volume],
+    ) -> Result<Next, Error> {
+        Ok(match (here, elsewhere) {
+            ([], []) => Next::Create {
+                tags: tags.clone(),
+                slot: None,
+            },
+            ([], far) => {
+                return Err(Error::WrongZone {
+                    what: "this node's volume",
+                    resources: far
+                        .iter()
+                        .map(|v| format!("{} in {}", v.id, v.availability_zone))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    zone: self.identity.availability_zone.clone(),
+                });
+            }
+            ([v], _) if free(v) => Next::Attach {
+                volume_id: v.id.clone(),
+                slot: None,
+            },
+            ([v], _) if v.attachments.is_empty() => Next::Wait {
+                what: format!("{} is {}", v.id, v.state),
+                timeout: release_timeout,
+            },
+            ([v], _) => Next::Wait {
+                what: holders(self.cloud_api, &[*v], self.seed, self.policy)
+                    .await?
+                    .1,
+                timeout: release_timeout,
+            },
+            (many, _) => {
+                return Err(Error::Duplicates {
+                    what: "this node".into(),
                     volumes: many
                         .iter()
                         .map(|v| v.id.as_str())
@@ -324,640 +514,171 @@ pub async fn claim_volume(
                         .join(", "),
                 });
             }
-        }
-        // Every lost race means another instance got a volume; bounded by what there is to get.
-        let pool = match target {
-            ClaimTarget::Slot { max, .. } => volumes.len().max(*max as usize),
-            _ => volumes.len(),
+        })
+    }
+
+    /// The slot this instance's rank gives it (see [`slot_next`]).
+    async fn next_for_slot(&self, volumes: &[Volume]) -> Result<Next, Error> {
+        let ClaimTarget::Slot {
+            tags,
+            key,
+            max,
+            peers,
+        } = self.target
+        else {
+            unreachable!("next_for_slot is only called for slot targets")
         };
-        let budget = *race_budget.get_or_insert(4 * pool as u32 + 16);
-        if lost_races > budget {
-            return Err(Error::Exhausted {
-                attempts: attach_attempts,
-                detail: format!(
-                    "lost {lost_races} races for a volume; the volumes keep being taken by other instances"
-                ),
-            });
-        }
-
-        let elsewhere: Vec<&Volume> = volumes
-            .iter()
-            .filter(|v| v.availability_zone != identity.availability_zone)
-            .collect();
-        if !elsewhere.is_empty() && !logged_elsewhere && !matches!(target, ClaimTarget::Node { .. })
-        {
-            logged_elsewhere = true;
-            info!(
-                zone = %identity.availability_zone,
-                skipped = %elsewhere.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(","),
-                "skipping matching volumes in other availability zones (EBS attaches within a zone only)"
-            );
-        }
-        let here: Vec<&Volume> = volumes
-            .iter()
-            .filter(|v| v.availability_zone == identity.availability_zone)
-            .collect();
-        let free = |v: &&Volume| v.state == VolumeState::Available && v.attachments.is_empty();
-
-        let next = match target {
-            ClaimTarget::Pool { tags } => {
-                let mut candidates: Vec<&Volume> = here.iter().copied().filter(free).collect();
-                candidates.sort_by_key(|v| mix(seed ^ hash_str(&v.id)));
-                match candidates.first() {
-                    Some(v) => Next::Attach {
-                        volume_id: v.id.clone(),
-                        slot: None,
-                    },
-                    None => match leaving(cloud_api, &here, seed, policy).await? {
-                        Some(what) => Next::Wait {
-                            what,
-                            timeout: config.timeouts.attach,
-                        },
-                        None => Next::Create {
-                            tags: tags.clone(),
-                            slot: None,
-                        },
-                    },
+        let (api, seed, policy) = (self.cloud_api, self.seed, self.policy);
+        Ok(
+            match slot_next(
+                api,
+                self.target,
+                volumes,
+                self.identity,
+                peers,
+                seed,
+                policy,
+            )
+            .await?
+            {
+                SlotChoice::Attach { volume_id, slot } => Next::Attach {
+                    volume_id,
+                    slot: Some(slot),
+                },
+                SlotChoice::Create(k) => {
+                    let mut t = tags.clone();
+                    t.insert(key.clone(), k.to_string());
+                    Next::Create {
+                        tags: t,
+                        slot: Some(k),
+                    }
                 }
-            }
-            ClaimTarget::Node {
-                tags,
-                release_timeout,
-            } => match (here.as_slice(), elsewhere.as_slice()) {
-                ([], []) => Next::Create {
-                    tags: tags.clone(),
-                    slot: None,
+                SlotChoice::Wait { what } => Next::Wait {
+                    what,
+                    timeout: self.config.timeouts.attach,
                 },
-                ([], far) => {
-                    return Err(Error::WrongZone {
-                        what: "this node's volume",
-                        resources: far
-                            .iter()
-                            .map(|v| format!("{} in {}", v.id, v.availability_zone))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        zone: identity.availability_zone.clone(),
-                    });
-                }
-                ([v], _) if free(v) => Next::Attach {
-                    volume_id: v.id.clone(),
-                    slot: None,
-                },
-                ([v], _) if v.attachments.is_empty() => Next::Wait {
-                    what: format!("{} is {}", v.id, v.state),
-                    timeout: *release_timeout,
-                },
-                ([v], _) => Next::Wait {
-                    what: holders(cloud_api, &[*v], seed, policy).await?.1,
-                    timeout: *release_timeout,
-                },
-                (many, _) => {
-                    return Err(Error::Duplicates {
-                        what: "this node".into(),
-                        volumes: many
-                            .iter()
-                            .map(|v| v.id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                SlotChoice::NoneFree => {
+                    let all: Vec<&Volume> = volumes.iter().collect();
+                    let (_, held) = holders(api, &all, seed, policy).await?;
+                    return Err(Error::NoFreeSlot {
+                        max: *max,
+                        zone: self.identity.availability_zone.clone(),
+                        detail: held,
                     });
                 }
             },
-            ClaimTarget::Slot {
-                tags,
-                key,
-                max,
-                peers,
-            } => {
-                let choice =
-                    slot_next(cloud_api, target, &volumes, identity, peers, seed, policy).await?;
-                match choice {
-                    SlotChoice::Attach { volume_id, slot } => Next::Attach {
-                        volume_id,
-                        slot: Some(slot),
-                    },
-                    SlotChoice::Create(k) => {
-                        let mut t = tags.clone();
-                        t.insert(key.clone(), k.to_string());
-                        Next::Create {
-                            tags: t,
-                            slot: Some(k),
-                        }
-                    }
-                    SlotChoice::Wait { what } => Next::Wait {
-                        what,
-                        timeout: config.timeouts.attach,
-                    },
-                    SlotChoice::NoneFree => {
-                        let (_, held) =
-                            holders(cloud_api, &volumes.iter().collect::<Vec<_>>(), seed, policy)
-                                .await?;
-                        return Err(Error::NoFreeSlot {
-                            max: *max,
-                            zone: identity.availability_zone.clone(),
-                            detail: held,
-                        });
-                    }
-                }
-            }
-        };
+        )
+    }
 
+    /// Does `next`; returns the claim once a volume is attached here.
+    async fn act(&mut self, next: Next) -> Result<Option<Claim>, Error> {
         match next {
             Next::Wait { what, timeout } => {
-                let (since, looks, last) =
-                    waiting.get_or_insert_with(|| (Instant::now(), 0, String::new()));
-                if since.elapsed() >= timeout {
-                    return Err(Error::Timeout {
-                        what: "the volume to be released by the instance holding it (never detached by cps)".into(),
-                        waited: since.elapsed(),
-                        last: what,
-                    });
-                }
-                if *last != what {
-                    info!(held = %what, "the volume is held by another instance; waiting for it to be released");
-                    *last = what;
-                }
-                tokio::time::sleep(Schedule::CLOUD_STATE.delay(*looks)).await;
-                *looks += 1;
+                self.wait(what, timeout).await?;
+                Ok(None)
             }
-            Next::Attach { volume_id, slot } => {
-                attach_attempts += 1;
-                info!(volume_id = %volume_id, device = device_name, slot, "attaching existing volume");
-                if try_attach(cloud_api, &volume_id, me, device_name, seed, policy).await? {
-                    let volume =
-                        wait_attached(cloud_api, identity, config, &volume_id, policy).await?;
-                    return claimed(volume, Origin::Claimed, attach_attempts, slot).await;
-                }
-                lost_races += 1;
-            }
-            Next::Create { tags, slot } => {
-                let pool = matches!(target, ClaimTarget::Pool { .. });
-                // Pool mode makes a new volume per creation; node and slot modes cannot (the
-                // token is the identity's), so only the race budget bounds them.
-                if creates >= MAX_CREATES && pool {
-                    return Err(Error::Exhausted {
-                        attempts: attach_attempts,
-                        detail: format!(
-                            "created {creates} volumes and another instance claimed each before this one could attach it"
-                        ),
-                    });
-                }
-                let spec = volume_spec(identity, config, &tags);
-                let walk = walks.entry(tags.clone()).or_default();
-                if walk.generation >= MAX_GENERATIONS {
-                    return Err(Error::Exhausted {
-                        attempts: attach_attempts,
-                        detail: format!(
-                            "the volumes {MAX_GENERATIONS} creation tokens of this identity named are all gone (deleted while cps-attach ran?)"
-                        ),
-                    });
-                }
-                let token = if pool {
-                    client_token(identity, &spec, creates)
-                } else {
-                    identity_token(&tags, walk.generation)
-                };
-                creates += 1;
-                let creator = Creator {
-                    cloud_api,
-                    config,
-                    identity,
-                    pool,
-                    seed,
-                    policy,
-                };
-                info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
-                match creator
-                    .create_once(&spec, &token, walk, &mut attach_attempts)
-                    .await?
-                {
-                    Creation::Attached(volume) => {
-                        return claimed(volume, Origin::Created, attach_attempts, slot).await;
-                    }
-                    Creation::Lost => lost_races += 1,
-                    Creation::Again => {}
-                }
-            }
+            Next::Attach { volume_id, slot } => self.attach(&volume_id, slot).await,
+            Next::Create { tags, slot } => self.create(tags, slot).await,
         }
     }
-}
 
-/// How one creation went.
-enum Creation {
-    Attached(Volume),
-    /// Another instance attached the new volume first.
-    Lost,
-    /// List again: the identity's volume may show up, or the next token is due.
-    Again,
-}
+    /// One pause while another instance holds what this one needs, within `timeout` of the
+    /// first.
+    async fn wait(&mut self, what: String, timeout: Duration) -> Result<(), Error> {
+        let (since, looks, last) = self
+            .waiting
+            .get_or_insert_with(|| (Instant::now(), 0, String::new()));
+        if since.elapsed() >= timeout {
+            return Err(Error::Timeout {
+                what:
+                    "the volume to be released by the instance holding it (never detached by cps)"
+                        .into(),
+                waited: since.elapsed(),
+                last: what,
+            });
+        }
+        if *last != what {
+            info!(held = %what, "the volume is held by another instance; waiting for it to be released");
+            *last = what;
+        }
+        tokio::time::sleep(Schedule::CLOUD_STATE.delay(*looks)).await;
+        *looks += 1;
+        Ok(())
+    }
 
-/// Where an identity's creation token is: the generation in use, and since when the volume it
-/// names (or the identity's volume, after IdempotentParameterMismatch) has been nowhere to see.
-#[derive(Default)]
-struct TokenWalk {
-    generation: u32,
-    unseen_since: Option<Instant>,
-    looks: u32,
-}
+    /// Tries to attach an existing volume; a lost race counts against the budget.
+    async fn attach(&mut self, volume_id: &str, slot: Option<u32>) -> Result<Option<Claim>, Error> {
+        self.attach_attempts += 1;
+        let device_name = self.config.block_device.as_str();
+        info!(volume_id = %volume_id, device = device_name, slot, "attaching existing volume");
+        let (api, me, seed, policy) = (self.cloud_api, self.me, self.seed, self.policy);
+        if try_attach(api, volume_id, me, device_name, seed, policy).await? {
+            let volume = wait_attached(api, self.identity, self.config, volume_id, policy).await?;
+            return Ok(Some(self.claimed(volume, Origin::Claimed, slot).await?));
+        }
+        self.lost_races += 1;
+        Ok(None)
+    }
 
-impl TokenWalk {
-    fn next_token(&mut self, token: &str, why: &str) {
-        info!(
-            client_token = token,
-            generation = self.generation,
-            reason = why,
-            "the volume this identity's creation token names is gone (deleted?); moving on to the next token"
-        );
-        *self = Self {
-            generation: self.generation + 1,
-            ..Self::default()
+    /// Creates a volume with `tags` (under the pool's or the identity's client token) and
+    /// tries to attach it.
+    async fn create(&mut self, tags: Tags, slot: Option<u32>) -> Result<Option<Claim>, Error> {
+        let pool = matches!(self.target, ClaimTarget::Pool { .. });
+        // Pool mode makes a new volume per creation; node and slot modes cannot (the token is
+        // the identity's), so only the race budget bounds them.
+        if self.creates >= MAX_CREATES && pool {
+            return Err(Error::Exhausted {
+                attempts: self.attach_attempts,
+                detail: format!(
+                    "created {} volumes and another instance claimed each before this one could attach it",
+                    self.creates
+                ),
+            });
+        }
+        let spec = volume_spec(self.identity, self.config, &tags);
+        let walk = self.walks.entry(tags.clone()).or_default();
+        if walk.generation >= MAX_GENERATIONS {
+            return Err(Error::Exhausted {
+                attempts: self.attach_attempts,
+                detail: format!(
+                    "the volumes {MAX_GENERATIONS} creation tokens of this identity named are all gone (deleted while cps-attach ran?)"
+                ),
+            });
+        }
+        let token = if pool {
+            client_token(self.identity, &spec, self.creates)
+        } else {
+            identity_token(&tags, walk.generation)
         };
-    }
-}
-
-/// What a creation needs to know.
-struct Creator<'a> {
-    cloud_api: &'a dyn VolumeService,
-    config: &'a AttachConfig,
-    identity: &'a InstanceIdentity,
-    pool: bool,
-    seed: u64,
-    policy: RetryPolicy,
-}
-
-impl Creator<'_> {
-    /// CreateVolume with `token`, wait for the volume, attach it.
-    async fn create_once(
-        &self,
-        spec: &VolumeSpec,
-        token: &str,
-        walk: &mut TokenWalk,
-        attach_attempts: &mut u32,
-    ) -> Result<Creation, Error> {
-        let (cloud_api, seed, policy) = (self.cloud_api, self.seed, self.policy);
-        let gone_after = GONE_AFTER.min(self.config.timeouts.create / 2);
-        let created = match backoff::retry(policy, "CreateVolume", seed, || {
-            cloud_api.create_volume(spec, token)
-        })
-        .await
-        {
-            Ok(v) => v,
-            // Used with other settings: by another instance creating this identity's volume
-            // (another zone or size; it shows up in a listing), or long ago for a volume since
-            // deleted, when nothing ever shows up.
-            Err(CloudError::IdempotencyMismatch { .. }) if !self.pool => {
-                let since = *walk.unseen_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= gone_after {
-                    let why = format!(
-                        "it was used with other settings and no volume with this identity appeared for {}s",
-                        since.elapsed().as_secs()
-                    );
-                    walk.next_token(token, &why);
-                } else {
-                    debug!("this identity's token was used with other settings; looking again");
-                    tokio::time::sleep(Schedule::CLOUD_STATE.delay(walk.looks)).await;
-                    walk.looks += 1;
-                }
-                return Ok(Creation::Again);
-            }
-            Err(e) => return Err(Error::cloud("creating a volume")(e)),
+        self.creates += 1;
+        let creator = Creator {
+            cloud_api: self.cloud_api,
+            config: self.config,
+            identity: self.identity,
+            pool,
+            seed: self.seed,
+            policy: self.policy,
         };
-        info!(volume_id = %created.id, "volume created");
-        let me = self.identity.instance_id.as_str();
-        match wait_available(
-            cloud_api,
-            self.config,
-            &created.id,
-            gone_after,
-            seed,
-            policy,
-        )
-        .await?
+        info!(zone = %spec.availability_zone, size_gib = spec.size_gib, volume_type = %spec.volume_type, slot, client_token = %token, "no volume to claim; creating one");
+        match creator
+            .create_once(&spec, &token, walk, &mut self.attach_attempts)
+            .await?
         {
-            Fresh::Available => {}
-            Fresh::Taken => {
-                debug!(volume_id = %created.id, "the new volume was claimed by another instance; looking again");
-                return Ok(Creation::Lost);
+            Creation::Attached(volume) => {
+                Ok(Some(self.claimed(volume, Origin::Created, slot).await?))
             }
-            // Pool mode's next creation has a token of its own.
-            Fresh::Gone(_) if self.pool => return Ok(Creation::Lost),
-            Fresh::Gone(why) => {
-                walk.next_token(token, &why);
-                return Ok(Creation::Again);
+            Creation::Lost => {
+                self.lost_races += 1;
+                Ok(None)
             }
-        }
-        *attach_attempts += 1;
-        let device = self.config.block_device.as_str();
-        info!(volume_id = %created.id, device, "attaching new volume");
-        if try_attach(cloud_api, &created.id, me, device, seed, policy).await? {
-            let volume =
-                wait_attached(cloud_api, self.identity, self.config, &created.id, policy).await?;
-            return Ok(Creation::Attached(volume));
-        }
-        Ok(Creation::Lost)
-    }
-}
-
-/// In node and slot modes, the identity must have exactly one volume. Should a second ever exist
-/// (a token window passed, an operator copied a volume), only the lowest volume id keeps the
-/// identity, and every other holder stops here, before it writes its identity anywhere.
-async fn sole_holder_of_identity(
-    cloud_api: &dyn VolumeService,
-    target: &ClaimTarget,
-    claim: &Claim,
-    seed: u64,
-    policy: RetryPolicy,
-) -> Result<(), Error> {
-    let (tags, what) = match target {
-        ClaimTarget::Pool { .. } => return Ok(()),
-        ClaimTarget::Node { tags, .. } => (tags.clone(), "this node".to_owned()),
-        ClaimTarget::Slot { tags, key, .. } => {
-            let Some(k) = claim.slot else { return Ok(()) };
-            let mut t = tags.clone();
-            t.insert(key.clone(), k.to_string());
-            (t, format!("slot {k}"))
-        }
-    };
-    let mut ids: Vec<String> = backoff::retry(policy, "DescribeVolumes", seed, || {
-        cloud_api.volumes_tagged(&tags)
-    })
-    .await
-    .map_err(Error::cloud("checking that the identity has one volume"))?
-    .into_iter()
-    .map(|v| v.id)
-    .collect();
-    ids.sort();
-    if ids.len() > 1 && ids.first() != Some(&claim.volume.id) {
-        return Err(Error::Duplicates {
-            what: format!(
-                "{what} (this instance attached {}, which is not the first)",
-                claim.volume.id
-            ),
-            volumes: ids.join(", "),
-        });
-    }
-    if ids.len() > 1 {
-        warn!(volumes = %ids.join(", "), "{what} has more than one volume; this instance keeps the identity with the first, remove the others");
-    }
-    Ok(())
-}
-
-/// The states of the instances holding any of `held` (one DescribeInstances for all of them,
-/// none when nothing is held), so a look costs one request however many volumes are held.
-async fn holder_states(
-    cloud_api: &dyn VolumeService,
-    held: &[&Volume],
-    seed: u64,
-    policy: RetryPolicy,
-) -> Result<BTreeMap<String, InstanceState>, Error> {
-    let mut ids: Vec<String> = held
-        .iter()
-        .flat_map(|v| v.attachments.iter())
-        .filter(|a| {
-            !matches!(
-                a.state,
-                AttachmentState::Detaching | AttachmentState::Detached
-            )
-        })
-        .map(|a| a.instance_id.clone())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    if ids.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    backoff::retry(policy, "DescribeInstances", seed, || {
-        cloud_api.instance_states(&ids)
-    })
-    .await
-    .map_err(Error::cloud(
-        "looking up the instances holding matching volumes",
-    ))
-}
-
-/// Whether `v` is held, and only by instances going away (or detaching), and a description of
-/// its holders for logs and errors.
-fn describe_holders(v: &Volume, states: &BTreeMap<String, InstanceState>) -> (bool, String) {
-    let mut going_away = !v.attachments.is_empty();
-    let by: Vec<String> = v
-        .attachments
-        .iter()
-        .map(|a| match a.state {
-            AttachmentState::Detaching | AttachmentState::Detached => {
-                format!("detaching from {}", a.instance_id)
-            }
-            _ => {
-                let state = states.get(&a.instance_id);
-                going_away &= state.is_some_and(InstanceState::is_going_away);
-                let state = state
-                    .map(ToString::to_string)
-                    .unwrap_or_else(|| "unknown".into());
-                format!("{} to {}, which is {state}", a.state, a.instance_id)
-            }
-        })
-        .collect();
-    (going_away, format!("{} ({})", v.id, by.join("; ")))
-}
-
-/// Who holds `held` volumes and in what state: whether all of them are held only by
-/// instances going away, and a description for logs and errors.
-async fn holders(
-    cloud_api: &dyn VolumeService,
-    held: &[&Volume],
-    seed: u64,
-    policy: RetryPolicy,
-) -> Result<(bool, String), Error> {
-    let states = holder_states(cloud_api, held, seed, policy).await?;
-    let described: Vec<(bool, String)> = held
-        .iter()
-        .filter(|v| !v.attachments.is_empty())
-        .map(|v| describe_holders(v, &states))
-        .collect();
-    let going_away = !described.is_empty() && described.iter().all(|(g, _)| *g);
-    let parts: Vec<String> = described.into_iter().map(|(_, d)| d).collect();
-    Ok((going_away, parts.join("; ")))
-}
-
-/// A description of the volumes here held by servers going away, if any: worth waiting for.
-async fn leaving(
-    cloud_api: &dyn VolumeService,
-    here: &[&Volume],
-    seed: u64,
-    policy: RetryPolicy,
-) -> Result<Option<String>, Error> {
-    let held: Vec<&Volume> = here
-        .iter()
-        .copied()
-        .filter(|v| !v.attachments.is_empty())
-        .collect();
-    let states = holder_states(cloud_api, &held, seed, policy).await?;
-    let leaving: Vec<String> = held
-        .iter()
-        .map(|v| describe_holders(v, &states))
-        .filter(|(going_away, _)| *going_away)
-        .map(|(_, what)| what)
-        .collect();
-    Ok((!leaving.is_empty()).then(|| leaving.join("; ")))
-}
-
-/// What slot mode does on one look.
-enum SlotChoice {
-    Attach {
-        volume_id: String,
-        slot: u32,
-    },
-    Create(u32),
-    /// The slot this instance is to take is held by an instance going away.
-    Wait {
-        what: String,
-    },
-    NoneFree,
-}
-
-/// A slot this instance may take.
-enum SlotCandidate<'a> {
-    Free(&'a Volume),
-    /// Held only by instances going away.
-    Leaving(&'a Volume),
-    /// No volume yet (or one still being created, which a create with the slot's token joins).
-    Missing,
-}
-
-/// The slots of `target` with exactly one volume, by slot number; logs the duplicated ones.
-fn volumes_by_slot<'a>(
-    target: &ClaimTarget,
-    volumes: &'a [Volume],
-) -> BTreeMap<u32, Vec<&'a Volume>> {
-    let mut by_slot: BTreeMap<u32, Vec<&Volume>> = BTreeMap::new();
-    for v in volumes {
-        match target.slot_of(v) {
-            Some(k) => by_slot.entry(k).or_default().push(v),
-            None => debug!(volume_id = %v.id, "volume has no valid slot tag; not a slot"),
+            Creation::Again => Ok(None),
         }
     }
-    let duplicated: Vec<String> = by_slot
-        .iter()
-        .filter(|(_, vs)| vs.len() > 1)
-        .map(|(k, vs)| {
-            let ids: Vec<&str> = vs.iter().map(|v| v.id.as_str()).collect();
-            format!("slot {k}: {}", ids.join(", "))
-        })
-        .collect();
-    if !duplicated.is_empty() {
-        warn!(duplicates = %duplicated.join("; "), "slots with more than one volume are skipped; remove or retag the extra volumes");
-    }
-    by_slot
 }
 
-/// The slots this instance may take, best first: free ones in `zone`, then (when `states` is
-/// known) ones there held only by instances going away, then ones with no volume yet. Slots with
-/// two volumes, held by a running instance or in another zone are left out.
-fn slot_candidates<'a>(
-    by_slot: &BTreeMap<u32, Vec<&'a Volume>>,
-    max: u32,
-    zone: &str,
-    states: Option<&BTreeMap<String, InstanceState>>,
-) -> Vec<(u32, SlotCandidate<'a>)> {
-    let (mut free, mut leaving, mut missing) = (Vec::new(), Vec::new(), Vec::new());
-    for k in 1..=max {
-        match by_slot.get(&k).map(Vec::as_slice) {
-            None => missing.push((k, SlotCandidate::Missing)),
-            Some([v]) if v.availability_zone == zone => {
-                if v.attachments.is_empty() {
-                    match v.state {
-                        VolumeState::Available => free.push((k, SlotCandidate::Free(v))),
-                        VolumeState::Creating => missing.push((k, SlotCandidate::Missing)),
-                        _ => {}
-                    }
-                } else if let Some(states) = states
-                    && describe_holders(v, states).0
-                {
-                    leaving.push((k, SlotCandidate::Leaving(v)));
-                }
-            }
-            _ => {}
-        }
-    }
-    free.extend(leaving);
-    free.extend(missing);
-    free
-}
-
-/// This instance's place among its booting peers that hold no slot yet (by instance id), so
-/// that peers seeing the same slots take different ones.
-fn slot_rank(by_slot: &BTreeMap<u32, Vec<&Volume>>, peers: &[String], me: &str) -> usize {
-    let claimed: std::collections::BTreeSet<&str> = by_slot
-        .values()
-        .flatten()
-        .flat_map(|v| v.attachments.iter())
-        .filter(|a| {
-            matches!(
-                a.state,
-                AttachmentState::Attaching | AttachmentState::Attached
-            )
-        })
-        .map(|a| a.instance_id.as_str())
-        .collect();
-    let mut unclaimed: Vec<&str> = peers
-        .iter()
-        .map(String::as_str)
-        .filter(|p| *p != me && !claimed.contains(p))
-        .collect();
-    unclaimed.push(me);
-    unclaimed.sort_unstable();
-    unclaimed.iter().position(|p| *p == me).unwrap_or(0)
-}
-
-/// Slot mode's decision on one look: the candidate at this instance's rank (beyond the
-/// candidates — more peers than slots, or peers that left — one in this instance's own order,
-/// so the rest contend by AttachVolume). Holders are looked up only when the free slots do not
-/// reach this rank.
-async fn slot_next(
-    cloud_api: &dyn VolumeService,
-    target: &ClaimTarget,
-    volumes: &[Volume],
-    identity: &InstanceIdentity,
-    peers: &[String],
-    seed: u64,
-    policy: RetryPolicy,
-) -> Result<SlotChoice, Error> {
-    let ClaimTarget::Slot { max, .. } = target else {
-        return Ok(SlotChoice::NoneFree);
-    };
-    let zone = identity.availability_zone.as_str();
-    let by_slot = volumes_by_slot(target, volumes);
-    let rank = slot_rank(&by_slot, peers, &identity.instance_id);
-    let mut candidates = slot_candidates(&by_slot, *max, zone, None);
-    let free = candidates
-        .iter()
-        .take_while(|(_, c)| matches!(c, SlotCandidate::Free(_)))
-        .count();
-    let mut states = BTreeMap::new();
-    if rank >= free {
-        let held: Vec<&Volume> = by_slot
-            .values()
-            .flatten()
-            .copied()
-            .filter(|v| v.availability_zone == zone && !v.attachments.is_empty())
-            .collect();
-        states = holder_states(cloud_api, &held, seed, policy).await?;
-        candidates = slot_candidates(&by_slot, *max, zone, Some(&states));
-    }
-    let pick = candidates.get(rank).or_else(|| {
-        candidates
-            .iter()
-            .min_by_key(|(k, _)| mix(seed ^ u64::from(*k)))
-    });
-    Ok(match pick {
-        None => SlotChoice::NoneFree,
-        Some((k, SlotCandidate::Free(v))) => SlotChoice::Attach {
-            volume_id: v.id.clone(),
-            slot: *k,
-        },
-        Some((k, SlotCandidate::Leaving(v))) => SlotChoice::Wait {
-            what: format!("slot {k}: {}", describe_holders(v, &states).1),
-        },
-        Some((k, SlotCandidate::Missing)) => SlotChoice::Create(*k),
-    })
+/// A volume nobody holds and that can be attached now.
+fn free(v: &Volume) -> bool {
+    v.state == VolumeState::Available && v.attachments.is_empty()
 }
 
 /// AttachVolume; `Ok(false)` when another instance got the volume first.
