@@ -2,49 +2,13 @@
 //! does not exist end the command at once with a sentence saying what to set (exit 5) instead
 //! of being retried for minutes; log colour only for a person at a terminal.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use cps_fixtures::finish;
 use cps_testbed::{Bench, BenchOptions};
 
 use super::{BIN, TIER};
-
-/// Runs `cmd` to its end, or kills it after `limit` and says so: a bound for a test that must
-/// not wait out a retry loop, not a measurement.
-fn finish(cmd: &mut Command, limit: Duration) -> (i32, String) {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start");
-    let mut stderr = child.stderr.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let text = reader.join().unwrap_or_default();
-            panic!(
-                "still running after {limit:?}, retrying what cannot succeed:\n{}",
-                &text[text.len().saturating_sub(2000)..]
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (
-        status.code().unwrap_or(-1),
-        reader.join().unwrap_or_default(),
-    )
-}
 
 /// The last ERROR line's text.
 fn error_line(stderr: &str) -> String {

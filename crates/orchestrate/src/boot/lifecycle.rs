@@ -230,6 +230,8 @@ pub(super) async fn fail(
     error
 }
 
+/// Completes the action with `result`; "no active action" is an expiry once it was seen
+/// waiting, and looked into otherwise.
 pub(super) async fn complete(
     lifecycle: &dyn LifecycleService,
     lc: &LifecycleContext,
@@ -238,15 +240,8 @@ pub(super) async fn complete(
     policy: RetryPolicy,
     seed: u64,
 ) -> Result<LifecycleOutcome, Error> {
-    match backoff::retry(policy, "CompleteLifecycleAction", seed, || {
-        lifecycle.complete(&lc.group, &lc.hook, me, result)
-    })
-    .await
-    {
-        Ok(()) => {
-            info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
-            Ok(LifecycleOutcome::Completed(result))
-        }
+    match send_completion(lifecycle, lc, me, result, policy, seed).await {
+        Ok(done) => Ok(done),
         Err(CloudError::NoActiveLifecycleAction { message, .. }) if lc.seen_waiting() => {
             Err(Error::LifecycleExpired {
                 group: lc.group.clone(),
@@ -259,6 +254,23 @@ pub(super) async fn complete(
         }
         Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
     }
+}
+
+/// CompleteLifecycleAction, retried; logged when it is accepted.
+async fn send_completion(
+    lifecycle: &dyn LifecycleService,
+    lc: &LifecycleContext,
+    me: &str,
+    result: LifecycleResult,
+    policy: RetryPolicy,
+    seed: u64,
+) -> Result<LifecycleOutcome, CloudError> {
+    backoff::retry(policy, "CompleteLifecycleAction", seed, || {
+        lifecycle.complete(&lc.group, &lc.hook, me, result)
+    })
+    .await?;
+    info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
+    Ok(LifecycleOutcome::Completed(result))
 }
 
 /// "No active lifecycle action" at the end of a boot during which the hook was never seen
@@ -299,15 +311,8 @@ async fn complete_unseen(
     match settled {
         Ok(Some(state)) if state == "Pending:Wait" => {
             lc.seen_waiting.store(true, Ordering::Relaxed);
-            match backoff::retry(policy, "CompleteLifecycleAction", seed, || {
-                lifecycle.complete(&lc.group, &lc.hook, me, result)
-            })
-            .await
-            {
-                Ok(()) => {
-                    info!(group = %lc.group, hook = %lc.hook, result = result.as_str(), "lifecycle action completed");
-                    Ok(LifecycleOutcome::Completed(result))
-                }
+            match send_completion(lifecycle, lc, me, result, policy, seed).await {
+                Ok(done) => Ok(done),
                 Err(CloudError::NoActiveLifecycleAction { message, .. }) => Err(expired(message)),
                 Err(e) => Err(Error::cloud("completing the lifecycle action")(e)),
             }
