@@ -834,3 +834,90 @@ async fn the_bench_device_grows_when_the_modification_takes_effect_and_keeps_its
         bench.udev().errors()
     );
 }
+
+/// cps-aws signing as the node, whose key the emulator holds to the node policy.
+fn node_api(bench: &cps_testbed::Bench) -> Ec2Api {
+    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(bench.endpoint())
+        .credentials_provider(Credentials::new(
+            cps_testbed::NODE_KEY,
+            "testing",
+            None,
+            None,
+            "node",
+        ))
+        .build();
+    Ec2Api::from_client(aws_sdk_ec2::Client::from_conf(config))
+}
+
+/// The module's node policy lets a node grow its cluster's volumes and no other: the bench's
+/// boot (bins/attach/tests/e2e/iam.rs) does not change a volume, so this is where those two
+/// actions are proven granted, scoped and needed.
+#[tokio::test]
+async fn the_module_policy_lets_a_node_grow_only_its_clusters_volumes() {
+    if !ready() {
+        return;
+    }
+    let bench = bench();
+    let api = bench.volumes_api();
+    let own = tags(&[("cps:cluster", "iam-e2e")]);
+    let ours = api
+        .create_volume(&VolumeSpec::gp3("us-east-1a", 1, &own), "ours")
+        .await
+        .unwrap()
+        .id;
+    let theirs = api
+        .create_volume(
+            &VolumeSpec::gp3("us-east-1a", 1, &tags(&[("cps:cluster", "other")])),
+            "theirs",
+        )
+        .await
+        .unwrap()
+        .id;
+    let path = cps_testbed::emulator::repo_root().join("terraform/tests/node-policy.json");
+    let policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    bench.restrict_key(&policy.to_string()).unwrap();
+    let node = node_api(&bench);
+
+    assert_eq!(node.latest_modification(&ours).await.unwrap(), None);
+    node.modify_volume(&ours, &grow_to(2)).await.unwrap();
+    let m = node.latest_modification(&ours).await.unwrap().unwrap();
+    assert_eq!(m.target_size_gib, 2);
+    let err = node.modify_volume(&theirs, &grow_to(2)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unauthorized {
+                operation: "ModifyVolume",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(bench.denied_actions().unwrap(), ["ec2:ModifyVolume"]);
+
+    // Each of the two is needed: without it, the node's request is refused.
+    for action in ["ec2:ModifyVolume", "ec2:DescribeVolumesModifications"] {
+        let mut reduced = policy.clone();
+        for s in reduced["Statement"].as_array_mut().unwrap() {
+            s["Action"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|a| a.as_str() != Some(action));
+        }
+        bench.restrict_key(&reduced.to_string()).unwrap();
+        let refused = match action {
+            "ec2:ModifyVolume" => node.modify_volume(&ours, &grow_to(3)).await.err(),
+            _ => node.latest_modification(&ours).await.err(),
+        };
+        assert!(
+            matches!(refused, Some(Error::Unauthorized { .. })),
+            "without {action}: {refused:?}"
+        );
+        assert_eq!(bench.denied_actions().unwrap(), [action]);
+    }
+}
