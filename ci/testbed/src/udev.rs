@@ -271,16 +271,8 @@ async fn tick(
         .retain(|(vol, inst), _| attached.get(vol).is_some_and(|(i, _)| i == inst));
     // New: back them once they have been attached for a moment. Grown: grow the device.
     for (vol, (instance, size_gib)) in attached {
-        if let Some(b) = st.backed.get_mut(&vol) {
-            if size_gib > b.size_gib {
-                let from = b.size_gib;
-                match grow(b, size_gib) {
-                    Ok(()) => st
-                        .events
-                        .push(format!("grew {vol} from {from} to {size_gib} GiB")),
-                    Err(e) => st.errors.push(format!("growing {vol}: {e}")),
-                }
-            }
+        if st.backed.contains_key(&vol) {
+            grow_if_larger(&mut st, &vol, size_gib);
             continue;
         }
         let Some(machine) = st.machines.get(&instance).cloned() else {
@@ -393,6 +385,23 @@ fn extend_image(image: &Path, size_gib: i32) -> io::Result<()> {
         file.set_len(bytes(size_gib))?;
     }
     Ok(())
+}
+
+/// Grows the device backing `vol` when the volume is now larger, and says so.
+fn grow_if_larger(st: &mut State, vol: &str, size_gib: i32) {
+    let Some(b) = st.backed.get_mut(vol) else {
+        return;
+    };
+    if size_gib <= b.size_gib {
+        return;
+    }
+    let from = b.size_gib;
+    match grow(b, size_gib) {
+        Ok(()) => st
+            .events
+            .push(format!("grew {vol} from {from} to {size_gib} GiB")),
+        Err(e) => st.errors.push(format!("growing {vol}: {e}")),
+    }
 }
 
 /// The device of a volume whose modification took effect grows: image, loop device (the

@@ -75,69 +75,8 @@ impl World {
         change: &VolumeChange,
     ) -> Result<Modification, Error> {
         let now = Instant::now();
-        let refuse = |code: &str, message: String| Error::Api {
-            operation: MODIFY_VOLUME,
-            code: Some(code.into()),
-            message: format!("{code}: {message}"),
-        };
-        if change.is_empty() {
-            return Err(refuse(
-                "InvalidParameterValue",
-                "Invalid input: Must specify at least one of size, type, iops, throughput".into(),
-            ));
-        }
-        let volume = self.volume_now(volume_id, MODIFY_VOLUME)?;
-        if !matches!(volume.state, VolumeState::Available | VolumeState::InUse) {
-            return Err(Error::IncorrectState {
-                operation: MODIFY_VOLUME,
-                resource: volume_id.to_owned(),
-                message: format!("The volume '{volume_id}' is '{}'", volume.state),
-            });
-        }
-        if let Some(last) = self.latest_modification_of(volume_id, now) {
-            if last.state.in_progress() {
-                return Err(Error::ModificationInProgress {
-                    volume_id: volume_id.to_owned(),
-                    message: format!(
-                        "IncorrectModificationState: Cannot modify volume {volume_id}: it is \
-                         currently being modified (state {})",
-                        last.state
-                    ),
-                });
-            }
-            let started_at = self.modifications[volume_id]
-                .last()
-                .map(|m| m.started_at)
-                .unwrap_or(now);
-            if last.state != ModificationState::Failed
-                && now.duration_since(started_at) < MODIFICATION_COOLDOWN
-            {
-                return Err(Error::ModificationCooldown {
-                    volume_id: volume_id.to_owned(),
-                    message: "VolumeModificationRateExceeded: You've reached the maximum \
-                              modification rate per volume limit. Wait at least 6 hours between \
-                              modifications per EBS volume."
-                        .into(),
-                });
-            }
-        }
+        let volume = self.check_modification(volume_id, change, now)?;
         let size = change.size_gib.unwrap_or(volume.size_gib);
-        if size < volume.size_gib {
-            return Err(refuse(
-                "InvalidParameterValue",
-                format!(
-                    "New size cannot be smaller than existing size (volume {volume_id}: {} GiB, \
-                     asked for {size} GiB)",
-                    volume.size_gib
-                ),
-            ));
-        }
-        if !(1..=16_384).contains(&size) {
-            return Err(refuse(
-                "InvalidParameterValue",
-                format!("Volume size {size} GiB is out of the range 1-16384 GiB"),
-            ));
-        }
         let volume_type = change
             .volume_type
             .clone()
@@ -176,6 +115,80 @@ impl World {
             .or_default()
             .push(stored);
         Ok(observed)
+    }
+
+    /// The volume as it is, if AWS would accept `change` for it now; else AWS's refusal.
+    fn check_modification(
+        &self,
+        volume_id: &str,
+        change: &VolumeChange,
+        now: Instant,
+    ) -> Result<crate::Volume, Error> {
+        let refuse = |code: &str, message: String| Error::Api {
+            operation: MODIFY_VOLUME,
+            code: Some(code.into()),
+            message: format!("{code}: {message}"),
+        };
+        if change.is_empty() {
+            return Err(refuse(
+                "InvalidParameterValue",
+                "Invalid input: Must specify at least one of size, type, iops, throughput".into(),
+            ));
+        }
+        let volume = self.volume_now(volume_id, MODIFY_VOLUME)?;
+        if !matches!(volume.state, VolumeState::Available | VolumeState::InUse) {
+            return Err(Error::IncorrectState {
+                operation: MODIFY_VOLUME,
+                resource: volume_id.to_owned(),
+                message: format!("The volume '{volume_id}' is '{}'", volume.state),
+            });
+        }
+        if let Some(last) = self.latest_modification_of(volume_id, now) {
+            if last.state.in_progress() {
+                return Err(Error::ModificationInProgress {
+                    volume_id: volume_id.to_owned(),
+                    message: format!(
+                        "IncorrectModificationState: Cannot modify volume {volume_id}: it is \
+                         currently being modified (state {})",
+                        last.state
+                    ),
+                });
+            }
+            let started_at = self.modifications[volume_id]
+                .iter()
+                .map(|m| m.started_at)
+                .max()
+                .unwrap_or(now);
+            if last.state != ModificationState::Failed
+                && now.duration_since(started_at) < MODIFICATION_COOLDOWN
+            {
+                return Err(Error::ModificationCooldown {
+                    volume_id: volume_id.to_owned(),
+                    message: "VolumeModificationRateExceeded: You've reached the maximum \
+                              modification rate per volume limit. Wait at least 6 hours between \
+                              modifications per EBS volume."
+                        .into(),
+                });
+            }
+        }
+        let size = change.size_gib.unwrap_or(volume.size_gib);
+        if size < volume.size_gib {
+            return Err(refuse(
+                "InvalidParameterValue",
+                format!(
+                    "New size cannot be smaller than existing size (volume {volume_id}: {} GiB, \
+                     asked for {size} GiB)",
+                    volume.size_gib
+                ),
+            ));
+        }
+        if !(1..=16_384).contains(&size) {
+            return Err(refuse(
+                "InvalidParameterValue",
+                format!("Volume size {size} GiB is out of the range 1-16384 GiB"),
+            ));
+        }
+        Ok(volume)
     }
 
     /// Makes the volume's modification in progress fail (AWS: `failed`, the volume keeps its
