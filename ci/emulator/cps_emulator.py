@@ -10,7 +10,11 @@ POST /cps/node-policy {"access_key": K, "policy": {...}} restricts requests sign
 IAM policy (actions, resource ARNs, tag conditions), as AWS would; other keys stay unrestricted.
 POST /cps/settings {"pending_delay": S, "membership_delay": S} changes, from then on, how long new
 group instances stay `Pending` before `Pending:Wait`, and how long DescribeAutoScalingInstances
-does not show a new instance yet (eventual consistency early in a boot).
+does not show a new instance yet (eventual consistency early in a boot); with
+{"modifying_delay": S, "optimizing_delay": S}, how long volume modifications started from then on
+stay `modifying` and `optimizing`. POST /cps/modifications/age {"seconds": S, "volume_id": V}
+moves modification start times S into the past (the 6-hour rule, tested without waiting);
+POST /cps/modifications/fail {"volume_id": V} makes the modification under way fail.
 
 Auto Scaling states a rolling update must respect are played too: Standby (moto's own), suspended
 Launch (no instance launches until it is resumed), TERMINATING lifecycle hooks (the instance waits
@@ -86,6 +90,10 @@ class Timing:
     # DescribeAutoScalingInstances does not show an instance this long after it joined its group
     # (AWS's eventual consistency early in a boot; moto: at once).
     membership_delay = 0.0
+    # A volume modification is `modifying` this long, then `optimizing` this long, then
+    # `completed` (AWS: seconds to minutes, then minutes to hours; moto: completed at once).
+    modifying_delay = 0.0
+    optimizing_delay = 0.0
 
 
 def aws_error(code, message):
@@ -100,6 +108,9 @@ _plain_volume_init = Volume.__init__
 def _volume_init(self, *args, **kwargs):
     _plain_volume_init(self, *args, **kwargs)
     self._cps_available_at = time.monotonic() + Timing.create_delay
+    # AWS reports gp3's baseline throughput when none was asked for (moto: none).
+    if self.volume_type == "gp3" and self.throughput is None:
+        self.throughput = 125
 
 
 def _volume_status(self):
@@ -697,6 +708,218 @@ def _describe_volumes_response(self):
 ElasticBlockStore.describe_volumes = _describe_volumes_response
 
 
+# --- ModifyVolume / DescribeVolumesModifications: AWS's states and refusals -------------------
+# moto completes every modification at once, allows any number of them (shrinking too) and lists
+# each volume's whole history. AWS: the volume reports the target values at once; the
+# modification is `modifying`, then `optimizing` (the device has grown), then `completed`; a
+# second one is refused while one is under way (IncorrectModificationState) and within 6 hours of
+# the last one's start (VolumeModificationRateExceeded), even when the first changed nothing;
+# DescribeVolumesModifications reports the most recent modification of each volume.
+
+MODIFICATION_COOLDOWN = 6 * 3600.0
+# (account, region, volume id) → that volume's modifications, oldest first.
+_MODIFICATIONS = {}
+# Volume types whose size may go up to 16 TiB (AWS: io2 Block Express and sc1/st1 differ).
+_MAX_SIZE = {"gp2": 16384, "gp3": 16384, "io1": 16384, "io2": 65536, "st1": 16384, "sc1": 16384, "standard": 1024}
+
+
+def _modification_state(record, now):
+    if record["failed"] is not None:
+        return "failed", 0
+    if now >= record["completed_at"]:
+        return "completed", 100
+    if now >= record["optimizing_at"]:
+        span = record["completed_at"] - record["optimizing_at"]
+        return "optimizing", int(100 * (now - record["optimizing_at"]) / span) if span > 0 else 0
+    return "modifying", 0
+
+
+def _modification_reply(record):
+    state, progress = _modification_state(record, time.monotonic())
+    reply = dict(record["reply"], ModificationState=state, Progress=progress)
+    if state in ("completed", "failed"):
+        done_at = record["completed_at"] if state == "completed" else record["failed_at"]
+        reply["EndTime"] = record["reply"]["StartTime"] + datetime.timedelta(seconds=done_at - record["started_at"])
+    if record["failed"] is not None:
+        reply["StatusMessage"] = record["failed"]
+    return reply
+
+
+def _modification_targets(volume, size, volume_type, iops, throughput):
+    """What the volume becomes: asked-for values, else what it has, else the new type's defaults."""
+    target_type = volume_type or volume.volume_type
+    same = target_type == volume.volume_type
+    if target_type == "gp3":
+        iops = iops or (volume.iops if same else None) or 3000
+        throughput = throughput or (volume.throughput if same else None) or 125
+    elif target_type in ("io1", "io2"):
+        iops = iops or volume.iops
+        if not iops:
+            raise aws_error("InvalidParameterCombination", f"The parameter iops must be specified for {target_type} volumes.")
+        if throughput:
+            raise aws_error("InvalidParameterCombination", f"The parameter throughput is not supported for {target_type} volumes.")
+    else:
+        if iops or throughput:
+            raise aws_error("InvalidParameterCombination", f"The parameters iops and throughput are not supported for {target_type} volumes.")
+        iops = throughput = None
+    return size or volume.size, target_type, iops, throughput
+
+
+def _check_modification_allowed(records, volume_id, now):
+    if not records:
+        return
+    last = records[-1]
+    state, _ = _modification_state(last, now)
+    if state in ("modifying", "optimizing"):
+        raise aws_error(
+            "IncorrectModificationState",
+            f"Cannot modify volume {volume_id}: a modification of it is in the '{state}' state.",
+        )
+    if state != "failed" and now - last["started_at"] < MODIFICATION_COOLDOWN:
+        raise aws_error(
+            "VolumeModificationRateExceeded",
+            "You've reached the maximum modification rate per volume limit. "
+            "Wait at least 6 hours between modifications per EBS volume.",
+        )
+
+
+def _modify_volume_response(self):
+    self.error_on_dryrun()
+    volume_id = self._get_param("VolumeId")
+    size = self._get_param("Size")
+    size = int(size) if size is not None else None
+    volume_type = self._get_param("VolumeType")
+    iops = self._get_param("Iops")
+    iops = int(iops) if iops is not None else None
+    throughput = self._get_param("Throughput")
+    throughput = int(throughput) if throughput is not None else None
+    if size is None and volume_type is None and iops is None and throughput is None:
+        raise aws_error("MissingParameter", "The request must contain at least one of the parameters: size, volumeType, iops, throughput.")
+    with LOCK:
+        volume = self.ec2_backend.get_volume(volume_id)
+        if volume.status not in ("available", "in-use"):
+            raise aws_error("IncorrectState", f"The volume '{volume_id}' is '{volume.status}'.")
+        now = time.monotonic()
+        records = _MODIFICATIONS.setdefault((self.current_account, self.region, volume_id), [])
+        _check_modification_allowed(records, volume_id, now)
+        if size is not None and size < volume.size:
+            raise aws_error(
+                "InvalidParameterValue",
+                f"New size cannot be smaller than existing size (volume {volume_id} is {volume.size} GiB, asked for {size} GiB).",
+            )
+        size, target_type, iops, throughput = _modification_targets(volume, size, volume_type, iops, throughput)
+        if size > _MAX_SIZE.get(target_type, 16384):
+            raise aws_error("InvalidParameterValue", f"Volume of {size}GiB is too large for {target_type}; maximum is {_MAX_SIZE.get(target_type, 16384)}GiB.")
+        reply = {
+            "VolumeId": volume_id,
+            "TargetSize": size,
+            "TargetVolumeType": target_type,
+            "TargetIops": iops,
+            "TargetThroughput": throughput,
+            "TargetMultiAttachEnabled": bool(volume.multi_attach_enabled),
+            "OriginalSize": volume.size,
+            "OriginalVolumeType": volume.volume_type,
+            "OriginalIops": volume.iops,
+            "OriginalThroughput": volume.throughput,
+            "OriginalMultiAttachEnabled": bool(volume.multi_attach_enabled),
+            "StartTime": datetime.datetime.now(datetime.timezone.utc),
+        }
+        reply = {k: v for k, v in reply.items() if v is not None}
+        records.append(
+            {
+                "reply": reply,
+                "volume": volume,
+                "started_at": now,
+                "optimizing_at": now + Timing.modifying_delay,
+                "completed_at": now + Timing.modifying_delay + Timing.optimizing_delay,
+                "failed": None,
+                "failed_at": None,
+            }
+        )
+        # DescribeVolumes reports the target at once, as AWS does.
+        volume.size, volume.volume_type, volume.iops, volume.throughput = size, target_type, iops, throughput
+        return ActionResult({"VolumeModification": _modification_reply(records[-1])})
+
+
+_MODIFICATION_FILTERS = {
+    "volume-id": lambda r: r["VolumeId"],
+    "modification-state": lambda r: r["ModificationState"],
+    "target-size": lambda r: str(r.get("TargetSize")),
+    "target-volume-type": lambda r: r.get("TargetVolumeType"),
+    "original-size": lambda r: str(r.get("OriginalSize")),
+    "original-volume-type": lambda r: r.get("OriginalVolumeType"),
+}
+
+
+def _describe_volumes_modifications_response(self):
+    volume_ids = self._get_param("VolumeIds", []) or []
+    filters = self._filters_from_querystring() or {}
+    for name in filters:
+        if name not in _MODIFICATION_FILTERS:
+            raise aws_error("InvalidParameterValue", f"The filter '{name}' is invalid")
+    with LOCK:
+        if volume_ids:
+            self.ec2_backend.describe_volumes(volume_ids)  # InvalidVolume.NotFound for unknown ids
+            wanted = list(volume_ids)
+        else:
+            wanted = [v.id for v in self.ec2_backend.describe_volumes()]
+        found = []
+        for volume_id in wanted:
+            records = _MODIFICATIONS.get((self.current_account, self.region, volume_id)) or []
+            if not records:
+                if volume_ids:
+                    raise aws_error(
+                        "InvalidVolumeModification.NotFound",
+                        f"Modification for volume '{volume_id}' does not exist.",
+                    )
+                continue
+            found.append(_modification_reply(records[-1]))
+    found = [r for r in found if all(_MODIFICATION_FILTERS[n](r) in _as_list(v) for n, v in filters.items())]
+    return ActionResult({"VolumesModifications": found})
+
+
+def _age_modifications(doc):
+    """Moves modification start times `seconds` into the past (all, or one volume's), so that a
+    test can try a second modification without waiting 6 hours. States are left as they are."""
+    seconds = float(doc.get("seconds", 0))
+    volume_id = doc.get("volume_id")
+    aged = 0
+    for (_, _, vid), records in _MODIFICATIONS.items():
+        if volume_id is not None and vid != volume_id:
+            continue
+        for r in records:
+            r["started_at"] -= seconds
+            r["reply"]["StartTime"] -= datetime.timedelta(seconds=seconds)
+            aged += 1
+    return aged
+
+
+def _fail_modification(doc):
+    """The volume's modification under way fails (AWS: `failed`, the volume keeps its original
+    size, type and performance)."""
+    volume_id = doc["volume_id"]
+    now = time.monotonic()
+    for (_, _, vid), records in _MODIFICATIONS.items():
+        if vid != volume_id or not records:
+            continue
+        last = records[-1]
+        if _modification_state(last, now)[0] not in ("modifying", "optimizing"):
+            return False
+        last["failed"] = doc.get("message") or "The modification failed."
+        last["failed_at"] = now
+        volume, reply = last["volume"], last["reply"]
+        volume.size = reply["OriginalSize"]
+        volume.volume_type = reply["OriginalVolumeType"]
+        volume.iops = reply.get("OriginalIops")
+        volume.throughput = reply.get("OriginalThroughput")
+        return True
+    return False
+
+
+ElasticBlockStore.modify_volume = _modify_volume_response
+ElasticBlockStore.describe_volumes_modifications = _describe_volumes_modifications_response
+
+
 # --- A node's IAM policy: what AWS would allow a request signed with the node's key -----------
 # moto's own auth mode checks actions against resource "*" only and skips most conditions, so a
 # least-privilege policy (resources by ARN, tag conditions) cannot be proven with it. This checks
@@ -790,6 +1013,8 @@ def _needed(response, service, action):
         if action == "AttachVolume":
             pairs = [resource("volume", response._get_param("VolumeId")), resource("instance", response._get_param("InstanceId"))]
             return [(full, r, c) for r, c in pairs]
+        if action == "ModifyVolume":
+            return [(full, *resource("volume", response._get_param("VolumeId")))]
         if action == "AttachNetworkInterface":
             pairs = [
                 resource("network-interface", response._get_param("NetworkInterfaceId")),
@@ -862,7 +1087,9 @@ BaseResponse._authenticate_and_authorize_normal_action = _authorize
 
 def with_policy_api(app):
     """Adds the control paths to the emulator: POST /cps/node-policy (set it), GET
-    /cps/node-policy (the actions it denied so far, in order), POST /cps/settings."""
+    /cps/node-policy (the actions it denied so far, in order), POST /cps/settings, POST
+    /cps/modifications/age {"seconds": S, "volume_id": V?} and POST /cps/modifications/fail
+    {"volume_id": V, "message": M?}."""
 
     def wsgi(environ, start_response):
         if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "GET":
@@ -874,10 +1101,22 @@ def with_policy_api(app):
             length = int(environ.get("CONTENT_LENGTH") or 0)
             doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
             with LOCK:
-                for key in ("pending_delay", "membership_delay"):
+                for key in ("pending_delay", "membership_delay", "modifying_delay", "optimizing_delay"):
                     if key in doc:
                         setattr(Timing, key, float(doc[key]))
             start_response("204 No Content", [("Content-Length", "0")])
+            return [b""]
+        if environ.get("PATH_INFO") in ("/cps/modifications/age", "/cps/modifications/fail") and environ.get("REQUEST_METHOD") == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            with LOCK:
+                if environ["PATH_INFO"].endswith("/age"):
+                    done = _age_modifications(doc) > 0
+                else:
+                    done = _fail_modification(doc)
+            # 404: nothing to age or fail, so a test's setup mistake shows.
+            status = "204 No Content" if done else "404 Not Found"
+            start_response(status, [("Content-Length", "0")])
             return [b""]
         if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)

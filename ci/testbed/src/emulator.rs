@@ -113,6 +113,68 @@ impl Emulator {
     pub fn ec2(&self) -> aws_sdk_ec2::Client {
         client_for(&self.endpoint)
     }
+
+    /// From now on, volume modifications stay `modifying` for `modifying`, then `optimizing`
+    /// for `optimizing`, before they are `completed`.
+    pub fn set_modification_delays(
+        &self,
+        modifying: Duration,
+        optimizing: Duration,
+    ) -> io::Result<()> {
+        let body = format!(
+            r#"{{"modifying_delay": {}, "optimizing_delay": {}}}"#,
+            modifying.as_secs_f64(),
+            optimizing.as_secs_f64()
+        );
+        self.control("POST", "/cps/settings", &body).map(drop)
+    }
+
+    /// Moves the start of every modification of `volume_id` `by` into the past, so the 6-hour
+    /// rule can be tested without waiting. Fails when the volume has none.
+    pub fn age_modifications(&self, volume_id: &str, by: Duration) -> io::Result<()> {
+        let body = format!(
+            r#"{{"volume_id": "{volume_id}", "seconds": {}}}"#,
+            by.as_secs_f64()
+        );
+        self.control("POST", "/cps/modifications/age", &body)
+            .map(drop)
+    }
+
+    /// Makes the modification of `volume_id` under way fail, as EBS may. Fails when none is.
+    pub fn fail_modification(&self, volume_id: &str) -> io::Result<()> {
+        let body = format!(r#"{{"volume_id": "{volume_id}"}}"#);
+        self.control("POST", "/cps/modifications/fail", &body)
+            .map(drop)
+    }
+
+    /// One request to one of the emulator's control paths (`/cps/...`); the reply's body when
+    /// its status is 2xx.
+    pub fn control(&self, method: &str, path: &str, body: &str) -> io::Result<String> {
+        use std::io::{Read, Write};
+        let addr = self
+            .endpoint()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        let status = reply.lines().next().unwrap_or("");
+        if status.split(' ').nth(1).is_some_and(|c| c.starts_with('2')) {
+            Ok(reply
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default())
+        } else {
+            Err(io::Error::other(format!("{method} {path}: {status}")))
+        }
+    }
 }
 
 /// SDK configuration for an emulator endpoint: its region, static test credentials.

@@ -290,32 +290,8 @@ impl Bench {
         self.control("POST", "/cps/settings", &body).map(drop)
     }
 
-    /// One request to one of the emulator's control paths (`/cps/...`); the reply's body when
-    /// its status is 2xx.
+    /// One request to one of the emulator's control paths (see [`Emulator::control`]).
     fn control(&self, method: &str, path: &str, body: &str) -> io::Result<String> {
-        use std::io::{Read, Write};
-        let addr = self
-            .endpoint()
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_owned();
-        let mut stream = std::net::TcpStream::connect(&addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
-        let status = reply.lines().next().unwrap_or("");
-        if status.split(' ').nth(1).is_some_and(|c| c.starts_with('2')) {
-            Ok(reply
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default())
-        } else {
-            Err(io::Error::other(format!("{method} {path}: {status}")))
-        }
+        self.emulator.control(method, path, body)
     }
 }

@@ -112,6 +112,11 @@ impl Bench {
         self.emulator.endpoint()
     }
 
+    /// The emulator itself, for its control paths (delays, aged modifications).
+    pub fn emulator(&self) -> &Emulator {
+        &self.emulator
+    }
+
     pub fn ec2(&self) -> &aws_sdk_ec2::Client {
         &self.ec2
     }

@@ -7,7 +7,9 @@
 //! `block/<loopN>/{dev,device/serial}` under its sysfs root. When the volume leaves the instance
 //! (detach, termination) it lazily unmounts whatever was mounted from it — the machine is gone —
 //! and removes link, sysfs entry and loop device. Devices appear a little after the attachment,
-//! as on EC2.
+//! as on EC2. When a volume is modified to a larger size, its device grows once the modification
+//! reaches `optimizing` (as an EBS device does): the sparse file is extended and the loop driver
+//! told (`losetup -c`), so the kernel sees the larger device; the sysfs `size` follows.
 //!
 //! Network interfaces likewise: a secondary ENI attached to an instance appears under its sysfs
 //! root as `class/net/eth<index>/address` holding the ENI's MAC, and disappears on detach.
@@ -39,6 +41,8 @@ struct Backed {
     loop_device: PathBuf,
     link: PathBuf,
     sys_dir: PathBuf,
+    image: PathBuf,
+    size_gib: i32,
 }
 
 #[derive(Default)]
@@ -159,6 +163,7 @@ async fn tick(
     storage: &Path,
     appear_after: Duration,
 ) -> Result<(), String> {
+    let modifying = modifying_volumes(ec2).await?;
     let mut attached: BTreeMap<String, (String, i32)> = BTreeMap::new();
     let mut token = None;
     for _ in 0..1000 {
@@ -195,6 +200,12 @@ async fn tick(
         }
     }
 
+    // The device keeps its old size while a modification is `modifying`.
+    for (vol, (_, size_gib)) in attached.iter_mut() {
+        if let Some(original) = modifying.get(vol) {
+            *size_gib = (*size_gib).min(*original);
+        }
+    }
     let nics = attached_interfaces(ec2).await?;
 
     let mut st = lock(state);
@@ -258,9 +269,10 @@ async fn tick(
     let now = Instant::now();
     st.seen
         .retain(|(vol, inst), _| attached.get(vol).is_some_and(|(i, _)| i == inst));
-    // New: back them once they have been attached for a moment.
+    // New: back them once they have been attached for a moment. Grown: grow the device.
     for (vol, (instance, size_gib)) in attached {
         if st.backed.contains_key(&vol) {
+            grow_if_larger(&mut st, &vol, size_gib);
             continue;
         }
         let Some(machine) = st.machines.get(&instance).cloned() else {
@@ -274,7 +286,7 @@ async fn tick(
             continue;
         }
         match back(&vol, size_gib, &machine, storage) {
-            Ok((loop_device, link, sys_dir)) => {
+            Ok((loop_device, link, sys_dir, image)) => {
                 st.events.push(format!(
                     "backed {vol} for {instance} as {}",
                     loop_device.display()
@@ -286,6 +298,8 @@ async fn tick(
                         loop_device,
                         link,
                         sys_dir,
+                        image,
+                        size_gib,
                     },
                 );
             }
@@ -293,6 +307,32 @@ async fn tick(
         }
     }
     Ok(())
+}
+
+/// Volumes whose latest modification is still `modifying`, with the size they had before: their
+/// devices have not grown yet.
+async fn modifying_volumes(ec2: &aws_sdk_ec2::Client) -> Result<BTreeMap<String, i32>, String> {
+    let out = ec2
+        .describe_volumes_modifications()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("modification-state")
+                .values("modifying")
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "DescribeVolumesModifications: {}",
+                aws_sdk_ec2::error::DisplayErrorContext(&e)
+            )
+        })?;
+    Ok(out
+        .volumes_modifications()
+        .iter()
+        .filter_map(|m| Some((m.volume_id()?.to_owned(), m.original_size()?)))
+        .collect())
 }
 
 /// Secondary interfaces attached to instances: ENI id → (instance, device index, MAC).
@@ -330,17 +370,62 @@ async fn attached_interfaces(
         .collect())
 }
 
+fn bytes(size_gib: i32) -> u64 {
+    u64::try_from(size_gib.max(1)).unwrap_or(1) << 30
+}
+
+/// Extends an image to `size_gib` (sparse); never shrinks one (EBS volumes only grow).
+fn extend_image(image: &Path, size_gib: i32) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(image)?;
+    if file.metadata()?.len() < bytes(size_gib) {
+        file.set_len(bytes(size_gib))?;
+    }
+    Ok(())
+}
+
+/// Grows the device backing `vol` when the volume is now larger, and says so.
+fn grow_if_larger(st: &mut State, vol: &str, size_gib: i32) {
+    let Some(b) = st.backed.get_mut(vol) else {
+        return;
+    };
+    if size_gib <= b.size_gib {
+        return;
+    }
+    let from = b.size_gib;
+    match grow(b, size_gib) {
+        Ok(()) => st
+            .events
+            .push(format!("grew {vol} from {from} to {size_gib} GiB")),
+        Err(e) => st.errors.push(format!("growing {vol}: {e}")),
+    }
+}
+
+/// The device of a volume whose modification took effect grows: image, loop device (the
+/// kernel re-reads the backing file's size), sysfs.
+fn grow(b: &mut Backed, size_gib: i32) -> io::Result<()> {
+    extend_image(&b.image, size_gib)?;
+    cps_fixtures::run("losetup", &["-c", &b.loop_device.to_string_lossy()])?;
+    std::fs::write(
+        b.sys_dir.join("size"),
+        format!("{}\n", bytes(size_gib) / 512),
+    )?;
+    b.size_gib = size_gib;
+    Ok(())
+}
+
 fn back(
     volume_id: &str,
     size_gib: i32,
     machine: &Machine,
     storage: &Path,
-) -> io::Result<(PathBuf, PathBuf, PathBuf)> {
+) -> io::Result<(PathBuf, PathBuf, PathBuf, PathBuf)> {
     let image = storage.join(format!("{volume_id}.img"));
-    if !image.exists() {
-        std::fs::File::create(&image)?
-            .set_len(u64::try_from(size_gib.max(1)).unwrap_or(1) << 30)?;
-    }
+    // Kept across attachments; a volume grown while detached comes back at its new size.
+    extend_image(&image, size_gib)?;
     let loop_device = cps_fixtures::losetup(&image)?;
     let name = loop_device
         .file_name()
@@ -363,7 +448,9 @@ fn back(
         sys_dir.join("dev"),
         format!("{}:{}\n", libc::major(rdev), libc::minor(rdev)),
     )?;
-    Ok((loop_device, link, sys_dir))
+    // 512-byte sectors, as the kernel counts them.
+    std::fs::write(sys_dir.join("size"), format!("{}\n", bytes(size_gib) / 512))?;
+    Ok((loop_device, link, sys_dir, image))
 }
 
 fn unback(b: &Backed) -> io::Result<()> {

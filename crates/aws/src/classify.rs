@@ -235,6 +235,14 @@ where
                 message,
             }
         }
+        Some("VolumeModificationRateExceeded") => Error::ModificationCooldown {
+            volume_id: ctx.resource(),
+            message,
+        },
+        Some("IncorrectModificationState") => Error::ModificationInProgress {
+            volume_id: ctx.resource(),
+            message,
+        },
         // IncorrectInstanceState (this instance is not running) is no reason to try another
         // volume: it falls through to Api, a plain failure.
         Some("IncorrectState") => Error::IncorrectState {

@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 use cps_provider::{
     Attachment, AttachmentState, CallLog, Error, InstanceState, InterfaceAttachment,
-    InterfaceService, NetworkInterface, Tags, TemplateService, TemplateVersions, Volume,
-    VolumeService, VolumeSpec, VolumeState,
+    InterfaceService, Modification, ModificationState, NetworkInterface, Tags, TemplateService,
+    TemplateVersions, Volume, VolumeChange, VolumeService, VolumeSpec, VolumeState,
 };
 
 use crate::classify::{Context, classify};
@@ -58,6 +59,8 @@ fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
             .volume_type()
             .map(|t| t.as_str().to_owned())
             .unwrap_or_default(),
+        iops: v.iops(),
+        throughput: v.throughput(),
         encrypted: v.encrypted().unwrap_or_default(),
         state: VolumeState::parse(v.state().map(|s| s.as_str()).unwrap_or("unknown")),
         attachments: v
@@ -80,6 +83,31 @@ fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
                 )
             })
             .collect(),
+    }
+}
+
+/// A modification as EC2 reports it. AWS fills in every target (also those the request left
+/// alone); should a reply lack one, the original value stands in, as nothing changed it.
+fn to_modification(m: &aws_sdk_ec2::types::VolumeModification) -> Modification {
+    let state = m.modification_state().map(|s| s.as_str()).unwrap_or("");
+    Modification {
+        volume_id: m.volume_id().unwrap_or_default().to_owned(),
+        // A state this code does not know is not taken for done: "modifying" waits for it.
+        state: ModificationState::parse(state).unwrap_or(ModificationState::Modifying),
+        target_size_gib: m.target_size().or(m.original_size()).unwrap_or_default(),
+        target_volume_type: m
+            .target_volume_type()
+            .or(m.original_volume_type())
+            .map(|t| t.as_str().to_owned())
+            .unwrap_or_default(),
+        target_iops: m.target_iops().or(m.original_iops()),
+        target_throughput: m.target_throughput().or(m.original_throughput()),
+        original_size_gib: m.original_size().unwrap_or_default(),
+        progress_percent: m.progress(),
+        started: m
+            .start_time()
+            .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+        status_message: m.status_message().map(str::to_owned),
     }
 }
 
@@ -180,6 +208,8 @@ impl VolumeService for Ec2Api {
                 .volume_type()
                 .map(|t| t.as_str().to_owned())
                 .unwrap_or_default(),
+            iops: out.iops(),
+            throughput: out.throughput(),
             encrypted: out.encrypted().unwrap_or_default(),
             state: VolumeState::parse(out.state().map(|s| s.as_str()).unwrap_or("creating")),
             attachments: Vec::new(),
@@ -241,6 +271,63 @@ impl VolumeService for Ec2Api {
         Ok(AttachmentState::parse(
             out.state().map(|s| s.as_str()).unwrap_or("attaching"),
         ))
+    }
+
+    async fn modify_volume(
+        &self,
+        volume_id: &str,
+        change: &VolumeChange,
+    ) -> Result<Modification, Error> {
+        self.calls.record("ModifyVolume");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            ..Context::default()
+        };
+        let out = self
+            .client
+            .modify_volume()
+            .volume_id(volume_id)
+            .set_size(change.size_gib)
+            .set_volume_type(change.volume_type.as_deref().map(VolumeType::from))
+            .set_iops(change.iops)
+            .set_throughput(change.throughput)
+            .send()
+            .await
+            .map_err(|e| classify("ModifyVolume", ctx, e))?;
+        out.volume_modification()
+            .map(to_modification)
+            .ok_or_else(|| Error::Api {
+                operation: "ModifyVolume",
+                code: None,
+                message: format!("the reply for {volume_id} holds no modification"),
+            })
+    }
+
+    async fn latest_modification(&self, volume_id: &str) -> Result<Option<Modification>, Error> {
+        self.calls.record("DescribeVolumesModifications");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            ..Context::default()
+        };
+        let out = match self
+            .client
+            .describe_volumes_modifications()
+            .volume_ids(volume_id)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            // AWS's answer for a volume that was never modified.
+            Err(e) if e.code() == Some("InvalidVolumeModification.NotFound") => return Ok(None),
+            Err(e) => return Err(classify("DescribeVolumesModifications", ctx, e)),
+        };
+        // AWS reports the most recent one per volume; should there be more, the newest wins.
+        Ok(out
+            .volumes_modifications()
+            .iter()
+            .filter(|m| m.volume_id() == Some(volume_id))
+            .max_by_key(|m| m.start_time().map(|t| (t.secs(), t.subsec_nanos())))
+            .map(to_modification))
     }
 
     async fn instance_tags(&self, instance_id: &str) -> Result<Tags, Error> {

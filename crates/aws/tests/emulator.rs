@@ -1,12 +1,13 @@
 //! cps-aws against the AWS emulator, over the real wire protocol: find, create, attach,
-//! describe, pagination, error classification, secrets, and IMDSv2 identity.
+//! describe, pagination, modify in place, error classification, secrets, and IMDSv2 identity.
 
 use std::time::Duration;
 
 use cps_aws::{AwsSettings, Ec2Api, fetch_identity};
 use cps_fixtures::{Need, require};
 use cps_provider::{
-    AttachmentState, Error, InstanceIdentity, Tags, VolumeService, VolumeSpec, VolumeState,
+    AttachmentState, Error, InstanceIdentity, ModificationState, Tags, VolumeChange, VolumeService,
+    VolumeSpec, VolumeState,
 };
 use cps_testbed::{Delays, Emulator, FakeImds, REGION, run_instance};
 
@@ -568,4 +569,355 @@ async fn secrets_are_read_from_both_stores_and_missing_ones_are_not_found() {
     }
     assert_eq!(api.calls().count("GetParameter"), 3);
     assert_eq!(api.calls().count("GetSecretValue"), 2);
+}
+
+/// Polls the volume's latest modification until `done` holds (bounded), returning every state
+/// seen on the way, in order, without repeats.
+async fn wait_modification(
+    api: &Ec2Api,
+    volume_id: &str,
+    done: impl Fn(ModificationState) -> bool,
+    timeout: Duration,
+) -> Vec<ModificationState> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen: Vec<ModificationState> = Vec::new();
+    loop {
+        let m = api.latest_modification(volume_id).await.unwrap().unwrap();
+        if seen.last() != Some(&m.state) {
+            seen.push(m.state);
+        }
+        if done(m.state) {
+            return seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{volume_id}: still {seen:?} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn grow_to(size_gib: i32) -> VolumeChange {
+    VolumeChange {
+        size_gib: Some(size_gib),
+        ..VolumeChange::default()
+    }
+}
+
+#[tokio::test]
+async fn volumes_are_modified_in_place_with_the_states_and_refusals_of_aws() {
+    if !ready() {
+        return;
+    }
+    let (emu, _dir) = emulator(Delays::default());
+    emu.set_modification_delays(Duration::from_millis(600), Duration::from_millis(600))
+        .unwrap();
+    let api = provider(&emu).await;
+    let t = tags(&[("cluster", "grow")]);
+    let vol = api
+        .create_volume(&spec("us-east-1a", &t), "grow-1")
+        .await
+        .unwrap()
+        .id;
+    let before = api.volume(&vol).await.unwrap();
+    assert_eq!((before.iops, before.throughput), (Some(4000), Some(200)));
+    assert_eq!(
+        api.latest_modification(&vol).await.unwrap(),
+        None,
+        "never modified: AWS's InvalidVolumeModification.NotFound is no error"
+    );
+
+    let change = VolumeChange {
+        size_gib: Some(3),
+        throughput: Some(300),
+        ..VolumeChange::default()
+    };
+    let m = api.modify_volume(&vol, &change).await.unwrap();
+    assert_eq!(m.state, ModificationState::Modifying);
+    assert_eq!(
+        (m.volume_id.as_str(), m.original_size_gib, m.target_size_gib),
+        (vol.as_str(), 2, 3)
+    );
+    assert_eq!(
+        (
+            m.target_volume_type.as_str(),
+            m.target_iops,
+            m.target_throughput
+        ),
+        ("gp3", Some(4000), Some(300)),
+        "every target, also those left as they were"
+    );
+    assert!(
+        m.started
+            .is_some_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(60))
+    );
+    let now = api.volume(&vol).await.unwrap();
+    assert_eq!(
+        (now.size_gib, now.throughput),
+        (3, Some(300)),
+        "DescribeVolumes shows the target at once"
+    );
+
+    let err = api.modify_volume(&vol, &grow_to(4)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ModificationInProgress { ref volume_id, .. } if *volume_id == vol),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("IncorrectModificationState"),
+        "{err}"
+    );
+    let seen = wait_modification(
+        &api,
+        &vol,
+        |s| s == ModificationState::Completed,
+        Duration::from_secs(15),
+    )
+    .await;
+    use ModificationState::*;
+    assert_eq!(seen, [Modifying, Optimizing, Completed]);
+
+    let err = api.modify_volume(&vol, &grow_to(4)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ModificationCooldown { ref volume_id, .. } if *volume_id == vol),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("VolumeModificationRateExceeded") && !err.is_retryable(),
+        "{err}"
+    );
+
+    // Six hours later (aged): shrinking is refused with AWS's reason, growing is not.
+    emu.age_modifications(&vol, Duration::from_secs(6 * 3600))
+        .unwrap();
+    let err = api.modify_volume(&vol, &grow_to(1)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Api { ref code, .. } if code.as_deref() == Some("InvalidParameterValue")),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("smaller") && !text.contains("service error") && !text.contains("<?xml"),
+        "{text}"
+    );
+    let m = api.modify_volume(&vol, &grow_to(4)).await.unwrap();
+    assert_eq!((m.original_size_gib, m.target_size_gib), (3, 4));
+    let latest = api.latest_modification(&vol).await.unwrap().unwrap();
+    assert_eq!(latest.target_size_gib, 4, "the newest modification");
+
+    // A modification that fails leaves the volume as it was, and holds nothing back.
+    emu.fail_modification(&vol).unwrap();
+    let failed = api.latest_modification(&vol).await.unwrap().unwrap();
+    assert_eq!(failed.state, ModificationState::Failed);
+    assert!(failed.status_message.is_some());
+    assert_eq!(api.volume(&vol).await.unwrap().size_gib, 3);
+
+    let err = api
+        .latest_modification("vol-00000000000000000")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let err = api
+        .modify_volume("vol-00000000000000000", &grow_to(4))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let calls = api.calls().snapshot();
+    assert_eq!(calls.get("ModifyVolume"), Some(&6));
+}
+
+/// The kernel's size of a block device (seeking to its end asks the driver).
+fn device_bytes(device: &std::path::Path) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    std::fs::File::open(device)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .unwrap_or_else(|e| panic!("{}: {e}", device.display()))
+}
+
+/// Waits (bounded) until `device` has `bytes`.
+async fn wait_device_bytes(device: &std::path::Path, bytes: u64, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while device_bytes(device) != bytes {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} still has {} bytes after {timeout:?}, not {bytes}",
+            device.display(),
+            device_bytes(device)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_bench_device_grows_when_the_modification_takes_effect_and_keeps_its_data() {
+    if !cps_testbed::ready("the bench's device stand-in grows a modified volume") {
+        return;
+    }
+    const GIB: u64 = 1 << 30;
+    let bench = bench();
+    bench
+        .emulator()
+        .set_modification_delays(Duration::from_millis(1500), Duration::from_secs(30))
+        .unwrap();
+    let api = bench.volumes_api();
+    let instance = bench.launch("us-east-1a").await.unwrap();
+    let vol = api
+        .create_volume(
+            &VolumeSpec::gp3("us-east-1a", 1, &tags(&[("cluster", "grow")])),
+            "grow",
+        )
+        .await
+        .unwrap()
+        .id;
+    api.attach_volume(&vol, &instance.id, "/dev/xvdf")
+        .await
+        .unwrap();
+    assert!(
+        bench
+            .udev()
+            .wait_backed(&vol, true, Duration::from_secs(15)),
+        "{vol} never appeared: {:?}",
+        bench.udev().errors()
+    );
+    let device = bench.udev().device_of(&vol).unwrap();
+    assert_eq!(device_bytes(&device), GIB);
+
+    // Data on a filesystem, mounted as cps-attach leaves it.
+    let mount = instance.home.join("data");
+    std::fs::create_dir_all(&mount).unwrap();
+    let _unmount = cps_fixtures::MountGuard(mount.clone());
+    let dev = device.to_string_lossy().into_owned();
+    cps_fixtures::run("mkfs.xfs", &["-q", "-K", &dev]).unwrap();
+    cps_fixtures::run("mount", &["-t", "xfs", &dev, &mount.to_string_lossy()]).unwrap();
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::fs::write(mount.join("data.bin"), &data).unwrap();
+    cps_fixtures::run("sync", &[]).unwrap();
+
+    let m = api.modify_volume(&vol, &grow_to(2)).await.unwrap();
+    assert_eq!(m.state, ModificationState::Modifying);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        device_bytes(&device),
+        GIB,
+        "while modifying, the device keeps its size"
+    );
+    wait_modification(
+        &api,
+        &vol,
+        |s| s == ModificationState::Optimizing,
+        Duration::from_secs(15),
+    )
+    .await;
+    wait_device_bytes(&device, 2 * GIB, Duration::from_secs(10)).await;
+    let name = device.file_name().unwrap();
+    let sys_size = instance.sys_root.join("block").join(name).join("size");
+    assert_eq!(
+        std::fs::read_to_string(&sys_size).unwrap().trim(),
+        (2 * GIB / 512).to_string(),
+        "the stand-in's sysfs size follows"
+    );
+    assert!(
+        bench.udev().events().iter().any(|e| e.contains("grew")),
+        "{:?}",
+        bench.udev().events()
+    );
+
+    // The filesystem grows online onto the larger device; the data is untouched.
+    cps_fixtures::run("xfs_growfs", &[&mount.to_string_lossy()]).unwrap();
+    let df = cps_fixtures::run("df", &["-B1", "--output=size", &mount.to_string_lossy()]).unwrap();
+    let fs_bytes: u64 = df.lines().last().unwrap().trim().parse().unwrap();
+    assert!(fs_bytes > GIB + GIB / 2, "xfs has {fs_bytes} bytes");
+    assert_eq!(std::fs::read(mount.join("data.bin")).unwrap(), data);
+    assert!(
+        bench.udev().errors().is_empty(),
+        "{:?}",
+        bench.udev().errors()
+    );
+}
+
+/// cps-aws signing as the node, whose key the emulator holds to the node policy.
+fn node_api(bench: &cps_testbed::Bench) -> Ec2Api {
+    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(bench.endpoint())
+        .credentials_provider(Credentials::new(
+            cps_testbed::NODE_KEY,
+            "testing",
+            None,
+            None,
+            "node",
+        ))
+        .build();
+    Ec2Api::from_client(aws_sdk_ec2::Client::from_conf(config))
+}
+
+/// The module's node policy lets a node grow its cluster's volumes and no other: the bench's
+/// boot (bins/attach/tests/e2e/iam.rs) does not change a volume, so this is where those two
+/// actions are proven granted, scoped and needed.
+#[tokio::test]
+async fn the_module_policy_lets_a_node_grow_only_its_clusters_volumes() {
+    if !ready() {
+        return;
+    }
+    let bench = bench();
+    let api = bench.volumes_api();
+    let own = tags(&[("cps:cluster", "iam-e2e")]);
+    let ours = api
+        .create_volume(&VolumeSpec::gp3("us-east-1a", 1, &own), "ours")
+        .await
+        .unwrap()
+        .id;
+    let theirs = api
+        .create_volume(
+            &VolumeSpec::gp3("us-east-1a", 1, &tags(&[("cps:cluster", "other")])),
+            "theirs",
+        )
+        .await
+        .unwrap()
+        .id;
+    let path = cps_testbed::emulator::repo_root().join("terraform/tests/node-policy.json");
+    let policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    bench.restrict_key(&policy.to_string()).unwrap();
+    let node = node_api(&bench);
+
+    assert_eq!(node.latest_modification(&ours).await.unwrap(), None);
+    node.modify_volume(&ours, &grow_to(2)).await.unwrap();
+    let m = node.latest_modification(&ours).await.unwrap().unwrap();
+    assert_eq!(m.target_size_gib, 2);
+    let err = node.modify_volume(&theirs, &grow_to(2)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unauthorized {
+                operation: "ModifyVolume",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(bench.denied_actions().unwrap(), ["ec2:ModifyVolume"]);
+
+    // Each of the two is needed: without it, the node's request is refused.
+    for action in ["ec2:ModifyVolume", "ec2:DescribeVolumesModifications"] {
+        let mut reduced = policy.clone();
+        for s in reduced["Statement"].as_array_mut().unwrap() {
+            s["Action"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|a| a.as_str() != Some(action));
+        }
+        bench.restrict_key(&reduced.to_string()).unwrap();
+        let refused = match action {
+            "ec2:ModifyVolume" => node.modify_volume(&ours, &grow_to(3)).await.err(),
+            _ => node.latest_modification(&ours).await.err(),
+        };
+        assert!(
+            matches!(refused, Some(Error::Unauthorized { .. })),
+            "without {action}: {refused:?}"
+        );
+        assert_eq!(bench.denied_actions().unwrap(), [action]);
+    }
 }

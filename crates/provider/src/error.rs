@@ -59,6 +59,17 @@ pub enum Error {
         message: String,
     },
 
+    /// The volume was modified less than 6 hours ago (VolumeModificationRateExceeded): the
+    /// change must wait; the volume keeps working as it is.
+    #[error(
+        "{volume_id} cannot be modified yet: AWS allows one modification per volume every 6 hours: {message}"
+    )]
+    ModificationCooldown { volume_id: String, message: String },
+
+    /// A modification of the volume is still under way (IncorrectModificationState).
+    #[error("{volume_id} is being modified already: {message}")]
+    ModificationInProgress { volume_id: String, message: String },
+
     #[error("{operation}: {resource} not found: {message}")]
     NotFound {
         operation: &'static str,

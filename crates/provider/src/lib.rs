@@ -20,8 +20,8 @@ pub use error::Error;
 pub use types::{
     Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceRefresh,
     InstanceState, InterfaceAttachment, LaunchOverride, LaunchSource, LifecycleHook,
-    LifecycleResult, NetworkInterface, ScalingGroup, Tags, TemplateVersions, Volume, VolumeSpec,
-    VolumeState,
+    LifecycleResult, Modification, ModificationState, NetworkInterface, ScalingGroup, Tags,
+    TemplateVersions, Volume, VolumeChange, VolumeSpec, VolumeState,
 };
 
 use std::collections::BTreeMap;
@@ -66,6 +66,22 @@ pub trait VolumeService: Send + Sync {
 
     /// The tags of one instance.
     async fn instance_tags(&self, instance_id: &str) -> Result<Tags, Error>;
+
+    /// Starts changing a volume's size, type or performance in place (ModifyVolume, one
+    /// request). The volume reports the target values at once; the block device grows when the
+    /// modification reaches [`ModificationState::Optimizing`]. A change within 6 hours of the
+    /// previous one's start is [`Error::ModificationCooldown`], one while another is under way
+    /// [`Error::ModificationInProgress`]; a smaller size is refused. An empty change is never
+    /// sent: it would start a modification all the same.
+    async fn modify_volume(
+        &self,
+        volume_id: &str,
+        change: &VolumeChange,
+    ) -> Result<Modification, Error>;
+
+    /// The volume's most recent modification (DescribeVolumesModifications, one request);
+    /// `None` when it was never modified.
+    async fn latest_modification(&self, volume_id: &str) -> Result<Option<Modification>, Error>;
 }
 
 /// Elastic network interfaces: the fixed-IP identity of a node.

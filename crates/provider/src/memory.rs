@@ -11,14 +11,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::{
-    Attachment, AttachmentState, CallLog, Error, InstanceState, Tags, Volume, VolumeService,
-    VolumeSpec, VolumeState,
+    Attachment, AttachmentState, CallLog, Error, InstanceState, Modification, Tags, Volume,
+    VolumeChange, VolumeService, VolumeSpec, VolumeState,
 };
 
 pub const DESCRIBE_VOLUMES: &str = "DescribeVolumes";
@@ -30,6 +30,7 @@ pub const CREATE_TAGS: &str = "CreateTags";
 
 mod asg;
 mod eni;
+mod modify;
 mod secrets;
 
 pub use asg::{
@@ -39,6 +40,9 @@ pub use asg::{
     TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP,
 };
 pub use eni::{ATTACH_NETWORK_INTERFACE, DESCRIBE_NETWORK_INTERFACES};
+pub use modify::{
+    DESCRIBE_VOLUMES_MODIFICATIONS, MODIFICATION_COOLDOWN, MODIFY_VOLUME, ModificationDelays,
+};
 pub use secrets::{GET_PARAMETER, GET_SECRET_VALUE};
 
 /// How long simulated things take.
@@ -150,6 +154,11 @@ pub struct World {
     tokens: HashMap<String, (String, VolumeSpec, Volume)>,
     /// Parameters and secrets (node file contents).
     secrets: BTreeMap<crate::SecretRef, Vec<u8>>,
+    /// Every modification of each volume, oldest first.
+    modifications: BTreeMap<String, Vec<modify::StoredModification>>,
+    modification_delays: ModificationDelays,
+    /// A virtual instant and the date it stands for (modification start times are dates).
+    epoch: (Instant, SystemTime),
     next_id: u64,
     faults: Vec<Fault>,
     hooks: Vec<(&'static str, Hook)>,
@@ -254,6 +263,9 @@ impl World {
             availability_zone: availability_zone.to_owned(),
             size_gib,
             volume_type: "gp3".into(),
+            // gp3's baseline, as EBS reports it.
+            iops: Some(3000),
+            throughput: Some(125),
             encrypted: true,
             state: VolumeState::Available,
             attachments: Vec::new(),
@@ -352,6 +364,17 @@ impl World {
     /// CreateVolume with the token that made it still answers with it, as AWS does for hours.
     pub fn delete_volume(&mut self, volume_id: &str) {
         self.volumes.remove(volume_id);
+        self.modifications.remove(volume_id);
+    }
+
+    /// One volume as it is now, or `NotFound` for `operation`.
+    fn volume_now(&self, volume_id: &str, operation: &'static str) -> Result<Volume, Error> {
+        let stored = self.volumes.get(volume_id).ok_or_else(|| Error::NotFound {
+            operation,
+            resource: volume_id.to_owned(),
+            message: format!("The volume '{volume_id}' does not exist."),
+        })?;
+        Ok(Self::observe(stored, Instant::now()))
     }
 
     /// Detaches a volume from whatever holds it.
@@ -436,6 +459,12 @@ impl World {
                 availability_zone: spec.availability_zone.clone(),
                 size_gib: spec.size_gib,
                 volume_type: spec.volume_type.clone(),
+                iops: spec
+                    .iops
+                    .or(baseline_iops(&spec.volume_type, spec.size_gib)),
+                throughput: spec
+                    .throughput
+                    .or((spec.volume_type == "gp3").then_some(125)),
                 encrypted: spec.encrypted,
                 state: VolumeState::Creating,
                 attachments: Vec::new(),
@@ -450,6 +479,15 @@ impl World {
         self.tokens
             .insert(token.to_owned(), (id, spec.clone(), observed.clone()));
         Ok(observed)
+    }
+}
+
+/// The IOPS EBS reports for a volume created without any: gp3's baseline, gp2's 3 per GiB.
+fn baseline_iops(volume_type: &str, size_gib: i32) -> Option<i32> {
+    match volume_type {
+        "gp3" => Some(3000),
+        "gp2" => Some(size_gib.saturating_mul(3).clamp(100, 16_000)),
+        _ => None,
     }
 }
 
@@ -478,6 +516,9 @@ impl MemoryCloud {
                 lifecycle_log: Vec::new(),
                 tokens: HashMap::new(),
                 secrets: BTreeMap::new(),
+                modifications: BTreeMap::new(),
+                modification_delays: ModificationDelays::default(),
+                epoch: (Instant::now(), SystemTime::now()),
                 next_id: 0,
                 faults: Vec::new(),
                 hooks: Vec::new(),
@@ -669,6 +710,23 @@ impl VolumeService for MemoryCloud {
                 .get(instance_id)
                 .map(|i| i.tags.clone())
                 .unwrap_or_default())
+        })
+        .await
+    }
+
+    async fn modify_volume(
+        &self,
+        volume_id: &str,
+        change: &VolumeChange,
+    ) -> Result<Modification, Error> {
+        self.request(MODIFY_VOLUME, |world| world.modify(volume_id, change))
+            .await
+    }
+
+    async fn latest_modification(&self, volume_id: &str) -> Result<Option<Modification>, Error> {
+        self.request(DESCRIBE_VOLUMES_MODIFICATIONS, |world| {
+            world.volume_now(volume_id, DESCRIBE_VOLUMES_MODIFICATIONS)?;
+            Ok(world.latest_modification_of(volume_id, Instant::now()))
         })
         .await
     }

@@ -150,6 +150,11 @@ pub struct Volume {
     pub availability_zone: String,
     pub size_gib: i32,
     pub volume_type: String,
+    /// Provisioned IOPS (gp3, io1, io2; AWS also reports gp2's baseline); `None` when the cloud
+    /// does not say.
+    pub iops: Option<i32>,
+    /// Provisioned throughput in MiB/s (gp3 only).
+    pub throughput: Option<i32>,
     pub encrypted: bool,
     pub state: VolumeState,
     pub attachments: Vec<Attachment>,
@@ -353,6 +358,82 @@ impl LifecycleResult {
             Self::Abandon => "ABANDON",
         }
     }
+}
+
+/// What a modification asks for; `None` leaves that attribute as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeChange {
+    pub size_gib: Option<i32>,
+    pub volume_type: Option<String>,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+}
+
+impl VolumeChange {
+    /// Nothing asked for: such a request must not be sent (on AWS it still starts a
+    /// modification, and with it the 6-hour wait before the next one).
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// Where a volume modification is. The new size is usable from `Optimizing` on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModificationState {
+    Modifying,
+    Optimizing,
+    Completed,
+    Failed,
+}
+
+impl ModificationState {
+    /// `None` for a state this code does not know.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "modifying" => Some(Self::Modifying),
+            "optimizing" => Some(Self::Optimizing),
+            "completed" => Some(Self::Completed),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    /// Still under way: another modification is refused meanwhile.
+    pub fn in_progress(self) -> bool {
+        matches!(self, Self::Modifying | Self::Optimizing)
+    }
+
+    /// The target size, type and performance are in effect (the block device has grown).
+    pub fn took_effect(self) -> bool {
+        matches!(self, Self::Optimizing | Self::Completed)
+    }
+}
+
+impl fmt::Display for ModificationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Modifying => "modifying",
+            Self::Optimizing => "optimizing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        })
+    }
+}
+
+/// A volume modification (ModifyVolume) and how far it got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Modification {
+    pub volume_id: String,
+    pub state: ModificationState,
+    pub target_size_gib: i32,
+    pub target_volume_type: String,
+    pub target_iops: Option<i32>,
+    pub target_throughput: Option<i32>,
+    pub original_size_gib: i32,
+    pub progress_percent: Option<i64>,
+    pub started: Option<std::time::SystemTime>,
+    /// Why it failed, when it did.
+    pub status_message: Option<String>,
 }
 
 /// What to create when no existing volume can be claimed.

@@ -1,6 +1,6 @@
 # The nodes' IAM policy: exactly the actions cps-attach needs with its configuration written by
 # this module (node id in the file, so no DescribeTags or DescribeAutoScalingGroups; interface;
-# lifecycle hook), scoped to the cluster's tag
+# lifecycle hook; growing the volume when its configured size grows), scoped to the cluster's tag
 # wherever AWS supports a condition; reading node file secrets only when files name them, and
 # only those. No provider: the tests render it as the module does, and the bench proves a boot
 # needs every action in it.
@@ -46,7 +46,7 @@ locals {
       {
         Sid      = "Describe"
         Effect   = "Allow"
-        Action   = ["ec2:DescribeVolumes", "ec2:DescribeInstances", "ec2:DescribeNetworkInterfaces"]
+        Action   = ["ec2:DescribeVolumes", "ec2:DescribeInstances", "ec2:DescribeNetworkInterfaces", "ec2:DescribeVolumesModifications"]
         Resource = "*"
       },
       {
@@ -74,6 +74,15 @@ locals {
           StringEquals                = local.cluster_condition
           "ForAllValues:StringEquals" = { "aws:TagKeys" = ["cps:filesystem"] }
         }
+      },
+      {
+        # Growing a volume in place when its configured size, type or performance is larger:
+        # only the cluster's volumes.
+        Sid       = "GrowClusterVolume"
+        Effect    = "Allow"
+        Action    = ["ec2:ModifyVolume"]
+        Resource  = "arn:aws:ec2:*:*:volume/*"
+        Condition = { StringEquals = local.cluster_condition }
       },
       {
         Sid    = "AttachClusterVolumesAndInterfaces"
