@@ -116,6 +116,45 @@ pub enum Error {
     #[error("{path}: {message}")]
     Fstab { path: PathBuf, message: String },
 
+    /// Growing goes through the verified device's own mount, and `target` is not that.
+    #[error(
+        "{device} ({volume_id}) is not what is mounted at {target} ({found}); nothing was grown: \
+         cps grows only the verified device's filesystem, through its own mount"
+    )]
+    NotMountedThere {
+        device: PathBuf,
+        volume_id: String,
+        target: PathBuf,
+        found: String,
+    },
+
+    /// The device is smaller than the filesystem on it: cps never shrinks, and never "fixes" it.
+    #[error(
+        "{path} ({volume_id}) has {device_bytes} bytes, fewer than the {filesystem_bytes} of its {fstype} \
+         filesystem: the volume was shrunk or replaced by a smaller one. cps never shrinks a filesystem and \
+         changed nothing; reads past the device's end fail. Stop the service, find out why the device is \
+         smaller, and give it at least {filesystem_bytes} bytes again"
+    )]
+    DeviceSmaller {
+        path: PathBuf,
+        volume_id: String,
+        fstype: String,
+        device_bytes: u64,
+        filesystem_bytes: u64,
+    },
+
+    /// The filesystem is smaller than its device but cannot be grown here, this way.
+    #[error(
+        "{path} ({volume_id}): cannot grow its {fstype} filesystem: {found}; nothing was changed. {remedy}"
+    )]
+    CannotGrow {
+        path: PathBuf,
+        volume_id: String,
+        fstype: String,
+        found: String,
+        remedy: String,
+    },
+
     /// A path another user could have redirected (a planted link, a swapped file): nothing is
     /// written, created or chowned through it.
     #[error("{path}: {reason}")]
@@ -147,6 +186,8 @@ impl Error {
                 | Self::MountedElsewhere { .. }
                 | Self::TargetBusy { .. }
                 | Self::UnsafePath { .. }
+                | Self::NotMountedThere { .. }
+                | Self::DeviceSmaller { .. }
         )
     }
 }

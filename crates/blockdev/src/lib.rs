@@ -8,12 +8,16 @@
 //!   proves it empty, whatever the caller believes — or, with a [`FormatGrant::Unfinished`] from
 //!   the volume's format journal, finds nothing but what that interrupted mkfs writes.
 //!
+//! - [`BlockHost::grow_filesystem`] only ever enlarges, and only the verified device's own
+//!   filesystem, reached through its mount without following a link someone else planted.
+//!
 //! [`LinuxHost`] is the real implementation (util-linux `blkid`/`wipefs`, `mkfs.*`, mount(2)).
 //! The orchestration uses the [`BlockHost`] trait, so its tests can substitute a fake host.
 
 mod error;
 mod files;
 mod fstab;
+mod grow;
 mod locate;
 mod mkfs;
 mod mount;
@@ -50,6 +54,25 @@ pub struct Filesystem {
     pub fstype: String,
     pub uuid: Option<String>,
     pub label: Option<String>,
+}
+
+/// How a filesystem's size compares with its device's, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub device_bytes: u64,
+    pub filesystem_bytes: u64,
+}
+
+/// What growing a filesystem found and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Grown {
+    /// The filesystem fills its device, within what its type can use (a tail shorter than an
+    /// allocation unit stays unused); nothing ran.
+    AlreadyFull(Sizes),
+    Grown {
+        before: Sizes,
+        after: Sizes,
+    },
 }
 
 /// The host operations of the attach flow.
@@ -91,6 +114,26 @@ pub trait BlockHost: Send + Sync {
 
     /// Ensures `fstab` holds exactly `entry` for its mount point; returns whether it changed.
     fn persist(&self, fstab: &Path, entry: &FstabEntry) -> Result<bool, Error>;
+
+    /// The device's and the filesystem's sizes, read without changing anything (the device may
+    /// be mounted). xfs and btrfs are read through their mount at `target`; ext2/3/4 from the
+    /// device, mounted at `target` or not mounted at all.
+    fn sizes(&self, device: &Device, fs: &Filesystem, target: &Path) -> Result<Sizes, Error>;
+
+    /// Grows the filesystem on `device`, mounted at `target`, to fill the device; a filesystem
+    /// that already fills it (within the type's granularity) is AlreadyFull and nothing runs.
+    /// Never shrinks: a device smaller than its filesystem is refused.
+    fn grow_filesystem(
+        &self,
+        device: &Device,
+        fs: &Filesystem,
+        target: &Path,
+    ) -> Result<Grown, Error>;
+
+    /// Grows an ext2/3/4 filesystem on `device` while nothing mounts it (before the mount), but
+    /// only when resize2fs accepts it unforced: checked (`e2fsck -f`) since it was last mounted.
+    /// cps never runs e2fsck itself; otherwise this is [`Error::CannotGrow`] and nothing changes.
+    fn grow_unmounted(&self, device: &Device, fs: &Filesystem) -> Result<Grown, Error>;
 }
 
 /// The real host: devices under `device_root` (normally `/dev`), sysfs under `sys_root`
@@ -162,5 +205,22 @@ impl BlockHost for LinuxHost {
 
     fn persist(&self, fstab: &Path, entry: &FstabEntry) -> Result<bool, Error> {
         fstab::ensure_entry(fstab, entry)
+    }
+
+    fn sizes(&self, device: &Device, fs: &Filesystem, target: &Path) -> Result<Sizes, Error> {
+        grow::sizes(device, fs, target, &self.sys_root, &self.mountinfo)
+    }
+
+    fn grow_filesystem(
+        &self,
+        device: &Device,
+        fs: &Filesystem,
+        target: &Path,
+    ) -> Result<Grown, Error> {
+        grow::grow_filesystem(device, fs, target, &self.sys_root, &self.mountinfo)
+    }
+
+    fn grow_unmounted(&self, device: &Device, fs: &Filesystem) -> Result<Grown, Error> {
+        grow::grow_unmounted(device, fs, &self.sys_root, &self.mountinfo)
     }
 }

@@ -31,6 +31,8 @@ pub enum MountState {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct MountEntry {
+    /// The mount's id, as `/proc/self/fdinfo/N` reports it for a descriptor on this mount.
+    id: u64,
     rdev: (u32, u32),
     mountpoint: PathBuf,
     fstype: String,
@@ -59,6 +61,7 @@ impl MountInfo {
                 let right: Vec<&str> = right.split(' ').collect();
                 let (major, minor) = left.get(2)?.split_once(':')?;
                 Some(MountEntry {
+                    id: left.first()?.parse().ok()?,
                     rdev: (major.parse().ok()?, minor.parse().ok()?),
                     mountpoint: PathBuf::from(unescape_octal(left.get(4)?)),
                     fstype: right.first()?.to_string(),
@@ -69,17 +72,32 @@ impl MountInfo {
         Self { entries }
     }
 
+    /// The visible mount at `target`, when it is `device`'s: its mount id and type.
+    pub(crate) fn own_mount(&self, device: &Device, target: &Path) -> Option<(u64, String)> {
+        let target = fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+        self.top(&target)
+            .filter(|top| is_ours(top, device))
+            .map(|top| (top.id, top.fstype.clone()))
+    }
+
+    /// Where `device` is mounted, if anywhere.
+    pub(crate) fn mountpoint_of(&self, device: &Device) -> Option<PathBuf> {
+        self.entries
+            .iter()
+            .find(|e| is_ours(e, device))
+            .map(|e| e.mountpoint.clone())
+    }
+
+    /// The last entry for a mount point is the one on top, the one that is visible.
+    fn top(&self, target: &Path) -> Option<&MountEntry> {
+        self.entries.iter().rev().find(|e| e.mountpoint == target)
+    }
+
     /// Where `device` is mounted and what covers `target`.
     pub fn state_of(&self, device: &Device, target: &Path) -> MountState {
         let target = fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
-        let ours = |e: &MountEntry| {
-            // btrfs reports an anonymous device number, so the source path counts too.
-            e.rdev == (libc::major(device.rdev), libc::minor(device.rdev))
-                || Path::new(&e.source) == device.path
-                || fs::canonicalize(&e.source).is_ok_and(|p| p == device.path)
-        };
-        // The last entry for a mount point is the one on top, the one that is visible.
-        if let Some(top) = self.entries.iter().rev().find(|e| e.mountpoint == target) {
+        let ours = |e: &MountEntry| is_ours(e, device);
+        if let Some(top) = self.top(&target) {
             return if ours(top) {
                 MountState::Mounted {
                     fstype: top.fstype.clone(),
@@ -98,6 +116,14 @@ impl MountInfo {
             None => MountState::NotMounted,
         }
     }
+}
+
+/// Whether a mount table entry is `device`'s. btrfs reports an anonymous device number, so the
+/// source path counts too.
+fn is_ours(e: &MountEntry, device: &Device) -> bool {
+    e.rdev == (libc::major(device.rdev), libc::minor(device.rdev))
+        || Path::new(&e.source) == device.path
+        || fs::canonicalize(&e.source).is_ok_and(|p| p == device.path)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

@@ -151,7 +151,7 @@ pub(crate) fn identify(device: &Device) -> Result<Probe, Error> {
 }
 
 /// Opens the verified node exclusively, after checking it is still that node.
-fn open_exclusive(device: &Device) -> Result<File, Error> {
+pub(crate) fn open_exclusive(device: &Device) -> Result<File, Error> {
     check_node(device)?;
     // O_EXCL on a block device fails with EBUSY while anything holds it (mount, swap, dm, md).
     // Tools that just closed it (mkfs, a udev probe, a filesystem scan) can hold it for a
@@ -349,9 +349,11 @@ pub(crate) fn run(tool: &str, args: &[&str], device: &Device) -> Result<Output, 
 
 pub(crate) fn tool_hint(tool: &str) -> String {
     let package = match tool {
-        "mkfs.xfs" => "xfsprogs",
-        "mkfs.btrfs" => "btrfs-progs",
-        "mkfs.ext4" | "mkfs.ext3" | "mkfs.ext2" | "mke2fs" => "e2fsprogs",
+        "mkfs.xfs" | "xfs_growfs" => "xfsprogs",
+        "mkfs.btrfs" | "btrfs" => "btrfs-progs",
+        "mkfs.ext4" | "mkfs.ext3" | "mkfs.ext2" | "mke2fs" | "resize2fs" | "dumpe2fs" => {
+            "e2fsprogs"
+        }
         _ => "util-linux",
     };
     format!("install the {package} package")

@@ -4,12 +4,13 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cps_blockdev::{
-    BlockHost, Device, Error as HostError, Filesystem, FormatGrant, FstabEntry, Lookup, MkfsSpec,
-    MountState, Ownership, Probe, Refusal, Verification, Wanted, left_by_mkfs,
+    BlockHost, Device, Error as HostError, Filesystem, FormatGrant, FstabEntry, Grown, Lookup,
+    MkfsSpec, MountState, Ownership, Probe, Refusal, Sizes, Verification, Wanted, left_by_mkfs,
 };
 use cps_provider::AttachmentState;
 use cps_provider::memory::MemoryCloud;
@@ -40,8 +41,34 @@ pub enum MkfsDeath {
     Finished,
 }
 
-/// What is on each volume, shared by every fake host (the data lives with the volume).
-pub type Disks = Arc<Mutex<BTreeMap<String, Content>>>;
+/// What is on each volume, shared by every fake host (the data lives with the volume): its
+/// content (what `lock()` reaches) and its sizes.
+#[derive(Clone, Default)]
+pub struct Disks {
+    content: Arc<Mutex<BTreeMap<String, Content>>>,
+    sizes: Arc<Mutex<BTreeMap<String, DiskSize>>>,
+}
+
+impl Deref for Disks {
+    type Target = Mutex<BTreeMap<String, Content>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.content
+    }
+}
+
+/// A volume's sizes as the fake host sees them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskSize {
+    /// The device's size when a test set it; otherwise the cloud's size of the volume.
+    pub device_bytes: Option<u64>,
+    /// Set by mkfs and grow; a filesystem nobody sized is as large as its device when first
+    /// seen (mkfs, mount, a size read, a device change).
+    pub filesystem_bytes: Option<u64>,
+    /// Mounted since its last check: like resize2fs, the fake grows it unmounted only after
+    /// [`FakeHost::fsck`].
+    pub mounted_since_check: bool,
+}
 
 #[derive(Default)]
 pub struct HostState {
@@ -53,6 +80,10 @@ pub struct HostState {
     pub fail_next: Vec<&'static str>,
     /// The next mkfs dies there.
     pub mkfs_dies: Option<MkfsDeath>,
+    /// Filesystems grown (online or not).
+    pub grow_runs: u32,
+    /// The kernel refuses to grow a mounted ext filesystem (no CAP_SYS_RESOURCE).
+    pub online_ext_grow_refused: bool,
 }
 
 /// One instance's view of the machine: the device appears when the cloud says attached.
@@ -101,6 +132,64 @@ impl FakeHost {
 
     pub fn unmount_all(&self) {
         self.st().mounts.clear();
+    }
+
+    /// The volume's device, as the kernel would report it: what a test set, else the cloud's
+    /// size of the volume (so a modification in the cloud reaches the device).
+    pub fn device_bytes(&self, volume_id: &str) -> u64 {
+        let set = self.disks.sizes.lock().unwrap().get(volume_id).copied();
+        set.and_then(|s| s.device_bytes).unwrap_or_else(|| {
+            let gib = self
+                .cloud
+                .volumes()
+                .iter()
+                .find(|v| v.id == volume_id)
+                .map_or(0, |v| v.size_gib);
+            u64::try_from(gib).unwrap_or(0) << 30
+        })
+    }
+
+    /// The volume's sizes; a filesystem not sized yet is pinned at the device's size now.
+    pub fn disk_sizes(&self, volume_id: &str) -> Sizes {
+        let device_bytes = self.device_bytes(volume_id);
+        let mut sizes = self.disks.sizes.lock().unwrap();
+        let entry = sizes.entry(volume_id.to_owned()).or_default();
+        Sizes {
+            device_bytes,
+            filesystem_bytes: *entry.filesystem_bytes.get_or_insert(device_bytes),
+        }
+    }
+
+    /// The device now has `bytes` (larger to enlarge it, smaller to test the refusal); the
+    /// filesystem on it keeps its size.
+    pub fn set_device_bytes(&self, volume_id: &str, bytes: u64) {
+        if self.fs_of(volume_id).is_some() {
+            self.disk_sizes(volume_id);
+        }
+        let mut sizes = self.disks.sizes.lock().unwrap();
+        sizes.entry(volume_id.to_owned()).or_default().device_bytes = Some(bytes);
+    }
+
+    /// The device grows by `bytes`, as after ModifyVolume (or Terraform, or an operator).
+    pub fn enlarge_device(&self, volume_id: &str, bytes: u64) {
+        let now = self.device_bytes(volume_id);
+        self.set_device_bytes(volume_id, now + bytes);
+    }
+
+    /// `e2fsck -f` by hand: the filesystem counts as checked since its last mount.
+    pub fn fsck(&self, volume_id: &str) {
+        let mut sizes = self.disks.sizes.lock().unwrap();
+        sizes
+            .entry(volume_id.to_owned())
+            .or_default()
+            .mounted_since_check = false;
+    }
+
+    fn fs_of(&self, volume_id: &str) -> Option<Filesystem> {
+        match self.content(volume_id) {
+            Content::Fs(fs) | Content::Data(fs) => Some(fs),
+            _ => None,
+        }
     }
 
     /// The service writes to the mounted volume: from now on it holds user data.
@@ -215,6 +304,13 @@ impl BlockHost for FakeHost {
             label: None,
         };
         let death = self.st().mkfs_dies.take();
+        if matches!(death, None | Some(MkfsDeath::Finished)) {
+            let bytes = self.device_bytes(&device.volume_id);
+            let mut sizes = self.disks.sizes.lock().unwrap();
+            let entry = sizes.entry(device.volume_id.clone()).or_default();
+            entry.filesystem_bytes = Some(bytes);
+            entry.mounted_since_check = false;
+        }
         let left = match death {
             None => {
                 self.st().mkfs_runs += 1;
@@ -255,6 +351,14 @@ impl BlockHost for FakeHost {
                 source: std::io::Error::from_raw_os_error(libc_einval()),
             });
         }
+        if self.fs_of(&device.volume_id).is_some() {
+            self.disk_sizes(&device.volume_id);
+            let mut sizes = self.disks.sizes.lock().unwrap();
+            sizes
+                .entry(device.volume_id.clone())
+                .or_default()
+                .mounted_since_check = true;
+        }
         self.st()
             .mounts
             .insert(target.to_path_buf(), device.volume_id.clone());
@@ -271,6 +375,127 @@ impl BlockHost for FakeHost {
         self.fail("persist")?;
         let old = self.st().fstab.insert(entry.target.clone(), entry.clone());
         Ok(old.as_ref() != Some(entry))
+    }
+
+    fn sizes(&self, device: &Device, fs: &Filesystem, target: &Path) -> Result<Sizes, HostError> {
+        self.fail("sizes")?;
+        // Like the real host: ext is read from the device, mounted or not; others via the mount.
+        let ext = fs.fstype.starts_with("ext");
+        let mounted_anywhere = self.st().mounts.values().any(|v| *v == device.volume_id);
+        if !ext || mounted_anywhere {
+            self.mounted_at(device, target)?;
+        }
+        self.filesystem_here(device)?;
+        Ok(self.disk_sizes(&device.volume_id))
+    }
+
+    fn grow_filesystem(
+        &self,
+        device: &Device,
+        fs: &Filesystem,
+        target: &Path,
+    ) -> Result<Grown, HostError> {
+        self.fail("grow")?;
+        self.mounted_at(device, target)?;
+        let found = self.filesystem_here(device)?;
+        if found.fstype.starts_with("ext") && self.st().online_ext_grow_refused {
+            let sizes = self.disk_sizes(&device.volume_id);
+            if sizes.device_bytes > sizes.filesystem_bytes {
+                return Err(cannot_grow(
+                    device,
+                    fs,
+                    "the kernel refused to grow it while mounted",
+                ));
+            }
+        }
+        self.grow(device, fs)
+    }
+
+    fn grow_unmounted(&self, device: &Device, fs: &Filesystem) -> Result<Grown, HostError> {
+        self.fail("grow")?;
+        let found = self.filesystem_here(device)?;
+        if !found.fstype.starts_with("ext") {
+            return Err(cannot_grow(device, fs, "it grows only while mounted"));
+        }
+        if self.st().mounts.values().any(|v| *v == device.volume_id) {
+            return Err(cannot_grow(device, fs, "it is mounted"));
+        }
+        let unchecked = self
+            .disks
+            .sizes
+            .lock()
+            .unwrap()
+            .get(&device.volume_id)
+            .is_some_and(|s| s.mounted_since_check);
+        let sizes = self.disk_sizes(&device.volume_id);
+        if unchecked && sizes.device_bytes > sizes.filesystem_bytes {
+            return Err(cannot_grow(device, fs, "resize2fs wants `e2fsck -f` first"));
+        }
+        self.grow(device, fs)
+    }
+}
+
+impl FakeHost {
+    /// Growing is only through the device's own mount at the target.
+    fn mounted_at(&self, device: &Device, target: &Path) -> Result<(), HostError> {
+        match self.st().mounts.get(target) {
+            Some(v) if *v == device.volume_id => Ok(()),
+            other => Err(HostError::NotMountedThere {
+                device: device.path.clone(),
+                volume_id: device.volume_id.clone(),
+                target: target.to_path_buf(),
+                found: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn filesystem_here(&self, device: &Device) -> Result<Filesystem, HostError> {
+        self.fs_of(&device.volume_id)
+            .ok_or_else(|| HostError::CannotGrow {
+                path: device.path.clone(),
+                volume_id: device.volume_id.clone(),
+                fstype: "none".into(),
+                found: format!("it holds {:?}", self.content(&device.volume_id)),
+                remedy: String::new(),
+            })
+    }
+
+    /// The size rules of the real host, to the byte: never smaller, full is full.
+    fn grow(&self, device: &Device, fs: &Filesystem) -> Result<Grown, HostError> {
+        let before = self.disk_sizes(&device.volume_id);
+        if before.device_bytes < before.filesystem_bytes {
+            return Err(HostError::DeviceSmaller {
+                path: device.path.clone(),
+                volume_id: device.volume_id.clone(),
+                fstype: fs.fstype.clone(),
+                device_bytes: before.device_bytes,
+                filesystem_bytes: before.filesystem_bytes,
+            });
+        }
+        if before.device_bytes == before.filesystem_bytes {
+            return Ok(Grown::AlreadyFull(before));
+        }
+        let mut sizes = self.disks.sizes.lock().unwrap();
+        sizes
+            .entry(device.volume_id.clone())
+            .or_default()
+            .filesystem_bytes = Some(before.device_bytes);
+        drop(sizes);
+        self.st().grow_runs += 1;
+        Ok(Grown::Grown {
+            before,
+            after: self.disk_sizes(&device.volume_id),
+        })
+    }
+}
+
+fn cannot_grow(device: &Device, fs: &Filesystem, found: &str) -> HostError {
+    HostError::CannotGrow {
+        path: device.path.clone(),
+        volume_id: device.volume_id.clone(),
+        fstype: fs.fstype.clone(),
+        found: found.into(),
+        remedy: "grow it offline".into(),
     }
 }
 
