@@ -50,6 +50,9 @@ enum Cmd {
     Run,
     /// Check a configuration file and print the effective settings; touches nothing.
     Validate,
+    /// On a running node: modify the volume to the configured size, type and performance, and
+    /// grow its filesystem to the device. Touches nothing else.
+    Grow,
 }
 
 #[derive(Args, Debug)]
@@ -152,6 +155,8 @@ struct OverrideArgs {
     attach_timeout: Option<String>,
     #[arg(long, env = "CPS_DEVICE_TIMEOUT", global = true)]
     device_timeout: Option<String>,
+    #[arg(long, env = "CPS_MODIFY_TIMEOUT", global = true)]
+    modify_timeout: Option<String>,
     /// Where device nodes and disk/by-id links are (default /dev).
     #[arg(long, env = "CPS_DEVICE_ROOT", global = true)]
     device_root: Option<String>,
@@ -213,6 +218,7 @@ impl From<OverrideArgs> for Overrides {
             create_timeout: a.create_timeout,
             attach_timeout: a.attach_timeout,
             device_timeout: a.device_timeout,
+            modify_timeout: a.modify_timeout,
             device_root: a.device_root,
             sysfs_root: a.sysfs_root,
             identity_mode: a.identity_mode,
@@ -317,8 +323,11 @@ async fn stopped(mut signals: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
-    let signals = listen_for_signals();
+/// The instance's identity (interrupted by a signal) and the AWS clients.
+async fn connect(
+    common: &Common,
+    signals: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(cps_provider::InstanceIdentity, Clients), Failure> {
     let identity = tokio::select! {
         biased;
         () = stopped(signals.clone()) => return Err(Failure::Interrupted),
@@ -330,20 +339,48 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     let mut settings = cps_aws::AwsSettings::new(identity.region.clone());
     settings.endpoint_url = common.aws_endpoint.clone();
     let sdk = settings.load().await;
-    let ec2 = cps_aws::Ec2Api::new(&sdk);
-    let autoscaling = cps_aws::AutoScalingApi::new(&sdk);
-    let secrets = cps_aws::SecretsApi::new(&sdk);
+    let clients = Clients {
+        ec2: cps_aws::Ec2Api::new(&sdk),
+        autoscaling: cps_aws::AutoScalingApi::new(&sdk),
+        secrets: cps_aws::SecretsApi::new(&sdk),
+    };
+    Ok((identity, clients))
+}
+
+struct Clients {
+    ec2: cps_aws::Ec2Api,
+    autoscaling: cps_aws::AutoScalingApi,
+    secrets: cps_aws::SecretsApi,
+}
+
+impl Clients {
+    /// Requests sent, by operation, for the report line.
+    fn calls(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let mut calls = self.ec2.calls().snapshot();
+        calls.extend(self.autoscaling.calls().snapshot());
+        calls.extend(self.secrets.calls().snapshot());
+        calls
+    }
+}
+
+fn block_host(config: &AttachConfig) -> Arc<cps_blockdev::LinuxHost> {
+    Arc::new(cps_blockdev::LinuxHost::new(
+        &config.device_root,
+        &config.sysfs_root,
+    ))
+}
+
+async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
+    let signals = listen_for_signals();
+    let (identity, clients) = connect(common, &signals).await?;
     let services = Services {
-        volumes: &ec2,
-        interfaces: &ec2,
-        lifecycle: &autoscaling,
-        secrets: &secrets,
+        volumes: &clients.ec2,
+        interfaces: &clients.ec2,
+        lifecycle: &clients.autoscaling,
+        secrets: &clients.secrets,
     };
     let hosts = Hosts {
-        block: Arc::new(cps_blockdev::LinuxHost::new(
-            &config.device_root,
-            &config.sysfs_root,
-        )),
+        block: block_host(&config),
         node: Arc::new(cps_node::LinuxNode::new(&config.sysfs_root)),
     };
     let out = cps_orchestrate::boot_until(services, hosts, &identity, &config, stopped(signals))
@@ -354,9 +391,7 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
         FsOutcome::Created(fs) => (true, fs),
         FsOutcome::Existing(fs) => (false, fs),
     };
-    let mut calls = ec2.calls().snapshot();
-    calls.extend(autoscaling.calls().snapshot());
-    calls.extend(secrets.calls().snapshot());
+    let calls = clients.calls();
     info!(
         volume_id = %a.volume_id,
         origin = ?a.origin,
@@ -374,9 +409,40 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
         health_runs = out.health_runs,
         lifecycle = ?out.lifecycle,
         attach_attempts = a.attach_attempts,
+        modified = a.grow.modified.is_some(),
+        filesystem_grown = a.grow.filesystem.is_some(),
         api_calls = calls.values().sum::<u64>(),
         calls = %calls.iter().map(|(op, n)| format!("{op}={n}")).collect::<Vec<_>>().join(","),
         "volume ready"
+    );
+    Ok(())
+}
+
+async fn grow(common: &Common, config: AttachConfig) -> Result<(), Failure> {
+    let signals = listen_for_signals();
+    let (identity, clients) = connect(common, &signals).await?;
+    let host = block_host(&config);
+    let out = tokio::select! {
+        biased;
+        () = stopped(signals) => return Err(Failure::Interrupted),
+        out = cps_orchestrate::boot::grow::grow_running(&clients.ec2, host, &identity, &config) => {
+            out.map_err(Failure::Attach)?
+        }
+    };
+    let calls = clients.calls();
+    let (from, to) = out.grow.filesystem.unwrap_or_default();
+    info!(
+        volume_id = %out.volume_id,
+        device = %out.device.display(),
+        modified = out.grow.modified.is_some(),
+        size_gib = out.grow.modified.as_ref().and_then(|c| c.size_gib),
+        filesystem_grown = out.grow.filesystem.is_some(),
+        from_bytes = from,
+        to_bytes = to,
+        deferred = out.grow.deferred.as_deref().unwrap_or(""),
+        api_calls = calls.values().sum::<u64>(),
+        calls = %calls.iter().map(|(op, n)| format!("{op}={n}")).collect::<Vec<_>>().join(","),
+        "grow done"
     );
     Ok(())
 }
@@ -422,7 +488,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(&cli.common, config)) {
+    let work = async {
+        match cli.command {
+            Some(Cmd::Grow) => grow(&cli.common, config).await,
+            _ => run(&cli.common, config).await,
+        }
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             match &f {

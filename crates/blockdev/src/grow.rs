@@ -164,7 +164,6 @@ pub(crate) fn sizes(
     device: &Device,
     fs: &Filesystem,
     target: &Path,
-    sys_root: &Path,
     mountinfo: &Path,
 ) -> Result<Sizes, Error> {
     let family = family_of(device, &fs.fstype)?;
@@ -176,7 +175,7 @@ pub(crate) fn sizes(
     } else {
         Some(open_mount(device, &fs.fstype, target, &table)?)
     };
-    Ok(measure(family, device, root.as_ref(), sys_root)?.sizes)
+    Ok(measure(family, device, root.as_ref())?.sizes)
 }
 
 pub(crate) fn grow_filesystem(
@@ -189,7 +188,7 @@ pub(crate) fn grow_filesystem(
     let family = family_of(device, &fs.fstype)?;
     check_node(device)?;
     let root = open_mount(device, &fs.fstype, target, &MountInfo::read(mountinfo)?)?;
-    let before = measure(family, device, Some(&root), sys_root)?;
+    let before = measure(family, device, Some(&root))?;
     let Some(reach) = decide(device, &fs.fstype, &before)? else {
         return Ok(Grown::AlreadyFull(before.sizes));
     };
@@ -221,7 +220,7 @@ pub(crate) fn grow_filesystem(
         device,
         fs,
         before,
-        measure(family, device, Some(&root), sys_root)?,
+        measure(family, device, Some(&root))?,
         &out,
     )
 }
@@ -261,7 +260,7 @@ pub(crate) fn grow_unmounted(
     }
     // Nothing may hold it (a mount racing in, LVM, RAID); resize2fs then opens it exclusively.
     drop(probe::open_exclusive(device)?);
-    let before = measure(Family::Ext, device, None, sys_root)?;
+    let before = measure(Family::Ext, device, None)?;
     let Some(reach) = decide(device, &fs.fstype, &before)? else {
         return Ok(Grown::AlreadyFull(before.sizes));
     };
@@ -279,7 +278,7 @@ pub(crate) fn grow_unmounted(
         device,
         fs,
         before,
-        measure(Family::Ext, device, None, sys_root)?,
+        measure(Family::Ext, device, None)?,
         &out,
     )
 }
@@ -443,12 +442,7 @@ fn open_mount(
 
 /// Reads the device's size and the filesystem's geometry. `root` is the mount's root, which
 /// xfs and btrfs are read through; ext is read from the device's superblock.
-fn measure(
-    family: Family,
-    device: &Device,
-    root: Option<&File>,
-    sys_root: &Path,
-) -> Result<Measured, Error> {
+fn measure(family: Family, device: &Device, root: Option<&File>) -> Result<Measured, Error> {
     let unmounted = || Error::NotMountedThere {
         device: device.path.clone(),
         volume_id: device.volume_id.clone(),
@@ -458,7 +452,7 @@ fn measure(
     let geometry = match family {
         Family::Ext => Geometry::Ext(ext_geometry(device)?),
         Family::Xfs => xfs_geometry(root.ok_or_else(unmounted)?)?,
-        Family::Btrfs => btrfs_geometry(device, root.ok_or_else(unmounted)?, sys_root)?,
+        Family::Btrfs => btrfs_geometry(device, root.ok_or_else(unmounted)?)?,
     };
     Ok(Measured {
         sizes: Sizes {
@@ -555,25 +549,22 @@ fn parse_xfs(text: &str) -> Option<Geometry> {
 }
 
 /// `btrfs filesystem show --raw`: the size btrfs records for this device (the devid whose
-/// path is this node), and the sector size from sysfs.
-fn btrfs_geometry(device: &Device, root: &File, sys_root: &Path) -> Result<Geometry, Error> {
+/// path is this node); the sector size is statvfs's block size of the mount (btrfs reports
+/// its sector size there), read on the opened root rather than from a sysfs path.
+fn btrfs_geometry(device: &Device, root: &File) -> Result<Geometry, Error> {
     let fd = format!("/proc/self/fd/{}", root.as_raw_fd());
     let out = run_tool("btrfs", &["filesystem", "show", "--raw", &fd], Some(root))?;
     if out.code != Some(0) {
         return Err(out.failure());
     }
     let is_device = |path: &str| std::fs::metadata(path).is_ok_and(|m| m.rdev() == device.rdev);
-    let (fsid, devid, bytes) = parse_btrfs(&out.stdout, is_device)
+    let (_fsid, devid, bytes) = parse_btrfs(&out.stdout, is_device)
         .ok_or_else(|| unreadable(&out, "the uuid and a devid line for this device"))?;
-    let path = sys_root.join("fs/btrfs").join(&fsid).join("sectorsize");
-    let sector_size = std::fs::read_to_string(&path)
-        .map_err(Error::io(&path, "read"))?
-        .trim()
-        .parse()
-        .map_err(|_| Error::io(&path, "parse")(std::io::ErrorKind::InvalidData.into()))?;
+    let stat = nix::sys::statvfs::fstatvfs(root)
+        .map_err(|e| Error::io(Path::new(&fd), "statvfs")(e.into()))?;
     Ok(Geometry::Btrfs {
         devid,
-        sector_size,
+        sector_size: stat.block_size(),
         bytes,
     })
 }

@@ -208,7 +208,7 @@ impl BlockHost for LinuxHost {
     }
 
     fn sizes(&self, device: &Device, fs: &Filesystem, target: &Path) -> Result<Sizes, Error> {
-        grow::sizes(device, fs, target, &self.sys_root, &self.mountinfo)
+        grow::sizes(device, fs, target, &self.mountinfo)
     }
 
     fn grow_filesystem(

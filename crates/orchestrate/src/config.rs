@@ -50,6 +50,9 @@ pub struct AttachConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeOptions {
     pub volume_type: String,
+    /// The type was set (in the file or an override), not defaulted: only then is an existing
+    /// volume of another type converted.
+    pub type_configured: bool,
     pub size_gib: i32,
     pub iops: Option<i32>,
     pub throughput: Option<i32>,
@@ -72,8 +75,11 @@ pub struct Timeouts {
     pub create: Duration,
     /// From AttachVolume until EC2 reports the attachment attached.
     pub attach: Duration,
-    /// From attached until the kernel device appears and verifies.
+    /// From attached until the kernel device appears and verifies; also from a volume's
+    /// modification until the device shows its new size.
     pub device: Duration,
+    /// From ModifyVolume until the modification is `optimizing` (the new size usable).
+    pub modify: Duration,
 }
 
 impl Default for Timeouts {
@@ -82,6 +88,7 @@ impl Default for Timeouts {
             create: Duration::from_secs(300),
             attach: Duration::from_secs(180),
             device: Duration::from_secs(120),
+            modify: Duration::from_secs(300),
         }
     }
 }
@@ -113,6 +120,7 @@ pub struct Overrides {
     pub create_timeout: Option<String>,
     pub attach_timeout: Option<String>,
     pub device_timeout: Option<String>,
+    pub modify_timeout: Option<String>,
     pub device_root: Option<String>,
     pub sysfs_root: Option<String>,
     /// `pool`, `node-id` or `slot`.
@@ -212,6 +220,7 @@ struct TimeoutsSection {
     create: Option<Spanned<String>>,
     attach: Option<Spanned<String>>,
     device: Option<Spanned<String>>,
+    modify: Option<Spanned<String>>,
 }
 
 /// Mount options as a list (`[noatime, discard]`) or one comma-separated string.
@@ -820,6 +829,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
 
     let volume = VolumeOptions {
         volume_type: type_name.to_owned(),
+        type_configured: volume_type.is_some(),
         size_gib: i32::try_from(size.value).map_err(|_| src.at(&size, "size is too large"))?,
         iops: iops.map(|v| v.value as i32),
         throughput: throughput.map(|v| v.value as i32),
@@ -831,9 +841,9 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
     let mount = build_mount(src, file.mount, o)?;
 
     let t = file.timeouts;
-    let (t_create, t_attach, t_device) = match t {
-        Some(t) => (t.create, t.attach, t.device),
-        None => (None, None, None),
+    let (t_create, t_attach, t_device, t_modify) = match t {
+        Some(t) => (t.create, t.attach, t.device, t.modify),
+        None => (None, None, None, None),
     };
     let defaults = Timeouts::default();
     let timeouts = Timeouts {
@@ -863,6 +873,15 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
                 t_device,
             ),
             defaults.device,
+        )?,
+        modify: duration(
+            src,
+            pick(
+                o.modify_timeout.clone(),
+                "--modify-timeout (CPS_MODIFY_TIMEOUT)",
+                t_modify,
+            ),
+            defaults.modify,
         )?,
     };
 

@@ -45,6 +45,20 @@ pub enum Error {
     #[error("refusing to continue with {volume_id}: {message}")]
     Journal { volume_id: String, message: String },
 
+    /// AWS ended the volume's modification as `failed`; the volume keeps its old attributes.
+    #[error(
+        "the modification of {volume_id} failed: {message}. The volume keeps its size and type; \
+         check the requested values (`aws ec2 describe-volumes-modifications --volume-ids {volume_id}`) and run again"
+    )]
+    ModificationFailed { volume_id: String, message: String },
+
+    /// `cps-attach grow` on an instance whose volume is not attached and mounted: nothing to grow.
+    #[error(
+        "cps-attach grow works on a running node, and on {instance_id} {what}; nothing was changed. \
+         Run `cps-attach run` (the boot) first; it also grows the volume"
+    )]
+    NotRunning { instance_id: String, what: String },
+
     /// More than one matching volume is attached to this instance; which one is the node's?
     #[error(
         "{count} volumes with these tags are attached to {instance_id} ({volumes}); cps-attach will not choose between them. \
@@ -201,9 +215,13 @@ pub enum ErrorClass {
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Cloud { .. } | Self::Lost { .. } | Self::Exhausted { .. } => ErrorClass::Cloud,
+            Self::Cloud { .. }
+            | Self::Lost { .. }
+            | Self::Exhausted { .. }
+            | Self::ModificationFailed { .. } => ErrorClass::Cloud,
             Self::Timeout { .. } => ErrorClass::Timeout,
             Self::Refused { .. }
+            | Self::NotRunning { .. }
             | Self::Journal { .. }
             | Self::NotDataVolume { .. }
             | Self::Ambiguous { .. }

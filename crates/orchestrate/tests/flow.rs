@@ -13,13 +13,14 @@ use common::{Content, Disks, FakeHost, MkfsDeath};
 use cps_blockdev::{Filesystem, Refusal};
 use cps_orchestrate::boot::claim::{self, ClaimTarget, Origin};
 use cps_orchestrate::boot::device;
+use cps_orchestrate::boot::grow::GrowOutcome;
 use cps_orchestrate::boot::journal::{self, Journal};
 use cps_orchestrate::{AttachConfig, Error, ErrorClass, FsOutcome, MountOutcome, Overrides};
 use cps_provider::memory::{
-    ATTACH_VOLUME, CREATE_TAGS, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES, Fault,
-    MemoryCloud, Timing,
+    ATTACH_VOLUME, CREATE_TAGS, CREATE_VOLUME, DESCRIBE_INSTANCES, DESCRIBE_VOLUMES,
+    DESCRIBE_VOLUMES_MODIFICATIONS, Fault, MODIFY_VOLUME, MemoryCloud, ModificationDelays, Timing,
 };
-use cps_provider::{Error as CloudError, InstanceIdentity, Tags};
+use cps_provider::{Error as CloudError, InstanceIdentity, Tags, VolumeChange};
 
 const AZ: &str = "us-east-1a";
 
@@ -849,4 +850,187 @@ async fn the_client_token_is_stable_per_instance_spec_and_attempt() {
     assert_ne!(t, claim::client_token(&identity("i-b"), &spec, 0));
     assert_ne!(t, claim::client_token(&identity("i-a"), &spec, 1));
     assert!(t.len() <= 64 && t.is_ascii());
+}
+
+// Growing in place: the volume is modified to the configuration (growth only, never while
+// another modification is under way, a cooldown is a warning), then the filesystem is grown
+// to the device — also when someone else enlarged the volume.
+
+fn sized(gib: i32, extra: &str) -> AttachConfig {
+    let text = format!(
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: kafka, role: broker}}\n    size: {gib}\nmount:\n  target: /data\n{extra}"
+    );
+    AttachConfig::parse("test.yml", &text, &Overrides::default()).unwrap()
+}
+
+/// Boots once at 10 GiB and returns the bench, the host and the volume id.
+async fn booted_at_10() -> (Bench, Arc<FakeHost>, String) {
+    let mut b = Bench::new(Timing::default());
+    b.config = sized(10, "");
+    let a = b.instance("i-a");
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(
+        out.grow,
+        GrowOutcome::default(),
+        "a new volume is as configured"
+    );
+    (b, a, out.volume_id)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_larger_size_modifies_the_volume_then_grows_the_filesystem_once() {
+    let (mut b, a, vid) = booted_at_10().await;
+    b.config = sized(20, "");
+    b.cloud.with(|w| {
+        w.set_modification_delays(ModificationDelays {
+            modifying: Duration::from_secs(20),
+            optimizing: Duration::from_secs(600),
+        })
+    });
+    let before = b.cloud.calls().count(MODIFY_VOLUME);
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(
+        out.grow.modified,
+        Some(VolumeChange {
+            size_gib: Some(20),
+            ..VolumeChange::default()
+        })
+    );
+    assert_eq!(out.grow.filesystem, Some((10 << 30, 20 << 30)));
+    assert_eq!(b.cloud.calls().count(MODIFY_VOLUME) - before, 1);
+    assert_eq!(a.st().grow_runs, 1);
+    assert_eq!(b.cloud.volumes()[0].size_gib, 20);
+
+    // The next run finds the volume and the filesystem as configured: no call, no grow.
+    let describes = b.cloud.calls().count(DESCRIBE_VOLUMES_MODIFICATIONS);
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.grow, GrowOutcome::default());
+    assert_eq!(b.cloud.calls().count(MODIFY_VOLUME) - before, 1);
+    assert_eq!(
+        b.cloud.calls().count(DESCRIBE_VOLUMES_MODIFICATIONS),
+        describes
+    );
+    assert_eq!(a.st().grow_runs, 1);
+    let _ = vid;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_smaller_size_is_never_a_shrink() {
+    let (mut b, a, _) = booted_at_10().await;
+    b.config = sized(5, "");
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.grow.modified, None);
+    assert!(out.grow.deferred.unwrap().contains("5 GiB < volume 10 GiB"));
+    assert_eq!(b.cloud.calls().count(MODIFY_VOLUME), 0);
+    assert_eq!(b.cloud.volumes()[0].size_gib, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_volume_enlarged_elsewhere_grows_its_filesystem_with_no_call() {
+    let (b, a, vid) = booted_at_10().await;
+    // Terraform (or an operator) modified the volume: the listing says 20 GiB already.
+    b.cloud.with(|w| {
+        w.modify(
+            &vid,
+            &VolumeChange {
+                size_gib: Some(20),
+                ..VolumeChange::default()
+            },
+        )
+        .unwrap();
+    });
+    let mut b = b;
+    b.config = sized(20, "");
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.grow.modified, None);
+    assert_eq!(out.grow.filesystem, Some((10 << 30, 20 << 30)));
+    assert_eq!(b.cloud.calls().count(MODIFY_VOLUME), 0);
+    assert_eq!(b.cloud.calls().count(DESCRIBE_VOLUMES_MODIFICATIONS), 0);
+
+    // The device alone larger (the configuration unchanged): grown too.
+    a.enlarge_device(&vid, 5 << 30);
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.grow.filesystem, Some((20 << 30, 25 << 30)));
+    assert_eq!(b.cloud.calls().count(MODIFY_VOLUME), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_modification_while_another_is_under_way_and_a_cooldown_is_a_warning() {
+    let (mut b, a, vid) = booted_at_10().await;
+    b.cloud.with(|w| {
+        w.set_modification_delays(ModificationDelays {
+            modifying: Duration::from_secs(3600),
+            optimizing: Duration::from_secs(3600),
+        });
+        // An operator's iops change, still modifying.
+        w.modify(
+            &vid,
+            &VolumeChange {
+                iops: Some(4000),
+                ..VolumeChange::default()
+            },
+        )
+        .unwrap();
+    });
+    b.config = sized(20, "");
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.grow.modified, None);
+    assert!(out.grow.deferred.unwrap().contains("Modifying"), "busy");
+    assert_eq!(b.cloud.calls().count(MODIFY_VOLUME), 0, "not even tried");
+    assert_eq!(b.cloud.volumes()[0].size_gib, 10);
+
+    // Done, but within 6 hours of its start: AWS refuses; the boot goes on at 10 GiB.
+    b.cloud.with(|w| {
+        w.set_modification_delays(ModificationDelays::default());
+    });
+    tokio::time::advance(Duration::from_secs(2 * 3600 + 1)).await;
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.grow.modified, None);
+    assert!(out.grow.deferred.unwrap().contains("too soon"));
+    assert_eq!(b.cloud.calls().count(MODIFY_VOLUME), 1, "tried once");
+    assert_eq!(b.cloud.volumes()[0].size_gib, 10);
+    assert_eq!(a.st().grow_runs, 0);
+
+    // After the cooldown the next run grows it.
+    b.cloud
+        .with(|w| w.age_modifications(&vid, Duration::from_secs(6 * 3600)));
+    let out = b.boot(&a).await.unwrap();
+    assert_eq!(out.grow.filesystem, Some((10 << 30, 20 << 30)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_modification_fails_the_boot_and_changes_nothing() {
+    let (mut b, a, vid) = booted_at_10().await;
+    b.config = sized(20, "");
+    b.cloud.with(|w| {
+        w.set_modification_delays(ModificationDelays {
+            modifying: Duration::from_secs(3600),
+            optimizing: Duration::from_secs(3600),
+        })
+    });
+    let cloud = b.cloud.clone();
+    let v = vid.clone();
+    // AWS fails the modification while cps-attach waits for it.
+    let failer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        cloud.with(|w| w.fail_modification(&v, "the requested configuration is not supported"));
+    });
+    let err = b.boot(&a).await.unwrap_err();
+    failer.await.unwrap();
+    assert!(matches!(err, Error::ModificationFailed { .. }), "{err}");
+    assert!(err.to_string().contains("not supported"), "{err}");
+    assert_eq!(b.cloud.volumes()[0].size_gib, 10, "AWS restores the volume");
+    assert_eq!(a.st().grow_runs, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ext_filesystem_the_kernel_will_not_grow_online_is_a_warning() {
+    let (mut b, a, _) = booted_at_10().await;
+    a.st().online_ext_grow_refused = true;
+    b.config = sized(20, "");
+    let out = b.boot(&a).await.unwrap();
+    assert!(out.grow.modified.is_some(), "the volume is modified");
+    assert_eq!(out.grow.filesystem, None);
+    let why = out.grow.deferred.unwrap();
+    assert!(why.contains("cannot grow its ext4 filesystem"), "{why}");
 }

@@ -11,6 +11,7 @@
 mod cluster;
 mod files;
 mod format;
+mod grow;
 mod iam;
 mod identity;
 mod lifecycle;
@@ -546,7 +547,7 @@ fn validate_says_the_settings_in_words() {
         "volume: gp3 100 GiB, 6000 iops, encrypted with the AWS-managed key",
         "filesystem: xfs, made with `mkfs.xfs -L kafka -K DEVICE` (and cps's no-discard and UUID options unless these set them) on an empty device only",
         "mount: /var/lib/kafka with noatime; mode 0750",
-        "timeouts: create 5m, attach 1m30s, device 2m",
+        "timeouts: create 5m, attach 1m30s, device 2m, modify 5m",
         "identity: node-id 2 (cps:node-id=2 on volume and interface)",
         "lifecycle hook: kafka-launch of the instance's group (on failure: abandon)",
     ] {

@@ -49,6 +49,8 @@ pub struct AttachOutcome {
     pub device: PathBuf,
     pub filesystem: FsOutcome,
     pub mount: MountOutcome,
+    /// The volume modified to the configuration, the filesystem grown to the device.
+    pub grow: super::grow::GrowOutcome,
     /// `Some(changed)` when an fstab entry is kept.
     pub fstab_changed: Option<bool>,
 }
@@ -66,7 +68,7 @@ pub async fn attach(
 }
 
 /// Runs a host operation off the async threads (mkfs and mount can take seconds).
-async fn on_host<T: Send + 'static>(
+pub(super) async fn on_host<T: Send + 'static>(
     host: &Arc<dyn BlockHost>,
     volume_id: &str,
     op: impl FnOnce(&dyn BlockHost) -> Result<T, cps_blockdev::Error> + Send + 'static,
@@ -96,6 +98,8 @@ pub async fn prepare_device(
 ) -> Result<AttachOutcome, Error> {
     let device = locate_device(&host, claim, config).await?;
     let (filesystem, mount) = mount_device(&host, cloud, claim, config, &device, policy).await?;
+    let fs = filesystem.filesystem();
+    let grow = super::grow::grow(&host, cloud, claim, config, &device, fs, policy).await?;
     let vid = claim.volume.id.as_str();
     let target = &config.mount.target;
     if !config.mount.ownership.is_empty() {
@@ -114,12 +118,13 @@ pub async fn prepare_device(
         device: device.path,
         filesystem,
         mount,
+        grow,
         fstab_changed,
     })
 }
 
 /// Waits for the claimed volume's kernel device and verifies it is that volume.
-async fn locate_device(
+pub(super) async fn locate_device(
     host: &Arc<dyn BlockHost>,
     claim: &Claim,
     config: &AttachConfig,

@@ -14,6 +14,7 @@
 pub mod claim;
 pub mod device;
 mod files;
+pub mod grow;
 mod hooks;
 mod identity;
 mod interface;

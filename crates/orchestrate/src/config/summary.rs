@@ -115,10 +115,11 @@ impl AttachConfig {
         }
         let t = &self.timeouts;
         line(format!(
-            "timeouts: create {}, attach {}, device {}",
+            "timeouts: create {}, attach {}, device {}, modify {}",
             duration_text(t.create),
             duration_text(t.attach),
-            duration_text(t.device)
+            duration_text(t.device),
+            duration_text(t.modify)
         ));
     }
 }
