@@ -45,6 +45,10 @@ pub struct AttachConfig {
     pub sysfs_root: PathBuf,
     /// Identity, interface, files, hooks and lifecycle.
     pub node: NodeOptions,
+    /// Where a volume cps-attach creates gets its content.
+    pub restore: Restore,
+    /// What happens to a node's volume found only in another zone.
+    pub relocation: Relocation,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,6 +175,7 @@ struct FileConfig {
     env_file: Option<Spanned<String>>,
     run_dir: Option<Spanned<String>>,
     command_timeout: Option<Spanned<String>>,
+    relocation: Option<Spanned<life::RelocationSection>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +195,11 @@ struct AwsEbs {
     throughput: Option<Spanned<Int>>,
     encrypted: Option<Spanned<bool>>,
     kms_key_id: Option<Spanned<String>>,
+    snapshot_id: Option<Spanned<String>>,
+    snapshot: Option<Spanned<String>>,
+    snapshot_tags: Option<Spanned<TagMap>>,
+    restore_if_missing: Option<Spanned<bool>>,
+    initialization_rate: Option<Spanned<Int>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -684,7 +694,19 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         throughput: None,
         encrypted: None,
         kms_key_id: None,
+        snapshot_id: None,
+        snapshot: None,
+        snapshot_tags: None,
+        restore_if_missing: None,
+        initialization_rate: None,
     });
+    let restore_keys = life::RestoreKeys {
+        snapshot_id: ebs.snapshot_id.take(),
+        snapshot: ebs.snapshot.take(),
+        snapshot_tags: ebs.snapshot_tags.take(),
+        restore_if_missing: ebs.restore_if_missing.take(),
+        initialization_rate: ebs.initialization_rate.take(),
+    };
 
     let tags = match ebs.ebs_tags.take() {
         _ if !o.tags.is_empty() => {
@@ -904,6 +926,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         "/sys",
     )?;
 
+    let relocation = life::build_relocation(src, file.relocation)?;
     let node = node::build(
         src,
         node::NodeSections {
@@ -943,6 +966,8 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         }
     }
 
+    let restore = life::build_restore(src, restore_keys, &node.identity)?;
+
     Ok(AttachConfig {
         block_device,
         tags: tags.value,
@@ -953,6 +978,8 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         device_root,
         sysfs_root,
         node,
+        restore,
+        relocation,
     })
 }
 
@@ -1357,6 +1384,7 @@ fn absolute(
     }
 }
 
+mod life;
 mod mkfs_args;
 mod node;
 mod rules;
@@ -1364,6 +1392,7 @@ mod summary;
 
 pub(crate) use rules::shown;
 
+pub use life::{Relocation, RelocationMode, Restore, SnapshotSource};
 pub use node::{
     FileSpec, HookOptions, Identity, InterfaceOptions, LifecycleOptions, NodeOptions, OnFailure,
     check_node_id,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cps_blockdev::{MkfsSpec, Ownership};
 
-use super::{AttachConfig, Identity, NodeOptions, OnFailure};
+use super::{AttachConfig, Identity, NodeOptions, OnFailure, RelocationMode, SnapshotSource};
 
 /// A duration as the configuration writes it (`5m`, `1m30s`, `1500ms`).
 pub(super) fn duration_text(d: Duration) -> String {
@@ -93,7 +93,50 @@ impl AttachConfig {
             (None, true) => volume.push_str(", encrypted with the AWS-managed key"),
             (None, false) => volume.push_str(", not encrypted"),
         }
-        line(format!("{volume} (when one is created)"));
+        line(format!(
+            "{volume} (when one is created; an existing volume is grown to it, never shrunk)"
+        ));
+        if let Some(source) = &self.restore.source {
+            let mut restore = match source {
+                SnapshotSource::Id(id) => format!("restore: a created volume starts from {id}"),
+                SnapshotSource::Latest { tags, or_empty } => {
+                    let of = tags.as_ref().map_or_else(
+                        || "the volume's own tags".to_owned(),
+                        |t| {
+                            t.iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        },
+                    );
+                    format!(
+                        "restore: a created volume starts from the newest completed snapshot tagged {of}{}",
+                        if *or_empty {
+                            " (empty when there is none)"
+                        } else {
+                            " (refused when there is none)"
+                        }
+                    )
+                }
+            };
+            if let Some(rate) = self.restore.initialization_rate {
+                let _ = write!(restore, ", filled at {rate} MiB/s");
+            }
+            line(restore);
+        }
+        let r = &self.relocation;
+        line(match (r.mode, &r.lock_table) {
+            (RelocationMode::Snapshot, Some(table)) => format!(
+                "relocation: a node's volume only in another zone is moved here by snapshot, under the lock in DynamoDB table {table} (lease {}); the source is {}",
+                duration_text(r.lease),
+                if r.delete_source {
+                    "deleted once the copy is attached and verified"
+                } else {
+                    "retired (tagged cps:retired-by), not deleted"
+                }
+            ),
+            _ => "relocation: never (a node's volume only in another zone is refused)".to_owned(),
+        });
         line(format!(
             "filesystem: {}, made with `{} DEVICE` (and cps's no-discard and UUID options unless \
              these set them) on an empty device only",

@@ -1267,3 +1267,155 @@ fn file_contents_can_come_from_the_secret_stores() {
         );
     }
 }
+
+/// `MINIMAL` with lines added under `aws-ebs:` and at the top level.
+fn life(ebs: &str, top: &str) -> String {
+    format!("block-provider:\n  aws-ebs:\n    ebs-tags: {{role: kafka}}\n    size: 10\n{ebs}{top}")
+}
+
+#[test]
+fn restore_and_relocation_are_read() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.restore, Restore::default());
+    assert_eq!(c.relocation, Relocation::default());
+
+    let c = parse(&life(
+        "    snapshot-id: snap-0123456789abcdef0\n    initialization-rate: 300\n",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.restore.source,
+        Some(SnapshotSource::Id("snap-0123456789abcdef0".into()))
+    );
+    assert_eq!(c.restore.initialization_rate, Some(300));
+
+    let c = parse(&life(
+        "    snapshot: latest\n    snapshot-tags: {backup: nightly}\n",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.restore.source,
+        Some(SnapshotSource::Latest {
+            tags: Some([("backup".to_string(), "nightly".to_string())].into()),
+            or_empty: false
+        })
+    );
+
+    let c = parse(&life(
+        "    restore-if-missing: true\n",
+        "identity:\n  mode: node-id\n  node-id: '2'\nrelocation:\n  mode: snapshot\n  lock-table: kafka-cps-locks\n  delete-source: true\n  lease: 2m\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.restore.source,
+        Some(SnapshotSource::Latest {
+            tags: None,
+            or_empty: true
+        })
+    );
+    assert_eq!(
+        c.relocation,
+        Relocation {
+            mode: RelocationMode::Snapshot,
+            lock_table: Some("kafka-cps-locks".into()),
+            delete_source: true,
+            lease: Duration::from_secs(120),
+            snapshot_timeout: Duration::from_secs(3600),
+        }
+    );
+}
+
+#[test]
+fn restore_and_relocation_refuse_what_they_cannot_mean() {
+    for (ebs, top, at, says) in [
+        (
+            "    snapshot-id: vol-0123456789abcdef0\n",
+            "",
+            "attach.yml:5:18",
+            "is not a snapshot id",
+        ),
+        (
+            "    snapshot: newest\n",
+            "",
+            "attach.yml:5:15",
+            "the one value is `latest`",
+        ),
+        (
+            "    snapshot-id: snap-01234567\n    snapshot: latest\n",
+            "",
+            "attach.yml:6:15",
+            "keep one",
+        ),
+        (
+            "    snapshot: latest\n    restore-if-missing: true\n",
+            "identity:\n  mode: node-id\n  node-id: '1'\n",
+            "attach.yml:6:25",
+            "keep one of them",
+        ),
+        (
+            "    restore-if-missing: true\n",
+            "",
+            "attach.yml:5:25",
+            "needs a node identity",
+        ),
+        (
+            "    snapshot-tags: {backup: nightly}\n",
+            "",
+            "attach.yml:5:20",
+            "set one of them",
+        ),
+        (
+            "    snapshot: latest\n    snapshot-tags: {}\n",
+            "",
+            "attach.yml:6:20",
+            "would match every snapshot",
+        ),
+        (
+            "    initialization-rate: 200\n",
+            "",
+            "attach.yml:5:26",
+            "applies to a volume restored",
+        ),
+        (
+            "    snapshot: latest\n    initialization-rate: 500\n",
+            "",
+            "attach.yml:6:26",
+            "100–300",
+        ),
+        (
+            "",
+            "relocation:\n  mode: always\n",
+            "attach.yml:6:9",
+            "one of never, snapshot",
+        ),
+        (
+            "",
+            "relocation:\n  mode: snapshot\n",
+            "attach.yml:6:3",
+            "needs relocation.lock-table",
+        ),
+        (
+            "",
+            "relocation:\n  mode: snapshot\n  lock-table: 'a b'\n",
+            "attach.yml:7:15",
+            "not a DynamoDB table name",
+        ),
+        (
+            "",
+            "relocation:\n  lease: 0s\n",
+            "attach.yml:6:10",
+            "between 1s and 24h",
+        ),
+        (
+            "",
+            "relocation:\n  shards: 2\n",
+            "attach.yml:6:3",
+            "unknown field",
+        ),
+    ] {
+        let e = err(&life(ebs, top));
+        assert!(e.contains(at) && e.contains(says), "{ebs}{top}: {e}");
+    }
+}
