@@ -15,6 +15,9 @@ does not show a new instance yet (eventual consistency early in a boot); with
 stay `modifying` and `optimizing`. POST /cps/modifications/age {"seconds": S, "volume_id": V}
 moves modification start times S into the past (the 6-hour rule, tested without waiting);
 POST /cps/modifications/fail {"volume_id": V} makes the modification under way fail.
+POST /cps/faults {"service": "dynamodb", "action": A, "code": C, "times": N} makes the next N
+DynamoDB requests of action A fail with error C (throttling) before they take effect.
+DynamoDB (the relocation lock's table) is moto's, with conditional writes made atomic.
 
 Auto Scaling states a rolling update must respect are played too: Standby (moto's own), suspended
 Launch (no instance launches until it is resumed), TERMINATING lifecycle hooks (the instance waits
@@ -55,6 +58,7 @@ from moto.autoscaling.models import (  # noqa: E402
 from moto.autoscaling.responses import AutoScalingResponse  # noqa: E402
 from moto.core.exceptions import AccessDeniedError, JsonRESTError  # noqa: E402
 from moto.core.responses import ActionResult, BaseResponse, EmptyResult  # noqa: E402
+from moto.dynamodb.responses import DynamoHandler  # noqa: E402
 from moto.ec2.exceptions import EC2ClientError  # noqa: E402
 from moto.ec2.models.elastic_network_interfaces import NetworkInterfaceBackend  # noqa: E402
 from moto.ec2.models.elastic_block_store import (  # noqa: E402
@@ -1031,6 +1035,11 @@ def _needed(response, service, action):
         # By name or ARN; the ARN of a secret that exists ends in its random suffix.
         resource = secrets[secret_id].arn if secret_id in secrets else f"{arn}:secret:{secret_id}"
         return [(full, resource, {})]
+    if service == "dynamodb":
+        # Item and table actions on the table by its ARN (the lock table cps relocations use).
+        table = response._get_param("TableName") or ""
+        resource = table if table.startswith("arn:") else f"{arn}:table/{table}"
+        return [(full, resource, {})]
     if service == "autoscaling" and action in ("CompleteLifecycleAction", "RecordLifecycleActionHeartbeat"):
         name = response._get_param("AutoScalingGroupName")
         group = response.autoscaling_backend.autoscaling_groups.get(name)
@@ -1073,7 +1082,7 @@ def _authorize(self, resource="*"):
                 NODE_POLICY["denied"].append(needed_action)
             if service == "ec2":
                 raise Ec2Unauthorized(message)
-            if service in ("ssm", "secretsmanager"):
+            if service in ("ssm", "secretsmanager", "dynamodb"):
                 # JSON protocols: AWS's AccessDeniedException in their error format.
                 raise JsonRESTError(
                     "AccessDeniedException",
@@ -1085,11 +1094,54 @@ def _authorize(self, resource="*"):
 BaseResponse._authenticate_and_authorize_normal_action = _authorize
 
 
+# --- DynamoDB: conditional writes decided atomically; injected throttling ---------------------
+# moto evaluates an UpdateItem's ConditionExpression and then applies the update without a lock,
+# so two concurrent requests on the threaded server can both pass the same condition (measured:
+# 4 racing takes of a fresh lock item, 150 rounds, 91 rounds with more than one winner, each
+# answered token 1). DynamoDB decides a conditional write atomically per item; here every
+# DynamoDB request runs under the emulator's lock, which is as strong and fine for a bench.
+# POST /cps/faults {"service": "dynamodb", "action": A, "code": C, "times": N} makes the next N
+# requests of A answer error C (HTTP 400) before they take effect: throttling
+# (ProvisionedThroughputExceededException, ThrottlingException, RequestLimitExceeded) is
+# otherwise unreachable on an on-demand table.
+
+FAULTS = []
+
+_THROTTLE_MESSAGES = {
+    "ProvisionedThroughputExceededException": "The level of configured provisioned throughput for the table was exceeded. Consider increasing your provisioning level with the UpdateTable API.",
+    "ThrottlingException": "Throughput exceeds the current capacity of your table or index.",
+    "RequestLimitExceeded": "Throughput exceeds the current throughput limit for your account.",
+}
+
+_plain_dynamodb_call_action = DynamoHandler.call_action
+
+
+def _next_fault(service, action):
+    for fault in FAULTS:
+        if fault["service"] == service and fault["action"] == action and fault["times"] > 0:
+            fault["times"] -= 1
+            return fault
+    return None
+
+
+def _dynamodb_call_action(self):
+    with LOCK:
+        fault = _next_fault("dynamodb", self._get_action())
+        if fault is not None:
+            code = fault["code"]
+            body = json.dumps({"__type": f"com.amazonaws.dynamodb.v20120810#{code}", "message": fault.get("message") or _THROTTLE_MESSAGES.get(code, "Injected failure.")})
+            return 400, {"Content-Type": "application/x-amz-json-1.0", "x-amzn-RequestId": "cps-emulator-fault"}, body
+        return _plain_dynamodb_call_action(self)
+
+
+DynamoHandler.call_action = _dynamodb_call_action
+
+
 def with_policy_api(app):
     """Adds the control paths to the emulator: POST /cps/node-policy (set it), GET
     /cps/node-policy (the actions it denied so far, in order), POST /cps/settings, POST
-    /cps/modifications/age {"seconds": S, "volume_id": V?} and POST /cps/modifications/fail
-    {"volume_id": V, "message": M?}."""
+    /cps/modifications/age {"seconds": S, "volume_id": V?}, POST /cps/modifications/fail
+    {"volume_id": V, "message": M?} and POST /cps/faults {"service", "action", "code", "times"}."""
 
     def wsgi(environ, start_response):
         if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "GET":
@@ -1117,6 +1169,13 @@ def with_policy_api(app):
             # 404: nothing to age or fail, so a test's setup mistake shows.
             status = "204 No Content" if done else "404 Not Found"
             start_response(status, [("Content-Length", "0")])
+            return [b""]
+        if environ.get("PATH_INFO") == "/cps/faults" and environ.get("REQUEST_METHOD") == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            with LOCK:
+                FAULTS.append({"service": doc["service"], "action": doc["action"], "code": doc["code"], "times": int(doc.get("times", 1)), "message": doc.get("message")})
+            start_response("204 No Content", [("Content-Length", "0")])
             return [b""]
         if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)

@@ -7,6 +7,7 @@ mod cluster;
 pub mod emulator;
 mod fleet;
 pub mod imds;
+mod locks;
 mod secrets;
 pub mod udev;
 

@@ -1,4 +1,4 @@
-//! SDK errors → [`cps_provider::Error`], by the EC2 / Auto Scaling error code — and, for a
+//! SDK errors → [`cps_provider::Error`], by the EC2 / Auto Scaling / DynamoDB error code — and, for a
 //! request that never reached AWS, by why: missing credentials, a malformed endpoint or region
 //! and a host that does not exist are permanent (retrying for the command timeout would only
 //! delay the message); timeouts and connection failures are transient.
@@ -90,7 +90,7 @@ fn without_dumps(text: &str) -> String {
 
 /// What AWS said: for a service error its code, its sentence and the request id; otherwise the
 /// chain of causes.
-fn said<E>(err: &SdkError<E, HttpResponse>) -> String
+pub(crate) fn said<E>(err: &SdkError<E, HttpResponse>) -> String
 where
     E: ProvideErrorMetadata + StdError + 'static,
 {
@@ -290,6 +290,7 @@ where
         ) => Error::Credentials { operation, message },
         Some(
             "RequestLimitExceeded"
+            | "ProvisionedThroughputExceededException"
             | "Throttling"
             | "ThrottlingException"
             | "RequestThrottled"

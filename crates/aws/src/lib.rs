@@ -1,6 +1,7 @@
 //! The cps cloud traits on AWS: volumes, instances and network interfaces through
 //! `aws-sdk-ec2`, groups and lifecycle hooks through `aws-sdk-autoscaling`, node file secrets
-//! through `aws-sdk-ssm` and `aws-sdk-secretsmanager`, instance identity through IMDSv2.
+//! through `aws-sdk-ssm` and `aws-sdk-secretsmanager`, the relocation lock on a DynamoDB table
+//! through `aws-sdk-dynamodb`, instance identity through IMDSv2.
 //!
 //! Every SDK failure is classified into a [`cps_provider::Error`] the orchestration can act on;
 //! its message is what AWS said (code, sentence, request id) or the chain of causes, never a
@@ -8,6 +9,7 @@
 
 mod autoscaling;
 mod classify;
+mod dynamodb;
 mod ec2;
 mod error;
 mod imds;
@@ -15,6 +17,7 @@ mod pages;
 mod secrets;
 
 pub use autoscaling::AutoScalingApi;
+pub use dynamodb::LockTable;
 pub use ec2::Ec2Api;
 pub use error::Error;
 pub use imds::fetch_identity;
@@ -30,7 +33,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 #[derive(Clone, Debug)]
 pub struct AwsSettings {
     pub region: String,
-    /// Another EC2 endpoint (an emulator, a VPC endpoint); `None` for the regional default.
+    /// Another endpoint for every service (an emulator); `None` for the regional defaults.
     pub endpoint_url: Option<String>,
     /// Attempts per request, including the first, made by the SDK itself.
     pub max_attempts: u32,

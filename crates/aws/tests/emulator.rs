@@ -921,3 +921,6 @@ async fn the_module_policy_lets_a_node_grow_only_its_clusters_volumes() {
         assert_eq!(bench.denied_actions().unwrap(), [action]);
     }
 }
+
+#[path = "emulator/locks.rs"]
+mod locks;

@@ -77,6 +77,12 @@ pub enum Error {
         message: String,
     },
 
+    /// The lease no longer holds the lock: it expired and another owner took the lock (the
+    /// fencing token moved on), or it was released. The holder must stop acting on what the
+    /// lock protects; retrying the same write can never succeed.
+    #[error("lock {key} is no longer held by this lease: {message}")]
+    LockLost { key: String, message: String },
+
     /// The client token was used before with different parameters.
     #[error("{operation}: client token {token} was used with other parameters: {message}")]
     IdempotencyMismatch {

@@ -1,7 +1,8 @@
 //! Domain types and the cloud traits the cps orchestration is written against: volumes and
 //! instances ([`VolumeService`]), network interfaces ([`InterfaceService`]), and Auto Scaling
 //! membership and lifecycle hooks ([`LifecycleService`]), secrets for node files
-//! ([`SecretService`]), and the operator's view of groups and launch templates for rolling
+//! ([`SecretService`]), a lock with a lease and a fencing token ([`LockService`]) for moving a
+//! node's volume between zones, and the operator's view of groups and launch templates for rolling
 //! updates ([`GroupService`], [`TemplateService`]).
 //!
 //! Two implementations exist: `cps-aws` (EC2 and Auto Scaling over the real wire protocol) and [`memory`], an
@@ -12,11 +13,13 @@
 
 mod calls;
 mod error;
+pub mod lock;
 pub mod memory;
 mod types;
 
 pub use calls::CallLog;
 pub use error::Error;
+pub use lock::{Acquired, Lease, LockItem, LockService};
 pub use types::{
     Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceRefresh,
     InstanceState, InterfaceAttachment, LaunchOverride, LaunchSource, LifecycleHook,

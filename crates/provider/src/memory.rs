@@ -30,6 +30,7 @@ pub const CREATE_TAGS: &str = "CreateTags";
 
 mod asg;
 mod eni;
+mod lock;
 mod modify;
 mod secrets;
 
@@ -40,6 +41,7 @@ pub use asg::{
     TERMINATE_INSTANCE_IN_AUTO_SCALING_GROUP,
 };
 pub use eni::{ATTACH_NETWORK_INTERFACE, DESCRIBE_NETWORK_INTERFACES};
+pub use lock::{GET_ITEM, UPDATE_ITEM};
 pub use modify::{
     DESCRIBE_VOLUMES_MODIFICATIONS, MODIFICATION_COOLDOWN, MODIFY_VOLUME, ModificationDelays,
 };
@@ -154,6 +156,8 @@ pub struct World {
     tokens: HashMap<String, (String, VolumeSpec, Volume)>,
     /// Parameters and secrets (node file contents).
     secrets: BTreeMap<crate::SecretRef, Vec<u8>>,
+    /// Lock items by key (the coordination table).
+    locks: BTreeMap<String, crate::LockItem>,
     /// Every modification of each volume, oldest first.
     modifications: BTreeMap<String, Vec<modify::StoredModification>>,
     modification_delays: ModificationDelays,
@@ -516,6 +520,7 @@ impl MemoryCloud {
                 lifecycle_log: Vec::new(),
                 tokens: HashMap::new(),
                 secrets: BTreeMap::new(),
+                locks: BTreeMap::new(),
                 modifications: BTreeMap::new(),
                 modification_delays: ModificationDelays::default(),
                 epoch: (Instant::now(), SystemTime::now()),
