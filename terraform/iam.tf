@@ -6,6 +6,9 @@ module "node_policy" {
   kms_key_id          = var.kms_key_id
   secrets             = local.secrets
   secrets_kms_key_arn = var.node_secrets_kms_key_arn
+  relocation          = var.relocation != "never"
+  lock_table_arn      = one(aws_dynamodb_table.relocation_lock[*].arn)
+  delete_source       = var.relocation_delete_source
 }
 
 resource "aws_iam_role" "node" {

@@ -42,19 +42,84 @@ module "node_config" {
   configure_command       = var.configure_command
   health_command          = var.health_command
   command_timeout_seconds = var.command_timeout_seconds
+  relocation = var.relocation == "never" ? null : {
+    mode          = var.relocation
+    lock_table    = aws_dynamodb_table.relocation_lock[0].name
+    delete_source = var.relocation_delete_source
+  }
+}
+
+# The data volumes and the fixed-IP interfaces outlive the cluster's servers, its nodes list and
+# `terraform destroy`: by default (retain_on_destroy = true) they are the `node` resources, which
+# Terraform refuses to destroy (prevent_destroy), so removing a node, destroying the module or a
+# change that would replace them fails the plan instead of deleting data. Terraform takes only
+# literal lifecycle settings, so the opt-out is a second pair of resources, `deletable`, whose
+# volumes leave a final snapshot when deleted; a node's objects are in exactly one of the two.
+# Moving between them is a state move (README: "Deleting the data"), never a plan: the
+# `retention` marker below remembers the choice the state was made with and fails any plan made
+# with the other.
+resource "terraform_data" "retention" {
+  input = { retain_on_destroy = var.retain_on_destroy }
+  lifecycle {
+    # Changed only on purpose: `terraform apply -replace` of this marker, after the state move.
+    ignore_changes = [input]
+  }
+}
+
+locals {
+  retained_nodes  = var.retain_on_destroy ? local.nodes : {}
+  deletable_nodes = var.retain_on_destroy ? {} : local.nodes
+  retention_error = <<-EOT
+    retain_on_destroy is ${var.retain_on_destroy} but this state was made with ${!var.retain_on_destroy}: this plan would destroy every data volume and interface and make empty ones. Move the state first, then record the new choice (terraform/README.md, "Deleting the data"):
+      terraform state mv MODULE.aws_ebs_volume.${var.retain_on_destroy ? "deletable" : "node"} MODULE.aws_ebs_volume.${var.retain_on_destroy ? "node" : "deletable"}
+      terraform state mv MODULE.aws_network_interface.${var.retain_on_destroy ? "deletable" : "node"} MODULE.aws_network_interface.${var.retain_on_destroy ? "node" : "deletable"}
+      terraform apply -replace=MODULE.terraform_data.retention
+  EOT
+
+  # What replaces an EBS volume in the AWS provider (zone, encryption, key, source snapshot) is
+  # ignored on an existing volume: its data stays where it is. A new zone is cps-attach's to
+  # take over (relocation = "snapshot"), refused otherwise (the postcondition); new encryption
+  # settings apply to the volumes created from now on (check "data_volumes_as_configured").
+  # `cps:filesystem` is cps-attach's format journal and `cps:node-id` the identity it removes
+  # from a volume it relocated away from: neither is Terraform's to put back.
+  zone_error = "moves to another zone than its data volume's. Set relocation = \"snapshot\" to let cps-attach move the data (snapshot, new volume in the new zone), or keep the node's subnet in its volume's zone (terraform/README.md, \"Moving a node to another zone\")."
 }
 
 resource "aws_network_interface" "node" {
-  for_each        = local.nodes
+  for_each        = local.retained_nodes
   subnet_id       = each.value.node_subnet_id
   private_ips     = [each.value.node_ip]
   security_groups = var.security_groups
   description     = "Fixed IP of ${var.app_name} node ${each.key}"
   tags            = local.node_tags[each.key]
+
+  lifecycle {
+    prevent_destroy = true
+    precondition {
+      condition     = terraform_data.retention.output.retain_on_destroy == var.retain_on_destroy
+      error_message = local.retention_error
+    }
+  }
+}
+
+resource "aws_network_interface" "deletable" {
+  for_each        = local.deletable_nodes
+  subnet_id       = each.value.node_subnet_id
+  private_ips     = [each.value.node_ip]
+  security_groups = var.security_groups
+  description     = "Fixed IP of ${var.app_name} node ${each.key}"
+  tags            = local.node_tags[each.key]
+
+  lifecycle {
+    precondition {
+      condition     = terraform_data.retention.output.retain_on_destroy == var.retain_on_destroy
+      error_message = local.retention_error
+    }
+  }
 }
 
 resource "aws_ebs_volume" "node" {
-  for_each          = local.nodes
+  for_each          = local.retained_nodes
   availability_zone = data.aws_subnet.node[each.key].availability_zone
   size              = var.data_volume.size_in_gibs
   type              = var.data_volume.type
@@ -62,11 +127,61 @@ resource "aws_ebs_volume" "node" {
   throughput        = var.data_volume.throughput_mib_per_sec
   encrypted         = var.encrypted
   kms_key_id        = var.kms_key_id
+  final_snapshot    = var.final_snapshot
   tags              = merge(var.data_volume.tags, local.node_tags[each.key])
 
   lifecycle {
-    # cps-attach keeps its format journal in this tag; it is not Terraform's to remove.
-    ignore_changes = [tags["cps:filesystem"]]
+    prevent_destroy = true
+    ignore_changes  = [availability_zone, encrypted, kms_key_id, snapshot_id, tags["cps:filesystem"], tags["cps:node-id"]]
+    precondition {
+      condition     = terraform_data.retention.output.retain_on_destroy == var.retain_on_destroy
+      error_message = local.retention_error
+    }
+    postcondition {
+      condition     = var.relocation != "never" || self.availability_zone == data.aws_subnet.node[each.key].availability_zone
+      error_message = "Node ${each.key} (subnet ${each.value.node_subnet_id}, ${data.aws_subnet.node[each.key].availability_zone}; its volume ${self.id} is in ${self.availability_zone}) ${local.zone_error}"
+    }
+  }
+}
+
+resource "aws_ebs_volume" "deletable" {
+  for_each          = local.deletable_nodes
+  availability_zone = data.aws_subnet.node[each.key].availability_zone
+  size              = var.data_volume.size_in_gibs
+  type              = var.data_volume.type
+  iops              = var.data_volume.iops
+  throughput        = var.data_volume.throughput_mib_per_sec
+  encrypted         = var.encrypted
+  kms_key_id        = var.kms_key_id
+  final_snapshot    = var.final_snapshot
+  tags              = merge(var.data_volume.tags, local.node_tags[each.key])
+
+  lifecycle {
+    ignore_changes = [availability_zone, encrypted, kms_key_id, snapshot_id, tags["cps:filesystem"], tags["cps:node-id"]]
+    precondition {
+      condition     = terraform_data.retention.output.retain_on_destroy == var.retain_on_destroy
+      error_message = local.retention_error
+    }
+    postcondition {
+      condition     = var.relocation != "never" || self.availability_zone == data.aws_subnet.node[each.key].availability_zone
+      error_message = "Node ${each.key} (subnet ${each.value.node_subnet_id}, ${data.aws_subnet.node[each.key].availability_zone}; its volume ${self.id} is in ${self.availability_zone}) ${local.zone_error}"
+    }
+  }
+}
+
+locals {
+  volumes    = merge(aws_ebs_volume.node, aws_ebs_volume.deletable)
+  interfaces = merge(aws_network_interface.node, aws_network_interface.deletable)
+  # (Conditionals, not ||: a new volume's key is unknown until it exists.)
+  volumes_not_as_configured = [for id, v in local.volumes : "${v.id} (node ${id})" if v.encrypted != var.encrypted || (var.kms_key_id == null ? false : v.kms_key_id != var.kms_key_id)]
+}
+
+# Encryption settings changed after the volumes were made apply to new volumes only (a relocated
+# or restored one, a new node): say so at every plan until the old ones are replaced on purpose.
+check "data_volumes_as_configured" {
+  assert {
+    condition     = length(local.volumes_not_as_configured) == 0
+    error_message = "Data volumes ${join(", ", local.volumes_not_as_configured)} keep their encryption settings: encrypted/kms_key_id apply to volumes created from now on. To re-encrypt one, snapshot it, copy the snapshot with the new key and move the node onto a volume made from it (docs/operations.md)."
   }
 }
 
@@ -170,7 +285,7 @@ resource "aws_autoscaling_group" "node" {
   }
 
   # The volume and interface exist before the first instance boots and looks for them.
-  depends_on = [aws_ebs_volume.node, aws_network_interface.node, aws_iam_role_policy.node]
+  depends_on = [aws_ebs_volume.node, aws_ebs_volume.deletable, aws_network_interface.node, aws_network_interface.deletable, aws_iam_role_policy.node]
 }
 
 # Replaces outdated nodes one at a time whenever a launch template gets a new version.

@@ -15,20 +15,30 @@ output "node_user_data" {
 
 output "node_ips" {
   description = "node id → fixed private IP."
-  value       = { for id, eni in aws_network_interface.node : id => one(eni.private_ips) }
+  value       = { for id, eni in local.interfaces : id => one(eni.private_ips) }
 }
 
 output "node_volume_ids" {
   description = "node id → data volume id."
-  value       = { for id, v in aws_ebs_volume.node : id => v.id }
+  value       = { for id, v in local.volumes : id => v.id }
 }
 
 output "node_interface_ids" {
   description = "node id → fixed-IP network interface id."
-  value       = { for id, eni in aws_network_interface.node : id => eni.id }
+  value       = { for id, eni in local.interfaces : id => eni.id }
 }
 
 output "iam_actions" {
   description = "Every action the nodes' policy grants (sorted)."
   value       = module.node_policy.actions
+}
+
+output "relocation_lock_table" {
+  description = "Name of the DynamoDB table holding cps-attach's relocation leases (null with relocation = \"never\")."
+  value       = one(aws_dynamodb_table.relocation_lock[*].name)
+}
+
+output "snapshot_policy_id" {
+  description = "The Data Lifecycle Manager policy snapshotting the cluster's volumes (null without snapshots)."
+  value       = one(aws_dlm_lifecycle_policy.snapshots[*].id)
 }

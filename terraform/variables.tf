@@ -233,3 +233,72 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "retain_on_destroy" {
+  description = <<-EOT
+    Keep the data volumes and fixed-IP interfaces whatever happens to the module (on by default):
+    `terraform destroy`, removing a node from nodes, or a change that would replace them fails
+    the plan. false makes them deletable (a volume leaves a final snapshot, see final_snapshot).
+    Changing it on an existing cluster takes a state move first (terraform/README.md, "Deleting
+    the data"); a plan made without one fails rather than replace the volumes.
+  EOT
+  type        = bool
+  default     = true
+}
+
+variable "final_snapshot" {
+  description = "Snapshot a data volume before Terraform deletes it (only deletable volumes are ever deleted, see retain_on_destroy)."
+  type        = bool
+  default     = true
+}
+
+variable "relocation" {
+  description = <<-EOT
+    What cps-attach does when a node's subnet is in another zone than its data volume:
+    "never" (the plan fails instead: the node would start on an empty volume) or "snapshot"
+    (cps-attach snapshots the volume, creates the node's volume from it in the new zone under a
+    DynamoDB lease, and retires the source). "snapshot" creates the lock table and grants the
+    nodes the snapshot, lease and tag-removal actions.
+  EOT
+  type        = string
+  default     = "never"
+  validation {
+    condition     = contains(["never", "snapshot"], var.relocation)
+    error_message = "relocation: \"never\" or \"snapshot\"."
+  }
+}
+
+variable "relocation_delete_source" {
+  description = "After a relocation, delete the source volume (once its identity tag is gone) instead of leaving it retired, untagged, for you to delete. Grants ec2:DeleteVolume on the cluster's volumes that carry no node id."
+  type        = bool
+  default     = false
+}
+
+variable "relocation_lock_point_in_time_recovery" {
+  description = "Point-in-time recovery of the relocation lock table (off: it holds leases only, and restoring old leases would be wrong)."
+  type        = bool
+  default     = false
+}
+
+variable "snapshots" {
+  description = <<-EOT
+    Scheduled snapshots of the cluster's data volumes by Data Lifecycle Manager (off when null):
+    interval_hours (1, 2, 3, 4, 6, 8, 12 or 24) and retain (how many to keep per volume).
+    Snapshots carry the volume's tags (cps:cluster, cps:node-id), so a node restoring its
+    latest snapshot finds them.
+  EOT
+  type = object({
+    interval_hours = number
+    retain         = number
+    times          = optional(list(string), ["03:00"])
+  })
+  default = null
+  validation {
+    condition     = var.snapshots == null || contains([1, 2, 3, 4, 6, 8, 12, 24], try(var.snapshots.interval_hours, 0))
+    error_message = "snapshots.interval_hours: 1, 2, 3, 4, 6, 8, 12 or 24."
+  }
+  validation {
+    condition     = var.snapshots == null || (try(var.snapshots.retain, 0) >= 1 && try(var.snapshots.retain, 0) <= 1000)
+    error_message = "snapshots.retain: 1 to 1000."
+  }
+}

@@ -44,17 +44,20 @@ variables {
     mount_path_owner_group = "kafka"
   }
   roll_command = "true"
+  # The teardown destroys what the runs applied: deletable volumes and interfaces (the default,
+  # retained, refuses; see data.tftest.hcl and tests/retained).
+  retain_on_destroy = false
 }
 
 run "plan_three_nodes" {
   command = plan
 
   assert {
-    condition     = length(aws_autoscaling_group.node) == 3 && length(aws_network_interface.node) == 3 && length(aws_ebs_volume.node) == 3 && length(aws_launch_template.node) == 3
+    condition     = length(aws_autoscaling_group.node) == 3 && length(aws_network_interface.deletable) == 3 && length(aws_ebs_volume.deletable) == 3 && length(aws_launch_template.node) == 3
     error_message = "one group, interface, volume and launch template per node"
   }
   assert {
-    condition     = alltrue([for id, eni in aws_network_interface.node : one(eni.private_ips) == { "1" = "10.0.1.11", "2" = "10.0.2.12", "3" = "10.0.3.13" }[id]])
+    condition     = alltrue([for id, eni in aws_network_interface.deletable : one(eni.private_ips) == { "1" = "10.0.1.11", "2" = "10.0.2.12", "3" = "10.0.3.13" }[id]])
     error_message = "each node's interface carries its fixed IP"
   }
   assert {
@@ -62,7 +65,7 @@ run "plan_three_nodes" {
     error_message = "IMDSv2 is required"
   }
   assert {
-    condition     = alltrue([for v in aws_ebs_volume.node : v.encrypted]) && alltrue([for lt in aws_launch_template.node : lt.block_device_mappings[0].ebs[0].encrypted == "true"])
+    condition     = alltrue([for v in aws_ebs_volume.deletable : v.encrypted]) && alltrue([for lt in aws_launch_template.node : lt.block_device_mappings[0].ebs[0].encrypted == "true"])
     error_message = "data and root volumes are encrypted"
   }
   assert {

@@ -70,6 +70,16 @@ variable "command_timeout_seconds" {
   type = number
 }
 
+variable "relocation" {
+  description = "Moving the node's data to another zone: { mode = \"snapshot\", lock_table = DynamoDB table name, delete_source }, or null for never (nothing rendered)."
+  type = object({
+    mode          = string
+    lock_table    = string
+    delete_source = bool
+  })
+  default = null
+}
+
 locals {
   script_path = "/etc/cps/node-config.sh"
   # The second design's contract: one script with two functions, sourced by each hook.
@@ -125,6 +135,13 @@ locals {
     },
     length(local.files) > 0 ? { files = local.files } : {},
     length(local.hooks) > 0 ? { hooks = local.hooks } : {},
+    var.relocation == null ? {} : {
+      relocation = {
+        mode            = var.relocation.mode
+        "lock-table"    = var.relocation.lock_table
+        "delete-source" = var.relocation.delete_source
+      }
+    },
   )
 }
 

@@ -1,6 +1,7 @@
 # The nodes' IAM policy: exactly the actions cps-attach needs with its configuration written by
 # this module (node id in the file, so no DescribeTags or DescribeAutoScalingGroups; interface;
-# lifecycle hook; growing the volume when its configured size grows), scoped to the cluster's tag
+# lifecycle hook; growing the volume when its configured size grows; with relocation, moving it
+# to another zone through a snapshot under a DynamoDB lease), scoped to the cluster's tag
 # wherever AWS supports a condition; reading node file secrets only when files name them, and
 # only those. No provider: the tests render it as the module does, and the bench proves a boot
 # needs every action in it.
@@ -25,6 +26,24 @@ variable "secrets" {
   default     = []
 }
 
+variable "relocation" {
+  description = "cps-attach may move the node's data to another zone (snapshot, new volume, retire the source) under a lease in lock_table_arn."
+  type        = bool
+  default     = false
+}
+
+variable "lock_table_arn" {
+  description = "ARN of the relocation lock table (DynamoDB); needed with relocation."
+  type        = string
+  default     = null
+}
+
+variable "delete_source" {
+  description = "A relocation deletes its retired source volume."
+  type        = bool
+  default     = false
+}
+
 variable "secrets_kms_key_arn" {
   description = "Customer-managed key ARN of those parameters or secrets, or null."
   type        = string
@@ -33,6 +52,9 @@ variable "secrets_kms_key_arn" {
 
 locals {
   cluster_condition = { "aws:ResourceTag/cps:cluster" = var.app_name }
+  # The identity tags a relocation takes off the volume it moved away from (node-id and slot
+  # modes): nothing then finds that volume as a node's any more.
+  identity_tag_keys = ["cps:node-id", "cps:slot"]
 
   # A parameter's ARN is its name after "parameter/" (one slash); a secret's ends in a dash
   # and six random characters.
@@ -60,8 +82,8 @@ locals {
         Sid       = "TagOnCreate"
         Effect    = "Allow"
         Action    = ["ec2:CreateTags"]
-        Resource  = "arn:aws:ec2:*:*:volume/*"
-        Condition = { StringEquals = { "ec2:CreateAction" = "CreateVolume" } }
+        Resource  = var.relocation ? ["arn:aws:ec2:*:*:volume/*", "arn:aws:ec2:*::snapshot/*"] : ["arn:aws:ec2:*:*:volume/*"]
+        Condition = { StringEquals = { "ec2:CreateAction" = var.relocation ? ["CreateVolume", "CreateSnapshot"] : ["CreateVolume"] } }
       },
       {
         # The format journal: one tag on the node's own volume, written before mkfs starts and
@@ -109,6 +131,73 @@ locals {
         Condition = { StringEquals = { "autoscaling:ResourceTag/cps:cluster" = var.app_name } }
       },
     ],
+    # (A for expression: the statements have different shapes, which a conditional cannot join.)
+    [for s in [
+      {
+        Sid      = "DescribeSnapshots"
+        Effect   = "Allow"
+        Action   = ["ec2:DescribeSnapshots"]
+        Resource = "*"
+      },
+      {
+        # A relocation's first step: a snapshot of the node's own volume, tagged with the
+        # cluster in the same call (so it is the cluster's from its first moment).
+        Sid       = "SnapshotClusterVolume"
+        Effect    = "Allow"
+        Action    = ["ec2:CreateSnapshot"]
+        Resource  = "arn:aws:ec2:*:*:volume/*"
+        Condition = { StringEquals = local.cluster_condition }
+      },
+      {
+        Sid       = "CreateClusterSnapshot"
+        Effect    = "Allow"
+        Action    = ["ec2:CreateSnapshot"]
+        Resource  = "arn:aws:ec2:*::snapshot/*"
+        Condition = { StringEquals = { "aws:RequestTag/cps:cluster" = var.app_name } }
+      },
+      {
+        # The new volume in the new zone, from one of the cluster's snapshots (the volume
+        # itself falls under CreateClusterVolume).
+        Sid       = "CreateVolumeFromClusterSnapshot"
+        Effect    = "Allow"
+        Action    = ["ec2:CreateVolume"]
+        Resource  = "arn:aws:ec2:*::snapshot/*"
+        Condition = { StringEquals = local.cluster_condition }
+      },
+      {
+        # Retiring the source: only its identity tags, only on the cluster's volumes. The Null
+        # condition requires the request to name its keys: DeleteTags without any deletes every
+        # tag, and ForAllValues alone would let that through.
+        Sid      = "RetireClusterVolume"
+        Effect   = "Allow"
+        Action   = ["ec2:DeleteTags"]
+        Resource = "arn:aws:ec2:*:*:volume/*"
+        Condition = {
+          StringEquals                = local.cluster_condition
+          "ForAllValues:StringEquals" = { "aws:TagKeys" = local.identity_tag_keys }
+          Null                        = { "aws:TagKeys" = "false" }
+        }
+      },
+      {
+        # The lease deciding which node may move a volume: conditional writes on one table.
+        Sid      = "RelocationLease"
+        Effect   = "Allow"
+        Action   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"]
+        Resource = var.lock_table_arn
+      },
+    ] : s if var.relocation],
+    !(var.relocation && var.delete_source) ? [] : [{
+      # Deleting a relocation's retired source: a cluster volume that no longer carries a node
+      # id (or slot). A volume some node still calls its own cannot be deleted.
+      Sid      = "DeleteRetiredClusterVolume"
+      Effect   = "Allow"
+      Action   = ["ec2:DeleteVolume"]
+      Resource = "arn:aws:ec2:*:*:volume/*"
+      Condition = {
+        StringEquals = local.cluster_condition
+        Null         = { "aws:ResourceTag/cps:node-id" = "true", "aws:ResourceTag/cps:slot" = "true" }
+      }
+    }],
     var.kms_key_id == null ? [] : [{
       Sid      = "UseVolumeKey"
       Effect   = "Allow"

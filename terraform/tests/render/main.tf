@@ -51,12 +51,16 @@ output "configs" {
   value = { for id, m in module.node_config : id => m.yaml }
 }
 
-# The bench's node (bins/attach/tests/e2e/iam.rs) reads one parameter and one secret.
+# The bench's node (bins/attach/tests/e2e/iam.rs) reads one parameter and one secret, and may
+# relocate its volume (deleting the source), so every action the module can grant is there.
 module "policy" {
-  source     = "../../modules/node-policy"
-  app_name   = "iam-e2e"
-  kms_key_id = null
-  secrets    = ["ssm:/iam-e2e/jaas", "secretsmanager:iam-e2e/tls-key"]
+  source         = "../../modules/node-policy"
+  app_name       = "iam-e2e"
+  kms_key_id     = null
+  secrets        = ["ssm:/iam-e2e/jaas", "secretsmanager:iam-e2e/tls-key"]
+  relocation     = true
+  lock_table_arn = "arn:aws:dynamodb:us-east-1:123456789012:table/iam-e2e-cps-relocation"
+  delete_source  = true
 }
 
 output "policy" {
