@@ -1162,18 +1162,20 @@ def _delete_tags_response(self):
 
 
 TagResponse.delete_tags = _delete_tags_response
-_plain_delete_volume = EBSBackend.delete_volume
+_plain_delete_volume_response = ElasticBlockStore.delete_volume
 
 
-def _delete_volume(self, volume_id):
+def _delete_volume_response(self):
+    """The request only: moto deletes volumes of its own inside RunInstances."""
+    volume_id = self._get_param("VolumeId")
     with LOCK:
-        volume = self.get_volume(volume_id)
+        volume = self.ec2_backend.get_volume(volume_id)
         if volume.attachment is None and volume.status == "creating":
             raise aws_error("IncorrectState", f"The volume '{volume_id}' is 'creating'.")
-        return _plain_delete_volume(self, volume_id)
+        return _plain_delete_volume_response(self)
 
 
-EBSBackend.delete_volume = _delete_volume
+ElasticBlockStore.delete_volume = _delete_volume_response
 
 
 # --- A node's IAM policy: what AWS would allow a request signed with the node's key -----------
