@@ -524,7 +524,7 @@ mod tests {
             "a failed request made none"
         );
         cloud.create_snapshot(&vol, "", &Tags::new()).await.unwrap();
-        assert_eq!(*seen.lock().unwrap(), [vol.clone()]);
+        assert_eq!(*seen.lock().unwrap(), [vol.as_str()]);
         cloud.inject(
             Fault::fail(
                 CREATE_SNAPSHOT,
