@@ -18,6 +18,11 @@ POST /cps/modifications/fail {"volume_id": V} makes the modification under way f
 POST /cps/faults {"service": "dynamodb", "action": A, "code": C, "times": N} makes the next N
 DynamoDB requests of action A fail with error C (throttling) before they take effect.
 DynamoDB (the relocation lock's table) is moto's, with conditional writes made atomic.
+With {"snapshot_delay": S}, how long snapshots started from then on stay `pending`; with
+{"image_dir": DIR}, where the bench's volume images are: CreateSnapshot copies the source's image
+(`DIR/vol-….img`, sparse) to `DIR/snap-….img` before it replies, so the snapshot holds exactly
+what the volume held at that moment. POST /cps/snapshots/fail {"snapshot_id": ID} makes a
+snapshot fail (`error`).
 
 Auto Scaling states a rolling update must respect are played too: Standby (moto's own), suspended
 Launch (no instance launches until it is resumed), TERMINATING lifecycle hooks (the instance waits
@@ -63,11 +68,13 @@ from moto.ec2.exceptions import EC2ClientError  # noqa: E402
 from moto.ec2.models.elastic_network_interfaces import NetworkInterfaceBackend  # noqa: E402
 from moto.ec2.models.elastic_block_store import (  # noqa: E402
     EBSBackend,
+    Snapshot,
     Volume,
     VolumeAttachment,
 )
 from moto.ec2.models.instances import Instance  # noqa: E402
 from moto.ec2.responses.elastic_block_store import ElasticBlockStore  # noqa: E402
+from moto.ec2.responses.tags import TagResponse  # noqa: E402
 from moto.moto_server.werkzeug_app import (  # noqa: E402
     DomainDispatcherApplication,
     MotoRequestHandler,
@@ -98,6 +105,11 @@ class Timing:
     # `completed` (AWS: seconds to minutes, then minutes to hours; moto: completed at once).
     modifying_delay = 0.0
     optimizing_delay = 0.0
+    # A snapshot is `pending` this long, then `completed` (AWS: minutes; moto: completed at once).
+    snapshot_delay = 0.0
+    # Where the bench keeps volume images (`vol-….img`): CreateSnapshot copies the source's image
+    # to `snap-….img` there before it replies. None: no data plane, snapshots hold no data.
+    image_dir = None
 
 
 def aws_error(code, message):
@@ -641,10 +653,16 @@ _CLIENT_TOKENS = {}
 _plain_create_volume_response = ElasticBlockStore.create_volume
 
 
+def _create_volume_checked(self):
+    with LOCK:
+        _check_restore(self)
+        return _plain_create_volume_response(self)
+
+
 def _create_volume_response(self):
     token = self._get_param("ClientToken")
     if not token:
-        return _plain_create_volume_response(self)
+        return _create_volume_checked(self)
     # Everything but the token itself must match for the retry to be the same request.
     params = {k: v for k, v in self.querystring.items() if k not in ("ClientToken", "Action", "Version")}
     fingerprint = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
@@ -662,7 +680,7 @@ def _create_volume_response(self):
             # volume was deleted (moto would make a new one): the reply names a volume that
             # DescribeVolumes no longer knows.
             return ActionResult(volume)
-        result = _plain_create_volume_response(self)
+        result = _create_volume_checked(self)
         _CLIENT_TOKENS[(self.current_account, self.region, token)] = (result.result, fingerprint)
         return result
 
@@ -924,6 +942,246 @@ ElasticBlockStore.modify_volume = _modify_volume_response
 ElasticBlockStore.describe_volumes_modifications = _describe_volumes_modifications_response
 
 
+# --- Snapshots: `pending` → `completed`, the size at the start, point-in-time data -----------
+# moto completes a snapshot at once, reports its volume's size of *now* (a snapshot of a volume
+# grown since grows too), lets CreateVolume use any snapshot at any size, ignores
+# VolumeInitializationRate and OwnerIds, lists every snapshot in one page and answers an unknown
+# id without a message. AWS: `pending` for a while (then `completed`, or `error`); the size is
+# the volume's when the snapshot started; a volume is made only from a completed snapshot and at
+# least as large as it; the rate is 100-300 MiB/s and only with a snapshot.
+
+_plain_snapshot_init = Snapshot.__init__
+
+
+def _snapshot_init(self, *args, **kwargs):
+    _plain_snapshot_init(self, *args, **kwargs)
+    self._cps_size = self.volume.size
+    self._cps_started = time.monotonic()
+    self._cps_completed_at = self._cps_started + Timing.snapshot_delay
+    self._cps_failed = False
+
+
+def _snapshot_state(self, now=None):
+    now = time.monotonic() if now is None else now
+    if getattr(self, "_cps_failed", False):
+        return "error", 0
+    completed_at = getattr(self, "_cps_completed_at", 0)
+    if now >= completed_at:
+        return "completed", 100
+    span = completed_at - self._cps_started
+    return "pending", int(100 * (now - self._cps_started) / span) if span > 0 else 0
+
+
+Snapshot.__init__ = _snapshot_init
+# moto's __init__ assigns "completed"; the state is computed instead.
+Snapshot.status = property(lambda self: _snapshot_state(self)[0], lambda self, _value: None)
+Snapshot.progress = property(lambda self: f"{_snapshot_state(self)[1]}%")
+Snapshot.volume_size = property(lambda self: getattr(self, "_cps_size", None) or self.volume.size)
+
+
+def _snapshot_not_found(snapshot_id):
+    return aws_error("InvalidSnapshot.NotFound", f"The snapshot '{snapshot_id}' does not exist.")
+
+
+def _copy_sparse(source, target):
+    """Copies `source` to `target` block for block, holes left holes (SEEK_DATA/SEEK_HOLE), to a
+    temporary name renamed into place: a reader never sees half a copy."""
+    import os
+
+    partial = f"{target}.partial"
+    with open(source, "rb") as src, open(partial, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                done = os.copy_file_range(src.fileno(), dst.fileno(), end - start, start, start)
+                if done == 0:
+                    break
+                start += done
+            offset = end
+        dst.truncate(size)
+    # No fsync: the readers are processes on this machine, which share the page cache.
+    os.replace(partial, target)
+
+
+def _image_of(volume):
+    """The image holding `volume`'s data now: its own, else (never attached since it was restored)
+    its snapshot's; None when it holds only zeros."""
+    import os
+
+    for name in (volume.id, volume.snapshot_id):
+        if name and os.path.exists(os.path.join(Timing.image_dir, f"{name}.img")):
+            return os.path.join(Timing.image_dir, f"{name}.img")
+    return None
+
+
+def _capture(snapshot):
+    """The snapshot's data is the volume's at this moment (before CreateSnapshot replies)."""
+    import os
+
+    if Timing.image_dir is None:
+        return
+    source = _image_of(snapshot.volume)
+    if source is not None:
+        _copy_sparse(source, os.path.join(Timing.image_dir, f"{snapshot.id}.img"))
+
+
+_plain_create_snapshot = EBSBackend.create_snapshot
+
+
+def _create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
+    with LOCK:
+        volume = self.get_volume(volume_id)
+        if from_ami is None and volume.status not in ("available", "in-use"):
+            raise aws_error("IncorrectState", f"The volume '{volume_id}' is '{volume.status}'.")
+        snapshot = _plain_create_snapshot(self, volume_id, description, owner_id, from_ami)
+        if from_ami is None:
+            _capture(snapshot)
+            # Pending for the whole delay after the copy, however long the copy took.
+            snapshot._cps_completed_at = time.monotonic() + Timing.snapshot_delay
+        return snapshot
+
+
+EBSBackend.create_snapshot = _create_snapshot
+_plain_get_snapshot = EBSBackend.get_snapshot
+
+
+def _get_snapshot(self, snapshot_id):
+    if snapshot_id not in self.snapshots:
+        raise _snapshot_not_found(snapshot_id)
+    return _plain_get_snapshot(self, snapshot_id)
+
+
+EBSBackend.get_snapshot = _get_snapshot
+
+
+def _describe_snapshots_response(self):
+    """OwnerIds (self, an account id), unknown ids named, MaxResults/NextToken pages of 5-1000."""
+    snapshot_ids = self._get_param("SnapshotIds", []) or []
+    owners = self._get_param("OwnerIds", []) or []
+    max_results = self._get_param("MaxResults")
+    next_token = self._get_param("NextToken")
+    if snapshot_ids and max_results is not None:
+        raise aws_error("InvalidParameterCombination", "The parameter snapshotSet cannot be used with the parameter maxResults")
+    with LOCK:
+        for snapshot_id in snapshot_ids:
+            if snapshot_id not in self.ec2_backend.snapshots:
+                raise _snapshot_not_found(snapshot_id)
+        found = self.ec2_backend.describe_snapshots(snapshot_ids=snapshot_ids, filters=self._filters_from_querystring())
+    if owners:
+        wanted = {self.current_account if o == "self" else o for o in owners}
+        found = [s for s in found if s.owner_id in wanted]
+    if max_results is None and not next_token:
+        return ActionResult({"Snapshots": found})
+    max_results = int(max_results) if max_results is not None else 1000
+    if not 5 <= max_results <= 1000:
+        raise aws_error("InvalidParameterValue", f"Value ( {max_results} ) for parameter maxResults is invalid. Expecting a value between 5 and 1000.")
+    start = int(base64.b64decode(next_token).decode()) if next_token else 0
+    found = sorted(found, key=lambda s: s.id)
+    result = {"Snapshots": found[start : start + max_results]}
+    if start + max_results < len(found):
+        result["NextToken"] = base64.b64encode(str(start + max_results).encode()).decode()
+    return ActionResult(result)
+
+
+ElasticBlockStore.describe_snapshots = _describe_snapshots_response
+
+
+def _fail_snapshot(doc):
+    """A snapshot fails (`error`), as EBS may: POST /cps/snapshots/fail {"snapshot_id": ID}."""
+    for backends in _ec2_backends().values():
+        for backend in backends.values():
+            snapshot = backend.snapshots.get(doc["snapshot_id"])
+            if snapshot is not None:
+                snapshot._cps_failed = True
+                return True
+    return False
+
+
+def _ec2_backends():
+    from moto.ec2.models import ec2_backends
+
+    return {account: dict(regions.items()) for account, regions in ec2_backends.items()}
+
+
+def _check_restore(response):
+    """CreateVolume's snapshot rules (call under LOCK, before the volume is made)."""
+    snapshot_id = response._get_param("SnapshotId")
+    rate = response._get_param("VolumeInitializationRate")
+    if rate is not None:
+        if not snapshot_id:
+            raise aws_error("InvalidParameterCombination", "The parameter VolumeInitializationRate can only be specified with SnapshotId.")
+        if not 100 <= int(rate) <= 300:
+            raise aws_error("InvalidParameterValue", f"Value ({rate}) for parameter volumeInitializationRate is invalid. Specify a value between 100 and 300 MiB/s.")
+    if not snapshot_id:
+        return
+    snapshot = response.ec2_backend.get_snapshot(snapshot_id)
+    state = snapshot.status
+    if state != "completed":
+        raise aws_error("IncorrectState", f"Snapshot '{snapshot_id}' is in {state} state.")
+    size = response._get_param("Size")
+    if size is not None and int(size) < snapshot.volume_size:
+        raise aws_error("InvalidParameterValue", f"Volume of {int(size)}GiB is too small; minimum is {snapshot.volume_size}GiB.")
+
+
+_plain_backend_create_volume = EBSBackend.create_volume
+
+
+def _backend_create_volume(self, size, zone_name, snapshot_id=None, *args, **kwargs):
+    if snapshot_id and size is None:
+        size = self.get_snapshot(snapshot_id).volume_size  # moto: the source's size of now
+    return _plain_backend_create_volume(self, size, zone_name, snapshot_id, *args, **kwargs)
+
+
+EBSBackend.create_volume = _backend_create_volume
+
+# --- DeleteTags and DeleteVolume as AWS plays them --------------------------------------------
+# moto's DeleteTags succeeds for a volume that does not exist and, without tags, removes none;
+# AWS: InvalidVolume.NotFound, and without tags every tag of the resource goes (except aws:).
+# DeleteVolume: moto refuses an attached volume already (VolumeInUse, AWS's sentence); AWS
+# also refuses one still `creating`.
+
+_plain_delete_tags_response = TagResponse.delete_tags
+
+
+def _delete_tags_response(self):
+    resource_ids = self._get_param("Resources", []) or []
+    with LOCK:
+        for rid in resource_ids:
+            if rid.startswith("vol-"):
+                self.ec2_backend.get_volume(rid)
+            elif rid.startswith("snap-"):
+                self.ec2_backend.get_snapshot(rid)
+        if not self._get_param("Tags", []):
+            for rid in resource_ids:
+                keys = [k for k in self.ec2_backend.tags.get(rid, {}) if not k.startswith("aws:")]
+                self.ec2_backend.delete_tag_keys([rid], keys)
+            return EmptyResult()
+        return _plain_delete_tags_response(self)
+
+
+TagResponse.delete_tags = _delete_tags_response
+_plain_delete_volume_response = ElasticBlockStore.delete_volume
+
+
+def _delete_volume_response(self):
+    """The request only: moto deletes volumes of its own inside RunInstances."""
+    volume_id = self._get_param("VolumeId")
+    with LOCK:
+        volume = self.ec2_backend.get_volume(volume_id)
+        if volume.attachment is None and volume.status == "creating":
+            raise aws_error("IncorrectState", f"The volume '{volume_id}' is 'creating'.")
+        return _plain_delete_volume_response(self)
+
+
+ElasticBlockStore.delete_volume = _delete_volume_response
+
+
 # --- A node's IAM policy: what AWS would allow a request signed with the node's key -----------
 # moto's own auth mode checks actions against resource "*" only and skips most conditions, so a
 # least-privilege policy (resources by ARN, tag conditions) cannot be proven with it. This checks
@@ -990,13 +1248,40 @@ def _needed(response, service, action):
         def resource(kind, rid):
             return (f"{arn}:{kind}/{rid}", _tag_context(["aws:ResourceTag", "ec2:ResourceTag"], tags.get(rid, {})))
 
+        def snapshot_resource(rid):
+            return (f"arn:aws:ec2:{region}::snapshot/{rid}", _tag_context(["aws:ResourceTag", "ec2:ResourceTag"], tags.get(rid, {})))
+
         if action == "CreateVolume":
             requested = response._parse_tag_specification().get("volume", {})
             context = _tag_context(["aws:RequestTag"], requested)
             checks = [(full, f"{arn}:volume/*", context)]
+            snapshot_id = response._get_param("SnapshotId")
+            if snapshot_id:
+                # The snapshot is a resource of the request too; snapshot ARNs name no account.
+                checks.append((full, *snapshot_resource(snapshot_id)))
             if requested:
                 checks.append(("ec2:CreateTags", f"{arn}:volume/*", dict(context, **{"ec2:CreateAction": "CreateVolume"})))
             return checks
+        if action == "CreateSnapshot":
+            requested = response._parse_tag_specification().get("snapshot", {})
+            context = _tag_context(["aws:RequestTag"], requested)
+            context["aws:TagKeys"] = sorted(requested)
+            checks = [
+                (full, *resource("volume", response._get_param("VolumeId"))),
+                (full, f"arn:aws:ec2:{region}::snapshot/*", context),
+            ]
+            if requested:
+                checks.append(("ec2:CreateTags", f"arn:aws:ec2:{region}::snapshot/*", dict(context, **{"ec2:CreateAction": "CreateSnapshot"})))
+            return checks
+        if action == "DeleteTags":
+            keys = [v[0] for k, v in sorted(response.querystring.items()) if k.startswith("Tag.") and k.endswith(".Key")]
+            checks = []
+            for rid in [v[0] for k, v in sorted(response.querystring.items()) if k.startswith("ResourceId.")]:
+                arn_, context = snapshot_resource(rid) if rid.startswith("snap-") else resource("volume" if rid.startswith("vol-") else "resource", rid)
+                checks.append((full, arn_, dict(context, **{"aws:TagKeys": sorted(keys)})))
+            return checks
+        if action == "DeleteVolume":
+            return [(full, *resource("volume", response._get_param("VolumeId")))]
         if action == "CreateTags":
             # Tags on existing resources (cps-attach's format journal on its volume).
             requested = {}
@@ -1153,10 +1438,19 @@ def with_policy_api(app):
             length = int(environ.get("CONTENT_LENGTH") or 0)
             doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
             with LOCK:
-                for key in ("pending_delay", "membership_delay", "modifying_delay", "optimizing_delay"):
+                for key in ("pending_delay", "membership_delay", "modifying_delay", "optimizing_delay", "snapshot_delay"):
                     if key in doc:
                         setattr(Timing, key, float(doc[key]))
+                if "image_dir" in doc:
+                    Timing.image_dir = doc["image_dir"]
             start_response("204 No Content", [("Content-Length", "0")])
+            return [b""]
+        if environ.get("PATH_INFO") == "/cps/snapshots/fail" and environ.get("REQUEST_METHOD") == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            with LOCK:
+                done = _fail_snapshot(doc)
+            start_response("204 No Content" if done else "404 Not Found", [("Content-Length", "0")])
             return [b""]
         if environ.get("PATH_INFO") in ("/cps/modifications/age", "/cps/modifications/fail") and environ.get("REQUEST_METHOD") == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)

@@ -147,33 +147,49 @@ impl Emulator {
             .map(drop)
     }
 
+    /// From now on, snapshots stay `pending` for `delay` (after their data was copied).
+    pub fn set_snapshot_delay(&self, delay: Duration) -> io::Result<()> {
+        let body = format!(r#"{{"snapshot_delay": {}}}"#, delay.as_secs_f64());
+        self.control("POST", "/cps/settings", &body).map(drop)
+    }
+
+    /// Makes a snapshot fail (`error`), as EBS may. Fails when there is no such snapshot.
+    pub fn fail_snapshot(&self, snapshot_id: &str) -> io::Result<()> {
+        let body = format!(r#"{{"snapshot_id": "{snapshot_id}"}}"#);
+        self.control("POST", "/cps/snapshots/fail", &body).map(drop)
+    }
+
     /// One request to one of the emulator's control paths (`/cps/...`); the reply's body when
     /// its status is 2xx.
     pub fn control(&self, method: &str, path: &str, body: &str) -> io::Result<String> {
-        use std::io::{Read, Write};
-        let addr = self
-            .endpoint()
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_owned();
-        let mut stream = std::net::TcpStream::connect(&addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
-        let status = reply.lines().next().unwrap_or("");
-        if status.split(' ').nth(1).is_some_and(|c| c.starts_with('2')) {
-            Ok(reply
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default())
-        } else {
-            Err(io::Error::other(format!("{method} {path}: {status}")))
-        }
+        control_at(self.endpoint(), method, path, body)
+    }
+}
+
+/// [`Emulator::control`] for an endpoint (the udev stand-in knows only that).
+pub fn control_at(endpoint: &str, method: &str, path: &str, body: &str) -> io::Result<String> {
+    use std::io::{Read, Write};
+    let addr = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let status = reply.lines().next().unwrap_or("");
+    if status.split(' ').nth(1).is_some_and(|c| c.starts_with('2')) {
+        Ok(reply
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    } else {
+        Err(io::Error::other(format!("{method} {path}: {status}")))
     }
 }
 

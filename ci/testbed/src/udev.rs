@@ -11,10 +11,16 @@
 //! reaches `optimizing` (as an EBS device does): the sparse file is extended and the loop driver
 //! told (`losetup -c`), so the kernel sees the larger device; the sysfs `size` follows.
 //!
+//! Snapshots move real data. The stand-in tells the emulator where the images are; CreateSnapshot
+//! there copies the source's image (holes kept) to `snap-….img` before it replies, so a snapshot
+//! holds exactly what the volume held when it started. A volume created from a snapshot gets, when
+//! it is first backed, an image that starts as a copy of the snapshot's, extended to the volume's
+//! size. The image of a volume that is no longer listed (deleted) is removed.
+//!
 //! Network interfaces likewise: a secondary ENI attached to an instance appears under its sysfs
 //! root as `class/net/eth<index>/address` holding the ENI's MAC, and disappears on detach.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +59,8 @@ struct State {
     nics: BTreeMap<String, PathBuf>,
     /// First time an attachment was seen, for the appearance delay.
     seen: BTreeMap<(String, String), Instant>,
+    /// Every volume the last look listed: one missing now was deleted, and so is its image.
+    listed: BTreeSet<String>,
     errors: Vec<String>,
     events: Vec<String>,
 }
@@ -71,6 +79,17 @@ impl FakeUdev {
     /// Starts watching `endpoint`; volume images live in `storage`.
     pub fn start(endpoint: &str, storage: PathBuf, appear_after: Duration) -> io::Result<Self> {
         std::fs::create_dir_all(&storage)?;
+        let storage = std::fs::canonicalize(&storage)?;
+        // CreateSnapshot copies a volume's image here, at the moment it is asked for.
+        let dir = storage
+            .to_str()
+            .ok_or_else(|| io::Error::other("the image directory is not UTF-8"))?;
+        crate::emulator::control_at(
+            endpoint,
+            "POST",
+            "/cps/settings",
+            &serde_json::json!({ "image_dir": dir }).to_string(),
+        )?;
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -164,41 +183,10 @@ async fn tick(
     appear_after: Duration,
 ) -> Result<(), String> {
     let modifying = modifying_volumes(ec2).await?;
-    let mut attached: BTreeMap<String, (String, i32)> = BTreeMap::new();
-    let mut token = None;
-    for _ in 0..1000 {
-        let page = ec2
-            .describe_volumes()
-            .max_results(500)
-            .set_next_token(token.take())
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "DescribeVolumes: {}",
-                    aws_sdk_ec2::error::DisplayErrorContext(&e)
-                )
-            })?;
-        for v in page.volumes() {
-            for a in v.attachments() {
-                let device = a.device().unwrap_or_default();
-                let is_attached = a.state().map(|s| s.as_str()) == Some("attached");
-                if is_attached && !ROOT_DEVICES.contains(&device) {
-                    attached.insert(
-                        v.volume_id().unwrap_or_default().to_owned(),
-                        (
-                            a.instance_id().unwrap_or_default().to_owned(),
-                            v.size().unwrap_or(1),
-                        ),
-                    );
-                }
-            }
-        }
-        match page.next_token() {
-            Some(t) if !t.is_empty() => token = Some(t.to_owned()),
-            _ => break,
-        }
-    }
+    let Listing {
+        mut attached,
+        all: listed,
+    } = list_volumes(ec2).await?;
 
     // The device keeps its old size while a modification is `modifying`.
     for (vol, (_, size_gib)) in attached.iter_mut() {
@@ -209,6 +197,7 @@ async fn tick(
     let nics = attached_interfaces(ec2).await?;
 
     let mut st = lock(state);
+    remove_deleted_images(&mut st, &listed, storage);
     // Interfaces: show the attached ones to their instance, hide the others.
     let wanted: BTreeMap<String, PathBuf> = nics
         .iter()
@@ -285,7 +274,8 @@ async fn tick(
         if now.duration_since(first) < appear_after {
             continue;
         }
-        match back(&vol, size_gib, &machine, storage) {
+        let snapshot = listed.get(&vol).cloned().flatten();
+        match back(&vol, size_gib, snapshot.as_deref(), &machine, storage) {
             Ok((loop_device, link, sys_dir, image)) => {
                 st.events.push(format!(
                     "backed {vol} for {instance} as {}",
@@ -307,6 +297,104 @@ async fn tick(
         }
     }
     Ok(())
+}
+
+/// What one look at DescribeVolumes shows.
+struct Listing {
+    /// Attached volumes (root devices left out): volume → (instance, size in GiB).
+    attached: BTreeMap<String, (String, i32)>,
+    /// Every volume listed, with the snapshot it was created from.
+    all: BTreeMap<String, Option<String>>,
+}
+
+async fn list_volumes(ec2: &aws_sdk_ec2::Client) -> Result<Listing, String> {
+    let mut listing = Listing {
+        attached: BTreeMap::new(),
+        all: BTreeMap::new(),
+    };
+    let mut token = None;
+    for _ in 0..1000 {
+        let page = ec2
+            .describe_volumes()
+            .max_results(500)
+            .set_next_token(token.take())
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "DescribeVolumes: {}",
+                    aws_sdk_ec2::error::DisplayErrorContext(&e)
+                )
+            })?;
+        for v in page.volumes() {
+            let id = v.volume_id().unwrap_or_default().to_owned();
+            let snapshot = v.snapshot_id().filter(|s| !s.is_empty()).map(str::to_owned);
+            listing.all.insert(id.clone(), snapshot);
+            for a in v.attachments() {
+                let device = a.device().unwrap_or_default();
+                let is_attached = a.state().map(|s| s.as_str()) == Some("attached");
+                if is_attached && !ROOT_DEVICES.contains(&device) {
+                    listing.attached.insert(
+                        id.clone(),
+                        (
+                            a.instance_id().unwrap_or_default().to_owned(),
+                            v.size().unwrap_or(1),
+                        ),
+                    );
+                }
+            }
+        }
+        match page.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+            _ => return Ok(listing),
+        }
+    }
+    Err("DescribeVolumes: pagination did not end after 1000 pages".into())
+}
+
+/// A volume listed before and not now was deleted: its image goes (EBS frees its blocks).
+fn remove_deleted_images(
+    st: &mut State,
+    listed: &BTreeMap<String, Option<String>>,
+    storage: &Path,
+) {
+    let gone: Vec<String> = st
+        .listed
+        .iter()
+        .filter(|v| !listed.contains_key(*v) && !st.backed.contains_key(*v))
+        .cloned()
+        .collect();
+    for vol in gone {
+        let image = storage.join(format!("{vol}.img"));
+        match std::fs::remove_file(&image) {
+            Ok(()) => st
+                .events
+                .push(format!("removed the image of deleted {vol}")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => st.errors.push(format!("removing {}: {e}", image.display())),
+        }
+    }
+    st.listed = listed.keys().cloned().collect();
+}
+
+/// A volume created from a snapshot starts as the snapshot's image (holes kept); copied to a
+/// temporary name and renamed, so a half copy is never taken for the volume. A snapshot without
+/// an image (of a volume never backed) holds zeros: nothing to copy.
+fn restore_image(snapshot_id: &str, image: &Path, storage: &Path) -> io::Result<()> {
+    let source = storage.join(format!("{snapshot_id}.img"));
+    if !source.exists() {
+        return Ok(());
+    }
+    let partial = image.with_extension("img.partial");
+    cps_fixtures::run(
+        "cp",
+        &[
+            "--sparse=always",
+            &source.to_string_lossy(),
+            &partial.to_string_lossy(),
+        ],
+    )?;
+    std::fs::rename(&partial, image)
 }
 
 /// Volumes whose latest modification is still `modifying`, with the size they had before: their
@@ -420,10 +508,16 @@ fn grow(b: &mut Backed, size_gib: i32) -> io::Result<()> {
 fn back(
     volume_id: &str,
     size_gib: i32,
+    snapshot_id: Option<&str>,
     machine: &Machine,
     storage: &Path,
 ) -> io::Result<(PathBuf, PathBuf, PathBuf, PathBuf)> {
     let image = storage.join(format!("{volume_id}.img"));
+    if let Some(snapshot_id) = snapshot_id
+        && !image.exists()
+    {
+        restore_image(snapshot_id, &image, storage)?;
+    }
     // Kept across attachments; a volume grown while detached comes back at its new size.
     extend_image(&image, size_gib)?;
     let loop_device = cps_fixtures::losetup(&image)?;

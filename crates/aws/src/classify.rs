@@ -20,11 +20,13 @@ pub(crate) struct Context<'a> {
     pub device_index: Option<i32>,
     pub client_token: Option<&'a str>,
     pub group: Option<&'a str>,
+    pub snapshot_id: Option<&'a str>,
 }
 
 impl Context<'_> {
     fn resource(&self) -> String {
         self.volume_id
+            .or(self.snapshot_id)
             .or(self.interface_id)
             .or(self.group)
             .or(self.instance_id)
@@ -254,6 +256,8 @@ where
             "InvalidVolume.NotFound"
             | "InvalidInstanceID.NotFound"
             | "InvalidInstanceID.Malformed"
+            | "InvalidSnapshot.NotFound"
+            | "InvalidSnapshotID.Malformed"
             | "InvalidVolumeID.Malformed"
             | "InvalidNetworkInterfaceID.NotFound"
             | "InvalidNetworkInterfaceID.Malformed",

@@ -8,8 +8,9 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
 use cps_provider::{
     Attachment, AttachmentState, CallLog, Error, InstanceState, InterfaceAttachment,
-    InterfaceService, Modification, ModificationState, NetworkInterface, Tags, TemplateService,
-    TemplateVersions, Volume, VolumeChange, VolumeService, VolumeSpec, VolumeState,
+    InterfaceService, Modification, ModificationState, NetworkInterface, Snapshot, SnapshotState,
+    Tags, TemplateService, TemplateVersions, Volume, VolumeChange, VolumeService, VolumeSpec,
+    VolumeState,
 };
 
 use crate::classify::{Context, classify};
@@ -73,17 +74,73 @@ fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Volume {
                 delete_on_termination: a.delete_on_termination().unwrap_or(false),
             })
             .collect(),
-        tags: v
-            .tags()
-            .iter()
-            .map(|t| {
-                (
-                    t.key().unwrap_or_default().to_owned(),
-                    t.value().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect(),
+        tags: to_tags(v.tags()),
+        snapshot_id: non_empty(v.snapshot_id()),
     }
+}
+
+fn to_tags(tags: &[Tag]) -> Tags {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// EC2 reports "no snapshot" as an empty `SnapshotId`.
+fn non_empty(s: Option<&str>) -> Option<String> {
+    s.filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+/// A snapshot as DescribeSnapshots (or CreateSnapshot, whose reply has the same fields)
+/// reports it. A state this code does not know (`recoverable`…) is not taken for completed.
+struct SnapshotReply<'a> {
+    id: Option<&'a str>,
+    volume_id: Option<&'a str>,
+    state: Option<&'a aws_sdk_ec2::types::SnapshotState>,
+    progress: Option<&'a str>,
+    start_time: Option<&'a aws_sdk_ec2::primitives::DateTime>,
+    size: Option<i32>,
+    encrypted: Option<bool>,
+    tags: &'a [Tag],
+}
+
+impl SnapshotReply<'_> {
+    fn parse(&self) -> Snapshot {
+        let state = self.state.map(|s| s.as_str()).unwrap_or("");
+        Snapshot {
+            id: self.id.unwrap_or_default().to_owned(),
+            volume_id: self.volume_id.unwrap_or_default().to_owned(),
+            state: SnapshotState::parse(state).unwrap_or(SnapshotState::Pending),
+            // "42%"
+            progress_percent: self
+                .progress
+                .and_then(|p| p.trim().trim_end_matches('%').parse().ok()),
+            started: self
+                .start_time
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+            size_gib: self.size.unwrap_or_default(),
+            encrypted: self.encrypted.unwrap_or_default(),
+            tags: to_tags(self.tags),
+        }
+    }
+}
+
+fn to_snapshot(s: &aws_sdk_ec2::types::Snapshot) -> Snapshot {
+    SnapshotReply {
+        id: s.snapshot_id(),
+        volume_id: s.volume_id(),
+        state: s.state(),
+        progress: s.progress(),
+        start_time: s.start_time(),
+        size: s.volume_size(),
+        encrypted: s.encrypted(),
+        tags: s.tags(),
+    }
+    .parse()
 }
 
 /// A modification as EC2 reports it. AWS fills in every target (also those the request left
@@ -181,6 +238,8 @@ impl VolumeService for Ec2Api {
             .set_throughput(spec.throughput)
             .encrypted(spec.encrypted)
             .set_kms_key_id(spec.kms_key_id.clone())
+            .set_snapshot_id(spec.snapshot_id.clone())
+            .set_volume_initialization_rate(spec.initialization_rate)
             .client_token(client_token)
             .tag_specifications(
                 TagSpecification::builder()
@@ -195,6 +254,7 @@ impl VolumeService for Ec2Api {
                     "CreateVolume",
                     Context {
                         client_token: Some(client_token),
+                        snapshot_id: spec.snapshot_id.as_deref(),
                         ..Context::default()
                     },
                     e,
@@ -213,16 +273,8 @@ impl VolumeService for Ec2Api {
             encrypted: out.encrypted().unwrap_or_default(),
             state: VolumeState::parse(out.state().map(|s| s.as_str()).unwrap_or("creating")),
             attachments: Vec::new(),
-            tags: out
-                .tags()
-                .iter()
-                .map(|t| {
-                    (
-                        t.key().unwrap_or_default().to_owned(),
-                        t.value().unwrap_or_default().to_owned(),
-                    )
-                })
-                .collect(),
+            tags: to_tags(out.tags()),
+            snapshot_id: non_empty(out.snapshot_id()),
         })
     }
 
@@ -328,6 +380,137 @@ impl VolumeService for Ec2Api {
             .filter(|m| m.volume_id() == Some(volume_id))
             .max_by_key(|m| m.start_time().map(|t| (t.secs(), t.subsec_nanos())))
             .map(to_modification))
+    }
+
+    async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        description: &str,
+        tags: &Tags,
+    ) -> Result<Snapshot, Error> {
+        self.calls.record("CreateSnapshot");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            ..Context::default()
+        };
+        let tags: Vec<Tag> = tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        let out = self
+            .client
+            .create_snapshot()
+            .volume_id(volume_id)
+            .description(description)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .set_tags(Some(tags))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify("CreateSnapshot", ctx, e))?;
+        Ok(SnapshotReply {
+            id: out.snapshot_id(),
+            volume_id: out.volume_id(),
+            state: out.state(),
+            progress: out.progress(),
+            start_time: out.start_time(),
+            size: out.volume_size(),
+            encrypted: out.encrypted(),
+            tags: out.tags(),
+        }
+        .parse())
+    }
+
+    async fn snapshot(&self, snapshot_id: &str) -> Result<Snapshot, Error> {
+        self.calls.record("DescribeSnapshots");
+        let ctx = Context {
+            snapshot_id: Some(snapshot_id),
+            ..Context::default()
+        };
+        let out = self
+            .client
+            .describe_snapshots()
+            .snapshot_ids(snapshot_id)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeSnapshots", ctx, e))?;
+        out.snapshots()
+            .iter()
+            .find(|s| s.snapshot_id() == Some(snapshot_id))
+            .map(to_snapshot)
+            .ok_or_else(|| Error::NotFound {
+                operation: "DescribeSnapshots",
+                resource: snapshot_id.to_owned(),
+                message: "not in the DescribeSnapshots response".into(),
+            })
+    }
+
+    async fn snapshots_tagged(&self, tags: &Tags) -> Result<Vec<Snapshot>, Error> {
+        let filters: Vec<Filter> = tags
+            .iter()
+            .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+            .collect();
+        // Bounded like DescribeVolumes: 1,000 pages of 1,000 is past any account's quota.
+        paginate(&self.calls, "DescribeSnapshots", 1_000, |token| {
+            let request = self
+                .client
+                .describe_snapshots()
+                .owner_ids("self")
+                .set_filters(Some(filters.clone()))
+                .max_results(1_000)
+                .set_next_token(token);
+            async move {
+                let page = request
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeSnapshots", Context::default(), e))?;
+                Ok((
+                    page.snapshots().iter().map(to_snapshot).collect(),
+                    page.next_token().map(str::to_owned),
+                ))
+            }
+        })
+        .await
+    }
+
+    async fn untag_volume(&self, volume_id: &str, keys: &[String]) -> Result<(), Error> {
+        // DeleteTags without tags would remove every tag of the volume.
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.calls.record("DeleteTags");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            ..Context::default()
+        };
+        self.client
+            .delete_tags()
+            .resources(volume_id)
+            .set_tags(Some(
+                keys.iter().map(|k| Tag::builder().key(k).build()).collect(),
+            ))
+            .send()
+            .await
+            .map_err(|e| classify("DeleteTags", ctx, e))?;
+        Ok(())
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), Error> {
+        self.calls.record("DeleteVolume");
+        let ctx = Context {
+            volume_id: Some(volume_id),
+            ..Context::default()
+        };
+        self.client
+            .delete_volume()
+            .volume_id(volume_id)
+            .send()
+            .await
+            .map_err(|e| classify("DeleteVolume", ctx, e))?;
+        Ok(())
     }
 
     async fn instance_tags(&self, instance_id: &str) -> Result<Tags, Error> {

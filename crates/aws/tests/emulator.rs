@@ -1,5 +1,6 @@
 //! cps-aws against the AWS emulator, over the real wire protocol: find, create, attach,
-//! describe, pagination, modify in place, error classification, secrets, and IMDSv2 identity.
+//! describe, pagination, modify in place, snapshots and restored volumes, error classification,
+//! secrets, and IMDSv2 identity.
 
 use std::time::Duration;
 
@@ -10,6 +11,9 @@ use cps_provider::{
     VolumeSpec, VolumeState,
 };
 use cps_testbed::{Delays, Emulator, FakeImds, REGION, run_instance};
+
+#[path = "emulator/snapshots.rs"]
+mod snapshots;
 
 fn ready() -> bool {
     require(

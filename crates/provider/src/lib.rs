@@ -23,8 +23,8 @@ pub use lock::{Acquired, Lease, LockItem, LockService};
 pub use types::{
     Attachment, AttachmentState, GroupInstance, GroupMember, InstanceIdentity, InstanceRefresh,
     InstanceState, InterfaceAttachment, LaunchOverride, LaunchSource, LifecycleHook,
-    LifecycleResult, Modification, ModificationState, NetworkInterface, ScalingGroup, Tags,
-    TemplateVersions, Volume, VolumeChange, VolumeSpec, VolumeState,
+    LifecycleResult, Modification, ModificationState, NetworkInterface, ScalingGroup, Snapshot,
+    SnapshotState, Tags, TemplateVersions, Volume, VolumeChange, VolumeSpec, VolumeState,
 };
 
 use std::collections::BTreeMap;
@@ -85,6 +85,30 @@ pub trait VolumeService: Send + Sync {
     /// The volume's most recent modification (DescribeVolumesModifications, one request);
     /// `None` when it was never modified.
     async fn latest_modification(&self, volume_id: &str) -> Result<Option<Modification>, Error>;
+
+    /// Starts a snapshot of a volume (CreateSnapshot, one request) with `tags` applied in the
+    /// same request. It is `Pending` until EBS has copied the volume as it was at this moment.
+    async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        description: &str,
+        tags: &Tags,
+    ) -> Result<Snapshot, Error>;
+
+    /// One snapshot by id (DescribeSnapshots); an unknown id is [`Error::NotFound`].
+    async fn snapshot(&self, snapshot_id: &str) -> Result<Snapshot, Error>;
+
+    /// Every snapshot this account owns carrying all of `tags`, in any state (DescribeSnapshots
+    /// with tag filters, paginated inside).
+    async fn snapshots_tagged(&self, tags: &Tags) -> Result<Vec<Snapshot>, Error>;
+
+    /// Removes tags from a volume by key, whatever their values (DeleteTags, one request). No
+    /// keys: nothing is sent — DeleteTags without keys would remove every tag.
+    async fn untag_volume(&self, volume_id: &str, keys: &[String]) -> Result<(), Error>;
+
+    /// Deletes a volume (DeleteVolume, one request). An attached volume is refused
+    /// ([`Error::VolumeInUse`]), as EC2 refuses it; its snapshots stay.
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), Error>;
 }
 
 /// Elastic network interfaces: the fixed-IP identity of a node.

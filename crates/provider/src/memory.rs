@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::{
-    Attachment, AttachmentState, CallLog, Error, InstanceState, Modification, Tags, Volume,
-    VolumeChange, VolumeService, VolumeSpec, VolumeState,
+    Attachment, AttachmentState, CallLog, Error, InstanceState, Modification, Snapshot, Tags,
+    Volume, VolumeChange, VolumeService, VolumeSpec, VolumeState,
 };
 
 pub const DESCRIBE_VOLUMES: &str = "DescribeVolumes";
@@ -33,6 +33,7 @@ mod eni;
 mod lock;
 mod modify;
 mod secrets;
+mod snapshot;
 
 pub use asg::{
     Boot, COMPLETE_LIFECYCLE_ACTION, DESCRIBE_AUTO_SCALING_GROUPS, DESCRIBE_AUTO_SCALING_INSTANCES,
@@ -46,6 +47,7 @@ pub use modify::{
     DESCRIBE_VOLUMES_MODIFICATIONS, MODIFICATION_COOLDOWN, MODIFY_VOLUME, ModificationDelays,
 };
 pub use secrets::{GET_PARAMETER, GET_SECRET_VALUE};
+pub use snapshot::{CREATE_SNAPSHOT, DELETE_TAGS, DELETE_VOLUME, DESCRIBE_SNAPSHOTS};
 
 /// How long simulated things take.
 #[derive(Clone, Copy, Debug, Default)]
@@ -161,6 +163,11 @@ pub struct World {
     /// Every modification of each volume, oldest first.
     modifications: BTreeMap<String, Vec<modify::StoredModification>>,
     modification_delays: ModificationDelays,
+    /// Snapshots by id, and how long new ones stay `pending`.
+    snapshots: BTreeMap<String, snapshot::StoredSnapshot>,
+    snapshot_delay: Duration,
+    /// Told of every snapshot as it is created (a fake host captures the volume's content).
+    snapshot_observers: Vec<snapshot::Observer>,
     /// A virtual instant and the date it stands for (modification start times are dates).
     epoch: (Instant, SystemTime),
     next_id: u64,
@@ -274,6 +281,7 @@ impl World {
             state: VolumeState::Available,
             attachments: Vec::new(),
             tags: tags.clone(),
+            snapshot_id: None,
         };
         self.volumes.insert(
             id.clone(),
@@ -455,6 +463,7 @@ impl World {
                 None => first_reply.clone(),
             });
         }
+        let from_encrypted_snapshot = self.check_restore(spec)?;
         let id = self.new_volume_id();
         let now = Instant::now();
         let stored = StoredVolume {
@@ -469,10 +478,12 @@ impl World {
                 throughput: spec
                     .throughput
                     .or((spec.volume_type == "gp3").then_some(125)),
-                encrypted: spec.encrypted,
+                // A volume made from an encrypted snapshot is encrypted, whatever was asked.
+                encrypted: spec.encrypted || from_encrypted_snapshot,
                 state: VolumeState::Creating,
                 attachments: Vec::new(),
                 tags: spec.tags.clone(),
+                snapshot_id: spec.snapshot_id.clone(),
             },
             available_at: now + self.timing.create_delay,
             attached_at: None,
@@ -523,6 +534,9 @@ impl MemoryCloud {
                 locks: BTreeMap::new(),
                 modifications: BTreeMap::new(),
                 modification_delays: ModificationDelays::default(),
+                snapshots: BTreeMap::new(),
+                snapshot_delay: Duration::ZERO,
+                snapshot_observers: Vec::new(),
                 epoch: (Instant::now(), SystemTime::now()),
                 next_id: 0,
                 faults: Vec::new(),
@@ -732,6 +746,43 @@ impl VolumeService for MemoryCloud {
         self.request(DESCRIBE_VOLUMES_MODIFICATIONS, |world| {
             world.volume_now(volume_id, DESCRIBE_VOLUMES_MODIFICATIONS)?;
             Ok(world.latest_modification_of(volume_id, Instant::now()))
+        })
+        .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        description: &str,
+        tags: &Tags,
+    ) -> Result<Snapshot, Error> {
+        self.request(CREATE_SNAPSHOT, |world| {
+            world.create_snapshot(volume_id, description, tags)
+        })
+        .await
+    }
+
+    async fn snapshot(&self, snapshot_id: &str) -> Result<Snapshot, Error> {
+        self.request(DESCRIBE_SNAPSHOTS, |world| world.snapshot_now(snapshot_id))
+            .await
+    }
+
+    async fn snapshots_tagged(&self, tags: &Tags) -> Result<Vec<Snapshot>, Error> {
+        self.request(DESCRIBE_SNAPSHOTS, |world| Ok(world.snapshots_tagged(tags)))
+            .await
+    }
+
+    async fn untag_volume(&self, volume_id: &str, keys: &[String]) -> Result<(), Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.request(DELETE_TAGS, |world| world.untag_volume(volume_id, keys))
+            .await
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), Error> {
+        self.request(DELETE_VOLUME, |world| {
+            world.delete_volume_checked(volume_id)
         })
         .await
     }

@@ -414,6 +414,7 @@ mod tests {
             state: VolumeState::InUse,
             attachments: Vec::new(),
             tags: Tags::new(),
+            snapshot_id: None,
         }
     }
 

@@ -1,19 +1,22 @@
 //! Fakes shared by the flow and boot tests: a host whose devices appear when the in-memory
-//! cloud says a volume is attached, with the data living with the volume.
+//! cloud says a volume is attached, with the data living with the volume. A snapshot captures
+//! its volume's content and sizes as the cloud creates it; a volume created from the snapshot
+//! starts with them (when a host first looks at it), whatever the source holds by then.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cps_blockdev::{
     BlockHost, Device, Error as HostError, Filesystem, FormatGrant, FstabEntry, Grown, Lookup,
     MkfsSpec, MountState, Ownership, Probe, Refusal, Sizes, Verification, Wanted, left_by_mkfs,
 };
-use cps_provider::AttachmentState;
 use cps_provider::memory::MemoryCloud;
+use cps_provider::{AttachmentState, Snapshot};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Content {
@@ -47,6 +50,50 @@ pub enum MkfsDeath {
 pub struct Disks {
     content: Arc<Mutex<BTreeMap<String, Content>>>,
     sizes: Arc<Mutex<BTreeMap<String, DiskSize>>>,
+    /// Snapshot id → what its volume held when the snapshot was created.
+    snapshots: Arc<Mutex<BTreeMap<String, (Content, DiskSize)>>>,
+    /// The cloud tells these disks of its snapshots (set up once, by the first host).
+    watching: Arc<AtomicBool>,
+}
+
+impl Disks {
+    /// Called by the cloud inside CreateSnapshot: the volume's content and filesystem size now.
+    /// The device size is not kept: a volume made from the snapshot has its own.
+    fn capture(&self, snapshot: &Snapshot) {
+        let content = self
+            .content
+            .lock()
+            .unwrap()
+            .get(&snapshot.volume_id)
+            .cloned()
+            .unwrap_or(Content::Blank);
+        let source = self
+            .sizes
+            .lock()
+            .unwrap()
+            .get(&snapshot.volume_id)
+            .copied()
+            .unwrap_or_default();
+        let has_fs = matches!(content, Content::Fs(_) | Content::Data(_));
+        let device = source
+            .device_bytes
+            .unwrap_or(u64::try_from(snapshot.size_gib).unwrap_or(0) << 30);
+        let size = DiskSize {
+            device_bytes: None,
+            filesystem_bytes: source.filesystem_bytes.or(has_fs.then_some(device)),
+            mounted_since_check: source.mounted_since_check,
+        };
+        self.snapshots
+            .lock()
+            .unwrap()
+            .insert(snapshot.id.clone(), (content, size));
+    }
+
+    /// What a snapshot captured, if the cloud made it while these disks watched.
+    pub fn captured(&self, snapshot_id: &str) -> Option<Content> {
+        let snapshots = self.snapshots.lock().unwrap();
+        snapshots.get(snapshot_id).map(|(c, _)| c.clone())
+    }
 }
 
 impl Deref for Disks {
@@ -96,6 +143,10 @@ pub struct FakeHost {
 
 impl FakeHost {
     pub fn new(cloud: &MemoryCloud, instance: &str, disks: &Disks) -> Arc<Self> {
+        if !disks.watching.swap(true, Ordering::SeqCst) {
+            let watcher = disks.clone();
+            cloud.with(|w| w.on_snapshot(move |s| watcher.capture(s)));
+        }
         Arc::new(Self {
             cloud: cloud.clone(),
             instance: instance.into(),
@@ -122,6 +173,7 @@ impl FakeHost {
     }
 
     pub fn content(&self, volume_id: &str) -> Content {
+        self.restore_if_new(volume_id);
         self.disks
             .lock()
             .unwrap()
@@ -149,8 +201,46 @@ impl FakeHost {
         })
     }
 
+    /// A volume created from a snapshot, seen for the first time, starts with what the snapshot
+    /// captured (content and filesystem size). Looks up the cloud before taking the disks' locks.
+    fn restore_if_new(&self, volume_id: &str) {
+        if self.disks.content.lock().unwrap().contains_key(volume_id) {
+            return;
+        }
+        let Some(snapshot_id) = self
+            .cloud
+            .volumes()
+            .into_iter()
+            .find(|v| v.id == volume_id)
+            .and_then(|v| v.snapshot_id)
+        else {
+            return;
+        };
+        let Some((content, size)) = self
+            .disks
+            .snapshots
+            .lock()
+            .unwrap()
+            .get(&snapshot_id)
+            .cloned()
+        else {
+            return;
+        };
+        let mut all = self.disks.content.lock().unwrap();
+        if all.contains_key(volume_id) {
+            return;
+        }
+        all.insert(volume_id.to_owned(), content);
+        self.disks
+            .sizes
+            .lock()
+            .unwrap()
+            .insert(volume_id.to_owned(), size);
+    }
+
     /// The volume's sizes; a filesystem not sized yet is pinned at the device's size now.
     pub fn disk_sizes(&self, volume_id: &str) -> Sizes {
+        self.restore_if_new(volume_id);
         let device_bytes = self.device_bytes(volume_id);
         let mut sizes = self.disks.sizes.lock().unwrap();
         let entry = sizes.entry(volume_id.to_owned()).or_default();
@@ -211,6 +301,9 @@ impl BlockHost for FakeHost {
                 && v.attachment_to(&self.instance)
                     .is_some_and(|a| a.state == AttachmentState::Attached)
         });
+        if attached {
+            self.restore_if_new(volume_id);
+        }
         Ok(if attached {
             Lookup::Found(Device {
                 path: PathBuf::from(format!("/dev/fake/{volume_id}")),

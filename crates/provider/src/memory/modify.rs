@@ -241,7 +241,7 @@ impl World {
 
     /// Wall-clock time of a virtual instant: the world's clock is tokio's (pausable), a
     /// modification's start time is a date.
-    fn system_time(&self, at: Instant) -> SystemTime {
+    pub(super) fn system_time(&self, at: Instant) -> SystemTime {
         let (base_instant, base_time) = self.epoch;
         match at.checked_duration_since(base_instant) {
             Some(after) => base_time + after,

@@ -136,6 +136,8 @@ pub fn volume_spec(identity: &InstanceIdentity, config: &AttachConfig, tags: &Ta
         encrypted: config.volume.encrypted,
         kms_key_id: config.volume.kms_key_id.clone(),
         tags: tags.clone(),
+        snapshot_id: None,
+        initialization_rate: None,
     }
 }
 
