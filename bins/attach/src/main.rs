@@ -326,6 +326,7 @@ async fn stopped(mut signals: tokio::sync::watch::Receiver<bool>) {
 /// The instance's identity (interrupted by a signal) and the AWS clients.
 async fn connect(
     common: &Common,
+    config: &AttachConfig,
     signals: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(cps_provider::InstanceIdentity, Clients), Failure> {
     let identity = tokio::select! {
@@ -343,6 +344,13 @@ async fn connect(
         ec2: cps_aws::Ec2Api::new(&sdk),
         autoscaling: cps_aws::AutoScalingApi::new(&sdk),
         secrets: cps_aws::SecretsApi::new(&sdk),
+        // The relocation lock's table, only when relocation is on.
+        locks: match (&config.relocation.mode, &config.relocation.lock_table) {
+            (cps_orchestrate::config::RelocationMode::Snapshot, Some(table)) => {
+                Some(cps_aws::LockTable::new(&sdk, table))
+            }
+            _ => None,
+        },
     };
     Ok((identity, clients))
 }
@@ -351,6 +359,7 @@ struct Clients {
     ec2: cps_aws::Ec2Api,
     autoscaling: cps_aws::AutoScalingApi,
     secrets: cps_aws::SecretsApi,
+    locks: Option<cps_aws::LockTable>,
 }
 
 impl Clients {
@@ -359,6 +368,9 @@ impl Clients {
         let mut calls = self.ec2.calls().snapshot();
         calls.extend(self.autoscaling.calls().snapshot());
         calls.extend(self.secrets.calls().snapshot());
+        if let Some(locks) = &self.locks {
+            calls.extend(locks.calls().snapshot());
+        }
         calls
     }
 }
@@ -372,12 +384,16 @@ fn block_host(config: &AttachConfig) -> Arc<cps_blockdev::LinuxHost> {
 
 async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     let signals = listen_for_signals();
-    let (identity, clients) = connect(common, &signals).await?;
+    let (identity, clients) = connect(common, &config, &signals).await?;
     let services = Services {
         volumes: &clients.ec2,
         interfaces: &clients.ec2,
         lifecycle: &clients.autoscaling,
         secrets: &clients.secrets,
+        locks: clients
+            .locks
+            .as_ref()
+            .map(|l| l as &dyn cps_provider::LockService),
     };
     let hosts = Hosts {
         block: block_host(&config),
@@ -420,7 +436,7 @@ async fn run(common: &Common, config: AttachConfig) -> Result<(), Failure> {
 
 async fn grow(common: &Common, config: AttachConfig) -> Result<(), Failure> {
     let signals = listen_for_signals();
-    let (identity, clients) = connect(common, &signals).await?;
+    let (identity, clients) = connect(common, &config, &signals).await?;
     let host = block_host(&config);
     let out = tokio::select! {
         biased;

@@ -52,6 +52,39 @@ pub enum Error {
     )]
     ModificationFailed { volume_id: String, message: String },
 
+    /// `snapshot-id` names a snapshot that is not complete (pending, or failed).
+    #[error(
+        "the snapshot {snapshot_id} to restore from is {state}; a volume can only be restored from a completed snapshot. \
+         Wait for it, or name another in block-provider.aws-ebs.snapshot-id"
+    )]
+    SnapshotNotReady { snapshot_id: String, state: String },
+
+    /// `snapshot: latest` found no completed snapshot with the tags.
+    #[error(
+        "snapshot: latest found no completed snapshot tagged {tags}; nothing was created. Check the snapshots' tags \
+         (`aws ec2 describe-snapshots --owner-ids self --filters Name=tag-key,Values=...`), set snapshot-tags, or use \
+         restore-if-missing to start empty when there is none"
+    )]
+    NoSnapshot { tags: String },
+
+    /// The snapshot taken to move a node's volume ended in `error`.
+    #[error(
+        "the snapshot {snapshot_id} of {volume_id}, taken to move it to this zone, failed; the volume is unchanged. \
+         Delete the failed snapshot (`aws ec2 delete-snapshot --snapshot-id {snapshot_id}`) and run again"
+    )]
+    SnapshotFailed { snapshot_id: String, volume_id: String },
+
+    /// The source of a move was attached (outside cps's lock) while it was being moved.
+    #[error(
+        "{original} was attached while cps-attach was moving it here; it is left as it is, and the copy {copy} \
+         does not get the node's identity. Find who attached {original} (it should not be), then delete the copy and run again"
+    )]
+    MovedWhileInUse { original: String, copy: String },
+
+    /// `relocation: snapshot` without a lock service to hold its lock (a bug of the caller).
+    #[error("relocation is on but no lock service was given; the node's volume is left where it is")]
+    NoLockService,
+
     /// `cps-attach grow` on an instance whose volume is not attached and mounted: nothing to grow.
     #[error(
         "cps-attach grow works on a running node, and on {instance_id} {what}; nothing was changed. \
@@ -218,10 +251,14 @@ impl Error {
             Self::Cloud { .. }
             | Self::Lost { .. }
             | Self::Exhausted { .. }
-            | Self::ModificationFailed { .. } => ErrorClass::Cloud,
+            | Self::ModificationFailed { .. }
+            | Self::SnapshotFailed { .. }
+            | Self::SnapshotNotReady { .. } => ErrorClass::Cloud,
             Self::Timeout { .. } => ErrorClass::Timeout,
             Self::Refused { .. }
             | Self::NotRunning { .. }
+            | Self::NoLockService
+            | Self::MovedWhileInUse { .. }
             | Self::Journal { .. }
             | Self::NotDataVolume { .. }
             | Self::Ambiguous { .. }
@@ -229,6 +266,7 @@ impl Error {
             Self::WrongZone { .. }
             | Self::NoFreeSlot { .. }
             | Self::NoNodeId { .. }
+            | Self::NoSnapshot { .. }
             | Self::BadNodeId { .. }
             | Self::NoInterface { .. } => ErrorClass::Identity,
             Self::NoLifecycleHook { .. } | Self::LifecycleExpired { .. } | Self::Secret { .. } => {

@@ -199,6 +199,7 @@ impl Cluster {
             interfaces: &self.cloud,
             lifecycle: &self.cloud,
             secrets: &self.cloud,
+            locks: Some(&self.cloud),
         };
         let hosts = Hosts {
             block: m.block.clone(),
@@ -1061,6 +1062,7 @@ async fn a_stop_ends_the_wait_and_abandons() {
         interfaces: &c.cloud,
         lifecycle: &c.cloud,
         secrets: &c.cloud,
+        locks: Some(&c.cloud),
     };
     let hosts = Hosts {
         block: new.block.clone(),

@@ -205,6 +205,7 @@ pub async fn grow_running(
         origin: super::claim::Origin::Reused,
         attach_attempts: 0,
         slot: None,
+        relocated_from: None,
     };
     let vid = claim.volume.id.clone();
     let device = super::device::locate_device(&host, &claim, config).await?;

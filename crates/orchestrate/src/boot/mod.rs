@@ -20,6 +20,7 @@ mod identity;
 mod interface;
 pub mod journal;
 mod lifecycle;
+pub mod relocate;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,8 +30,8 @@ use std::time::Duration;
 use cps_blockdev::BlockHost;
 use cps_node::NodeHost;
 use cps_provider::{
-    InstanceIdentity, InterfaceService, LifecycleResult, LifecycleService, SecretService, Tags,
-    VolumeService,
+    InstanceIdentity, InterfaceService, LifecycleResult, LifecycleService, LockService,
+    SecretService, Tags, VolumeService,
 };
 use tracing::info;
 
@@ -38,7 +39,7 @@ pub use files::fill;
 use lifecycle::{LifecycleSetup, complete, fail, lifecycle_setup, with_heartbeats};
 
 use crate::backoff::{RetryPolicy, hash_str};
-use crate::config::AttachConfig;
+use crate::config::{AttachConfig, RelocationMode};
 use crate::error::Error;
 use claim::claim_volume;
 use device::{AttachOutcome, prepare_device};
@@ -51,6 +52,8 @@ pub struct Services<'a> {
     pub lifecycle: &'a dyn LifecycleService,
     /// Node file contents kept in the cloud (`content-from`).
     pub secrets: &'a dyn SecretService,
+    /// The relocation lock (`relocation: snapshot`); `None` when relocation is off.
+    pub locks: Option<&'a dyn LockService>,
 }
 
 /// The host sides a boot uses.
@@ -208,7 +211,22 @@ async fn run_steps(
 ) -> Result<BootOutcome, Error> {
     let (target, node_id) =
         identity::claim_target(services, identity, config, group_name, policy).await?;
-    let claim = claim_volume(services.volumes, identity, config, &target, policy).await?;
+    let relocating = config.relocation.mode == RelocationMode::Snapshot
+        && matches!(target, claim::ClaimTarget::Node { .. });
+    let claim = match (relocating, services.locks) {
+        (false, _) => claim_volume(services.volumes, identity, config, &target, policy).await?,
+        (true, Some(locks)) => {
+            let mover = relocate::Mover {
+                cloud: services.volumes,
+                locks,
+                identity,
+                config,
+                policy,
+            };
+            mover.claim(&target).await?
+        }
+        (true, None) => return Err(Error::NoLockService),
+    };
     let slot = claim.slot;
     let node_id = node_id.or_else(|| slot.map(|s| s.to_string()));
     if let Some(s) = slot {
@@ -222,6 +240,9 @@ async fn run_steps(
         policy,
     )
     .await?;
+    if relocating && config.relocation.delete_source {
+        relocate::delete_retired(services.volumes, &claim, policy).await?;
+    }
 
     // The node's own tags: the cluster's plus its id, for finding its interface.
     let mut node_tags: Tags = config.tags.clone();

@@ -22,6 +22,7 @@
 
 mod create;
 mod holders;
+mod restore;
 mod slot;
 
 use std::collections::BTreeMap;
@@ -123,6 +124,8 @@ pub struct Claim {
     pub attach_attempts: u32,
     /// In slot mode, the slot claimed.
     pub slot: Option<u32>,
+    /// The volume is the copy a relocation made of this one (in another zone).
+    pub relocated_from: Option<String>,
 }
 
 /// The volume this run creates when it must: the configured one, in this zone, with `tags`.
@@ -155,6 +158,11 @@ fn token(parts: &[&str], spec: &VolumeSpec, attempt: u32) -> String {
     field(&spec.size_gib.to_string());
     field(&format!("{:?}/{:?}", spec.iops, spec.throughput));
     field(&format!("{}/{:?}", spec.encrypted, spec.kms_key_id));
+    // Only when set, so tokens without a snapshot stay what they were.
+    if let Some(snapshot) = &spec.snapshot_id {
+        field(snapshot);
+        field(&format!("{:?}", spec.initialization_rate));
+    }
     for (k, v) in &spec.tags {
         field(k);
         field(v);
@@ -285,11 +293,14 @@ pub async fn claim_volume(
                 ),
             });
         }
-        let volumes = backoff::retry(policy, "DescribeVolumes", claimer.seed, || {
+        let mut volumes = backoff::retry(policy, "DescribeVolumes", claimer.seed, || {
             cloud_api.volumes_tagged(target.tags())
         })
         .await
         .map_err(Error::cloud("listing volumes by tag"))?;
+        // A source a relocation retired is never claimed again, even before its identity tag
+        // is gone.
+        volumes.retain(|v| !v.tags.contains_key(super::relocate::RETIRED_BY));
         if let Some(claim) = claimer.already_mine(&volumes).await? {
             return Ok(claim);
         }
@@ -337,6 +348,7 @@ impl Claimer<'_> {
             origin,
             attach_attempts: self.attach_attempts,
             slot,
+            relocated_from: None,
         };
         sole_holder_of_identity(self.cloud_api, self.target, &claim, self.seed, self.policy)
             .await?;
@@ -637,7 +649,15 @@ impl Claimer<'_> {
                 ),
             });
         }
-        let spec = volume_spec(self.identity, self.config, &tags);
+        let mut spec = volume_spec(self.identity, self.config, &tags);
+        if let Some(snapshot) =
+            restore::snapshot_for(self.cloud_api, self.config, &tags, self.seed, self.policy).await?
+        {
+            info!(snapshot = %snapshot.id, snapshot_gib = snapshot.size_gib, "the new volume is restored from a snapshot");
+            spec.size_gib = spec.size_gib.max(snapshot.size_gib);
+            spec.snapshot_id = Some(snapshot.id);
+            spec.initialization_rate = self.config.restore.initialization_rate;
+        }
         let walk = self.walks.entry(tags.clone()).or_default();
         if walk.generation >= MAX_GENERATIONS {
             return Err(Error::Exhausted {

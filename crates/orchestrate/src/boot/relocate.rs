@@ -1,0 +1,429 @@
+//! Moving a node's volume to this zone (`relocation: snapshot`), under a lock with a lease and
+//! a fencing token (see docs/ARCHITECTURE.md, *Relocation*).
+//!
+//! With relocation on, a node's whole claim runs under the lock named after the node's
+//! identity tags: no two agents claim or move one node's volume at a time. A claim that finds
+//! the node's volume only in another zone moves it: snapshot the source, make a copy here from
+//! the snapshot (tagged `cps:relocated-from`, without the identity tag yet), check the source is
+//! still free, retire it (`cps:retired-by` = the copy, then the identity tag removed), give the
+//! copy the identity tag, and claim it as usual. Each step first looks at what AWS shows, so an
+//! agent that takes the lock after a crash resumes where the last one stopped, and the lock's
+//! record says a move is unfinished, so nobody creates an empty volume meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use cps_provider::{
+    Acquired, Error as CloudError, InstanceIdentity, Lease, LockService, Snapshot, SnapshotState,
+    Tags, Volume, VolumeService, VolumeState,
+};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::claim::{Claim, ClaimTarget, claim_volume, volume_spec};
+use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str};
+use crate::config::AttachConfig;
+use crate::error::Error;
+
+/// The tag a retired source carries: the id of the copy that replaced it. Claims skip it.
+pub const RETIRED_BY: &str = "cps:retired-by";
+/// The tag of a copy: the source it was made from.
+pub const RELOCATED_FROM: &str = "cps:relocated-from";
+/// The tag of a relocation's snapshot: the source it was taken of.
+pub const RELOCATION_OF: &str = "cps:relocation-of";
+/// The record key naming the source of an unfinished move.
+const SOURCE: &str = "source";
+
+/// Wall-clock time that follows tokio's clock (which tests pause and advance): the lease's
+/// expiry is compared with it by every agent.
+fn now() -> SystemTime {
+    static BASE: OnceLock<(SystemTime, Instant)> = OnceLock::new();
+    let (wall, mono) = *BASE.get_or_init(|| (SystemTime::now(), Instant::now()));
+    wall + mono.elapsed()
+}
+
+/// The lock's key for a node: its identity tags, sorted.
+pub fn lock_key(tags: &Tags) -> String {
+    let parts: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("cps/node/{}", parts.join(","))
+}
+
+/// What a move needs.
+pub(super) struct Mover<'a> {
+    pub(super) cloud: &'a dyn VolumeService,
+    pub(super) locks: &'a dyn LockService,
+    pub(super) identity: &'a InstanceIdentity,
+    pub(super) config: &'a AttachConfig,
+    pub(super) policy: RetryPolicy,
+}
+
+/// A held lease and when it was last renewed.
+struct Held {
+    lease: Lease,
+    renewed: Instant,
+}
+
+impl Mover<'_> {
+    fn seed(&self) -> u64 {
+        hash_str(&self.identity.instance_id)
+    }
+
+    fn lease_for(&self) -> Duration {
+        self.config.relocation.lease
+    }
+
+    /// The node's claim under its lock; moves its volume here first when it is only elsewhere.
+    pub(super) async fn claim(&self, target: &ClaimTarget) -> Result<Claim, Error> {
+        let ClaimTarget::Node { tags, .. } = target else {
+            return claim_volume(self.cloud, self.identity, self.config, target, self.policy).await;
+        };
+        let key = lock_key(tags);
+        let (lease, record) = self.acquire(&key).await?;
+        let mut held = Held {
+            lease,
+            renewed: Instant::now(),
+        };
+        let result = self.claim_holding(&mut held, tags, target, record).await;
+        if let Err(e) = backoff::retry(self.policy, "DynamoDB UpdateItem", self.seed(), || {
+            self.locks.release(&held.lease)
+        })
+        .await
+        {
+            warn!(key = %key, error = %e, "could not release the relocation lock; it expires with its lease");
+        }
+        result
+    }
+
+    async fn claim_holding(
+        &self,
+        held: &mut Held,
+        tags: &Tags,
+        target: &ClaimTarget,
+        record: BTreeMap<String, String>,
+    ) -> Result<Claim, Error> {
+        if let Some(source) = record.get(SOURCE) {
+            info!(source = %source, "an earlier relocation of this node's volume is unfinished; going on with it");
+            let source = self.volume(source).await?;
+            self.finish(held, tags, &source).await?;
+        } else if let Some(source) = self.only_elsewhere(tags).await? {
+            self.wait_free(&source).await?;
+            self.record(held, [(SOURCE.to_owned(), source.id.clone())].into()).await?;
+            self.finish(held, tags, &source).await?;
+        }
+        let mut claim = self.claim_renewing(held, target).await?;
+        if let Some(from) = claim.volume.tags.get(RELOCATED_FROM) {
+            claim.relocated_from = Some(from.clone());
+        }
+        Ok(claim)
+    }
+
+    /// Takes the lock, waiting (bounded) while another agent holds it.
+    async fn acquire(&self, key: &str) -> Result<(Lease, BTreeMap<String, String>), Error> {
+        let me = self.identity.instance_id.as_str();
+        let bound = self.config.relocation.snapshot_timeout + self.config.node.release_timeout;
+        let got = backoff::poll(Schedule::CLOUD_STATE, bound, || async {
+            let acquired = backoff::retry(self.policy, "DynamoDB UpdateItem", self.seed(), || {
+                self.locks.acquire(key, me, self.lease_for(), now())
+            })
+            .await
+            .map_err(Error::cloud("taking the relocation lock"))?;
+            Ok::<_, Error>(match acquired {
+                Acquired::Held(lease, record) => Poll::Ready((lease, record)),
+                Acquired::Busy(item) => Poll::Pending(format!(
+                    "the lock {key} is held by {} (token {})",
+                    item.owner.as_deref().unwrap_or("?"),
+                    item.token
+                )),
+            })
+        })
+        .await?;
+        let (lease, record) = got.map_err(|t| Error::Timeout {
+            what: format!("the relocation lock {key}"),
+            waited: t.waited,
+            last: t.last,
+        })?;
+        info!(key = %key, token = lease.token, "relocation lock taken");
+        Ok((lease, record))
+    }
+
+    /// Renews the lease when a third of it has passed; a lease lost to another agent stops
+    /// this one before its next change.
+    async fn renew(&self, held: &mut Held) -> Result<(), Error> {
+        if held.renewed.elapsed() < self.lease_for() / 3 {
+            return Ok(());
+        }
+        held.lease = backoff::retry(self.policy, "DynamoDB UpdateItem", self.seed(), || {
+            self.locks.renew(&held.lease, self.lease_for(), now())
+        })
+        .await
+        .map_err(Error::cloud("renewing the relocation lock"))?;
+        held.renewed = Instant::now();
+        Ok(())
+    }
+
+    async fn record(&self, held: &mut Held, record: BTreeMap<String, String>) -> Result<(), Error> {
+        self.renew(held).await?;
+        backoff::retry(self.policy, "DynamoDB UpdateItem", self.seed(), || {
+            self.locks.write_record(&held.lease, &record)
+        })
+        .await
+        .map_err(Error::cloud("writing the relocation record"))
+    }
+
+    /// The claim itself, with the lease renewed while it runs (it may wait for a holder).
+    async fn claim_renewing(&self, held: &mut Held, target: &ClaimTarget) -> Result<Claim, Error> {
+        let claim = claim_volume(self.cloud, self.identity, self.config, target, self.policy);
+        tokio::pin!(claim);
+        loop {
+            tokio::select! {
+                out = &mut claim => return out,
+                () = tokio::time::sleep(self.lease_for() / 3) => self.renew(held).await?,
+            }
+        }
+    }
+
+    async fn volume(&self, id: &str) -> Result<Volume, Error> {
+        backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
+            self.cloud.volume(id)
+        })
+        .await
+        .map_err(Error::cloud("reading the volume being moved"))
+    }
+
+    /// The node's one volume, when it is in another zone and none is here.
+    async fn only_elsewhere(&self, tags: &Tags) -> Result<Option<Volume>, Error> {
+        let zone = &self.identity.availability_zone;
+        let volumes: Vec<Volume> = backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
+            self.cloud.volumes_tagged(tags)
+        })
+        .await
+        .map_err(Error::cloud("listing volumes by tag"))?
+        .into_iter()
+        .filter(|v| !v.tags.contains_key(RETIRED_BY))
+        .collect();
+        let (here, far): (Vec<Volume>, Vec<Volume>) =
+            volumes.into_iter().partition(|v| &v.availability_zone == zone);
+        Ok(match (here.is_empty(), far.as_slice()) {
+            (true, [one]) => Some(one.clone()),
+            // Several elsewhere, or one here too: the claim says what is wrong.
+            _ => None,
+        })
+    }
+
+    /// Waits (bounded by the release timeout) until the source is attached to nobody: the old
+    /// server in the other zone may still be shutting down.
+    async fn wait_free(&self, source: &Volume) -> Result<(), Error> {
+        let id = source.id.as_str();
+        let waited = backoff::poll(Schedule::CLOUD_STATE, self.config.node.release_timeout, || async {
+            let v = self.volume(id).await?;
+            Ok::<_, Error>(if v.state == VolumeState::Available && v.attachments.is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("{id} in {} is {} ({} attachments)", v.availability_zone, v.state, v.attachments.len()))
+            })
+        })
+        .await?;
+        waited.map_err(|t| Error::Timeout {
+            what: format!("{id} to be released in its zone before it is moved (never detached by cps)"),
+            waited: t.waited,
+            last: t.last,
+        })
+    }
+
+    /// Snapshot, copy, retire, hand over: each step skipped when AWS shows it done.
+    async fn finish(&self, held: &mut Held, tags: &Tags, source: &Volume) -> Result<(), Error> {
+        let snapshot = self.snapshot_of(held, tags, source).await?;
+        let copy = self.copy_of(held, source, &snapshot).await?;
+        if !source.tags.contains_key(RETIRED_BY) || source.tags.keys().any(|k| self.identity_key(tags) == Some(k.as_str())) {
+            self.retire(held, tags, &source.id, &copy.id).await?;
+        }
+        if !tags.iter().all(|(k, v)| copy.tags.get(k) == Some(v)) {
+            self.renew(held).await?;
+            backoff::retry(self.policy, "CreateTags", self.seed(), || {
+                self.cloud.tag_volume(&copy.id, tags)
+            })
+            .await
+            .map_err(Error::cloud("giving the copy the node's identity"))?;
+        }
+        self.record(held, BTreeMap::new()).await?;
+        info!(source = %source.id, copy = %copy.id, zone = %self.identity.availability_zone, "the node's volume was moved to this zone");
+        Ok(())
+    }
+
+    /// The identity tag's key: the node id tag (the one of the node's tags ebs-tags lacks).
+    fn identity_key<'t>(&self, tags: &'t Tags) -> Option<&'t str> {
+        tags.keys().find(|k| !self.config.tags.contains_key(*k)).map(String::as_str)
+    }
+
+    /// The source's relocation snapshot, taken now if there is none; waited for until complete.
+    async fn snapshot_of(&self, held: &mut Held, tags: &Tags, source: &Volume) -> Result<Snapshot, Error> {
+        let mark: Tags = [(RELOCATION_OF.to_owned(), source.id.clone())].into();
+        let mut found = backoff::retry(self.policy, "DescribeSnapshots", self.seed(), || {
+            self.cloud.snapshots_tagged(&mark)
+        })
+        .await
+        .map_err(Error::cloud("looking for the relocation snapshot"))?;
+        found.retain(|s| s.state != SnapshotState::Error);
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        let snapshot = match found.into_iter().next() {
+            Some(s) => s,
+            None => {
+                self.renew(held).await?;
+                let mut snap_tags = tags.clone();
+                snap_tags.extend(mark);
+                snap_tags.insert("cps:relocation-token".into(), held.lease.token.to_string());
+                let description = format!("cps: moving {} to {}", source.id, self.identity.availability_zone);
+                let s = backoff::retry(self.policy, "CreateSnapshot", self.seed(), || {
+                    self.cloud.create_snapshot(&source.id, &description, &snap_tags)
+                })
+                .await
+                .map_err(Error::cloud("snapshotting the volume to move"))?;
+                info!(source = %source.id, snapshot = %s.id, "snapshot of the node's volume started");
+                s
+            }
+        };
+        self.completed(held, snapshot).await
+    }
+
+    async fn completed(&self, held: &mut Held, snapshot: Snapshot) -> Result<Snapshot, Error> {
+        let id = snapshot.id.clone();
+        let started = Instant::now();
+        let mut looks = 0;
+        let mut current = snapshot;
+        loop {
+            match current.state {
+                SnapshotState::Completed => return Ok(current),
+                SnapshotState::Error => {
+                    return Err(Error::SnapshotFailed { snapshot_id: id, volume_id: current.volume_id });
+                }
+                SnapshotState::Pending => {}
+            }
+            if started.elapsed() >= self.config.relocation.snapshot_timeout {
+                return Err(Error::Timeout {
+                    what: format!("snapshot {id} to complete"),
+                    waited: started.elapsed(),
+                    last: format!("{}% done", current.progress_percent.unwrap_or(0)),
+                });
+            }
+            if looks % 10 == 0 {
+                info!(snapshot = %id, progress = current.progress_percent.unwrap_or(0), "waiting for the snapshot");
+            }
+            tokio::time::sleep(Schedule::CLOUD_STATE.delay(looks)).await;
+            looks += 1;
+            self.renew(held).await?;
+            current = backoff::retry(self.policy, "DescribeSnapshots", self.seed(), || {
+                self.cloud.snapshot(&id)
+            })
+            .await
+            .map_err(Error::cloud("waiting for the snapshot"))?;
+        }
+    }
+
+    /// The copy in this zone, made from the snapshot if there is none yet; waited for until
+    /// available. It carries the cluster's tags and `cps:relocated-from`, not the identity tag.
+    async fn copy_of(&self, held: &mut Held, source: &Volume, snapshot: &Snapshot) -> Result<Volume, Error> {
+        let zone = &self.identity.availability_zone;
+        let mut mark = self.config.tags.clone();
+        mark.insert(RELOCATED_FROM.to_owned(), source.id.clone());
+        let found = backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
+            self.cloud.volumes_tagged(&mark)
+        })
+        .await
+        .map_err(Error::cloud("looking for the volume's copy"))?;
+        if let Some(copy) = found.into_iter().find(|v| &v.availability_zone == zone) {
+            return self.available(copy).await;
+        }
+        self.renew(held).await?;
+        let mut spec = volume_spec(self.identity, self.config, &mark);
+        spec.size_gib = spec.size_gib.max(source.size_gib).max(snapshot.size_gib);
+        spec.snapshot_id = Some(snapshot.id.clone());
+        spec.initialization_rate = self.config.restore.initialization_rate;
+        if let Some(journal) = source.tags.get(super::journal::TAG) {
+            spec.tags.insert(super::journal::TAG.to_owned(), journal.clone());
+        }
+        // Every agent moving this source from this snapshot sends the same token: one copy.
+        let token = format!("cps-move-{:016x}", hash_str(&format!("{}|{}|{zone}", source.id, snapshot.id)));
+        let copy = backoff::retry(self.policy, "CreateVolume", self.seed(), || {
+            self.cloud.create_volume(&spec, &token)
+        })
+        .await
+        .map_err(Error::cloud("creating the copy from the snapshot"))?;
+        info!(source = %source.id, snapshot = %snapshot.id, copy = %copy.id, zone = %zone, "copy of the node's volume created");
+        self.available(copy).await
+    }
+
+    async fn available(&self, volume: Volume) -> Result<Volume, Error> {
+        let id = volume.id.clone();
+        let waited = backoff::poll(Schedule::CLOUD_STATE, self.config.timeouts.create, || async {
+            let v = self.volume(&id).await?;
+            Ok::<_, Error>(match v.state {
+                VolumeState::Available | VolumeState::InUse => Poll::Ready(v),
+                state => Poll::Pending(format!("{id} is {state}")),
+            })
+        })
+        .await?;
+        waited.map_err(|t| Error::Timeout {
+            what: format!("the copy {id} to be available"),
+            waited: t.waited,
+            last: t.last,
+        })
+    }
+
+    /// Retires the source: still free (nobody may attach it while the lock is held, but check),
+    /// then `cps:retired-by` (from then on claims skip it), then the identity tag removed.
+    async fn retire(&self, held: &mut Held, tags: &Tags, source: &str, copy: &str) -> Result<(), Error> {
+        let now = self.volume(source).await?;
+        if !now.attachments.is_empty() {
+            return Err(Error::MovedWhileInUse {
+                original: source.to_owned(),
+                copy: copy.to_owned(),
+            });
+        }
+        self.renew(held).await?;
+        let retired: Tags = [(RETIRED_BY.to_owned(), copy.to_owned())].into();
+        backoff::retry(self.policy, "CreateTags", self.seed(), || {
+            self.cloud.tag_volume(source, &retired)
+        })
+        .await
+        .map_err(Error::cloud("retiring the moved volume"))?;
+        if let Some(key) = self.identity_key(tags) {
+            let keys = [key.to_owned()];
+            self.renew(held).await?;
+            backoff::retry(self.policy, "DeleteTags", self.seed(), || {
+                self.cloud.untag_volume(source, &keys)
+            })
+            .await
+            .map_err(Error::cloud("removing the identity from the moved volume"))?;
+        }
+        info!(source = %source, copy = %copy, "source retired (cps:retired-by); it is never claimed again");
+        Ok(())
+    }
+}
+
+/// With `delete-source`, after the copy is attached here and its filesystem verified: deletes
+/// the volumes this one retired, if they are still free. One listing per boot.
+pub(super) async fn delete_retired(
+    cloud: &dyn VolumeService,
+    claim: &Claim,
+    policy: RetryPolicy,
+) -> Result<(), Error> {
+    let seed = hash_str(&claim.instance_id);
+    let mark: Tags = [(RETIRED_BY.to_owned(), claim.volume.id.clone())].into();
+    let retired = backoff::retry(policy, "DescribeVolumes", seed, || cloud.volumes_tagged(&mark))
+        .await
+        .map_err(Error::cloud("looking for the moved volume's source"))?;
+    for v in retired {
+        if v.state != VolumeState::Available || !v.attachments.is_empty() {
+            warn!(volume_id = %v.id, "the retired source is in use; not deleting it");
+            continue;
+        }
+        match backoff::retry(policy, "DeleteVolume", seed, || cloud.delete_volume(&v.id)).await {
+            Ok(()) | Err(CloudError::NotFound { .. }) => {
+                info!(volume_id = %v.id, copy = %claim.volume.id, "retired source deleted (relocation.delete-source)");
+            }
+            Err(e) => return Err(Error::cloud("deleting the moved volume's source")(e)),
+        }
+    }
+    Ok(())
+}
