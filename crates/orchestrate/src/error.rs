@@ -72,7 +72,10 @@ pub enum Error {
         "the snapshot {snapshot_id} of {volume_id}, taken to move it to this zone, failed; the volume is unchanged. \
          Delete the failed snapshot (`aws ec2 delete-snapshot --snapshot-id {snapshot_id}`) and run again"
     )]
-    SnapshotFailed { snapshot_id: String, volume_id: String },
+    SnapshotFailed {
+        snapshot_id: String,
+        volume_id: String,
+    },
 
     /// The source of a move was attached (outside cps's lock) while it was being moved.
     #[error(
@@ -82,7 +85,9 @@ pub enum Error {
     MovedWhileInUse { original: String, copy: String },
 
     /// `relocation: snapshot` without a lock service to hold its lock (a bug of the caller).
-    #[error("relocation is on but no lock service was given; the node's volume is left where it is")]
+    #[error(
+        "relocation is on but no lock service was given; the node's volume is left where it is"
+    )]
     NoLockService,
 
     /// `cps-attach grow` on an instance whose volume is not attached and mounted: nothing to grow.

@@ -108,7 +108,8 @@ impl Mover<'_> {
             self.finish(held, tags, &source).await?;
         } else if let Some(source) = self.only_elsewhere(tags).await? {
             self.wait_free(&source).await?;
-            self.record(held, [(SOURCE.to_owned(), source.id.clone())].into()).await?;
+            self.record(held, [(SOURCE.to_owned(), source.id.clone())].into())
+                .await?;
             self.finish(held, tags, &source).await?;
         }
         let mut claim = self.claim_renewing(held, target).await?;
@@ -194,16 +195,18 @@ impl Mover<'_> {
     /// The node's one volume, when it is in another zone and none is here.
     async fn only_elsewhere(&self, tags: &Tags) -> Result<Option<Volume>, Error> {
         let zone = &self.identity.availability_zone;
-        let volumes: Vec<Volume> = backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
-            self.cloud.volumes_tagged(tags)
-        })
-        .await
-        .map_err(Error::cloud("listing volumes by tag"))?
-        .into_iter()
-        .filter(|v| !v.tags.contains_key(RETIRED_BY))
-        .collect();
-        let (here, far): (Vec<Volume>, Vec<Volume>) =
-            volumes.into_iter().partition(|v| &v.availability_zone == zone);
+        let volumes: Vec<Volume> =
+            backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
+                self.cloud.volumes_tagged(tags)
+            })
+            .await
+            .map_err(Error::cloud("listing volumes by tag"))?
+            .into_iter()
+            .filter(|v| !v.tags.contains_key(RETIRED_BY))
+            .collect();
+        let (here, far): (Vec<Volume>, Vec<Volume>) = volumes
+            .into_iter()
+            .partition(|v| &v.availability_zone == zone);
         Ok(match (here.is_empty(), far.as_slice()) {
             (true, [one]) => Some(one.clone()),
             // Several elsewhere, or one here too: the claim says what is wrong.
@@ -215,17 +218,30 @@ impl Mover<'_> {
     /// server in the other zone may still be shutting down.
     async fn wait_free(&self, source: &Volume) -> Result<(), Error> {
         let id = source.id.as_str();
-        let waited = backoff::poll(Schedule::CLOUD_STATE, self.config.node.release_timeout, || async {
-            let v = self.volume(id).await?;
-            Ok::<_, Error>(if v.state == VolumeState::Available && v.attachments.is_empty() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending(format!("{id} in {} is {} ({} attachments)", v.availability_zone, v.state, v.attachments.len()))
-            })
-        })
+        let waited = backoff::poll(
+            Schedule::CLOUD_STATE,
+            self.config.node.release_timeout,
+            || async {
+                let v = self.volume(id).await?;
+                Ok::<_, Error>(
+                    if v.state == VolumeState::Available && v.attachments.is_empty() {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending(format!(
+                            "{id} in {} is {} ({} attachments)",
+                            v.availability_zone,
+                            v.state,
+                            v.attachments.len()
+                        ))
+                    },
+                )
+            },
+        )
         .await?;
         waited.map_err(|t| Error::Timeout {
-            what: format!("{id} to be released in its zone before it is moved (never detached by cps)"),
+            what: format!(
+                "{id} to be released in its zone before it is moved (never detached by cps)"
+            ),
             waited: t.waited,
             last: t.last,
         })
@@ -235,7 +251,12 @@ impl Mover<'_> {
     async fn finish(&self, held: &mut Held, tags: &Tags, source: &Volume) -> Result<(), Error> {
         let snapshot = self.snapshot_of(held, tags, source).await?;
         let copy = self.copy_of(held, source, &snapshot).await?;
-        if !source.tags.contains_key(RETIRED_BY) || source.tags.keys().any(|k| self.identity_key(tags) == Some(k.as_str())) {
+        if !source.tags.contains_key(RETIRED_BY)
+            || source
+                .tags
+                .keys()
+                .any(|k| self.identity_key(tags) == Some(k.as_str()))
+        {
             self.retire(held, tags, &source.id, &copy.id).await?;
         }
         if !tags.iter().all(|(k, v)| copy.tags.get(k) == Some(v)) {
@@ -253,11 +274,18 @@ impl Mover<'_> {
 
     /// The identity tag's key: the node id tag (the one of the node's tags ebs-tags lacks).
     fn identity_key<'t>(&self, tags: &'t Tags) -> Option<&'t str> {
-        tags.keys().find(|k| !self.config.tags.contains_key(*k)).map(String::as_str)
+        tags.keys()
+            .find(|k| !self.config.tags.contains_key(*k))
+            .map(String::as_str)
     }
 
     /// The source's relocation snapshot, taken now if there is none; waited for until complete.
-    async fn snapshot_of(&self, held: &mut Held, tags: &Tags, source: &Volume) -> Result<Snapshot, Error> {
+    async fn snapshot_of(
+        &self,
+        held: &mut Held,
+        tags: &Tags,
+        source: &Volume,
+    ) -> Result<Snapshot, Error> {
         let mark: Tags = [(RELOCATION_OF.to_owned(), source.id.clone())].into();
         let mut found = backoff::retry(self.policy, "DescribeSnapshots", self.seed(), || {
             self.cloud.snapshots_tagged(&mark)
@@ -273,9 +301,13 @@ impl Mover<'_> {
                 let mut snap_tags = tags.clone();
                 snap_tags.extend(mark);
                 snap_tags.insert("cps:relocation-token".into(), held.lease.token.to_string());
-                let description = format!("cps: moving {} to {}", source.id, self.identity.availability_zone);
+                let description = format!(
+                    "cps: moving {} to {}",
+                    source.id, self.identity.availability_zone
+                );
                 let s = backoff::retry(self.policy, "CreateSnapshot", self.seed(), || {
-                    self.cloud.create_snapshot(&source.id, &description, &snap_tags)
+                    self.cloud
+                        .create_snapshot(&source.id, &description, &snap_tags)
                 })
                 .await
                 .map_err(Error::cloud("snapshotting the volume to move"))?;
@@ -295,7 +327,10 @@ impl Mover<'_> {
             match current.state {
                 SnapshotState::Completed => return Ok(current),
                 SnapshotState::Error => {
-                    return Err(Error::SnapshotFailed { snapshot_id: id, volume_id: current.volume_id });
+                    return Err(Error::SnapshotFailed {
+                        snapshot_id: id,
+                        volume_id: current.volume_id,
+                    });
                 }
                 SnapshotState::Pending => {}
             }
@@ -322,7 +357,12 @@ impl Mover<'_> {
 
     /// The copy in this zone, made from the snapshot if there is none yet; waited for until
     /// available. It carries the cluster's tags and `cps:relocated-from`, not the identity tag.
-    async fn copy_of(&self, held: &mut Held, source: &Volume, snapshot: &Snapshot) -> Result<Volume, Error> {
+    async fn copy_of(
+        &self,
+        held: &mut Held,
+        source: &Volume,
+        snapshot: &Snapshot,
+    ) -> Result<Volume, Error> {
         let zone = &self.identity.availability_zone;
         let mut mark = self.config.tags.clone();
         mark.insert(RELOCATED_FROM.to_owned(), source.id.clone());
@@ -340,10 +380,14 @@ impl Mover<'_> {
         spec.snapshot_id = Some(snapshot.id.clone());
         spec.initialization_rate = self.config.restore.initialization_rate;
         if let Some(journal) = source.tags.get(super::journal::TAG) {
-            spec.tags.insert(super::journal::TAG.to_owned(), journal.clone());
+            spec.tags
+                .insert(super::journal::TAG.to_owned(), journal.clone());
         }
         // Every agent moving this source from this snapshot sends the same token: one copy.
-        let token = format!("cps-move-{:016x}", hash_str(&format!("{}|{}|{zone}", source.id, snapshot.id)));
+        let token = format!(
+            "cps-move-{:016x}",
+            hash_str(&format!("{}|{}|{zone}", source.id, snapshot.id))
+        );
         let copy = backoff::retry(self.policy, "CreateVolume", self.seed(), || {
             self.cloud.create_volume(&spec, &token)
         })
@@ -355,13 +399,17 @@ impl Mover<'_> {
 
     async fn available(&self, volume: Volume) -> Result<Volume, Error> {
         let id = volume.id.clone();
-        let waited = backoff::poll(Schedule::CLOUD_STATE, self.config.timeouts.create, || async {
-            let v = self.volume(&id).await?;
-            Ok::<_, Error>(match v.state {
-                VolumeState::Available | VolumeState::InUse => Poll::Ready(v),
-                state => Poll::Pending(format!("{id} is {state}")),
-            })
-        })
+        let waited = backoff::poll(
+            Schedule::CLOUD_STATE,
+            self.config.timeouts.create,
+            || async {
+                let v = self.volume(&id).await?;
+                Ok::<_, Error>(match v.state {
+                    VolumeState::Available | VolumeState::InUse => Poll::Ready(v),
+                    state => Poll::Pending(format!("{id} is {state}")),
+                })
+            },
+        )
         .await?;
         waited.map_err(|t| Error::Timeout {
             what: format!("the copy {id} to be available"),
@@ -372,7 +420,13 @@ impl Mover<'_> {
 
     /// Retires the source: still free (nobody may attach it while the lock is held, but check),
     /// then `cps:retired-by` (from then on claims skip it), then the identity tag removed.
-    async fn retire(&self, held: &mut Held, tags: &Tags, source: &str, copy: &str) -> Result<(), Error> {
+    async fn retire(
+        &self,
+        held: &mut Held,
+        tags: &Tags,
+        source: &str,
+        copy: &str,
+    ) -> Result<(), Error> {
         let now = self.volume(source).await?;
         if !now.attachments.is_empty() {
             return Err(Error::MovedWhileInUse {
@@ -410,9 +464,11 @@ pub(super) async fn delete_retired(
 ) -> Result<(), Error> {
     let seed = hash_str(&claim.instance_id);
     let mark: Tags = [(RETIRED_BY.to_owned(), claim.volume.id.clone())].into();
-    let retired = backoff::retry(policy, "DescribeVolumes", seed, || cloud.volumes_tagged(&mark))
-        .await
-        .map_err(Error::cloud("looking for the moved volume's source"))?;
+    let retired = backoff::retry(policy, "DescribeVolumes", seed, || {
+        cloud.volumes_tagged(&mark)
+    })
+    .await
+    .map_err(Error::cloud("looking for the moved volume's source"))?;
     for v in retired {
         if v.state != VolumeState::Available || !v.attachments.is_empty() {
             warn!(volume_id = %v.id, "the retired source is in use; not deleting it");

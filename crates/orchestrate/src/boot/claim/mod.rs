@@ -651,7 +651,8 @@ impl Claimer<'_> {
         }
         let mut spec = volume_spec(self.identity, self.config, &tags);
         if let Some(snapshot) =
-            restore::snapshot_for(self.cloud_api, self.config, &tags, self.seed, self.policy).await?
+            restore::snapshot_for(self.cloud_api, self.config, &tags, self.seed, self.policy)
+                .await?
         {
             info!(snapshot = %snapshot.id, snapshot_gib = snapshot.size_gib, "the new volume is restored from a snapshot");
             spec.size_gib = spec.size_gib.max(snapshot.size_gib);

@@ -30,13 +30,18 @@ pub(super) async fn snapshot_for(
             }
             Ok(Some(snapshot))
         }
-        Some(SnapshotSource::Latest { tags: chosen, or_empty }) => {
+        Some(SnapshotSource::Latest {
+            tags: chosen,
+            or_empty,
+        }) => {
             let wanted = chosen.as_ref().unwrap_or(tags);
             let found = backoff::retry(policy, "DescribeSnapshots", seed, || {
                 cloud.snapshots_tagged(wanted)
             })
             .await
-            .map_err(Error::cloud("looking for the newest snapshot to restore from"))?;
+            .map_err(Error::cloud(
+                "looking for the newest snapshot to restore from",
+            ))?;
             match newest_completed(found) {
                 Some(s) => Ok(Some(s)),
                 None if *or_empty => {
