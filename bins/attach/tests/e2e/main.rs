@@ -14,6 +14,7 @@ mod format;
 mod grow;
 mod iam;
 mod identity;
+mod life;
 mod lifecycle;
 mod messages;
 
