@@ -1228,6 +1228,12 @@ def _statement_allows(statement, action, resource, context):
                 # at all pass, as in IAM.
                 if not all(v in _as_list(wanted) for v in _as_list(context.get(key, []))):
                     return False
+            elif operator == "Null":
+                # "true": the key is absent from the request; "false": it is present (a
+                # multi-valued key with no values counts as absent, as in IAM).
+                present = context.get(key) not in (None, "", [])
+                if present != (str(wanted).lower() == "false"):
+                    return False
             else:
                 return False  # not evaluated here: deny rather than guess
     return True

@@ -97,7 +97,7 @@ run "deletable_when_opted_out_with_a_final_snapshot" {
     error_message = "every node config names the lock table"
   }
   assert {
-    condition     = one([for s in jsondecode(aws_iam_role_policy.node.policy).Statement : s if s.Sid == "RelocationLease"]) == { Sid = "RelocationLease", Effect = "Allow", Action = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"], Resource = "arn:aws:dynamodb:eu-west-1:123456789012:table/kafka-cps-relocation" }
+    condition     = one([for s in jsondecode(aws_iam_role_policy.node.policy).Statement : s if s.Sid == "RelocationLease"]) == { Sid = "RelocationLease", Effect = "Allow", Action = ["dynamodb:GetItem", "dynamodb:UpdateItem"], Resource = "arn:aws:dynamodb:eu-west-1:123456789012:table/kafka-cps-relocation" }
     error_message = "the lease actions on exactly the lock table"
   }
   assert {

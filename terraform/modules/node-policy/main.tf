@@ -179,10 +179,22 @@ locals {
         }
       },
       {
+        # Retiring the source (`cps:retired-by` = the new volume) and handing the node's
+        # identity to the new volume: those keys only, on the cluster's volumes.
+        Sid      = "RetireAndHandOver"
+        Effect   = "Allow"
+        Action   = ["ec2:CreateTags"]
+        Resource = "arn:aws:ec2:*:*:volume/*"
+        Condition = {
+          StringEquals                = local.cluster_condition
+          "ForAllValues:StringEquals" = { "aws:TagKeys" = concat(["cps:retired-by"], local.identity_tag_keys) }
+        }
+      },
+      {
         # The lease deciding which node may move a volume: conditional writes on one table.
         Sid      = "RelocationLease"
         Effect   = "Allow"
-        Action   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"]
+        Action   = ["dynamodb:GetItem", "dynamodb:UpdateItem"]
         Resource = var.lock_table_arn
       },
     ] : s if var.relocation],

@@ -45,6 +45,8 @@ module "node_config" {
   configure_command       = each.value.configure
   health_command          = each.value.health
   command_timeout_seconds = 1800
+  # One node with relocation on, so `cps-attach validate` reads that section as rendered.
+  relocation = each.key == "commands" ? { mode = "snapshot", lock_table = "kafka-cps-relocation", delete_source = true } : null
 }
 
 output "configs" {

@@ -260,9 +260,15 @@ impl Mover<'_> {
             self.retire(held, tags, &source.id, &copy.id).await?;
         }
         if !tags.iter().all(|(k, v)| copy.tags.get(k) == Some(v)) {
+            // The copy has the cluster's tags from its creation; only the identity is added.
+            let identity: Tags = tags
+                .iter()
+                .filter(|(k, _)| !self.config.tags.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             self.renew(held).await?;
             backoff::retry(self.policy, "CreateTags", self.seed(), || {
-                self.cloud.tag_volume(&copy.id, tags)
+                self.cloud.tag_volume(&copy.id, &identity)
             })
             .await
             .map_err(Error::cloud("giving the copy the node's identity"))?;
