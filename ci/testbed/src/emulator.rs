@@ -193,6 +193,44 @@ pub fn control_at(endpoint: &str, method: &str, path: &str, body: &str) -> io::R
     }
 }
 
+/// One request of an AWS JSON protocol (`X-Amz-Target`, JSON `version` 1.0 or 1.1) to the
+/// emulator, in the form of a signed request with the bench's own unrestricted key; the
+/// emulator does not check signatures of that key.
+pub(crate) fn json_call(
+    endpoint: &str,
+    service: &str,
+    version: &str,
+    target: &str,
+    body: &serde_json::Value,
+) -> io::Result<()> {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let addr = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-amz-json-{version}\r\n\
+         X-Amz-Target: {target}\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, SignedHeaders=host, Signature=0\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    if reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{target} on the emulator failed: {}",
+            reply.lines().last().unwrap_or("")
+        )))
+    }
+}
+
 /// SDK configuration for an emulator endpoint: its region, static test credentials.
 fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::SdkConfig::builder()

@@ -926,7 +926,6 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
         "/sys",
     )?;
 
-    let relocation = life::build_relocation(src, file.relocation)?;
     let node = node::build(
         src,
         node::NodeSections {
@@ -967,6 +966,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
     }
 
     let restore = life::build_restore(src, restore_keys, &node.identity)?;
+    let relocation = life::build_relocation(src, file.relocation, &node.identity)?;
 
     Ok(AttachConfig {
         block_device,

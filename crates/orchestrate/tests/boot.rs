@@ -16,7 +16,7 @@ use cps_orchestrate::{
     AttachConfig, BootOutcome, Error, ErrorClass, Hosts, LifecycleOutcome, Overrides, Services,
     boot,
 };
-use cps_provider::memory::{CREATE_SNAPSHOT, LifecycleEvent, MemoryCloud, Timing};
+use cps_provider::memory::{CREATE_SNAPSHOT, CREATE_VOLUME, LifecycleEvent, MemoryCloud, Timing};
 use cps_provider::{AttachmentState, InstanceIdentity, LifecycleResult, Tags};
 use tokio::time::Instant;
 
@@ -1177,7 +1177,10 @@ async fn a_deleted_node_volume_comes_back_from_its_newest_completed_snapshot() {
         &format!("{NODE}  node-id: '4'\n"),
     );
     let m = c.launch("i-back", AZ);
+    let creates = c.cloud.calls().count(CREATE_VOLUME);
     let out = c.boot(&m, &restore).await.unwrap();
+    // The deleted volume's creation token is not in the way: one CreateVolume, no wait for it.
+    assert_eq!(c.cloud.calls().count(CREATE_VOLUME) - creates, 1);
     let volume = c
         .cloud
         .volumes()

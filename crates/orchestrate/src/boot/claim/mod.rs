@@ -671,7 +671,17 @@ impl Claimer<'_> {
         let token = if pool {
             client_token(self.identity, &spec, self.creates)
         } else {
-            identity_token(&tags, walk.generation)
+            match &spec.snapshot_id {
+                // A restore's parameters differ from those of the volume the plain token made
+                // (now gone); its own token keeps AWS from answering with a mismatch. Agents
+                // restoring the node at once pick the same newest snapshot, so the same token.
+                Some(snapshot) => {
+                    let mut t = tags.clone();
+                    t.insert("cps:restore-of".into(), snapshot.clone());
+                    identity_token(&t, walk.generation)
+                }
+                None => identity_token(&tags, walk.generation),
+            }
         };
         self.creates += 1;
         let creator = Creator {
