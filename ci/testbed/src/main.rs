@@ -1,6 +1,7 @@
 //! cps-testbed: the replacement story as a demo, and the benchmarks, on the local bench.
 
 mod bench;
+mod bench_life;
 mod bench_probe;
 mod bench_roll;
 mod demo;
@@ -41,8 +42,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "50,200")]
         herd: Vec<usize>,
         /// Which parts to run: attach (everything of cps-attach), herds (only its herd tables),
-        /// probe (the blank check's cost), roll.
-        #[arg(long, value_delimiter = ',', default_value = "attach,probe,roll")]
+        /// probe (the blank check's cost), roll, life (grow, restore, relocation, the lock).
+        #[arg(long, value_delimiter = ',', default_value = "attach,probe,roll,life")]
         parts: Vec<String>,
     },
 }
@@ -83,6 +84,9 @@ fn main() -> ExitCode {
                 }
                 if parts.iter().any(|p| p == "roll") {
                     bench_roll::run(&roll_bin, &script).await?;
+                }
+                if parts.iter().any(|p| p == "life") {
+                    bench_life::run(&attach_bin).await?;
                 }
                 Ok(())
             })
