@@ -211,26 +211,11 @@ impl LockService for LockTable {
             .update(key, TAKE_CONDITION, update, values)
             .await
             .map_err(|e| self.failed(UPDATE_ITEM, key, e))?;
-        if let Some(attributes) = taken {
-            let item = parse_item(&self.table, key, &attributes)?;
-            let lease = Lease {
-                key: key.to_owned(),
-                owner: owner.to_owned(),
-                token: item.token,
-                expires: item.expires,
-            };
-            return Ok(Acquired::Held(lease, item.record));
-        }
-        match self.read(key).await? {
-            Some(item) => Ok(Acquired::Busy(item)),
-            None => Err(Error::Transient {
-                operation: GET_ITEM,
-                message: format!(
-                    "lock {key} in {} was refused, then its item was gone; try again",
-                    self.table
-                ),
-            }),
-        }
+        let taken = taken
+            .map(|attributes| parse_item(&self.table, key, &attributes))
+            .transpose()?;
+        let in_table = format!(" in {}", self.table);
+        cps_provider::lock::after_take(key, owner, &in_table, taken, self.read(key)).await
     }
 
     async fn renew(

@@ -105,6 +105,34 @@ pub trait LockService: Send + Sync {
     async fn release(&self, lease: &Lease) -> Result<(), Error>;
 }
 
+/// What a take comes to: the item it wrote (`Some`: held), or — refused — the item read after
+/// it (`in_table` names the table for the message). Shared by every [`LockService`].
+pub async fn after_take(
+    key: &str,
+    owner: &str,
+    in_table: &str,
+    taken: Option<LockItem>,
+    read: impl std::future::Future<Output = Result<Option<LockItem>, Error>>,
+) -> Result<Acquired, Error> {
+    if let Some(item) = taken {
+        let lease = Lease {
+            key: key.to_owned(),
+            owner: owner.to_owned(),
+            token: item.token,
+            expires: item.expires,
+        };
+        return Ok(Acquired::Held(lease, item.record));
+    }
+    match read.await? {
+        Some(item) => Ok(Acquired::Busy(item)),
+        // Refused, and gone by the time of the read: only an operator deletes items.
+        None => Err(Error::Transient {
+            operation: "GetItem",
+            message: format!("lock {key}{in_table} was refused, then its item was gone; try again"),
+        }),
+    }
+}
+
 /// A time as whole milliseconds since the Unix epoch, as lease ends are stored (0 before it).
 pub fn unix_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

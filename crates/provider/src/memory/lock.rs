@@ -100,23 +100,7 @@ impl LockService for MemoryCloud {
         let taken = self
             .request(UPDATE_ITEM, |w| Ok(w.take_lock(key, owner, until, now)))
             .await?;
-        if let Some(item) = taken {
-            let lease = Lease {
-                key: key.to_owned(),
-                owner: owner.to_owned(),
-                token: item.token,
-                expires: item.expires,
-            };
-            return Ok(Acquired::Held(lease, item.record));
-        }
-        match self.read(key).await? {
-            Some(item) => Ok(Acquired::Busy(item)),
-            // Refused, and gone by the time of the read: only an operator deletes items.
-            None => Err(Error::Transient {
-                operation: GET_ITEM,
-                message: format!("lock {key} was refused, then its item was gone; try again"),
-            }),
-        }
+        crate::lock::after_take(key, owner, "", taken, self.read(key)).await
     }
 
     async fn renew(
