@@ -167,40 +167,8 @@ pub async fn grow_running(
 ) -> Result<RunningGrowth, Error> {
     let policy = RetryPolicy::within(config.node.command_timeout);
     let me = identity.instance_id.as_str();
-    let volumes = backoff::retry(policy, "DescribeVolumes", hash_str(me), || {
-        cloud.volumes_tagged(&config.tags)
-    })
-    .await
-    .map_err(Error::cloud("listing volumes by tag"))?;
-    let here: Vec<&Volume> = volumes
-        .iter()
-        .filter(|v| {
-            v.attachment_to(me)
-                .is_some_and(|a| a.state == cps_provider::AttachmentState::Attached)
-        })
-        .collect();
-    let volume = match here.as_slice() {
-        [one] => (*one).clone(),
-        [] => {
-            return Err(Error::NotRunning {
-                instance_id: me.to_owned(),
-                what: "no volume with the configured tags is attached here".into(),
-            });
-        }
-        many => {
-            return Err(Error::Ambiguous {
-                instance_id: me.to_owned(),
-                count: many.len(),
-                volumes: many
-                    .iter()
-                    .map(|v| v.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-    };
     let claim = Claim {
-        volume,
+        volume: attached_here(cloud, me, config, policy).await?,
         instance_id: me.to_owned(),
         origin: super::claim::Origin::Reused,
         attach_attempts: 0,
@@ -209,35 +177,7 @@ pub async fn grow_running(
     };
     let vid = claim.volume.id.clone();
     let device = super::device::locate_device(&host, &claim, config).await?;
-    let target = config.mount.target.clone();
-    let fstype = match host
-        .mount_state(&device, &target)
-        .map_err(Error::host(&vid))?
-    {
-        cps_blockdev::MountState::Mounted { fstype } => fstype,
-        cps_blockdev::MountState::NotMounted => {
-            return Err(Error::NotRunning {
-                instance_id: me.to_owned(),
-                what: format!("{vid} is not mounted at {}", target.display()),
-            });
-        }
-        cps_blockdev::MountState::MountedElsewhere { mountpoint } => {
-            return Err(Error::NotRunning {
-                instance_id: me.to_owned(),
-                what: format!(
-                    "{vid} is mounted at {}, not at {}",
-                    mountpoint.display(),
-                    target.display()
-                ),
-            });
-        }
-        cps_blockdev::MountState::TargetBusy { source, .. } => {
-            return Err(Error::NotRunning {
-                instance_id: me.to_owned(),
-                what: format!("{} holds {source}, not {vid}", target.display()),
-            });
-        }
-    };
+    let fstype = mounted_at_target(host.as_ref(), &device, config, me)?;
     let d = device.clone();
     let fs = match on_host(&host, &vid, move |h| h.identify(&d)).await? {
         cps_blockdev::Probe::Filesystem(fs) => fs,
@@ -253,6 +193,74 @@ pub async fn grow_running(
         device: device.path,
         grow,
     })
+}
+
+/// The one volume with the cluster's tags attached here.
+async fn attached_here(
+    cloud: &dyn VolumeService,
+    me: &str,
+    config: &AttachConfig,
+    policy: RetryPolicy,
+) -> Result<Volume, Error> {
+    let volumes = backoff::retry(policy, "DescribeVolumes", hash_str(me), || {
+        cloud.volumes_tagged(&config.tags)
+    })
+    .await
+    .map_err(Error::cloud("listing volumes by tag"))?;
+    let here: Vec<&Volume> = volumes
+        .iter()
+        .filter(|v| {
+            v.attachment_to(me)
+                .is_some_and(|a| a.state == cps_provider::AttachmentState::Attached)
+        })
+        .collect();
+    match here.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(Error::NotRunning {
+            instance_id: me.to_owned(),
+            what: "no volume with the configured tags is attached here".into(),
+        }),
+        many => Err(Error::Ambiguous {
+            instance_id: me.to_owned(),
+            count: many.len(),
+            volumes: many
+                .iter()
+                .map(|v| v.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// The type of the filesystem mounted from `device` at the target; anything else is an error.
+fn mounted_at_target(
+    host: &dyn BlockHost,
+    device: &Device,
+    config: &AttachConfig,
+    me: &str,
+) -> Result<String, Error> {
+    let vid = device.volume_id.as_str();
+    let target = &config.mount.target;
+    let not_running = |what: String| Error::NotRunning {
+        instance_id: me.to_owned(),
+        what,
+    };
+    match host.mount_state(device, target).map_err(Error::host(vid))? {
+        cps_blockdev::MountState::Mounted { fstype } => Ok(fstype),
+        cps_blockdev::MountState::NotMounted => Err(not_running(format!(
+            "{vid} is not mounted at {}",
+            target.display()
+        ))),
+        cps_blockdev::MountState::MountedElsewhere { mountpoint } => Err(not_running(format!(
+            "{vid} is mounted at {}, not at {}",
+            mountpoint.display(),
+            target.display()
+        ))),
+        cps_blockdev::MountState::TargetBusy { source, .. } => Err(not_running(format!(
+            "{} holds {source}, not {vid}",
+            target.display()
+        ))),
+    }
 }
 
 enum Modified {

@@ -148,9 +148,28 @@ pub(super) fn build_restore(
         Some(v) => v.value,
         None => false,
     };
-    let tags = match keys.snapshot_tags {
+    let tags = snapshot_tags(src, keys.snapshot_tags, latest.is_some() || or_empty)?;
+    let source = match (id, latest.is_some() || or_empty) {
+        (Some(id), _) => Some(SnapshotSource::Id(id.value)),
+        (None, true) => Some(SnapshotSource::Latest { tags, or_empty }),
+        (None, false) => None,
+    };
+    let initialization_rate = initialization_rate(src, keys.initialization_rate, source.is_some())?;
+    Ok(Restore {
+        source,
+        initialization_rate,
+    })
+}
+
+/// `snapshot-tags`, which only `snapshot: latest` and `restore-if-missing` read.
+fn snapshot_tags(
+    src: &Source<'_>,
+    tags: Option<Spanned<TagMap>>,
+    chosen_by_latest: bool,
+) -> Result<Option<Tags>, ConfigError> {
+    Ok(match tags {
         None => None,
-        Some(t) if latest.is_none() && !or_empty => {
+        Some(t) if !chosen_by_latest => {
             return Err(src.error(
                 &origin(&t),
                 "snapshot-tags choose the snapshot for `snapshot: latest` or restore-if-missing; set one of them, or remove snapshot-tags",
@@ -173,17 +192,20 @@ pub(super) fn build_restore(
             }
             Some(tags.value)
         }
-    };
-    let source = match (id, latest.is_some() || or_empty) {
-        (Some(id), _) => Some(SnapshotSource::Id(id.value)),
-        (None, true) => Some(SnapshotSource::Latest { tags, or_empty }),
-        (None, false) => None,
-    };
-    let initialization_rate = match keys.initialization_rate {
+    })
+}
+
+/// `initialization-rate`: MiB/s within EBS's range, and only for a restored volume.
+fn initialization_rate(
+    src: &Source<'_>,
+    rate: Option<Spanned<Int>>,
+    restoring: bool,
+) -> Result<Option<i32>, ConfigError> {
+    Ok(match rate {
         None => None,
         Some(r) => {
             let r = src.integer(r)?;
-            if source.is_none() {
+            if !restoring {
                 return Err(src.at(&r, "initialization-rate applies to a volume restored from a snapshot; set snapshot-id, snapshot or restore-if-missing"));
             }
             if !(100..=300).contains(&r.value) {
@@ -197,10 +219,6 @@ pub(super) fn build_restore(
             }
             Some(r.value as i32)
         }
-    };
-    Ok(Restore {
-        source,
-        initialization_rate,
     })
 }
 
