@@ -560,6 +560,13 @@ struct Words;
 impl serde_saphyr::MessageFormatter for Words {
     fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> std::borrow::Cow<'a, str> {
         use serde_saphyr::budget::BudgetBreach as B;
+        if let serde_saphyr::Error::DuplicateMappingKey { key, .. } = err {
+            // YAML would keep one of the two silently; which one the user meant is theirs to say.
+            return std::borrow::Cow::Owned(match key {
+                Some(k) => format!("`{k}` is given twice in the same section; keep one"),
+                None => "a key is given twice in the same section; keep one".to_owned(),
+            });
+        }
         let serde_saphyr::Error::Budget { breach, .. } = err else {
             return serde_saphyr::DefaultMessageFormatter.format_message(err);
         };

@@ -214,7 +214,7 @@ fn missing_required_keys_say_what_they_are_for() {
 fn duplicate_keys_are_errors() {
     let e = err("block-provider:\n  aws-ebs:\n    ebs-tags: {a: b, a: c}\n    size: 1\n");
     assert!(e.starts_with("attach.yml:3:"), "{e}");
-    assert!(e.contains("duplicate"), "{e}");
+    assert!(e.contains("`a` is given twice"), "{e}");
 }
 
 #[test]
@@ -1424,4 +1424,18 @@ fn restore_and_relocation_refuse_what_they_cannot_mean() {
         let e = err(&life(ebs, top));
         assert!(e.contains(at) && e.contains(says), "{ebs}{top}: {e}");
     }
+}
+
+/// A key given twice is said in words, at the second one; nothing of the parser's own options.
+#[test]
+fn a_key_given_twice_is_named_at_its_second_place() {
+    let e = err(&format!(
+        "{MINIMAL}mount:\n  target: /a\nmount:\n  target: /b\n"
+    ));
+    assert!(e.contains("attach.yml:7:1"), "{e}");
+    assert!(e.contains("`mount` is given twice"), "{e}");
+    assert!(
+        !e.contains("DuplicateKeyPolicy") && !e.contains("Options"),
+        "{e}"
+    );
 }
