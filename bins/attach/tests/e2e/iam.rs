@@ -47,7 +47,7 @@ relocation:
   delete-source: true
 timeouts:
   device: 30s
-command-timeout: 5s
+command-timeout: 30s
 "#,
         home = home.display()
     )
@@ -89,7 +89,9 @@ fn without(policy: &Value, action: &str) -> Value {
 
 /// The configuration the module writes for node 1 (node id in the file, interface, two files
 /// read from the secret stores, hook), with a health check longer than the hook's heartbeat
-/// timeout: without heartbeats it expires. The replacement's is one GiB larger: it grows the
+/// timeout: without heartbeats it expires. A denial fails at once whatever the command timeout;
+/// 30 s only bounds waits on an emulator slowed by the benches running beside it (with 5 s, the
+/// group lookup at the start of a boot could time out under load and hide which action failed). The replacement's is one GiB larger: it grows the
 /// volume in place (ModifyVolume, DescribeVolumesModifications).
 fn config(home: &std::path::Path, size_gib: u32) -> String {
     format!(
@@ -120,7 +122,7 @@ lifecycle:
   hook: {HOOK}
 timeouts:
   device: 30s
-command-timeout: 5s
+command-timeout: 30s
 "#,
         home = home.display()
     )
