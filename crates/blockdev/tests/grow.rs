@@ -4,14 +4,15 @@
 //! Needs root and the filesystem tools (ci/setup installs them). Locally the tier skips with one
 //! line when they are missing; in CI it fails instead.
 
+mod common;
+
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use cps_blockdev::{
     BlockHost, Device, Error, Filesystem, FormatGrant, FsType, Grown, LinuxHost, MkfsSpec, Sizes,
-    Verification,
 };
 use cps_fixtures::{LoopDevice, MountGuard, Need, require, run};
 
@@ -33,20 +34,11 @@ fn ready() -> bool {
 }
 
 fn device_of(l: &LoopDevice) -> Device {
-    Device {
-        path: l.path().to_path_buf(),
-        rdev: fs::metadata(l.path()).unwrap().rdev(),
-        volume_id: "vol-0grow".into(),
-        // Loop devices have no serial; the kernel's sysfs still ties name and device number.
-        verification: Verification::XenName,
-    }
+    common::device_of(l, "vol-0grow")
 }
 
 fn mount_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("cps-grow-")
-        .tempdir()
-        .unwrap()
+    common::mount_dir("cps-grow-")
 }
 
 fn made(host: &LinuxHost, dev: &Device, fstype: FsType) -> Filesystem {

@@ -3,6 +3,8 @@
 //! Needs root and the filesystem tools (ci/setup installs them). Locally the tier skips with one
 //! line when they are missing; in CI it fails instead.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
@@ -34,13 +36,7 @@ fn ready() -> bool {
 }
 
 fn device_of(l: &LoopDevice) -> Device {
-    Device {
-        path: l.path().to_path_buf(),
-        rdev: fs::metadata(l.path()).unwrap().rdev(),
-        volume_id: "vol-0test".into(),
-        // Loop devices have no serial; the kernel's sysfs still ties name and device number.
-        verification: Verification::XenName,
-    }
+    common::device_of(l, "vol-0test")
 }
 
 fn fingerprint(l: &LoopDevice) -> u64 {
@@ -55,10 +51,7 @@ fn kernel_has(fstype: &str) -> bool {
 }
 
 fn mount_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("cps-mnt-")
-        .tempdir()
-        .unwrap()
+    common::mount_dir("cps-mnt-")
 }
 
 #[test]
