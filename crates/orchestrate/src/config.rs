@@ -973,7 +973,7 @@ fn build(src: &Source<'_>, file: FileConfig, o: &Overrides) -> Result<AttachConf
     }
 
     let restore = life::build_restore(src, restore_keys, &node.identity)?;
-    let relocation = life::build_relocation(src, file.relocation, &node.identity)?;
+    let relocation = life::build_relocation(src, file.relocation)?;
 
     Ok(AttachConfig {
         block_device,

@@ -1502,3 +1502,354 @@ async fn a_move_stopped_at_every_step_is_finished_by_the_next_run() {
         }
     }
 }
+
+// Relocation in slot and pool modes: a volume free only in another zone is moved here when
+// nothing here is to be had, and every attach takes the lock of what it takes.
+
+const SLOTS: &str = "identity:\n  mode: slot\n  max-slots: 3\n";
+
+/// Slots 1..=3 booted in `zone`, each written to, then their instances gone: slot → (volume,
+/// its content).
+async fn slots_with_data(c: &Cluster, zone: &str) -> BTreeMap<u32, (String, common::Content)> {
+    let cfg = config(SLOTS);
+    let mut slots = BTreeMap::new();
+    // All three up before any goes: a slot freed early would be taken again.
+    let mut up = Vec::new();
+    for i in 1..=3 {
+        let m = c.launch(&format!("i-old-{i}"), zone);
+        let out = c.boot(&m, &cfg).await.unwrap();
+        up.push((m, out));
+    }
+    for (m, out) in up {
+        m.block.write_user_data(&out.attach.volume_id);
+        m.block.unmount_all();
+        c.cloud.with(|w| w.terminate_instance(&m.id));
+        let data = c
+            .disks
+            .lock()
+            .unwrap()
+            .get(&out.attach.volume_id)
+            .cloned()
+            .unwrap();
+        slots.insert(out.slot.unwrap(), (out.attach.volume_id, data));
+    }
+    slots
+}
+
+/// Per slot: one claimable volume (its slot tag, not retired), holding the slot's data and
+/// attached to at most one instance; a moved source retired (not deleted, its slot tag gone);
+/// at most one relocation snapshot and one copy per source. Returns slot → the volume now.
+fn assert_slots_moved(
+    c: &Cluster,
+    slots: &BTreeMap<u32, (String, common::Content)>,
+    what: &str,
+) -> BTreeMap<u32, String> {
+    let volumes = c.cloud.volumes();
+    let mut now = BTreeMap::new();
+    for (k, (source, data)) in slots {
+        let claimable: Vec<_> = volumes
+            .iter()
+            .filter(|v| {
+                v.tags.get("cps:slot") == Some(&k.to_string())
+                    && !v.tags.contains_key("cps:retired-by")
+            })
+            .collect();
+        assert_eq!(claimable.len(), 1, "{what}: slot {k}: {volumes:?}");
+        let v = claimable[0];
+        assert!(v.attachments.len() <= 1, "{what}: {v:?}");
+        assert_eq!(
+            c.disks.lock().unwrap().get(&v.id),
+            Some(data),
+            "{what}: slot {k}'s data"
+        );
+        let src = volumes
+            .iter()
+            .find(|s| &s.id == source)
+            .unwrap_or_else(|| panic!("{what}: slot {k}'s source was deleted"));
+        if &v.id != source {
+            assert_eq!(src.tags.get("cps:retired-by"), Some(&v.id), "{what}");
+            assert!(!src.tags.contains_key("cps:slot"), "{what}: {src:?}");
+        }
+        let copies = volumes
+            .iter()
+            .filter(|x| x.tags.get("cps:relocated-from") == Some(source))
+            .count();
+        assert!(copies <= 1, "{what}: slot {k}: {copies} copies");
+        now.insert(*k, v.id.clone());
+    }
+    now
+}
+
+#[tokio::test(start_paused = true)]
+async fn slots_left_in_a_lost_zone_are_moved_one_to_each_agent_here() {
+    let c = Arc::new(Cluster::new(Timing::default()));
+    c.cloud
+        .with(|w| w.set_snapshot_delay(Duration::from_secs(30)));
+    let slots = slots_with_data(&c, OTHER_AZ).await;
+
+    // Relocation off: no slot here, and the refusal names the free ones elsewhere.
+    let m = c.launch("i-off", AZ);
+    let err = c.boot(&m, &config(SLOTS)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("no free slot") && text.contains("free in other zones"),
+        "{text}"
+    );
+    c.cloud.with(|w| w.terminate_instance(&m.id));
+
+    // Three agents here at once: each moves a different slot.
+    let cfg = Arc::new(config(&format!("{SLOTS}{RELOCATION}")));
+    let runs: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, cfg) = (c.clone(), cfg.clone());
+            let m = c.launch(&format!("i-new-{i}"), AZ);
+            tokio::spawn(async move { (c.boot(&m, &cfg).await, m) })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for r in runs {
+        let (out, m) = r.await.unwrap();
+        let out = out.unwrap();
+        assert_eq!(m.block.st().mkfs_runs, 0, "a moved slot is never formatted");
+        got.push((out.slot.unwrap(), out.attach.volume_id));
+    }
+    got.sort();
+    let now = assert_slots_moved(&c, &slots, "three agents");
+    assert_eq!(got, now.into_iter().collect::<Vec<_>>());
+    assert_eq!(
+        c.cloud.calls().count(CREATE_SNAPSHOT),
+        3,
+        "one snapshot per slot"
+    );
+
+    // A fourth agent: nothing left to move, nothing to create.
+    let m = c.launch("i-fourth", AZ);
+    let err = c.boot(&m, &cfg).await.unwrap_err();
+    assert!(err.to_string().contains("no free slot"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_volume_free_only_elsewhere_is_moved_before_a_new_one_is_made() {
+    let c = Arc::new(Cluster::new(Timing::default()));
+    let pool = config("");
+    let mut sources = BTreeMap::new();
+    let mut up = Vec::new();
+    for i in 0..2 {
+        let m = c.launch(&format!("i-old-{i}"), OTHER_AZ);
+        let out = c.boot(&m, &pool).await.unwrap();
+        up.push((m, out));
+    }
+    for (m, out) in up {
+        m.block.write_user_data(&out.attach.volume_id);
+        m.block.unmount_all();
+        c.cloud.with(|w| w.terminate_instance(&m.id));
+        let data = c.disks.lock().unwrap()[&out.attach.volume_id].clone();
+        sources.insert(out.attach.volume_id, data);
+    }
+    let cfg = Arc::new(config(RELOCATION));
+    let runs: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, cfg) = (c.clone(), cfg.clone());
+            let m = c.launch(&format!("i-new-{i}"), AZ);
+            tokio::spawn(async move { (c.boot(&m, &cfg).await.unwrap(), m) })
+        })
+        .collect();
+    let mut moved = BTreeMap::new();
+    let mut created = 0;
+    for r in runs {
+        let (out, m) = r.await.unwrap();
+        match out.attach.filesystem {
+            cps_orchestrate::FsOutcome::Created(_) => created += 1,
+            _ => {
+                assert_eq!(m.block.st().mkfs_runs, 0);
+                let v = c
+                    .cloud
+                    .volumes()
+                    .into_iter()
+                    .find(|v| v.id == out.attach.volume_id)
+                    .unwrap();
+                let from = v.tags["cps:relocated-from"].clone();
+                assert!(!v.tags.contains_key("cps:handover"), "handed over: {v:?}");
+                assert_eq!(v.tags.get("cluster").map(String::as_str), Some("kafka"));
+                assert_eq!(
+                    c.disks.lock().unwrap().get(&v.id),
+                    sources.get(&from),
+                    "the moved volume holds its source's data"
+                );
+                moved.insert(from, v.id);
+            }
+        }
+    }
+    assert_eq!(created, 1, "the third agent found nothing to move");
+    assert_eq!(
+        moved.len(),
+        2,
+        "both free volumes elsewhere were moved once each"
+    );
+    for (source, copy) in &moved {
+        let s = c
+            .cloud
+            .volumes()
+            .into_iter()
+            .find(|v| &v.id == source)
+            .expect("never deleted");
+        assert_eq!(s.tags.get("cps:retired-by"), Some(copy));
+    }
+    // Retired sources are never claimed again: an agent in their zone makes a new volume.
+    let m = c.launch("i-there", OTHER_AZ);
+    let out = c.boot(&m, &cfg).await.unwrap();
+    assert!(!moved.contains_key(&out.attach.volume_id));
+    assert!(matches!(
+        out.attach.filesystem,
+        cps_orchestrate::FsOutcome::Created(_)
+    ));
+}
+
+/// Agents in both zones race for three slots whose volumes sit in the other zone, and each may
+/// be killed at any moment and run again. Whatever happens: per slot never two claimable
+/// volumes and never two of its volumes attached at once, its data never lost, at most one
+/// snapshot and one copy, no source deleted; once the crashes stop every run converges.
+#[tokio::test(start_paused = true)]
+async fn racing_slot_agents_in_two_zones_crashing_anywhere_never_make_two_live_copies() {
+    let mut moved = 0;
+    for seed in 0..16u64 {
+        let c = Arc::new(Cluster::new(Timing {
+            latency: Duration::from_millis(50),
+            create_delay: Duration::from_secs(1),
+            attach_delay: Duration::from_millis(500),
+        }));
+        c.cloud
+            .with(|w| w.set_snapshot_delay(Duration::from_secs(20)));
+        let slots = slots_with_data(&c, OTHER_AZ).await;
+        let cfg = Arc::new(config(&format!("{SLOTS}{RELOCATION}  lease: 20s\n")));
+        let mut rng = cps_orchestrate::backoff::mix(seed + 101);
+        let mut next = move |n: u64| {
+            rng = cps_orchestrate::backoff::mix(rng);
+            rng % n
+        };
+        // Two agents here and, in half the seeds, one in the slots' own zone.
+        let mut zones = vec![AZ, AZ];
+        if seed % 2 == 0 {
+            zones.push(OTHER_AZ);
+        }
+        let runs: Vec<_> = zones
+            .into_iter()
+            .enumerate()
+            .map(|(i, zone)| {
+                let m = c.launch(&format!("i-{seed}-{i}"), zone);
+                let start = Duration::from_millis(next(3000));
+                let kills: Vec<Duration> = (0..next(3))
+                    .map(|_| Duration::from_millis(200 + next(60_000)))
+                    .collect();
+                let (c, cfg) = (c.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(start).await;
+                    for kill in kills {
+                        if let Ok(Ok(_)) = tokio::time::timeout(kill, c.boot(&m, &cfg)).await {
+                            return true;
+                        }
+                    }
+                    c.boot(&m, &cfg).await.is_ok()
+                })
+            })
+            .collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sources: BTreeMap<String, u32> =
+            slots.iter().map(|(k, (v, _))| (v.clone(), *k)).collect();
+        let watcher = {
+            let (c, stop) = (c.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut worst = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let volumes = c.cloud.volumes();
+                    for k in 1..=3u32 {
+                        let of_slot = |v: &&cps_provider::Volume| {
+                            v.tags.get("cps:slot") == Some(&k.to_string())
+                                || v.tags
+                                    .get("cps:relocated-from")
+                                    .and_then(|s| sources.get(s))
+                                    == Some(&k)
+                                || sources.get(&v.id) == Some(&k)
+                        };
+                        let claimable = volumes
+                            .iter()
+                            .filter(of_slot)
+                            .filter(|v| {
+                                v.tags.contains_key("cps:slot")
+                                    && !v.tags.contains_key("cps:retired-by")
+                            })
+                            .count();
+                        let attached = volumes
+                            .iter()
+                            .filter(of_slot)
+                            .filter(|v| !v.attachments.is_empty())
+                            .count();
+                        worst = (worst.0.max(claimable), worst.1.max(attached));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                worst
+            })
+        };
+        let mut ok = 0;
+        for r in runs {
+            ok += usize::from(r.await.unwrap());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (claimable, attached) = watcher.await.unwrap();
+        let what = format!("seed {seed}");
+        assert!(
+            claimable <= 1,
+            "{what}: a slot had {claimable} claimable volumes"
+        );
+        assert!(
+            attached <= 1,
+            "{what}: a slot had {attached} volumes attached"
+        );
+        let now = assert_slots_moved(&c, &slots, &what);
+        moved += now.iter().filter(|(k, v)| **v != slots[k].0).count();
+        assert!(ok >= 2, "{what}: {ok} agents got a slot");
+    }
+    assert!(moved >= 16, "slots moved in all: {moved}");
+}
+
+/// While an agent here moves slot 1's volume, an agent booting in the volume's own zone finds
+/// the slot's lock held and does not attach it (had it, the move would find its source in use
+/// and fail, or — between the mover's last look and its retiring tag — make two live copies).
+#[tokio::test(start_paused = true)]
+async fn an_agent_in_the_source_zone_leaves_a_slot_being_moved_alone() {
+    let c = Arc::new(Cluster::new(Timing::default()));
+    c.cloud
+        .with(|w| w.set_snapshot_delay(Duration::from_secs(60)));
+    let one = "identity:\n  mode: slot\n  max-slots: 1\n";
+    let old = c.launch("i-old", OTHER_AZ);
+    let out = c.boot(&old, &config(one)).await.unwrap();
+    let source = out.attach.volume_id;
+    old.block.write_user_data(&source);
+    old.block.unmount_all();
+    c.cloud.with(|w| w.terminate_instance(&old.id));
+
+    let cfg = Arc::new(config(&format!("{one}{RELOCATION}")));
+    let mover = {
+        let (c, cfg) = (c.clone(), cfg.clone());
+        let m = c.launch("i-mover", AZ);
+        tokio::spawn(async move { c.boot(&m, &cfg).await })
+    };
+    let late = {
+        let (c, cfg) = (c.clone(), cfg.clone());
+        let m = c.launch("i-late", OTHER_AZ);
+        tokio::spawn(async move {
+            // Mid-snapshot.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            c.boot(&m, &cfg).await
+        })
+    };
+    let moved = mover.await.unwrap().expect("the move succeeds");
+    assert_ne!(moved.attach.volume_id, source);
+    assert!(late.await.unwrap().is_err(), "no slot for the late agent");
+    assert_eq!(
+        c.cloud.calls().count("AttachVolume"),
+        2,
+        "the first instance's and the mover's: the late agent never tried the source"
+    );
+}

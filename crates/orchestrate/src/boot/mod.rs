@@ -211,8 +211,7 @@ async fn run_steps(
 ) -> Result<BootOutcome, Error> {
     let (target, node_id) =
         identity::claim_target(services, identity, config, group_name, policy).await?;
-    let relocating = config.relocation.mode == RelocationMode::Snapshot
-        && matches!(target, claim::ClaimTarget::Node { .. });
+    let relocating = config.relocation.mode == RelocationMode::Snapshot;
     let claim = match (relocating, services.locks) {
         (false, _) => claim_volume(services.volumes, identity, config, &target, policy).await?,
         (true, Some(locks)) => {

@@ -19,9 +19,9 @@ use cps_provider::{
     Tags, Volume, VolumeService, VolumeState,
 };
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::claim::{Claim, ClaimTarget, claim_volume, volume_spec};
+use super::claim::{Claim, ClaimTarget, claim_volume, claim_volume_gated, volume_spec};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str};
 use crate::config::AttachConfig;
 use crate::error::Error;
@@ -32,8 +32,11 @@ pub const RETIRED_BY: &str = "cps:retired-by";
 pub const RELOCATED_FROM: &str = "cps:relocated-from";
 /// The tag of a relocation's snapshot: the source it was taken of.
 pub const RELOCATION_OF: &str = "cps:relocation-of";
+/// The tag a pool volume's copy carries until the source is retired: claims skip it. (A node's
+/// or a slot's copy is hidden by lacking its identity tag instead.)
+pub const HANDOVER: &str = "cps:handover";
 /// The record key naming the source of an unfinished move.
-const SOURCE: &str = "source";
+pub(super) const SOURCE: &str = "source";
 
 /// Wall-clock time that follows tokio's clock (which tests pause and advance): the lease's
 /// expiry is compared with it by every agent.
@@ -43,10 +46,73 @@ fn now() -> SystemTime {
     wall + mono.elapsed()
 }
 
-/// The lock's key for a node: its identity tags, sorted.
+/// The lock's key for a node (or a slot): its identity tags, sorted.
 pub fn lock_key(tags: &Tags) -> String {
     let parts: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("cps/node/{}", parts.join(","))
+}
+
+/// The lock's key for one pool volume.
+pub fn volume_lock_key(volume_id: &str) -> String {
+    format!("cps/volume/{volume_id}")
+}
+
+/// What one lock guards, and so what a move hands over: a node's or a slot's volume (named by
+/// its identity tag), or one pool volume (named by its id; pool volumes have no identity).
+#[derive(Clone, Debug)]
+pub(super) struct Subject {
+    pub(super) key: String,
+    /// The tags a claimable volume of the subject carries.
+    pub(super) tags: Tags,
+    /// The tags that make a volume the subject's (the node id or slot tag): added to the copy
+    /// at handover, removed from the source once retired. Empty for a pool volume, whose copy
+    /// carries [`HANDOVER`] until then instead.
+    pub(super) identity: Tags,
+}
+
+impl Subject {
+    /// A node's or a slot's volume: `tags` are the cluster's plus the identity.
+    pub(super) fn identified(config: &AttachConfig, tags: &Tags) -> Self {
+        Self {
+            key: lock_key(tags),
+            tags: tags.clone(),
+            identity: tags
+                .iter()
+                .filter(|(k, _)| !config.tags.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// One pool volume.
+    pub(super) fn pool_volume(config: &AttachConfig, volume_id: &str) -> Self {
+        Self {
+            key: volume_lock_key(volume_id),
+            tags: config.tags.clone(),
+            identity: Tags::new(),
+        }
+    }
+
+    fn is_pool(&self) -> bool {
+        self.identity.is_empty()
+    }
+
+    /// The copy carries the subject's identity (or no longer waits for its handover).
+    fn handed_over(&self, copy: &Volume) -> bool {
+        if self.is_pool() {
+            !copy.tags.contains_key(HANDOVER)
+        } else {
+            self.identity
+                .iter()
+                .all(|(k, v)| copy.tags.get(k) == Some(v))
+        }
+    }
+
+    /// The source is retired and carries no identity of the subject any more.
+    fn retired(&self, source: &Volume) -> bool {
+        source.tags.contains_key(RETIRED_BY)
+            && !self.identity.keys().any(|k| source.tags.contains_key(k))
+    }
 }
 
 /// What a move needs.
@@ -59,7 +125,7 @@ pub(super) struct Mover<'a> {
 }
 
 /// A held lease and when it was last renewed.
-struct Held {
+pub(super) struct Held {
     lease: Lease,
     renewed: Instant,
 }
@@ -73,50 +139,121 @@ impl Mover<'_> {
         self.config.relocation.lease
     }
 
-    /// The node's claim under its lock; moves its volume here first when it is only elsewhere.
+    /// The claim with relocation on. A node's whole claim runs under its lock, and moves its
+    /// volume here first when it is only elsewhere; a slot or pool claim takes the lock of the
+    /// slot or volume it is about to attach (see [`Mover::enter`]) and moves one only when
+    /// nothing is to be had here.
     pub(super) async fn claim(&self, target: &ClaimTarget) -> Result<Claim, Error> {
         let ClaimTarget::Node { tags, .. } = target else {
-            return claim_volume(self.cloud, self.identity, self.config, target, self.policy).await;
+            return claim_volume_gated(
+                self.cloud,
+                self.identity,
+                self.config,
+                target,
+                self.policy,
+                Some(self),
+            )
+            .await;
         };
-        let key = lock_key(tags);
-        let (lease, record) = self.acquire(&key).await?;
+        let subject = Subject::identified(self.config, tags);
+        let (lease, record) = self.acquire(&subject.key).await?;
         let mut held = Held {
             lease,
             renewed: Instant::now(),
         };
-        let result = self.claim_holding(&mut held, tags, target, record).await;
-        if let Err(e) = backoff::retry(self.policy, "DynamoDB UpdateItem", self.seed(), || {
-            self.locks.release(&held.lease)
-        })
-        .await
-        {
-            warn!(key = %key, error = %e, "could not release the relocation lock; it expires with its lease");
-        }
+        let result = self
+            .claim_holding(&mut held, &subject, target, record)
+            .await;
+        self.leave(held).await;
         result
     }
 
     async fn claim_holding(
         &self,
         held: &mut Held,
-        tags: &Tags,
+        subject: &Subject,
         target: &ClaimTarget,
         record: BTreeMap<String, String>,
     ) -> Result<Claim, Error> {
         if let Some(source) = record.get(SOURCE) {
-            info!(source = %source, "an earlier relocation of this node's volume is unfinished; going on with it");
-            let source = self.volume(source).await?;
-            self.finish(held, tags, &source).await?;
-        } else if let Some(source) = self.only_elsewhere(tags).await? {
-            self.wait_free(&source).await?;
-            self.record(held, [(SOURCE.to_owned(), source.id.clone())].into())
-                .await?;
-            self.finish(held, tags, &source).await?;
+            self.resume(held, subject, source).await?;
+        } else if let Some(source) = self.only_elsewhere(&subject.tags).await? {
+            self.start(held, subject, &source).await?;
         }
-        let mut claim = self.claim_renewing(held, target).await?;
-        if let Some(from) = claim.volume.tags.get(RELOCATED_FROM) {
-            claim.relocated_from = Some(from.clone());
+        let claim = self
+            .renewing(
+                held,
+                claim_volume(self.cloud, self.identity, self.config, target, self.policy),
+            )
+            .await?;
+        Ok(with_origin(claim))
+    }
+
+    /// One try at the subject's lock: `None` while another agent holds it.
+    pub(super) async fn enter(
+        &self,
+        subject: &Subject,
+    ) -> Result<Option<(Held, BTreeMap<String, String>)>, Error> {
+        let me = self.identity.instance_id.as_str();
+        let acquired = backoff::retry(self.policy, "DynamoDB UpdateItem", self.seed(), || {
+            self.locks
+                .acquire(&subject.key, me, self.lease_for(), now())
+        })
+        .await
+        .map_err(Error::cloud("taking the relocation lock"))?;
+        Ok(match acquired {
+            Acquired::Held(lease, record) => {
+                debug!(key = %subject.key, token = lease.token, "lock taken");
+                Some((
+                    Held {
+                        lease,
+                        renewed: Instant::now(),
+                    },
+                    record,
+                ))
+            }
+            Acquired::Busy(item) => {
+                info!(key = %subject.key, holder = item.owner.as_deref().unwrap_or("?"), "another agent is claiming or moving this volume; looking for another");
+                None
+            }
+        })
+    }
+
+    /// Releases the lock; a release that fails leaves it to expire with its lease.
+    pub(super) async fn leave(&self, held: Held) {
+        if let Err(e) = backoff::retry(self.policy, "DynamoDB UpdateItem", self.seed(), || {
+            self.locks.release(&held.lease)
+        })
+        .await
+        {
+            warn!(key = %held.lease.key, error = %e, "could not release the relocation lock; it expires with its lease");
         }
-        Ok(claim)
+    }
+
+    /// Finishes the move an earlier holder of the lock left unfinished; returns the copy.
+    pub(super) async fn resume(
+        &self,
+        held: &mut Held,
+        subject: &Subject,
+        source: &str,
+    ) -> Result<Volume, Error> {
+        info!(source = %source, "an earlier relocation of this volume is unfinished; going on with it");
+        let source = self.volume(source).await?;
+        self.finish(held, subject, &source).await
+    }
+
+    /// Starts moving `source` here (it must be attached to nobody), then finishes; returns the
+    /// copy.
+    pub(super) async fn start(
+        &self,
+        held: &mut Held,
+        subject: &Subject,
+        source: &Volume,
+    ) -> Result<Volume, Error> {
+        self.wait_free(source).await?;
+        self.record(held, [(SOURCE.to_owned(), source.id.clone())].into())
+            .await?;
+        self.finish(held, subject, source).await
     }
 
     /// Takes the lock, waiting (bounded) while another agent holds it.
@@ -172,19 +309,23 @@ impl Mover<'_> {
         .map_err(Error::cloud("writing the relocation record"))
     }
 
-    /// The claim itself, with the lease renewed while it runs (it may wait for a holder).
-    async fn claim_renewing(&self, held: &mut Held, target: &ClaimTarget) -> Result<Claim, Error> {
-        let claim = claim_volume(self.cloud, self.identity, self.config, target, self.policy);
-        tokio::pin!(claim);
+    /// Runs `work` (a claim, which may wait for a holder) with the lease renewed meanwhile.
+    pub(super) async fn renewing<T>(
+        &self,
+        held: &mut Held,
+        work: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::pin!(work);
         loop {
             tokio::select! {
-                out = &mut claim => return out,
+                out = &mut work => return out,
                 () = tokio::time::sleep(self.lease_for() / 3) => self.renew(held).await?,
             }
         }
     }
 
-    async fn volume(&self, id: &str) -> Result<Volume, Error> {
+    /// The volume as EC2 shows it now.
+    pub(super) async fn volume(&self, id: &str) -> Result<Volume, Error> {
         backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
             self.cloud.volume(id)
         })
@@ -247,42 +388,42 @@ impl Mover<'_> {
         })
     }
 
-    /// Snapshot, copy, retire, hand over: each step skipped when AWS shows it done.
-    async fn finish(&self, held: &mut Held, tags: &Tags, source: &Volume) -> Result<(), Error> {
-        let snapshot = self.snapshot_of(held, tags, source).await?;
-        let copy = self.copy_of(held, source, &snapshot).await?;
-        if !source.tags.contains_key(RETIRED_BY)
-            || source
-                .tags
-                .keys()
-                .any(|k| self.identity_key(tags) == Some(k.as_str()))
-        {
-            self.retire(held, tags, &source.id, &copy.id).await?;
+    /// Snapshot, copy, retire, hand over: each step skipped when AWS shows it done. Returns
+    /// the copy, now the subject's.
+    async fn finish(
+        &self,
+        held: &mut Held,
+        subject: &Subject,
+        source: &Volume,
+    ) -> Result<Volume, Error> {
+        let snapshot = self.snapshot_of(held, &subject.tags, source).await?;
+        let mut copy = self.copy_of(held, subject, source, &snapshot).await?;
+        if !subject.retired(source) {
+            self.retire(held, subject, &source.id, &copy.id).await?;
         }
-        if !tags.iter().all(|(k, v)| copy.tags.get(k) == Some(v)) {
-            // The copy has the cluster's tags from its creation; only the identity is added.
-            let identity: Tags = tags
-                .iter()
-                .filter(|(k, _)| !self.config.tags.contains_key(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+        if !subject.handed_over(&copy) {
             self.renew(held).await?;
-            backoff::retry(self.policy, "CreateTags", self.seed(), || {
-                self.cloud.tag_volume(&copy.id, &identity)
-            })
-            .await
-            .map_err(Error::cloud("giving the copy the node's identity"))?;
+            if subject.is_pool() {
+                let keys = [HANDOVER.to_owned()];
+                backoff::retry(self.policy, "DeleteTags", self.seed(), || {
+                    self.cloud.untag_volume(&copy.id, &keys)
+                })
+                .await
+                .map_err(Error::cloud("handing the copy over to the pool"))?;
+                copy.tags.remove(HANDOVER);
+            } else {
+                // The copy has the cluster's tags from its creation; only the identity is added.
+                backoff::retry(self.policy, "CreateTags", self.seed(), || {
+                    self.cloud.tag_volume(&copy.id, &subject.identity)
+                })
+                .await
+                .map_err(Error::cloud("giving the copy the node's identity"))?;
+                copy.tags.extend(subject.identity.clone());
+            }
         }
         self.record(held, BTreeMap::new()).await?;
-        info!(source = %source.id, copy = %copy.id, zone = %self.identity.availability_zone, "the node's volume was moved to this zone");
-        Ok(())
-    }
-
-    /// The identity tag's key: the node id tag (the one of the node's tags ebs-tags lacks).
-    fn identity_key<'t>(&self, tags: &'t Tags) -> Option<&'t str> {
-        tags.keys()
-            .find(|k| !self.config.tags.contains_key(*k))
-            .map(String::as_str)
+        info!(source = %source.id, copy = %copy.id, zone = %self.identity.availability_zone, "the volume was moved to this zone");
+        Ok(copy)
     }
 
     /// The source's relocation snapshot, taken now if there is none; waited for until complete.
@@ -362,10 +503,12 @@ impl Mover<'_> {
     }
 
     /// The copy in this zone, made from the snapshot if there is none yet; waited for until
-    /// available. It carries the cluster's tags and `cps:relocated-from`, not the identity tag.
+    /// available. It carries the cluster's tags and `cps:relocated-from`, not the identity tag
+    /// (a pool volume's copy: [`HANDOVER`]).
     async fn copy_of(
         &self,
         held: &mut Held,
+        subject: &Subject,
         source: &Volume,
         snapshot: &Snapshot,
     ) -> Result<Volume, Error> {
@@ -382,6 +525,10 @@ impl Mover<'_> {
         }
         self.renew(held).await?;
         let mut spec = volume_spec(self.identity, self.config, &mark);
+        if subject.is_pool() {
+            // A pool has no identity to withhold: the copy is hidden from claims by this tag.
+            spec.tags.insert(HANDOVER.to_owned(), source.id.clone());
+        }
         spec.size_gib = spec.size_gib.max(source.size_gib).max(snapshot.size_gib);
         spec.snapshot_id = Some(snapshot.id.clone());
         spec.initialization_rate = self.config.restore.initialization_rate;
@@ -429,7 +576,7 @@ impl Mover<'_> {
     async fn retire(
         &self,
         held: &mut Held,
-        tags: &Tags,
+        subject: &Subject,
         source: &str,
         copy: &str,
     ) -> Result<(), Error> {
@@ -447,8 +594,8 @@ impl Mover<'_> {
         })
         .await
         .map_err(Error::cloud("retiring the moved volume"))?;
-        if let Some(key) = self.identity_key(tags) {
-            let keys = [key.to_owned()];
+        if !subject.identity.is_empty() {
+            let keys: Vec<String> = subject.identity.keys().cloned().collect();
             self.renew(held).await?;
             backoff::retry(self.policy, "DeleteTags", self.seed(), || {
                 self.cloud.untag_volume(source, &keys)
@@ -459,6 +606,14 @@ impl Mover<'_> {
         info!(source = %source, copy = %copy, "source retired (cps:retired-by); it is never claimed again");
         Ok(())
     }
+}
+
+/// A claim of a copy says which volume it was moved from.
+pub(super) fn with_origin(mut claim: Claim) -> Claim {
+    if let Some(from) = claim.volume.tags.get(RELOCATED_FROM) {
+        claim.relocated_from = Some(from.clone());
+    }
+    claim
 }
 
 /// With `delete-source`, after the copy is attached here and its filesystem verified: deletes

@@ -222,12 +222,10 @@ fn initialization_rate(
     })
 }
 
-/// The `relocation` section; `identity` is checked against it (a node-id node's volume is what
-/// moves).
+/// The `relocation` section (a node's, a slot's or a pool's volume in another zone is moved).
 pub(super) fn build_relocation(
     src: &Source<'_>,
     section: Option<Spanned<RelocationSection>>,
-    identity: &Identity,
 ) -> Result<Relocation, ConfigError> {
     let defaults = Relocation::default();
     let Some(section) = section else {
@@ -238,13 +236,6 @@ pub(super) fn build_relocation(
     let mode = match s.mode.map(from_file) {
         None => RelocationMode::Never,
         Some(m) if m.value == "never" => RelocationMode::Never,
-        Some(m) if m.value == "snapshot" && !matches!(identity, Identity::NodeId { .. }) => {
-            return Err(src.at(
-                &m,
-                "relocation moves a node-id node's volume (identity.mode node-id); pool and slot volumes \
-                 in other zones are skipped, not moved: set identity.mode node-id, or relocation.mode never",
-            ));
-        }
         Some(m) if m.value == "snapshot" => RelocationMode::Snapshot,
         Some(m) => {
             return Err(src.at(

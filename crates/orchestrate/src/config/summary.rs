@@ -127,7 +127,14 @@ impl AttachConfig {
         let r = &self.relocation;
         line(match (r.mode, &r.lock_table) {
             (RelocationMode::Snapshot, Some(table)) => format!(
-                "relocation: a node's volume only in another zone is moved here by snapshot, under the lock in DynamoDB table {table} (lease {}); the source is {}",
+                "relocation: {} is moved here by snapshot, under the lock in DynamoDB table {table} (lease {}); the source is {}",
+                match self.node.identity {
+                    Identity::NodeId { .. } => "a node's volume only in another zone",
+                    Identity::Slot { .. } =>
+                        "with no slot to take here, a free slot's volume in another zone",
+                    Identity::Pool =>
+                        "with no pool volume to take here, a free one in another zone",
+                },
                 duration_text(r.lease),
                 if r.delete_source {
                     "deleted once the copy is attached and verified"
@@ -135,7 +142,8 @@ impl AttachConfig {
                     "retired (tagged cps:retired-by), not deleted"
                 }
             ),
-            _ => "relocation: never (a node's volume only in another zone is refused)".to_owned(),
+            _ => "relocation: never (a volume in another zone is refused or skipped, never moved)"
+                .to_owned(),
         });
         line(format!(
             "filesystem: {}, made with `{} DEVICE` (and cps's no-discard and UUID options unless \

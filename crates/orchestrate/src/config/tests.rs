@@ -1398,12 +1398,6 @@ fn restore_and_relocation_refuse_what_they_cannot_mean() {
         ),
         (
             "",
-            "relocation:\n  mode: snapshot\n  lock-table: t-1\n",
-            "attach.yml:6:9",
-            "pool and slot volumes",
-        ),
-        (
-            "",
             "identity:\n  mode: node-id\nrelocation:\n  mode: snapshot\n  lock-table: 'a b'\n",
             "attach.yml:9:15",
             "not a DynamoDB table name",

@@ -19,13 +19,17 @@
 //!   instances booting the k slots go to replacements and only the other m − k create.
 //!
 //! After AttachVolume, wait until EC2 reports the attachment attached.
+//!
+//! With `relocation: snapshot`, slot and pool claims attach under the lock of what they take,
+//! and move a volume from another zone when nothing here is to be had (see `gated`).
 
 mod create;
+mod gated;
 mod holders;
 mod restore;
 mod slot;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use cps_provider::{
@@ -36,6 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::relocate::{HANDOVER, Mover, RETIRED_BY};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str, mix};
 use crate::config::AttachConfig;
 use crate::error::Error;
@@ -232,6 +237,7 @@ fn refuse_unless_data_volume(volume: &Volume, me: &str) -> Result<(), Error> {
 }
 
 /// What the loop does next.
+#[derive(Debug)]
 enum Next {
     Attach {
         volume_id: String,
@@ -246,6 +252,11 @@ enum Next {
         what: String,
         timeout: Duration,
     },
+    /// Nothing here to take: move this free volume from another zone (relocation on).
+    Move {
+        source: Volume,
+        slot: Option<u32>,
+    },
 }
 
 /// Claims a volume for `target` and waits until EC2 reports it attached here.
@@ -255,6 +266,19 @@ pub async fn claim_volume(
     config: &AttachConfig,
     target: &ClaimTarget,
     policy: RetryPolicy,
+) -> Result<Claim, Error> {
+    claim_volume_gated(cloud_api, identity, config, target, policy, None).await
+}
+
+/// [`claim_volume`]; with `mover` (relocation on, slot and pool targets) each attach runs under
+/// the lock of what it takes, and a free volume elsewhere is moved here when nothing is here.
+pub(in crate::boot) async fn claim_volume_gated(
+    cloud_api: &dyn VolumeService,
+    identity: &InstanceIdentity,
+    config: &AttachConfig,
+    target: &ClaimTarget,
+    policy: RetryPolicy,
+    mover: Option<&Mover<'_>>,
 ) -> Result<Claim, Error> {
     let release_timeout = match target {
         ClaimTarget::Node {
@@ -281,6 +305,9 @@ pub async fn claim_volume(
         lost_races: 0,
         waiting: None,
         walks: BTreeMap::new(),
+        mover,
+        busy_slots: BTreeSet::new(),
+        busy_volumes: BTreeSet::new(),
     };
     loop {
         if claimer.started.elapsed() > claimer.deadline {
@@ -299,8 +326,8 @@ pub async fn claim_volume(
         .await
         .map_err(Error::cloud("listing volumes by tag"))?;
         // A source a relocation retired is never claimed again, even before its identity tag
-        // is gone.
-        volumes.retain(|v| !v.tags.contains_key(super::relocate::RETIRED_BY));
+        // is gone; a pool volume's copy not yet handed over is not claimed yet.
+        volumes.retain(|v| !v.tags.contains_key(RETIRED_BY) && !v.tags.contains_key(HANDOVER));
         if let Some(claim) = claimer.already_mine(&volumes).await? {
             return Ok(claim);
         }
@@ -332,6 +359,12 @@ struct Claimer<'a> {
     /// Since when, how many looks, and the last holder described.
     waiting: Option<(Instant, u32, String)>,
     walks: BTreeMap<Tags, TokenWalk>,
+    /// Relocation on: attaches go through its locks.
+    mover: Option<&'a Mover<'a>>,
+    /// Slots and pool volumes whose lock another agent held at this run's try: skipped until
+    /// this run next waits.
+    busy_slots: BTreeSet<u32>,
+    busy_volumes: BTreeSet<String>,
 }
 
 impl Claimer<'_> {
@@ -442,7 +475,7 @@ impl Claimer<'_> {
             );
         }
         match self.target {
-            ClaimTarget::Pool { tags } => self.next_in_pool(tags, &here).await,
+            ClaimTarget::Pool { tags } => self.next_in_pool(tags, &here, &elsewhere).await,
             ClaimTarget::Node {
                 tags,
                 release_timeout,
@@ -455,9 +488,18 @@ impl Claimer<'_> {
     }
 
     /// A free volume in this zone, in this instance's own order; else wait for one leaving;
-    /// else create.
-    async fn next_in_pool(&self, tags: &Tags, here: &[&Volume]) -> Result<Next, Error> {
-        let mut candidates: Vec<&Volume> = here.iter().copied().filter(|v| free(v)).collect();
+    /// else (relocation on) move a free one from another zone; else create.
+    async fn next_in_pool(
+        &self,
+        tags: &Tags,
+        here: &[&Volume],
+        elsewhere: &[&Volume],
+    ) -> Result<Next, Error> {
+        let mut candidates: Vec<&Volume> = here
+            .iter()
+            .copied()
+            .filter(|v| free(v) && !self.busy_volumes.contains(&v.id))
+            .collect();
         candidates.sort_by_key(|v| mix(self.seed ^ hash_str(&v.id)));
         if let Some(v) = candidates.first() {
             return Ok(Next::Attach {
@@ -471,9 +513,12 @@ impl Claimer<'_> {
                     what,
                     timeout: self.config.timeouts.attach,
                 },
-                None => Next::Create {
-                    tags: tags.clone(),
-                    slot: None,
+                None => match self.pool_move(elsewhere) {
+                    Some(source) => Next::Move { source, slot: None },
+                    None => Next::Create {
+                        tags: tags.clone(),
+                        slot: None,
+                    },
                 },
             },
         )
@@ -531,68 +576,101 @@ impl Claimer<'_> {
         })
     }
 
-    /// The slot this instance's rank gives it (see [`slot_next`]).
+    /// The slot this instance's rank gives it (see [`slot_next`]); with none here, one moved
+    /// from another zone (relocation on).
     async fn next_for_slot(&self, volumes: &[Volume]) -> Result<Next, Error> {
-        let ClaimTarget::Slot {
-            tags,
-            key,
-            max,
-            peers,
-        } = self.target
-        else {
+        let ClaimTarget::Slot { tags, key, max, .. } = self.target else {
             unreachable!("next_for_slot is only called for slot targets")
         };
         let (api, seed, policy) = (self.cloud_api, self.seed, self.policy);
-        Ok(
-            match slot_next(
-                api,
-                self.target,
-                volumes,
-                self.identity,
-                peers,
-                seed,
-                policy,
-            )
-            .await?
-            {
-                SlotChoice::Attach { volume_id, slot } => Next::Attach {
-                    volume_id,
-                    slot: Some(slot),
-                },
-                SlotChoice::Create(k) => {
-                    let mut t = tags.clone();
-                    t.insert(key.clone(), k.to_string());
-                    Next::Create {
-                        tags: t,
-                        slot: Some(k),
+        let choice = slot_next(
+            api,
+            self.target,
+            volumes,
+            self.identity,
+            &self.busy_slots,
+            seed,
+            policy,
+        )
+        .await?;
+        Ok(match choice {
+            SlotChoice::Attach { volume_id, slot } => Next::Attach {
+                volume_id,
+                slot: Some(slot),
+            },
+            SlotChoice::Create(k) => {
+                let mut t = tags.clone();
+                t.insert(key.clone(), k.to_string());
+                Next::Create {
+                    tags: t,
+                    slot: Some(k),
+                }
+            }
+            SlotChoice::Wait { what } => Next::Wait {
+                what,
+                timeout: self.config.timeouts.attach,
+            },
+            SlotChoice::NoneFree => {
+                let far = self.slots_elsewhere(volumes);
+                if self.mover.is_some() {
+                    if let Some((k, source)) = self.pick_slot_move(&far) {
+                        return Ok(Next::Move {
+                            source: source.clone(),
+                            slot: Some(k),
+                        });
+                    }
+                    if !self.busy_slots.is_empty() {
+                        return Ok(Next::Wait {
+                            what: format!(
+                                "slots {:?} are being claimed or moved by other agents",
+                                self.busy_slots
+                            ),
+                            timeout: self.config.timeouts.attach,
+                        });
                     }
                 }
-                SlotChoice::Wait { what } => Next::Wait {
-                    what,
-                    timeout: self.config.timeouts.attach,
-                },
-                SlotChoice::NoneFree => {
-                    let all: Vec<&Volume> = volumes.iter().collect();
-                    let (_, held) = holders(api, &all, seed, policy).await?;
-                    return Err(Error::NoFreeSlot {
-                        max: *max,
-                        zone: self.identity.availability_zone.clone(),
-                        detail: held,
-                    });
+                let all: Vec<&Volume> = volumes.iter().collect();
+                let (_, mut held) = holders(api, &all, seed, policy).await?;
+                if !far.is_empty() && self.mover.is_none() {
+                    let list: Vec<String> = far
+                        .iter()
+                        .map(|(k, v)| format!("slot {k}: {} in {}", v.id, v.availability_zone))
+                        .collect();
+                    held.push_str(&format!(
+                        "; free in other zones: {} (relocation.mode snapshot moves one here)",
+                        list.join(", ")
+                    ));
                 }
-            },
-        )
+                return Err(Error::NoFreeSlot {
+                    max: *max,
+                    zone: self.identity.availability_zone.clone(),
+                    detail: held,
+                });
+            }
+        })
     }
 
     /// Does `next`; returns the claim once a volume is attached here.
     async fn act(&mut self, next: Next) -> Result<Option<Claim>, Error> {
+        if let Some(mover) = self.mover {
+            return self.act_gated(mover, next).await;
+        }
+        self.act_plain(next).await
+    }
+
+    /// Does `next` without a lock.
+    async fn act_plain(&mut self, next: Next) -> Result<Option<Claim>, Error> {
         match next {
             Next::Wait { what, timeout } => {
+                // Whoever held a lock this run found busy may be done by the next look.
+                self.busy_slots.clear();
+                self.busy_volumes.clear();
                 self.wait(what, timeout).await?;
                 Ok(None)
             }
             Next::Attach { volume_id, slot } => self.attach(&volume_id, slot).await,
             Next::Create { tags, slot } => self.create(tags, slot).await,
+            Next::Move { .. } => unreachable!("a move is only chosen with relocation on"),
         }
     }
 

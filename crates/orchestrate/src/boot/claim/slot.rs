@@ -1,6 +1,6 @@
 //! Slot mode: which slot this instance takes, by its rank among the instances booting now.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cps_provider::{
     AttachmentState, InstanceIdentity, InstanceState, Volume, VolumeService, VolumeState,
@@ -134,17 +134,18 @@ pub(super) async fn slot_next(
     target: &ClaimTarget,
     volumes: &[Volume],
     identity: &InstanceIdentity,
-    peers: &[String],
+    skip: &BTreeSet<u32>,
     seed: u64,
     policy: RetryPolicy,
 ) -> Result<SlotChoice, Error> {
-    let ClaimTarget::Slot { max, .. } = target else {
+    let ClaimTarget::Slot { max, peers, .. } = target else {
         return Ok(SlotChoice::NoneFree);
     };
     let zone = identity.availability_zone.as_str();
     let by_slot = volumes_by_slot(target, volumes);
     let rank = slot_rank(&by_slot, peers, &identity.instance_id);
     let mut candidates = slot_candidates(&by_slot, *max, zone, None);
+    candidates.retain(|(k, _)| !skip.contains(k));
     let free = candidates
         .iter()
         .take_while(|(_, c)| matches!(c, SlotCandidate::Free(_)))
@@ -159,6 +160,7 @@ pub(super) async fn slot_next(
             .collect();
         states = holder_states(cloud_api, &held, seed, policy).await?;
         candidates = slot_candidates(&by_slot, *max, zone, Some(&states));
+        candidates.retain(|(k, _)| !skip.contains(k));
     }
     let pick = candidates.get(rank).or_else(|| {
         candidates
