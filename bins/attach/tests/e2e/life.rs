@@ -1,7 +1,8 @@
 //! The volume's life with the real binary on the emulator and loop devices: a node whose
 //! volume was deleted comes back from its newest snapshot; a node whose subnet moved to
 //! another zone comes up there with its data (the source retired); agents racing in two zones
-//! move it once; the mover killed (-9) after each of its steps, then run again, converges.
+//! move it once; the mover killed (-9) after each of its steps, then run again, converges;
+//! slots and a pool volume left in a lost zone come up in the other one with their data.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use cps_fixtures::MountGuard;
 use cps_provider::{Tags, Volume, VolumeService};
 use cps_testbed::{Bench, BenchOptions, Instance};
 
-use crate::{BIN, TIER, run, tags, write_config};
+use crate::{BIN, Run, TIER, run, tags, write_config};
 
 const LOCKS: &str = "cps-e2e-locks";
 
@@ -122,7 +123,7 @@ async fn a_node_whose_subnet_moved_comes_up_in_the_new_zone_with_its_data() {
     let out = run(&bench, &instance, &config, &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.said("the node's volume was moved to this zone"),
+        out.said("the volume was moved to this zone"),
         "{}",
         out.stderr
     );
@@ -166,14 +167,7 @@ async fn three_agents_in_two_zones_racing_move_the_volume_once() {
     for zone in ["us-east-1b", "us-east-1b", "us-east-1a"] {
         machines.push(machine(&bench, zone, "", &relocation()).await);
     }
-    let runs: Vec<_> = machines
-        .iter()
-        .map(|(instance, config, _)| {
-            let (bench, instance, config) = (bench.clone(), instance.clone(), config.clone());
-            std::thread::spawn(move || run(&bench, &instance, &config, &[]))
-        })
-        .collect();
-    let outs: Vec<_> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+    let outs = run_at_once(&bench, &machines);
     let ok = outs.iter().filter(|o| o.code == 0).count();
     assert!(
         ok >= 1,
@@ -195,6 +189,18 @@ async fn three_agents_in_two_zones_racing_move_the_volume_once() {
         .find(|(i, _, _)| node[0].attachments[0].instance_id == i.id)
         .unwrap();
     assert_eq!(read_kept(&winner.2.0), b"node 3's data");
+}
+
+/// cps-attach on every machine at once; the runs in the machines' order.
+fn run_at_once(bench: &Arc<Bench>, machines: &[(Arc<Instance>, PathBuf, MountGuard)]) -> Vec<Run> {
+    let runs: Vec<_> = machines
+        .iter()
+        .map(|(instance, config, _)| {
+            let (bench, instance, config) = (bench.clone(), instance.clone(), config.clone());
+            std::thread::spawn(move || run(&bench, &instance, &config, &[]))
+        })
+        .collect();
+    runs.into_iter().map(|r| r.join().unwrap()).collect()
 }
 
 /// Runs cps-attach and kills it (-9) as soon as its log says `step`; returns whether it got
@@ -230,8 +236,8 @@ async fn the_mover_killed_after_each_step_converges_on_the_next_run() {
     }
     for step in [
         "relocation lock taken",
-        "snapshot of the node's volume started",
-        "copy of the node's volume created",
+        "snapshot of the volume to move started",
+        "copy of the volume created from the snapshot",
         "source retired",
     ] {
         let bench = Bench::start(BenchOptions::default()).unwrap();
@@ -264,4 +270,123 @@ async fn the_mover_killed_after_each_step_converges_on_the_next_run() {
             "{step}: source kept"
         );
     }
+}
+
+/// Slot mode with two slots, and `extra` appended.
+fn slot_config_text(mount: &Path, extra: &str) -> String {
+    format!(
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: life}}\n    size: 1\n\
+         file-system:\n  type: xfs\nmount:\n  target: {}\nidentity:\n  mode: slot\n  max-slots: 2\n{extra}",
+        mount.display()
+    )
+}
+
+/// The tags of volume `id` as the emulator shows them.
+async fn tags_of(bench: &Bench, id: &str) -> Tags {
+    bench.volumes_api().volume(id).await.unwrap().tags
+}
+
+/// Both slots of a cluster whose zone was lost (its servers gone, its volumes free there) come
+/// up in the other zone, on two agents started at once: each moves a different slot and
+/// mounts that slot's data; the sources are retired, not deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_left_in_a_lost_zone_come_up_in_the_other_with_their_data() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Arc::new(Bench::start(BenchOptions::default()).unwrap());
+    bench.create_lock_table(LOCKS).unwrap();
+    let mut old = Vec::new();
+    for _ in 0..2 {
+        let instance = bench.launch("us-east-1a").await.unwrap();
+        let mount = instance.home.join("data");
+        let config = write_config(&instance, &slot_config_text(&mount, &relocation()));
+        let out = run(&bench, &instance, &config, &[]);
+        assert_eq!(out.code, 0, "first boot:\n{}", out.stderr);
+        let volume = out.ready()["volume_id"].as_str().unwrap().to_owned();
+        let slot = tags_of(&bench, &volume).await["cps:slot"].clone();
+        std::fs::write(mount.join("kept"), format!("slot {slot}'s data")).unwrap();
+        old.push((instance, MountGuard(mount), volume, slot));
+    }
+    for (instance, _, volume, _) in &old {
+        bench.terminate(instance).await.unwrap();
+        assert!(bench.wait_devices_gone(&[volume.as_str()]), "{volume} left");
+    }
+
+    let mut machines = Vec::new();
+    for _ in 0..2 {
+        let instance = bench.launch("us-east-1b").await.unwrap();
+        let mount = instance.home.join("data");
+        let config = write_config(&instance, &slot_config_text(&mount, &relocation()));
+        machines.push((instance, config, MountGuard(mount)));
+    }
+    let outs = run_at_once(&bench, &machines);
+    let mut slots = Vec::new();
+    for (out, (_, _, guard)) in outs.iter().zip(&machines) {
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(out.ready()["formatted"], false, "moved, not made");
+        let volume = out.ready()["volume_id"].as_str().unwrap();
+        let t = tags_of(&bench, volume).await;
+        let slot = t["cps:slot"].clone();
+        assert_eq!(
+            read_kept(&guard.0),
+            format!("slot {slot}'s data").into_bytes()
+        );
+        let (_, _, source, _) = old.iter().find(|o| o.3 == slot).unwrap();
+        assert_eq!(t.get("cps:relocated-from"), Some(source));
+        let src = tags_of(&bench, source).await;
+        assert_eq!(src.get("cps:retired-by").map(String::as_str), Some(volume));
+        assert!(!src.contains_key("cps:slot"), "{src:?}");
+        slots.push(slot);
+    }
+    slots.sort();
+    assert_eq!(slots, ["1", "2"], "one slot each");
+}
+
+/// A pool volume free only in another zone is moved here rather than a new, empty one made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_volume_left_in_another_zone_is_moved_here_with_its_data() {
+    if !cps_testbed::ready(TIER) {
+        return;
+    }
+    let bench = Bench::start(BenchOptions::default()).unwrap();
+    bench.create_lock_table(LOCKS).unwrap();
+    let pool = |mount: &Path| {
+        format!(
+            "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: life}}\n    size: 1\n\
+             file-system:\n  type: xfs\nmount:\n  target: {}\n{}",
+            mount.display(),
+            relocation()
+        )
+    };
+    let first = bench.launch("us-east-1a").await.unwrap();
+    let mount = first.home.join("data");
+    let config = write_config(&first, &pool(&mount));
+    let out = run(&bench, &first, &config, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let source = out.ready()["volume_id"].as_str().unwrap().to_owned();
+    std::fs::write(mount.join("kept"), b"the pool's data").unwrap();
+    drop(MountGuard(mount));
+    bench.terminate(&first).await.unwrap();
+    assert!(bench.wait_devices_gone(&[&source]));
+
+    let here = bench.launch("us-east-1b").await.unwrap();
+    let mount = here.home.join("data");
+    let config = write_config(&here, &pool(&mount));
+    let guard = MountGuard(mount);
+    let out = run(&bench, &here, &config, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ready()["formatted"], false);
+    assert_eq!(read_kept(&guard.0), b"the pool's data");
+    let copy = out.ready()["volume_id"].as_str().unwrap();
+    let t = tags_of(&bench, copy).await;
+    assert_eq!(t.get("cps:relocated-from"), Some(&source));
+    assert!(!t.contains_key("cps:handover"), "handed over: {t:?}");
+    assert_eq!(
+        tags_of(&bench, &source)
+            .await
+            .get("cps:retired-by")
+            .map(String::as_str),
+        Some(copy)
+    );
 }

@@ -19,7 +19,7 @@ use cps_provider::{
     Tags, Volume, VolumeService, VolumeState,
 };
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::claim::{Claim, ClaimTarget, claim_volume, claim_volume_gated, volume_spec};
 use crate::backoff::{self, Poll, RetryPolicy, Schedule, hash_str};
@@ -203,7 +203,7 @@ impl Mover<'_> {
         .map_err(Error::cloud("taking the relocation lock"))?;
         Ok(match acquired {
             Acquired::Held(lease, record) => {
-                debug!(key = %subject.key, token = lease.token, "lock taken");
+                info!(key = %subject.key, token = lease.token, "relocation lock taken");
                 Some((
                     Held {
                         lease,
@@ -458,7 +458,7 @@ impl Mover<'_> {
                 })
                 .await
                 .map_err(Error::cloud("snapshotting the volume to move"))?;
-                info!(source = %source.id, snapshot = %s.id, "snapshot of the node's volume started");
+                info!(source = %source.id, snapshot = %s.id, "snapshot of the volume to move started");
                 s
             }
         };
@@ -546,7 +546,7 @@ impl Mover<'_> {
         })
         .await
         .map_err(Error::cloud("creating the copy from the snapshot"))?;
-        info!(source = %source.id, snapshot = %snapshot.id, copy = %copy.id, zone = %zone, "copy of the node's volume created");
+        info!(source = %source.id, snapshot = %snapshot.id, copy = %copy.id, zone = %zone, "copy of the volume created from the snapshot");
         self.available(copy).await
     }
 
