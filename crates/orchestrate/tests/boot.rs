@@ -1843,3 +1843,143 @@ async fn an_agent_in_the_source_zone_leaves_a_slot_being_moved_alone() {
         "the first instance's and the mover's: the late agent never tried the source"
     );
 }
+
+/// A pool volume's move stopped at each of its requests (before and after its effect) is
+/// finished by the next run here: it finds the copy waiting for its handover (or the source
+/// still free elsewhere) and goes on under the source's lock — never a new, empty volume, never
+/// two claimable copies, the data kept.
+#[tokio::test(start_paused = true)]
+async fn a_pool_move_stopped_at_every_step_is_finished_by_the_next_run() {
+    use cps_provider::memory::{
+        CREATE_VOLUME, DELETE_TAGS, DESCRIBE_SNAPSHOTS, Fault, UPDATE_ITEM,
+    };
+    let steps: [(&str, &'static str, u32); 7] = [
+        ("the snapshot", CREATE_SNAPSHOT, 0),
+        ("a look at the snapshot", DESCRIBE_SNAPSHOTS, 2),
+        ("the copy", CREATE_VOLUME, 0),
+        ("retiring the source", "CreateTags", 0),
+        ("the handover", DELETE_TAGS, 0),
+        ("writing the record", UPDATE_ITEM, 1),
+        ("clearing the record", UPDATE_ITEM, 2),
+    ];
+    for (name, op, passing) in steps {
+        for after in [false, true] {
+            let what = format!("{name} ({})", if after { "after" } else { "before" });
+            let c = Cluster::new(Timing::default());
+            c.cloud
+                .with(|w| w.set_snapshot_delay(Duration::from_secs(10)));
+            let old = c.launch("i-old", OTHER_AZ);
+            let source = c.boot(&old, &config("")).await.unwrap().attach.volume_id;
+            old.block.write_user_data(&source);
+            old.block.unmount_all();
+            c.cloud.with(|w| w.terminate_instance(&old.id));
+            let data = c.disks.lock().unwrap()[&source].clone();
+
+            let cfg = config(RELOCATION);
+            let fault = Fault::fail(
+                op,
+                cps_provider::Error::Api {
+                    operation: op,
+                    code: Some("Crash".into()),
+                    message: "the agent died here".into(),
+                },
+            )
+            .after(passing);
+            c.cloud
+                .inject(if after { fault.after_effect() } else { fault });
+            let m = c.launch("i-stopped", AZ);
+            assert!(c.boot(&m, &cfg).await.is_err(), "{what}: the run stopped");
+            m.block.unmount_all();
+            c.cloud.with(|w| w.terminate_instance(&m.id));
+            // The stopped run's lease runs out before the next run looks.
+            tokio::time::sleep(Duration::from_secs(61)).await;
+
+            let next = c.launch("i-next", AZ);
+            let out = c
+                .boot(&next, &cfg)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the next run failed: {e}"));
+            assert_eq!(next.block.st().mkfs_runs, 0, "{what}: never formatted");
+            let volumes = c.cloud.volumes();
+            let claimable: Vec<_> = volumes
+                .iter()
+                .filter(|v| {
+                    v.tags.get("cluster").map(String::as_str) == Some("kafka")
+                        && !v.tags.contains_key("cps:retired-by")
+                        && !v.tags.contains_key("cps:handover")
+                })
+                .collect();
+            assert_eq!(claimable.len(), 1, "{what}: {volumes:?}");
+            assert_eq!(claimable[0].id, out.attach.volume_id, "{what}");
+            assert_ne!(out.attach.volume_id, source, "{what}: moved");
+            assert_eq!(
+                c.disks.lock().unwrap().get(&out.attach.volume_id),
+                Some(&data),
+                "{what}: the data"
+            );
+            assert_eq!(
+                volumes.len(),
+                2,
+                "{what}: the source and one copy: {volumes:?}"
+            );
+        }
+    }
+}
+
+/// A node's move left unfinished by an agent here is finished by an agent in a third zone
+/// towards the zone it was going to (no second copy from that move), and only then moved on to
+/// the third zone, where the node's agent now is: the data follows, one claimable volume.
+#[tokio::test(start_paused = true)]
+async fn a_move_resumed_from_a_third_zone_makes_no_second_copy() {
+    use cps_provider::memory::{DELETE_TAGS, Fault};
+    const THIRD_AZ: &str = "us-east-1c";
+    let c = Cluster::new(Timing::default());
+    let cfg = config(&format!("{NODE}  node-id: '7'\n{RELOCATION}"));
+    let source = node_with_data(&c, "7", OTHER_AZ, &cfg).await;
+    let data = c.disks.lock().unwrap().get(&source).cloned().unwrap();
+    // The mover here dies after retiring the source, before handing the identity over.
+    c.cloud.inject(Fault::fail(
+        DELETE_TAGS,
+        cps_provider::Error::Api {
+            operation: DELETE_TAGS,
+            code: Some("Crash".into()),
+            message: "the agent died here".into(),
+        },
+    ));
+    let m = c.launch("i-stopped", AZ);
+    assert!(c.boot(&m, &cfg).await.is_err());
+    c.cloud.with(|w| w.terminate_instance(&m.id));
+    tokio::time::sleep(Duration::from_secs(61)).await;
+
+    let far = c.launch("i-third", THIRD_AZ);
+    let out = c.boot(&far, &cfg).await.unwrap();
+    let volumes = c.cloud.volumes();
+    let first_copies: Vec<_> = volumes
+        .iter()
+        .filter(|v| v.tags.get("cps:relocated-from") == Some(&source))
+        .collect();
+    assert_eq!(
+        first_copies.len(),
+        1,
+        "one copy from the first move: {volumes:?}"
+    );
+    assert_eq!(
+        first_copies[0].availability_zone, AZ,
+        "made where it was going"
+    );
+    let now: Vec<_> = volumes
+        .iter()
+        .filter(|v| {
+            v.tags.get("cps:node-id").map(String::as_str) == Some("7")
+                && !v.tags.contains_key("cps:retired-by")
+        })
+        .collect();
+    assert_eq!(now.len(), 1, "{volumes:?}");
+    assert_eq!(now[0].id, out.attach.volume_id);
+    assert_eq!(now[0].availability_zone, THIRD_AZ);
+    assert_eq!(
+        now[0].tags.get("cps:relocated-from"),
+        Some(&first_copies[0].id)
+    );
+    assert_eq!(c.disks.lock().unwrap().get(&now[0].id), Some(&data));
+}

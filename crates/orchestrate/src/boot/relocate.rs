@@ -37,6 +37,9 @@ pub const RELOCATION_OF: &str = "cps:relocation-of";
 pub const HANDOVER: &str = "cps:handover";
 /// The record key naming the source of an unfinished move.
 pub(super) const SOURCE: &str = "source";
+/// The record key naming the zone an unfinished move goes to: whoever finishes it makes (or
+/// finds) the copy there, so a move resumed from another zone makes no second copy.
+const ZONE: &str = "zone";
 
 /// Wall-clock time that follows tokio's clock (which tests pause and advance): the lease's
 /// expiry is compared with it by every agent.
@@ -175,9 +178,11 @@ impl Mover<'_> {
         target: &ClaimTarget,
         record: BTreeMap<String, String>,
     ) -> Result<Claim, Error> {
-        if let Some(source) = record.get(SOURCE) {
-            self.resume(held, subject, source).await?;
-        } else if let Some(source) = self.only_elsewhere(&subject.tags).await? {
+        if record.contains_key(SOURCE) {
+            self.resume(held, subject, &record).await?;
+        }
+        // (Also after a move resumed towards another zone: the node's agent is here now.)
+        if let Some(source) = self.only_elsewhere(&subject.tags).await? {
             self.start(held, subject, &source).await?;
         }
         let claim = self
@@ -230,16 +235,20 @@ impl Mover<'_> {
         }
     }
 
-    /// Finishes the move an earlier holder of the lock left unfinished; returns the copy.
+    /// Finishes the move an earlier holder of the lock left unfinished (`record` names it),
+    /// towards the zone it was going to; returns the copy.
     pub(super) async fn resume(
         &self,
         held: &mut Held,
         subject: &Subject,
-        source: &str,
+        record: &BTreeMap<String, String>,
     ) -> Result<Volume, Error> {
-        info!(source = %source, "an earlier relocation of this volume is unfinished; going on with it");
+        let source = record.get(SOURCE).map_or("", String::as_str);
+        // Records without a zone were written by agents that moved to their own zone only.
+        let zone = record.get(ZONE).unwrap_or(&self.identity.availability_zone);
+        info!(source = %source, zone = %zone, "an earlier relocation of this volume is unfinished; going on with it");
         let source = self.volume(source).await?;
-        self.finish(held, subject, &source).await
+        self.finish(held, subject, &source, zone).await
     }
 
     /// Starts moving `source` here (it must be attached to nobody), then finishes; returns the
@@ -251,9 +260,13 @@ impl Mover<'_> {
         source: &Volume,
     ) -> Result<Volume, Error> {
         self.wait_free(source).await?;
-        self.record(held, [(SOURCE.to_owned(), source.id.clone())].into())
-            .await?;
-        self.finish(held, subject, source).await
+        let zone = &self.identity.availability_zone;
+        let record = [
+            (SOURCE.to_owned(), source.id.clone()),
+            (ZONE.to_owned(), zone.clone()),
+        ];
+        self.record(held, record.into()).await?;
+        self.finish(held, subject, source, zone).await
     }
 
     /// Takes the lock, waiting (bounded) while another agent holds it.
@@ -395,9 +408,10 @@ impl Mover<'_> {
         held: &mut Held,
         subject: &Subject,
         source: &Volume,
+        zone: &str,
     ) -> Result<Volume, Error> {
-        let snapshot = self.snapshot_of(held, &subject.tags, source).await?;
-        let mut copy = self.copy_of(held, subject, source, &snapshot).await?;
+        let snapshot = self.snapshot_of(held, &subject.tags, source, zone).await?;
+        let mut copy = self.copy_of(held, subject, source, &snapshot, zone).await?;
         if !subject.retired(source) {
             self.retire(held, subject, &source.id, &copy.id).await?;
         }
@@ -422,7 +436,7 @@ impl Mover<'_> {
             }
         }
         self.record(held, BTreeMap::new()).await?;
-        info!(source = %source.id, copy = %copy.id, zone = %self.identity.availability_zone, "the volume was moved to this zone");
+        info!(source = %source.id, copy = %copy.id, zone = %zone, "the volume was moved to this zone");
         Ok(copy)
     }
 
@@ -432,6 +446,7 @@ impl Mover<'_> {
         held: &mut Held,
         tags: &Tags,
         source: &Volume,
+        zone: &str,
     ) -> Result<Snapshot, Error> {
         let mark: Tags = [(RELOCATION_OF.to_owned(), source.id.clone())].into();
         let mut found = backoff::retry(self.policy, "DescribeSnapshots", self.seed(), || {
@@ -448,10 +463,7 @@ impl Mover<'_> {
                 let mut snap_tags = tags.clone();
                 snap_tags.extend(mark);
                 snap_tags.insert("cps:relocation-token".into(), held.lease.token.to_string());
-                let description = format!(
-                    "cps: moving {} to {}",
-                    source.id, self.identity.availability_zone
-                );
+                let description = format!("cps: moving {} to {zone}", source.id);
                 let s = backoff::retry(self.policy, "CreateSnapshot", self.seed(), || {
                     self.cloud
                         .create_snapshot(&source.id, &description, &snap_tags)
@@ -502,7 +514,7 @@ impl Mover<'_> {
         }
     }
 
-    /// The copy in this zone, made from the snapshot if there is none yet; waited for until
+    /// The copy in `zone`, made from the snapshot if there is none yet; waited for until
     /// available. It carries the cluster's tags and `cps:relocated-from`, not the identity tag
     /// (a pool volume's copy: [`HANDOVER`]).
     async fn copy_of(
@@ -511,8 +523,8 @@ impl Mover<'_> {
         subject: &Subject,
         source: &Volume,
         snapshot: &Snapshot,
+        zone: &str,
     ) -> Result<Volume, Error> {
-        let zone = &self.identity.availability_zone;
         let mut mark = self.config.tags.clone();
         mark.insert(RELOCATED_FROM.to_owned(), source.id.clone());
         let found = backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
@@ -520,11 +532,12 @@ impl Mover<'_> {
         })
         .await
         .map_err(Error::cloud("looking for the volume's copy"))?;
-        if let Some(copy) = found.into_iter().find(|v| &v.availability_zone == zone) {
+        if let Some(copy) = found.into_iter().find(|v| v.availability_zone == zone) {
             return self.available(copy).await;
         }
         self.renew(held).await?;
         let mut spec = volume_spec(self.identity, self.config, &mark);
+        spec.availability_zone = zone.to_owned();
         if subject.is_pool() {
             // A pool has no identity to withhold: the copy is hidden from claims by this tag.
             spec.tags.insert(HANDOVER.to_owned(), source.id.clone());

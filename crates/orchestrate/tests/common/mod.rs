@@ -52,6 +52,9 @@ pub struct Disks {
     sizes: Arc<Mutex<BTreeMap<String, DiskSize>>>,
     /// Snapshot id → what its volume held when the snapshot was created.
     snapshots: Arc<Mutex<BTreeMap<String, (Content, DiskSize)>>>,
+    /// Snapshot id → the volume it was taken of, when no host had read that volume yet (one
+    /// made from a snapshot, never attached): it holds what its own snapshot held.
+    inherited: Arc<Mutex<BTreeMap<String, String>>>,
     /// The cloud tells these disks of its snapshots (set up once, by the first host).
     watching: Arc<AtomicBool>,
 }
@@ -60,13 +63,21 @@ impl Disks {
     /// Called by the cloud inside CreateSnapshot: the volume's content and filesystem size now.
     /// The device size is not kept: a volume made from the snapshot has its own.
     fn capture(&self, snapshot: &Snapshot) {
-        let content = self
+        let Some(content) = self
             .content
             .lock()
             .unwrap()
             .get(&snapshot.volume_id)
             .cloned()
-            .unwrap_or(Content::Blank);
+        else {
+            // Resolved when a volume is made from this snapshot (the cloud cannot be asked
+            // from inside CreateSnapshot).
+            self.inherited
+                .lock()
+                .unwrap()
+                .insert(snapshot.id.clone(), snapshot.volume_id.clone());
+            return;
+        };
         let source = self
             .sizes
             .lock()
@@ -207,23 +218,7 @@ impl FakeHost {
         if self.disks.content.lock().unwrap().contains_key(volume_id) {
             return;
         }
-        let Some(snapshot_id) = self
-            .cloud
-            .volumes()
-            .into_iter()
-            .find(|v| v.id == volume_id)
-            .and_then(|v| v.snapshot_id)
-        else {
-            return;
-        };
-        let Some((content, size)) = self
-            .disks
-            .snapshots
-            .lock()
-            .unwrap()
-            .get(&snapshot_id)
-            .cloned()
-        else {
+        let Some((content, size)) = self.content_from_snapshot(volume_id) else {
             return;
         };
         let mut all = self.disks.content.lock().unwrap();
@@ -236,6 +231,31 @@ impl FakeHost {
             .lock()
             .unwrap()
             .insert(volume_id.to_owned(), size);
+    }
+
+    /// What a volume made from a snapshot starts with: its snapshot's capture, or (a snapshot
+    /// of a volume no host had read) what that volume's own snapshot held. Bounded.
+    fn content_from_snapshot(&self, volume_id: &str) -> Option<(Content, DiskSize)> {
+        let volumes = self.cloud.volumes();
+        let mut volume = volume_id.to_owned();
+        for _ in 0..8 {
+            let snapshot_id = volumes
+                .iter()
+                .find(|v| v.id == volume)?
+                .snapshot_id
+                .clone()?;
+            if let Some(found) = self.disks.snapshots.lock().unwrap().get(&snapshot_id) {
+                return Some(found.clone());
+            }
+            volume = self
+                .disks
+                .inherited
+                .lock()
+                .unwrap()
+                .get(&snapshot_id)?
+                .clone();
+        }
+        None
     }
 
     /// The volume's sizes; a filesystem not sized yet is pinned at the device's size now.

@@ -17,6 +17,7 @@ use super::{Claim, ClaimTarget, Claimer, Next, free};
 use crate::backoff::{self, hash_str, mix};
 use crate::boot::relocate::{HANDOVER, Held, Mover, RETIRED_BY, SOURCE, Subject, with_origin};
 use crate::error::Error;
+use tracing::warn;
 
 /// A volume of the subject that claims may take: carrying its tags, not retired, not a copy
 /// waiting for its handover.
@@ -75,11 +76,22 @@ impl Claimer<'_> {
             .map(|v| (*v).clone())
     }
 
+    /// The source of an unfinished pool move to finish before moving or making another
+    /// volume; `None` without relocation.
+    pub(super) fn pool_unfinished(&self) -> Option<String> {
+        self.mover?;
+        self.handovers
+            .iter()
+            .find(|s| !self.busy_volumes.contains(*s))
+            .cloned()
+    }
+
     /// The lock's subject of `next`; `None` for what needs no lock (a pool volume created,
     /// a wait).
     fn subject_of(&self, next: &Next) -> Option<Subject> {
         let (volume_id, slot) = match next {
             Next::Wait { .. } => return None,
+            Next::Finish { source } => (Some(source.as_str()), None),
             Next::Attach { volume_id, slot } => (Some(volume_id.as_str()), *slot),
             Next::Create { slot, .. } => (None, *slot),
             Next::Move { source, slot } => (Some(source.id.as_str()), *slot),
@@ -119,6 +131,9 @@ impl Claimer<'_> {
                 Next::Move { source, .. } => {
                     self.busy_volumes.insert(source.id.clone());
                 }
+                Next::Finish { source } => {
+                    self.busy_volumes.insert(source.clone());
+                }
                 _ => {}
             }
             return Ok(None);
@@ -144,13 +159,24 @@ impl Claimer<'_> {
             Next::Attach { slot, .. } | Next::Create { slot, .. } | Next::Move { slot, .. } => {
                 *slot
             }
-            Next::Wait { .. } => None,
+            Next::Wait { .. } | Next::Finish { .. } => None,
         };
-        if let Some(source) = record.get(SOURCE) {
-            let copy = mover.resume(held, subject, source).await?;
+        if record.contains_key(SOURCE) {
+            let copy = mover.resume(held, subject, &record).await?;
+            if copy.availability_zone != self.identity.availability_zone {
+                // Finished for the zone it was going to; look again for one here.
+                return Ok(None);
+            }
             return self.attach_copy(mover, held, &copy, slot).await;
         }
         match next {
+            Next::Finish { source } => {
+                // The lock says nothing is unfinished: the copy waiting for its handover was
+                // left by a move that went elsewhere. Leave it (and say so); never claim it.
+                warn!(source = %source, "a copy of this volume waits for a handover no move will make; it is never claimed (delete it once checked)");
+                self.busy_volumes.insert(source);
+                Ok(None)
+            }
             Next::Move { source, .. } => {
                 let now = mover.volume(&source.id).await?;
                 if !claimable(&now, subject) || !free(&now) {

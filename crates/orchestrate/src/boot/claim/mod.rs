@@ -257,6 +257,11 @@ enum Next {
         source: Volume,
         slot: Option<u32>,
     },
+    /// A pool volume's move was left unfinished (its copy still waits for its handover):
+    /// finish it (relocation on).
+    Finish {
+        source: String,
+    },
 }
 
 /// Claims a volume for `target` and waits until EC2 reports it attached here.
@@ -308,6 +313,7 @@ pub(in crate::boot) async fn claim_volume_gated(
         mover,
         busy_slots: BTreeSet::new(),
         busy_volumes: BTreeSet::new(),
+        handovers: Vec::new(),
     };
     loop {
         if claimer.started.elapsed() > claimer.deadline {
@@ -327,6 +333,10 @@ pub(in crate::boot) async fn claim_volume_gated(
         .map_err(Error::cloud("listing volumes by tag"))?;
         // A source a relocation retired is never claimed again, even before its identity tag
         // is gone; a pool volume's copy not yet handed over is not claimed yet.
+        claimer.handovers = volumes
+            .iter()
+            .filter_map(|v| v.tags.get(HANDOVER).cloned())
+            .collect();
         volumes.retain(|v| !v.tags.contains_key(RETIRED_BY) && !v.tags.contains_key(HANDOVER));
         if let Some(claim) = claimer.already_mine(&volumes).await? {
             return Ok(claim);
@@ -365,6 +375,8 @@ struct Claimer<'a> {
     /// this run next waits.
     busy_slots: BTreeSet<u32>,
     busy_volumes: BTreeSet<String>,
+    /// The sources of pool volumes' copies still waiting for their handover, at the last look.
+    handovers: Vec<String>,
 }
 
 impl Claimer<'_> {
@@ -513,9 +525,10 @@ impl Claimer<'_> {
                     what,
                     timeout: self.config.timeouts.attach,
                 },
-                None => match self.pool_move(elsewhere) {
-                    Some(source) => Next::Move { source, slot: None },
-                    None => Next::Create {
+                None => match (self.pool_unfinished(), self.pool_move(elsewhere)) {
+                    (Some(source), _) => Next::Finish { source },
+                    (None, Some(source)) => Next::Move { source, slot: None },
+                    (None, None) => Next::Create {
                         tags: tags.clone(),
                         slot: None,
                     },
@@ -670,7 +683,9 @@ impl Claimer<'_> {
             }
             Next::Attach { volume_id, slot } => self.attach(&volume_id, slot).await,
             Next::Create { tags, slot } => self.create(tags, slot).await,
-            Next::Move { .. } => unreachable!("a move is only chosen with relocation on"),
+            Next::Move { .. } | Next::Finish { .. } => {
+                unreachable!("a move is only chosen with relocation on")
+            }
         }
     }
 
