@@ -1398,6 +1398,7 @@ mod rules;
 mod summary;
 
 pub(crate) use rules::shown;
+pub(crate) use summary::duration_text;
 
 pub use life::{Relocation, RelocationMode, Restore, SnapshotSource};
 pub use node::{

@@ -300,7 +300,10 @@ async fn slots_left_in_a_lost_zone_come_up_in_the_other_with_their_data() {
     for _ in 0..2 {
         let instance = bench.launch("us-east-1a").await.unwrap();
         let mount = instance.home.join("data");
-        let config = write_config(&instance, &slot_config_text(&mount, &relocation()));
+        let config = write_config(
+            &instance,
+            &slot_config_text(&mount, &format!("{}  grace: 1s\n", relocation())),
+        );
         let out = run(&bench, &instance, &config, &[]);
         assert_eq!(out.code, 0, "first boot:\n{}", out.stderr);
         let volume = out.ready()["volume_id"].as_str().unwrap().to_owned();
@@ -317,7 +320,10 @@ async fn slots_left_in_a_lost_zone_come_up_in_the_other_with_their_data() {
     for _ in 0..2 {
         let instance = bench.launch("us-east-1b").await.unwrap();
         let mount = instance.home.join("data");
-        let config = write_config(&instance, &slot_config_text(&mount, &relocation()));
+        let config = write_config(
+            &instance,
+            &slot_config_text(&mount, &format!("{}  grace: 1s\n", relocation())),
+        );
         machines.push((instance, config, MountGuard(mount)));
     }
     let outs = run_at_once(&bench, &machines);

@@ -244,11 +244,33 @@ impl Mover<'_> {
         record: &BTreeMap<String, String>,
     ) -> Result<Volume, Error> {
         let source = record.get(SOURCE).map_or("", String::as_str);
-        // Records without a zone were written by agents that moved to their own zone only.
-        let zone = record.get(ZONE).unwrap_or(&self.identity.availability_zone);
-        info!(source = %source, zone = %zone, "an earlier relocation of this volume is unfinished; going on with it");
         let source = self.volume(source).await?;
-        self.finish(held, subject, &source, zone).await
+        let zone = match record.get(ZONE) {
+            Some(zone) => zone.clone(),
+            // Records without a zone were written by agents moving to their own: where a copy
+            // already is, or else here.
+            None => self.copy_zone(&source).await?,
+        };
+        info!(source = %source.id, zone = %zone, "an earlier relocation of this volume is unfinished; going on with it");
+        self.finish(held, subject, &source, &zone).await
+    }
+
+    /// The zone of the source's copy (the one it is retired by, else any), or this one.
+    async fn copy_zone(&self, source: &Volume) -> Result<String, Error> {
+        if let Some(copy) = source.tags.get(RETIRED_BY) {
+            return Ok(self.volume(copy).await?.availability_zone);
+        }
+        let mark: Tags = [(RELOCATED_FROM.to_owned(), source.id.clone())].into();
+        let copies = backoff::retry(self.policy, "DescribeVolumes", self.seed(), || {
+            self.cloud.volumes_tagged(&mark)
+        })
+        .await
+        .map_err(Error::cloud("looking for the volume's copy"))?;
+        Ok(copies
+            .into_iter()
+            .map(|v| v.availability_zone)
+            .min()
+            .unwrap_or_else(|| self.identity.availability_zone.clone()))
     }
 
     /// Starts moving `source` here (it must be attached to nobody), then finishes; returns the
@@ -595,6 +617,9 @@ impl Mover<'_> {
     ) -> Result<(), Error> {
         let now = self.volume(source).await?;
         if !now.attachments.is_empty() {
+            // Someone uses the source: the move is void (the copy stays hidden, never claimed).
+            // Cleared, so the next holder of the lock does not try to finish it again.
+            self.record(held, BTreeMap::new()).await?;
             return Err(Error::MovedWhileInUse {
                 original: source.to_owned(),
                 copy: copy.to_owned(),

@@ -51,6 +51,9 @@ pub struct Relocation {
     pub lease: Duration,
     /// How long the snapshot of the source may take to complete.
     pub snapshot_timeout: Duration,
+    /// Slot mode: how long a slot free in another zone is left to that zone's own booting
+    /// servers before one here moves it.
+    pub grace: Duration,
 }
 
 impl Default for Relocation {
@@ -61,6 +64,7 @@ impl Default for Relocation {
             delete_source: false,
             lease: Duration::from_secs(60),
             snapshot_timeout: Duration::from_secs(3600),
+            grace: Duration::from_secs(120),
         }
     }
 }
@@ -83,6 +87,7 @@ pub(super) struct RelocationSection {
     delete_source: Option<Spanned<bool>>,
     lease: Option<Spanned<String>>,
     snapshot_timeout: Option<Spanned<String>>,
+    grace: Option<Spanned<String>>,
 }
 
 /// A snapshot id as EC2 writes them.
@@ -276,6 +281,7 @@ pub(super) fn build_relocation(
             s.snapshot_timeout.map(from_file),
             defaults.snapshot_timeout,
         )?,
+        grace: duration(src, s.grace.map(from_file), defaults.grace)?,
     })
 }
 

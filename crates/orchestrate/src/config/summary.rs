@@ -9,7 +9,7 @@ use cps_blockdev::{MkfsSpec, Ownership};
 use super::{AttachConfig, Identity, NodeOptions, OnFailure, RelocationMode, SnapshotSource};
 
 /// A duration as the configuration writes it (`5m`, `1m30s`, `1500ms`).
-pub(super) fn duration_text(d: Duration) -> String {
+pub(crate) fn duration_text(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         return "0s".into();

@@ -1305,7 +1305,7 @@ fn restore_and_relocation_are_read() {
 
     let c = parse(&life(
         "    restore-if-missing: true\n",
-        "identity:\n  mode: node-id\n  node-id: '2'\nrelocation:\n  mode: snapshot\n  lock-table: kafka-cps-locks\n  delete-source: true\n  lease: 2m\n",
+        "identity:\n  mode: node-id\n  node-id: '2'\nrelocation:\n  mode: snapshot\n  lock-table: kafka-cps-locks\n  delete-source: true\n  lease: 2m\n  grace: 30s\n",
     ))
     .unwrap();
     assert_eq!(
@@ -1323,6 +1323,7 @@ fn restore_and_relocation_are_read() {
             delete_source: true,
             lease: Duration::from_secs(120),
             snapshot_timeout: Duration::from_secs(3600),
+            grace: Duration::from_secs(30),
         }
     );
 }

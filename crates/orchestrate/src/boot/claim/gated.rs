@@ -10,7 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use cps_provider::{Tags, Volume};
+use cps_provider::{Tags, Volume, VolumeState};
+use tokio::time::Instant;
 
 use super::slot::{slot_rank, volumes_by_slot};
 use super::{Claim, ClaimTarget, Claimer, Next, free};
@@ -41,6 +42,24 @@ impl Claimer<'_> {
                 _ => None,
             })
             .collect()
+    }
+
+    /// While `relocation.grace` has not passed since a slot elsewhere first could be moved,
+    /// a wait: a server booting in that slot's zone (its replacement) takes it there, and the
+    /// slot does not cross zones and back.
+    pub(super) fn slot_grace(&mut self, far: &[(u32, &Volume)]) -> Option<Next> {
+        if far.is_empty() {
+            return None;
+        }
+        let grace = self.config.relocation.grace;
+        let since = *self.movable_since.get_or_insert_with(Instant::now);
+        (since.elapsed() < grace).then(|| Next::Wait {
+            what: format!(
+                "no slot here; slots free in other zones are left to servers booting there for {} before one is moved",
+                crate::config::duration_text(grace)
+            ),
+            timeout: grace + self.config.timeouts.attach,
+        })
     }
 
     /// The slot to move here: by this instance's rank among its booting peers, so that peers
@@ -117,8 +136,8 @@ impl Claimer<'_> {
             return self.act_plain(next).await;
         };
         let Some((mut held, record)) = mover.enter(&subject).await? else {
-            // Someone else is claiming or moving it: take something else on the next look.
-            self.lost_races += 1;
+            // Someone else is claiming or moving it: take something else on the next look (not
+            // a lost race: waits bound what follows, as a lock may be held for a snapshot).
             match &next {
                 Next::Attach { slot: Some(k), .. }
                 | Next::Create { slot: Some(k), .. }
@@ -162,7 +181,14 @@ impl Claimer<'_> {
             Next::Wait { .. } | Next::Finish { .. } => None,
         };
         if record.contains_key(SOURCE) {
-            let copy = mover.resume(held, subject, &record).await?;
+            let copy = match mover.resume(held, subject, &record).await {
+                // The move was void (its source in use); the record is cleared: look again.
+                Err(Error::MovedWhileInUse { original, copy }) => {
+                    warn!(source = %original, copy = %copy, "an unfinished move's source is in use; the move is given up, its copy never claimed");
+                    return Ok(None);
+                }
+                other => other?,
+            };
             if copy.availability_zone != self.identity.availability_zone {
                 // Finished for the zone it was going to; look again for one here.
                 return Ok(None);
@@ -199,7 +225,11 @@ impl Claimer<'_> {
                 })
                 .await
                 .map_err(Error::cloud("listing volumes by tag"))?;
-                if there.iter().any(|v| claimable(v, subject)) {
+                // (One still being created is joined by the create: same identity token.)
+                if there
+                    .iter()
+                    .any(|v| claimable(v, subject) && v.state != VolumeState::Creating)
+                {
                     return Ok(None);
                 }
                 mover.renewing(held, self.create(tags, slot)).await

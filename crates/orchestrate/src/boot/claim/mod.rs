@@ -314,6 +314,7 @@ pub(in crate::boot) async fn claim_volume_gated(
         busy_slots: BTreeSet::new(),
         busy_volumes: BTreeSet::new(),
         handovers: Vec::new(),
+        movable_since: None,
     };
     loop {
         if claimer.started.elapsed() > claimer.deadline {
@@ -377,6 +378,8 @@ struct Claimer<'a> {
     busy_volumes: BTreeSet<String>,
     /// The sources of pool volumes' copies still waiting for their handover, at the last look.
     handovers: Vec<String>,
+    /// Since when a slot elsewhere could have been moved here (see `relocation.grace`).
+    movable_since: Option<Instant>,
 }
 
 impl Claimer<'_> {
@@ -591,7 +594,7 @@ impl Claimer<'_> {
 
     /// The slot this instance's rank gives it (see [`slot_next`]); with none here, one moved
     /// from another zone (relocation on).
-    async fn next_for_slot(&self, volumes: &[Volume]) -> Result<Next, Error> {
+    async fn next_for_slot(&mut self, volumes: &[Volume]) -> Result<Next, Error> {
         let ClaimTarget::Slot { tags, key, max, .. } = self.target else {
             unreachable!("next_for_slot is only called for slot targets")
         };
@@ -626,6 +629,9 @@ impl Claimer<'_> {
             SlotChoice::NoneFree => {
                 let far = self.slots_elsewhere(volumes);
                 if self.mover.is_some() {
+                    if let Some(wait) = self.slot_grace(&far) {
+                        return Ok(wait);
+                    }
                     if let Some((k, source)) = self.pick_slot_move(&far) {
                         return Ok(Next::Move {
                             source: source.clone(),
