@@ -35,6 +35,7 @@ pub async fn run(attach_bin: &Path) -> io::Result<()> {
     grow(attach_bin).await?;
     restore(attach_bin).await?;
     relocation(attach_bin).await?;
+    zone_lost(attach_bin).await?;
     lock_races().await?;
     takeover().await?;
     Ok(())
@@ -393,6 +394,86 @@ async fn relocation(bin: &Path) -> io::Result<()> {
         m.wall.as_secs_f64(),
         kept(&guard.0)
     );
+    Ok(())
+}
+
+/// Slot and pool configurations: two slots (a move waits `grace: 1s` first), or a pool.
+fn zone_config(mount: &Path, slots: bool) -> String {
+    let identity = if slots {
+        "identity:\n  mode: slot\n  max-slots: 2\n"
+    } else {
+        ""
+    };
+    format!(
+        "block-provider:\n  aws-ebs:\n    ebs-tags: {{cluster: bench-life}}\n    size: 1\n\
+         file-system:\n  type: xfs\nmount:\n  target: {}\n{identity}{}  grace: 1s\n",
+        mount.display(),
+        relocation_config()
+    )
+}
+
+/// A zone lost in slot and in pool mode: the volume of a server in us-east-1a is free (the
+/// server gone) and a server boots in us-east-1b with nothing there to take.
+async fn zone_lost(bin: &Path) -> io::Result<()> {
+    println!(
+        "### Relocation in slot and pool mode: a zone lost
+"
+    );
+    println!(
+        "One server's volume left free in us-east-1a; a server boots in us-east-1b, where \
+         nothing is to be had, and moves it (slot mode after `grace: 1s`). Snapshots stay \
+         `pending` for {} s. The minimum as for a node, but the retirement takes the slot tag \
+         off (slot: CreateTags 2, DeleteTags 1) or only tags it (pool: CreateTags 1, then \
+         DeleteTags 1 for the handover).\n",
+        SNAPSHOT_DELAY.as_secs()
+    );
+    life_header();
+    for (slots, label, minimum) in [
+        (
+            true,
+            "slot 1 moved, 1 s grace",
+            "14 + looks (UpdateItem 4, CreateSnapshot 1, DescribeSnapshots ≥ 1, CreateVolume 1, \
+             CreateTags 2, DeleteTags 1, AttachVolume 1, DescribeVolumes 3)",
+        ),
+        (
+            false,
+            "pool volume moved",
+            "13 + looks (UpdateItem 4, CreateSnapshot 1, DescribeSnapshots ≥ 1, CreateVolume 1, \
+             CreateTags 1, DeleteTags 1, AttachVolume 1, DescribeVolumes 3)",
+        ),
+    ] {
+        let bench = Bench::start(BenchOptions::default())?;
+        bench.create_lock_table(LOCKS)?;
+        bench.emulator().set_snapshot_delay(SNAPSHOT_DELAY)?;
+        let old = bench.launch("us-east-1a").await?;
+        let mount = old.home.join("data");
+        let _old_guard = MountGuard(mount.clone());
+        let config = old.home.join("attach.yml");
+        std::fs::write(&config, zone_config(&mount, slots))?;
+        let first = measure(bench.attach_command(bin, &old, &config), "volume ready").await?;
+        std::fs::write(mount.join("kept"), b"node 3's data")?;
+        let volume = first.last["volume_id"].as_str().unwrap_or("").to_owned();
+        bench.terminate(&old).await?;
+        if !bench.wait_devices_gone(&[&volume]) {
+            return Err(other(format!(
+                "{volume} did not leave the terminated instance"
+            )));
+        }
+        let here = bench.launch("us-east-1b").await?;
+        let mount = here.home.join("data");
+        let guard = MountGuard(mount.clone());
+        let config = here.home.join("attach.yml");
+        std::fs::write(&config, zone_config(&mount, slots))?;
+        let m = measure(bench.attach_command(bin, &here, &config), "volume ready").await?;
+        println!(
+            "| {label} | {} | {} | {minimum} | {:.2} s | {} |",
+            m.code,
+            m.calls_text(),
+            m.wall.as_secs_f64(),
+            kept(&guard.0)
+        );
+    }
+    println!();
     Ok(())
 }
 

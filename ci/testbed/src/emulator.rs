@@ -233,9 +233,17 @@ pub(crate) fn json_call(
 
 /// SDK configuration for an emulator endpoint: its region, static test credentials.
 fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    // Every request of the bench is bounded: one the emulator never answers must not hang a
+    // test (the fake udev's thread, joined on drop, once waited for ever).
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(30))
+        .operation_timeout(Duration::from_secs(90))
+        .build();
     aws_config::SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(REGION))
+        .timeout_config(timeouts)
         .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
             Credentials::new("testing", "testing", None, None, "cps-bench"),
