@@ -397,10 +397,10 @@ async fn relocation(bin: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Slot and pool configurations: two slots (a move waits `grace: 1s` first), or a pool.
+/// Slot and pool configurations: one slot (a move waits `grace: 1s` first), or a pool.
 fn zone_config(mount: &Path, slots: bool) -> String {
     let identity = if slots {
-        "identity:\n  mode: slot\n  max-slots: 2\n"
+        "identity:\n  mode: slot\n  max-slots: 1\n"
     } else {
         ""
     };

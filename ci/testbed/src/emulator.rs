@@ -166,22 +166,41 @@ impl Emulator {
     }
 }
 
-/// [`Emulator::control`] for an endpoint (the udev stand-in knows only that).
-pub fn control_at(endpoint: &str, method: &str, path: &str, body: &str) -> io::Result<String> {
+/// One HTTP/1.1 exchange with the emulator at `endpoint`: `head` (the request line and headers,
+/// without `Host` and the end of the headers) and `body` sent, the whole reply read. Bounded: a
+/// reply may take a while on a loaded machine (moto loads a service's backend on its first
+/// request), never for ever.
+fn exchange(endpoint: &str, head: &str, body: &str) -> io::Result<String> {
     use std::io::{Read, Write};
     let addr = endpoint
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_owned();
     let mut stream = std::net::TcpStream::connect(&addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
+    stream.read_to_string(&mut reply).map_err(|e| {
+        let request = head.lines().next().unwrap_or(head);
+        io::Error::new(
+            e.kind(),
+            format!("{request} to the emulator: no whole reply in 60 s ({e})"),
+        )
+    })?;
+    Ok(reply)
+}
+
+/// [`Emulator::control`] for an endpoint (the udev stand-in knows only that).
+pub fn control_at(endpoint: &str, method: &str, path: &str, body: &str) -> io::Result<String> {
+    let reply = exchange(
+        endpoint,
+        &format!("{method} {path} HTTP/1.1\r\nContent-Type: application/json"),
+        body,
+    )?;
     let status = reply.lines().next().unwrap_or("");
     if status.split(' ').nth(1).is_some_and(|c| c.starts_with('2')) {
         Ok(reply
@@ -203,24 +222,12 @@ pub(crate) fn json_call(
     target: &str,
     body: &serde_json::Value,
 ) -> io::Result<()> {
-    use std::io::{Read, Write};
-    let body = body.to_string();
-    let addr = endpoint
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let mut stream = std::net::TcpStream::connect(&addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-amz-json-{version}\r\n\
+    let head = format!(
+        "POST / HTTP/1.1\r\nContent-Type: application/x-amz-json-{version}\r\n\
          X-Amz-Target: {target}\r\n\
-         Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, SignedHeaders=host, Signature=0\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
+         Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, SignedHeaders=host, Signature=0"
+    );
+    let reply = exchange(endpoint, &head, &body.to_string())?;
     if reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200") {
         Ok(())
     } else {
