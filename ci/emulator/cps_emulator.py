@@ -1415,6 +1415,24 @@ def _next_fault(service, action):
     return None
 
 
+def _build_backends():
+    """Builds the backends of the services the bench uses, in its region, before serving.
+
+    moto builds a backend on its first request, under its global `backend_lock`; building EC2's
+    loads moto's AMIs, which makes their snapshots through the patched CreateSnapshot, under
+    LOCK. A request handled under LOCK that needed a backend built (DynamoDB's first request:
+    its backend, then KMS's) waited for `backend_lock` while EC2's builder waited for LOCK: the
+    emulator stopped answering (seen: a bench stalled at CreateTable, the two threads' stacks
+    exactly so). Built here, on one thread, nothing under LOCK builds a backend again.
+    """
+    from moto.backends import get_backend
+
+    for service in ("ec2", "ebs", "autoscaling", "dynamodb", "kms", "ssm", "secretsmanager"):
+        get_backend(service)[ACCOUNT]["us-east-1"]
+    for service in ("iam", "sts"):
+        get_backend(service)[ACCOUNT]["aws"]
+
+
 def _dynamodb_call_action(self):
     with LOCK:
         fault = _next_fault("dynamodb", self._get_action())
@@ -1504,6 +1522,7 @@ def main():
     Timing.detach_delay = args.detach_delay
     Timing.shutdown_delay = args.shutdown_delay
 
+    _build_backends()
     app = with_policy_api(DomainDispatcherApplication(create_backend_app))
     server = make_server(
         "127.0.0.1", args.port, app, threaded=True, request_handler=MotoRequestHandler

@@ -316,3 +316,31 @@ async fn the_node_policy_is_evaluated_on_the_tables_arn() {
     let denied = emu.control("GET", "/cps/node-policy", "").unwrap();
     assert!(denied.contains(r#"["dynamodb:UpdateItem"]"#), "{denied}");
 }
+
+/// The first EC2 request and the first DynamoDB request at once, on a fresh emulator, are both
+/// answered. (They once deadlocked: the DynamoDB request, holding the emulator's lock, waited
+/// for moto's backend lock while the EC2 backend, being built under that lock, made its AMIs'
+/// snapshots through the emulator's lock — seen as a bench stalled at CreateTable.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_requests_of_two_services_at_once_are_both_answered() {
+    if !ready() {
+        return;
+    }
+    // At several points inside the EC2 backend's construction (it loads moto's AMIs, making a
+    // snapshot for each, for a second or more).
+    for delay in [100, 300, 500, 800, 1200] {
+        let (emu, _dir) = emulator(Delays::default());
+        let ec2 = emu.ec2();
+        let first = tokio::spawn(async move { ec2.describe_volumes().send().await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        // Bounded: the emulator's reply is waited for 60 s at most.
+        let created = tokio::task::block_in_place(|| emu.create_lock_table("t-race"));
+        assert!(created.is_ok(), "{created:?}");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(90), first)
+                .await
+                .expect("DescribeVolumes answered")
+                .unwrap()
+        );
+    }
+}
