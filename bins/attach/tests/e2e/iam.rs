@@ -274,6 +274,16 @@ async fn the_module_policy_is_exactly_what_a_boot_needs() {
             results.push(r.await.unwrap());
         }
     }
+    // A scenario that failed without the emulator refusing anything failed for the machine's
+    // load (seen: a group lookup unanswered for 30 s with three benches at once), not for the
+    // action: it runs once more, alone, and that run is what counts.
+    for (action, outcome) in results.iter_mut() {
+        let (codes, _, denied) = &*outcome;
+        if codes.iter().any(|c| *c != 0) && denied.is_empty() {
+            eprintln!("without {action}: failed with nothing denied; running it again alone");
+            *outcome = scenario(&without(&policy, action)).await;
+        }
+    }
     let mut unneeded = Vec::new();
     for (action, (codes, error, denied)) in results {
         if codes.iter().all(|c| *c == 0) {

@@ -551,7 +551,7 @@ fn validate_says_the_settings_in_words() {
         "timeouts: create 5m, attach 1m30s, device 2m, modify 5m",
         "identity: node-id 2 (cps:node-id=2 on volume and interface)",
         "lifecycle hook: kafka-launch of the instance's group (on failure: abandon)",
-        "relocation: never (a node's volume only in another zone is refused)",
+        "relocation: never (a volume in another zone is refused or skipped, never moved)",
     ] {
         assert!(stdout.contains(words), "{words:?} in:\n{stdout}");
     }
