@@ -198,6 +198,9 @@ variable "cps_attach_source" {
   description = <<-EOT
     Where user data gets cps-attach: { url, sha256 } downloads it and verifies the checksum
     (boot fails on a mismatch); null means it is already in the image at cps_attach_path.
+    For a release: url = "https://github.com/cps-project/cps/releases/download/vVERSION/cps-attach-VERSION-ARCH-linux"
+    (ARCH x86_64, or aarch64 for Graviton instance types) and sha256 = that file's line in the
+    release's SHA256SUMS.
   EOT
   type = object({
     url    = string

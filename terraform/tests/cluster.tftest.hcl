@@ -188,3 +188,23 @@ run "a_file_has_contents_or_content_from" {
   }
   expect_failures = [var.node_files]
 }
+
+run "a_release_download_is_verified_before_it_runs" {
+  command = plan
+  variables {
+    cps_attach_source = {
+      url    = "https://github.com/cps-project/cps/releases/download/v0.1.0/cps-attach-0.1.0-x86_64-linux"
+      sha256 = "3f2b7c1d9e8a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c"
+    }
+  }
+  assert {
+    condition = alltrue([for id, ud in output.node_user_data : strcontains(ud,
+    "echo '3f2b7c1d9e8a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c  '\"$tmp\" | sha256sum -c -\n")])
+    error_message = "the release binary's SHA-256 is checked with sha256sum -c"
+  }
+  assert {
+    # In this order: download, verify, install, run — nothing runs before the checksum matched.
+    condition     = alltrue([for id, ud in output.node_user_data : can(regex("(?s)curl -fsSL --retry 3 -o \"\\$tmp\" 'https://github.com/cps-project/cps/releases/download/v0.1.0/cps-attach-0.1.0-x86_64-linux'.*sha256sum -c -\\ninstall -m 0755 \"\\$tmp\" /usr/local/bin/cps-attach\\n.*exec /usr/local/bin/cps-attach ", ud))])
+    error_message = "the user data downloads the release, verifies it, installs it, then runs it"
+  }
+}

@@ -4,12 +4,14 @@
 //! This binary only parses arguments, sets up logging, calls `run()` and maps errors to the
 //! documented exit codes; the flow lives in cps-orchestrate.
 
+mod cli;
+
 use std::io::{IsTerminal, Write as _};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use cli::{Cli, Cmd, Common, LogFormat, VERSION};
 use cps_orchestrate::{
     AttachConfig, Error, ErrorClass, FsOutcome, Hosts, MountOutcome, Overrides, Services,
 };
@@ -25,211 +27,6 @@ mod exit {
     pub const HOOK: u8 = 8;
     pub const IDENTITY: u8 = 9;
     pub const INTERRUPTED: u8 = 10;
-}
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "cps-attach",
-    version,
-    about = "Attach, format-if-empty and mount this node's persistent EBS volume"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Cmd>,
-
-    #[command(flatten)]
-    common: Common,
-
-    #[command(flatten)]
-    overrides: OverrideArgs,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Attach and mount the volume (the default).
-    Run,
-    /// Check a configuration file and print the effective settings; touches nothing.
-    Validate,
-    /// On a running node: modify the volume to the configured size, type and performance, and
-    /// grow its filesystem to the device. Touches nothing else.
-    Grow,
-}
-
-#[derive(Args, Debug)]
-struct Common {
-    /// Configuration file.
-    #[arg(short, long, env = "CPS_CONFIG", global = true, default_value = cps_orchestrate::config::DEFAULT_PATH)]
-    config: PathBuf,
-
-    /// Log format on stderr.
-    #[arg(long, env = "CPS_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-
-    /// Instance metadata endpoint (default: the link-local IMDS).
-    #[arg(long, env = "CPS_IMDS_ENDPOINT", global = true)]
-    imds_endpoint: Option<String>,
-
-    /// EC2 API endpoint (default: the region's).
-    #[arg(long, env = "CPS_AWS_ENDPOINT", global = true)]
-    aws_endpoint: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Each wins over the configuration file (see docs/configuration.md).
-#[derive(Args, Debug)]
-struct OverrideArgs {
-    /// EC2 device name to attach as (block-device).
-    #[arg(long, env = "CPS_BLOCK_DEVICE", global = true)]
-    block_device: Option<String>,
-    /// KEY=VALUE; repeatable; replaces ebs-tags (CPS_TAGS: comma-separated).
-    #[arg(long = "tag", env = "CPS_TAGS", global = true, value_delimiter = ',', value_parser = parse_tag)]
-    tags: Vec<(String, String)>,
-    /// gp3, gp2, io2, io1, st1, sc1 or standard.
-    #[arg(long, env = "CPS_VOLUME_TYPE", global = true)]
-    volume_type: Option<String>,
-    /// Size in GiB of a volume created when none can be claimed.
-    #[arg(long, env = "CPS_SIZE", global = true)]
-    size: Option<i64>,
-    #[arg(long, env = "CPS_IOPS", global = true)]
-    iops: Option<i64>,
-    /// MiB/s (gp3).
-    #[arg(long, env = "CPS_THROUGHPUT", global = true)]
-    throughput: Option<i64>,
-    #[arg(long, env = "CPS_ENCRYPTED", global = true)]
-    encrypted: Option<bool>,
-    #[arg(long, env = "CPS_KMS_KEY_ID", global = true)]
-    kms_key_id: Option<String>,
-    /// Raw mkfs argument; repeatable or space-separated (replaces file-system).
-    #[arg(
-        long = "mkfs-arg",
-        env = "CPS_MKFS_ARGS",
-        global = true,
-        value_delimiter = ' ',
-        allow_hyphen_values = true
-    )]
-    mkfs_args: Option<Vec<String>>,
-    /// ext4, xfs or btrfs (replaces file-system.mkfs).
-    #[arg(long, env = "CPS_FS_TYPE", global = true)]
-    fs_type: Option<String>,
-    #[arg(long, env = "CPS_FS_LABEL", global = true)]
-    fs_label: Option<String>,
-    /// Extra mkfs.<type> argument; repeatable or space-separated.
-    #[arg(
-        long = "fs-option",
-        env = "CPS_FS_OPTIONS",
-        global = true,
-        value_delimiter = ' ',
-        allow_hyphen_values = true
-    )]
-    fs_options: Option<Vec<String>>,
-    #[arg(long, env = "CPS_MOUNT_TARGET", global = true)]
-    mount_target: Option<String>,
-    /// Repeatable or comma-separated; replaces mount.options.
-    #[arg(
-        long = "mount-option",
-        env = "CPS_MOUNT_OPTIONS",
-        global = true,
-        value_delimiter = ','
-    )]
-    mount_options: Option<Vec<String>>,
-    #[arg(long, env = "CPS_OWNER", global = true)]
-    owner: Option<String>,
-    #[arg(long, env = "CPS_GROUP", global = true)]
-    group: Option<String>,
-    /// Octal, like 0750.
-    #[arg(long, env = "CPS_MODE", global = true)]
-    mode: Option<String>,
-    /// fstab or none.
-    #[arg(long, env = "CPS_PERSIST", global = true)]
-    persist: Option<String>,
-    #[arg(long, env = "CPS_FSTAB", global = true)]
-    fstab: Option<String>,
-    #[arg(long, env = "CPS_CREATE_TIMEOUT", global = true)]
-    create_timeout: Option<String>,
-    #[arg(long, env = "CPS_ATTACH_TIMEOUT", global = true)]
-    attach_timeout: Option<String>,
-    #[arg(long, env = "CPS_DEVICE_TIMEOUT", global = true)]
-    device_timeout: Option<String>,
-    #[arg(long, env = "CPS_MODIFY_TIMEOUT", global = true)]
-    modify_timeout: Option<String>,
-    /// Where device nodes and disk/by-id links are (default /dev).
-    #[arg(long, env = "CPS_DEVICE_ROOT", global = true)]
-    device_root: Option<String>,
-    /// Where sysfs is (default /sys).
-    #[arg(long, env = "CPS_SYSFS_ROOT", global = true)]
-    sysfs_root: Option<String>,
-    /// pool, node-id or slot (identity.mode).
-    #[arg(long = "identity", env = "CPS_IDENTITY", global = true)]
-    identity_mode: Option<String>,
-    /// This node's id (identity.node-id). Not CPS_NODE_ID: that is the output in node.env.
-    #[arg(long, env = "CPS_IDENTITY_NODE_ID", global = true)]
-    node_id: Option<String>,
-    /// Slots in the pool (identity.max-slots).
-    #[arg(long, env = "CPS_MAX_SLOTS", global = true)]
-    max_slots: Option<i64>,
-    /// Name of the group's launch lifecycle hook (lifecycle.hook).
-    #[arg(long, env = "CPS_LIFECYCLE_HOOK", global = true)]
-    lifecycle_hook: Option<String>,
-    /// Where to write the identity environment (default /run/cps/node.env).
-    #[arg(long, env = "CPS_ENV_FILE", global = true)]
-    env_file: Option<String>,
-    /// Where the once-per-boot marker lives (default /run/cps).
-    #[arg(long, env = "CPS_RUN_DIR", global = true)]
-    run_dir: Option<String>,
-    /// Overall retry deadline for one AWS request (default 10m).
-    #[arg(long, env = "CPS_COMMAND_TIMEOUT", global = true)]
-    command_timeout: Option<String>,
-}
-
-fn parse_tag(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
-    }
-}
-
-impl From<OverrideArgs> for Overrides {
-    fn from(a: OverrideArgs) -> Self {
-        Overrides {
-            block_device: a.block_device,
-            tags: a.tags,
-            volume_type: a.volume_type,
-            size: a.size,
-            iops: a.iops,
-            throughput: a.throughput,
-            encrypted: a.encrypted,
-            kms_key_id: a.kms_key_id,
-            mkfs_args: a.mkfs_args,
-            fs_type: a.fs_type,
-            fs_label: a.fs_label,
-            fs_options: a.fs_options,
-            mount_target: a.mount_target,
-            mount_options: a.mount_options,
-            owner: a.owner,
-            group: a.group,
-            mode: a.mode,
-            persist: a.persist,
-            fstab: a.fstab,
-            create_timeout: a.create_timeout,
-            attach_timeout: a.attach_timeout,
-            device_timeout: a.device_timeout,
-            modify_timeout: a.modify_timeout,
-            device_root: a.device_root,
-            sysfs_root: a.sysfs_root,
-            identity_mode: a.identity_mode,
-            node_id: a.node_id,
-            max_slots: a.max_slots,
-            lifecycle_hook: a.lifecycle_hook,
-            env_file: a.env_file,
-            run_dir: a.run_dir,
-            command_timeout: a.command_timeout,
-        }
-    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -471,6 +268,7 @@ fn validate(config: &AttachConfig, path: &std::path::Path) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.common.log_format);
+    info!(version = VERSION, "cps-attach {VERSION}");
     let is_validate = matches!(cli.command, Some(Cmd::Validate));
     // The default path may be absent when flags carry everything; a named file must exist,
     // and validate always needs one.

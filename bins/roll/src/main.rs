@@ -4,6 +4,8 @@
 //! This binary parses arguments, sets up logging and Ctrl-C, prints progress and reports, and
 //! maps outcomes to the documented exit codes; the roll itself lives in cps-orchestrate.
 
+mod cli;
+
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::process::{ExitCode, Stdio};
@@ -11,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use cli::{AwsArgs, Cli, Cmd, LogFormat, Output, RunArgs, SelectArgs, TargetArgs, VERSION};
 use cps_orchestrate::backoff::RetryPolicy;
-use cps_orchestrate::config::parse_duration;
 use cps_orchestrate::roll::{
     self, ClusterChecks, Plan, RollClouds, RollEvent, RollOutcome, RollReport, RollSettings,
     Snapshot, Stop, Targets,
@@ -29,150 +31,6 @@ mod exit {
     pub const CLOUD: u8 = 5;
     pub const INTERRUPTED: u8 = 6;
     pub const COMMAND: u8 = 8;
-}
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "cps-roll",
-    version,
-    about = "Replace a stateful cluster's outdated nodes one at a time without breaking quorum"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-
-    #[command(flatten)]
-    aws: AwsArgs,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Show every node, its version and what `run` would do; changes nothing.
-    Plan {
-        #[command(flatten)]
-        target: TargetArgs,
-        #[command(flatten)]
-        select: SelectArgs,
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
-    },
-    /// Replace outdated nodes, each gated on its replacement being InService and Healthy.
-    Run {
-        #[command(flatten)]
-        target: TargetArgs,
-        #[command(flatten)]
-        select: SelectArgs,
-        #[command(flatten)]
-        run: RunArgs,
-    },
-    /// End the launch lifecycle action of an instance stuck in Pending:Wait with ABANDON, so the
-    /// group replaces it now. Only a waiting instance is touched.
-    Abandon {
-        /// The Auto Scaling group.
-        #[arg(long)]
-        asg: String,
-        /// The instance (required when more than one of the group waits in Pending:Wait).
-        #[arg(long)]
-        instance: Option<String>,
-        /// The lifecycle hook (default: the group's only launching hook).
-        #[arg(long)]
-        hook: Option<String>,
-    },
-}
-
-#[derive(Args, Debug)]
-struct AwsArgs {
-    /// AWS region.
-    #[arg(long, env = "AWS_REGION", global = true)]
-    region: Option<String>,
-    /// Another endpoint for EC2 and Auto Scaling (an emulator, a VPC endpoint).
-    #[arg(long, env = "CPS_AWS_ENDPOINT", global = true)]
-    aws_endpoint: Option<String>,
-    /// Log format on stderr.
-    #[arg(long, env = "CPS_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-}
-
-#[derive(Args, Debug)]
-#[group(required = true, multiple = false)]
-struct TargetArgs {
-    /// Every Auto Scaling group tagged <cluster-tag>=NAME.
-    #[arg(long, value_name = "NAME")]
-    cluster: Option<String>,
-    /// These groups (repeatable or comma-separated).
-    #[arg(long, value_name = "NAME", value_delimiter = ',')]
-    asg: Vec<String>,
-}
-
-#[derive(Args, Debug)]
-struct SelectArgs {
-    /// The group tag --cluster matches.
-    #[arg(long, default_value = "cps:cluster")]
-    cluster_tag: String,
-    /// The group tag that holds a node's id (single-instance groups).
-    #[arg(long, default_value = "cps:node-id")]
-    node_id_tag: String,
-    /// Replace the selected nodes even when up to date.
-    #[arg(long)]
-    force: bool,
-    /// Only these nodes (node ids, instance ids or group names; repeatable or comma-separated).
-    #[arg(long, value_name = "NODE", value_delimiter = ',')]
-    only: Vec<String>,
-    /// Most nodes out of service at once; may not exceed what keeps a majority up.
-    #[arg(long, default_value_t = 1)]
-    max_unavailable: usize,
-    /// Roll a cluster of fewer than 3 nodes (every replacement is downtime).
-    #[arg(long)]
-    allow_downtime: bool,
-    /// Wait up to --timeout for unhealthy nodes instead of refusing to start.
-    #[arg(long)]
-    wait_healthy: bool,
-}
-
-#[derive(Args, Debug)]
-struct RunArgs {
-    /// How long one replacement may take to be InService and Healthy; --health-command then
-    /// has as long again to pass. Also how long the roll waits for an unhealthy cluster.
-    #[arg(long, default_value = "10m", value_parser = duration)]
-    timeout: Duration,
-    /// Time between looks at the groups.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    poll_interval: Duration,
-    /// A shell command that prints the leader's node id; the leader is replaced last.
-    #[arg(long, value_name = "CMD")]
-    leader_command: Option<String>,
-    /// A shell command that exits 0 when the cluster is healthy; run (and retried) after each
-    /// replacement before the next node starts. $CPS_ROLL_NODE holds the node just replaced.
-    #[arg(long, value_name = "CMD")]
-    health_command: Option<String>,
-    /// Longest one run of --leader-command or --health-command may take.
-    #[arg(long, default_value = "60s", value_parser = duration)]
-    command_timeout: Duration,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Output {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// The longest any duration flag may be: cps-attach's configuration caps its timeouts there too.
-const LONGEST: Duration = Duration::from_secs(24 * 3600);
-
-fn duration(text: &str) -> Result<Duration, String> {
-    parse_duration(text)
-        .filter(|d| !d.is_zero() && *d <= LONGEST)
-        .ok_or_else(|| {
-            format!(
-                "{text:?} is not a duration between 1ms and 24h; write it like 90s, 10m or 1h (a bare number is seconds)"
-            )
-        })
 }
 
 fn init_logging(format: LogFormat) {
@@ -715,6 +573,7 @@ async fn abandon_cmd(c: &Clients, group: &str, instance: Option<&str>, hook: Opt
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.aws.log_format);
+    tracing::info!(version = VERSION, "cps-roll {VERSION}");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -85,6 +85,13 @@ pub async fn run(attach_bin: &Path, herd: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
+/// The real binary's boot paths alone (`--parts binary`): how one build of cps-attach compares
+/// with another (ci/release measures its profile choices and gnu against musl with it).
+pub async fn binary(attach_bin: &Path) -> io::Result<()> {
+    binary_paths(attach_bin).await?;
+    node_paths(attach_bin).await
+}
+
 /// The herd tables alone (`--parts herds`): counts that do not depend on the build.
 pub async fn herds(herd: &[usize]) -> io::Result<()> {
     herd_header("Herds: N agents booting at once");

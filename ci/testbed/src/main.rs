@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "50,200")]
         herd: Vec<usize>,
         /// Which parts to run: attach (everything of cps-attach), herds (only its herd tables),
-        /// probe (the blank check's cost), roll, life (grow, restore, relocation, the lock).
+        /// binary (only the real binary's boot paths), probe (the blank check's cost), roll, life (grow, restore, relocation, the lock).
         #[arg(long, value_delimiter = ',', default_value = "attach,probe,roll,life")]
         parts: Vec<String>,
     },
@@ -78,6 +78,8 @@ fn main() -> ExitCode {
                     bench::run(&attach_bin, &herd).await?;
                 } else if parts.iter().any(|p| p == "herds") {
                     bench::herds(&herd).await?;
+                } else if parts.iter().any(|p| p == "binary") {
+                    bench::binary(&attach_bin).await?;
                 }
                 if parts.iter().any(|p| p == "probe") {
                     bench_probe::run()?;

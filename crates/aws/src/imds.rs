@@ -24,6 +24,10 @@ struct IdentityDocument {
 pub async fn fetch_identity(endpoint: Option<&str>) -> Result<InstanceIdentity, Error> {
     let shown = endpoint.unwrap_or(DEFAULT_ENDPOINT).to_owned();
     let mut builder = imds::Client::builder()
+        .configure(
+            &aws_config::provider_config::ProviderConfig::default()
+                .with_http_client(crate::https_client()),
+        )
         .max_attempts(4)
         .connect_timeout(Duration::from_secs(2))
         .read_timeout(Duration::from_secs(2));

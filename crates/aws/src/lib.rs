@@ -42,6 +42,15 @@ pub struct AwsSettings {
     pub attempt_timeout: Duration,
 }
 
+/// The HTTPS client of every AWS request and of IMDS: hyper with rustls on ring and the
+/// system's trust store (as the SDK's default client, which would bring aws-lc instead).
+pub(crate) fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
 impl AwsSettings {
     pub fn new(region: impl Into<String>) -> Self {
         Self {
@@ -71,6 +80,6 @@ impl AwsSettings {
         if let Some(url) = &self.endpoint_url {
             loader = loader.endpoint_url(url);
         }
-        loader.load().await
+        loader.http_client(https_client()).load().await
     }
 }

@@ -160,3 +160,40 @@ fn a_closed_stderr_keeps_the_exit_code() {
         assert_eq!(status.code(), Some(3), "{args:?}");
     }
 }
+
+/// `--version` names version, commit and build date, and every run's first log line says the
+/// same, so a boot log names the build that wrote it.
+#[test]
+fn the_version_names_commit_and_date_and_opens_the_log() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    let rest = version
+        .trim_end()
+        .strip_prefix(concat!(
+            "cps-attach ",
+            env!("CARGO_PKG_VERSION"),
+            " (commit "
+        ))
+        .unwrap_or_else(|| panic!("{version:?}"));
+    let (commit, date) = rest
+        .strip_suffix(')')
+        .and_then(|r| r.split_once(", built "))
+        .unwrap_or_else(|| panic!("{version:?}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{version:?}"
+    );
+    assert!(date == "unknown" || date.len() == 10, "{version:?}");
+
+    let run = Command::new(BIN)
+        .args(["-c", "/nonexistent/cps/attach.yml", "--log-format", "json"])
+        .env_remove("CPS_LOG_FORMAT")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&run.stderr);
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap_or("")).unwrap();
+    let shown = version.trim_end().strip_prefix("cps-attach ").unwrap();
+    assert_eq!(first["version"], shown, "{log}");
+    assert_eq!(first["message"], version.trim_end(), "{log}");
+}

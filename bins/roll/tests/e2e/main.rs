@@ -874,3 +874,34 @@ async fn without_credentials_cps_roll_fails_at_once() {
         );
     }
 }
+
+/// `--version` names version, commit and build date, and the first log line of a run says the
+/// same (here a run that then fails for want of a region).
+#[test]
+fn the_version_names_commit_and_date_and_opens_the_log() {
+    let out = std::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    let shown = version
+        .trim_end()
+        .strip_prefix("cps-roll ")
+        .unwrap_or_else(|| panic!("{version:?}"));
+    assert!(
+        shown.starts_with(concat!(env!("CARGO_PKG_VERSION"), " (commit "))
+            && shown.contains(", built ")
+            && shown.ends_with(')'),
+        "{version:?}"
+    );
+    let run = std::process::Command::new(BIN)
+        .args(["--log-format", "json", "plan", "--asg", "nothing"])
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&run.stderr);
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap_or("")).unwrap();
+    assert_eq!(first["version"], shown, "{log}");
+}

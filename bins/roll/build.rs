@@ -1,0 +1,3 @@
+fn main() {
+    cps_build_info::emit();
+}
