@@ -268,8 +268,12 @@ fn validate(config: &AttachConfig, path: &std::path::Path) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.common.log_format);
-    info!(version = VERSION, "cps-attach {VERSION}");
     let is_validate = matches!(cli.command, Some(Cmd::Validate));
+    // validate's output is its report (an error first, at its position); every other run
+    // logs the build first.
+    if !is_validate {
+        info!(version = VERSION, "cps-attach {VERSION}");
+    }
     // The default path may be absent when flags carry everything; a named file must exist,
     // and validate always needs one.
     let explicit = is_validate
