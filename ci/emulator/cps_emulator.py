@@ -14,6 +14,7 @@ does not show a new instance yet (eventual consistency early in a boot); with
 {"modifying_delay": S, "optimizing_delay": S}, how long volume modifications started from then on
 stay `modifying` and `optimizing`. POST /cps/modifications/age {"seconds": S, "volume_id": V}
 moves modification start times S into the past (the 6-hour rule, tested without waiting);
+with "states": true their states move on too, as if S had passed (a test steps through them);
 POST /cps/modifications/fail {"volume_id": V} makes the modification under way fail.
 POST /cps/faults {"service": "dynamodb", "action": A, "code": C, "times": N} makes the next N
 DynamoDB requests of action A fail with error C (throttling) before they take effect.
@@ -902,8 +903,11 @@ def _describe_volumes_modifications_response(self):
 
 def _age_modifications(doc):
     """Moves modification start times `seconds` into the past (all, or one volume's), so that a
-    test can try a second modification without waiting 6 hours. States are left as they are."""
+    test can try a second modification without waiting 6 hours. States are left as they are,
+    unless `states` is true: then they move on as if the time had passed, so a test steps through
+    them in order instead of racing a clock."""
     seconds = float(doc.get("seconds", 0))
+    states = bool(doc.get("states"))
     volume_id = doc.get("volume_id")
     aged = 0
     for (_, _, vid), records in _MODIFICATIONS.items():
@@ -912,6 +916,9 @@ def _age_modifications(doc):
         for r in records:
             r["started_at"] -= seconds
             r["reply"]["StartTime"] -= datetime.timedelta(seconds=seconds)
+            if states:
+                r["optimizing_at"] -= seconds
+                r["completed_at"] -= seconds
             aged += 1
     return aged
 
@@ -1449,7 +1456,7 @@ DynamoHandler.call_action = _dynamodb_call_action
 def with_policy_api(app):
     """Adds the control paths to the emulator: POST /cps/node-policy (set it), GET
     /cps/node-policy (the actions it denied so far, in order), POST /cps/settings, POST
-    /cps/modifications/age {"seconds": S, "volume_id": V?}, POST /cps/modifications/fail
+    /cps/modifications/age {"seconds": S, "volume_id": V?, "states": B?}, POST /cps/modifications/fail
     {"volume_id": V, "message": M?} and POST /cps/faults {"service", "action", "code", "times"}."""
 
     def wsgi(environ, start_response):

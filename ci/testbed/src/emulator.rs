@@ -132,8 +132,19 @@ impl Emulator {
     /// Moves the start of every modification of `volume_id` `by` into the past, so the 6-hour
     /// rule can be tested without waiting. Fails when the volume has none.
     pub fn age_modifications(&self, volume_id: &str, by: Duration) -> io::Result<()> {
+        self.shift_modifications(volume_id, by, false)
+    }
+
+    /// Moves every modification of `volume_id` `by` on — its start and its states, as if that
+    /// time had passed — so a test steps through `modifying`, `optimizing` and `completed` in
+    /// order rather than racing the delays. Fails when the volume has none.
+    pub fn advance_modifications(&self, volume_id: &str, by: Duration) -> io::Result<()> {
+        self.shift_modifications(volume_id, by, true)
+    }
+
+    fn shift_modifications(&self, volume_id: &str, by: Duration, states: bool) -> io::Result<()> {
         let body = format!(
-            r#"{{"volume_id": "{volume_id}", "seconds": {}}}"#,
+            r#"{{"volume_id": "{volume_id}", "seconds": {}, "states": {states}}}"#,
             by.as_secs_f64()
         );
         self.control("POST", "/cps/modifications/age", &body)

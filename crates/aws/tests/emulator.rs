@@ -614,7 +614,8 @@ async fn volumes_are_modified_in_place_with_the_states_and_refusals_of_aws() {
         return;
     }
     let (emu, _dir) = emulator(Delays::default());
-    emu.set_modification_delays(Duration::from_millis(600), Duration::from_millis(600))
+    // Long delays stepped through with advance_modifications: no clock to race.
+    emu.set_modification_delays(Duration::from_secs(600), Duration::from_secs(600))
         .unwrap();
     let api = provider(&emu).await;
     let t = tags(&[("cluster", "grow")]);
@@ -671,14 +672,20 @@ async fn volumes_are_modified_in_place_with_the_states_and_refusals_of_aws() {
         err.to_string().contains("IncorrectModificationState"),
         "{err}"
     );
-    let seen = wait_modification(
-        &api,
-        &vol,
-        |s| s == ModificationState::Completed,
-        Duration::from_secs(15),
-    )
-    .await;
     use ModificationState::*;
+    let mut seen = vec![api.latest_modification(&vol).await.unwrap().unwrap().state];
+    for _ in 0..2 {
+        emu.advance_modifications(&vol, Duration::from_secs(600))
+            .unwrap();
+        seen.push(api.latest_modification(&vol).await.unwrap().unwrap().state);
+        if seen.last() == Some(&Optimizing) {
+            let err = api.modify_volume(&vol, &grow_to(4)).await.unwrap_err();
+            assert!(
+                matches!(err, Error::ModificationInProgress { .. }),
+                "optimizing is still under way: {err}"
+            );
+        }
+    }
     assert_eq!(seen, [Modifying, Optimizing, Completed]);
 
     let err = api.modify_volume(&vol, &grow_to(4)).await.unwrap_err();
@@ -727,7 +734,11 @@ async fn volumes_are_modified_in_place_with_the_states_and_refusals_of_aws() {
         .unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
     let calls = api.calls().snapshot();
-    assert_eq!(calls.get("ModifyVolume"), Some(&6));
+    assert_eq!(
+        calls.get("ModifyVolume"),
+        Some(&7),
+        "each refusal was one call"
+    );
 }
 
 /// The kernel's size of a block device (seeking to its end asks the driver).
@@ -761,7 +772,7 @@ async fn the_bench_device_grows_when_the_modification_takes_effect_and_keeps_its
     let bench = bench();
     bench
         .emulator()
-        .set_modification_delays(Duration::from_millis(1500), Duration::from_secs(30))
+        .set_modification_delays(Duration::from_secs(600), Duration::from_secs(600))
         .unwrap();
     let api = bench.volumes_api();
     let instance = bench.launch("us-east-1a").await.unwrap();
@@ -799,12 +810,18 @@ async fn the_bench_device_grows_when_the_modification_takes_effect_and_keeps_its
 
     let m = api.modify_volume(&vol, &grow_to(2)).await.unwrap();
     assert_eq!(m.state, ModificationState::Modifying);
+    // The stand-in is given time to grow it too early; the modification stays `modifying` for
+    // ten minutes, so this cannot race the delay.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         device_bytes(&device),
         GIB,
         "while modifying, the device keeps its size"
     );
+    bench
+        .emulator()
+        .advance_modifications(&vol, Duration::from_secs(600))
+        .unwrap();
     wait_modification(
         &api,
         &vol,
