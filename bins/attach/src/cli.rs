@@ -9,14 +9,7 @@ use cps_orchestrate::Overrides;
 
 /// The version, the commit it was built from and the build date (see crates/build-info):
 /// `--version` and the first log line of every run.
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("CPS_GIT_COMMIT"),
-    ", built ",
-    env!("CPS_BUILD_DATE"),
-    ")"
-);
+pub const VERSION: &str = cps_build_info::version!();
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,5 +1,6 @@
 //! Called from the binaries' build scripts: sets `CPS_GIT_COMMIT` and `CPS_BUILD_DATE` for
-//! `env!`, so `--version` and the first log line name what was built.
+//! `env!`, so `--version` and the first log line name what was built; the binaries' code reads
+//! them through [`version!`].
 //!
 //! - commit: `$CPS_GIT_COMMIT` if set (a build from a tarball that knows its commit), else
 //!   `git rev-parse` of the source tree, else `unknown` (no `.git`, no git).
@@ -7,6 +8,22 @@
 //!   `unknown` — never the clock, so two builds of one commit are byte for byte the same.
 
 use std::path::Path;
+
+/// The version line (`0.1.0 (commit 0123abcd4567, built 2026-12-01)`) of the package that
+/// expands it: `env!` reads that package's version and what its build script set with [`emit`].
+#[macro_export]
+macro_rules! version {
+    () => {
+        concat!(
+            env!("CARGO_PKG_VERSION"),
+            " (commit ",
+            env!("CPS_GIT_COMMIT"),
+            ", built ",
+            env!("CPS_BUILD_DATE"),
+            ")"
+        )
+    };
+}
 use std::process::Command;
 
 /// Prints the `cargo:` lines for the package whose build script calls it.

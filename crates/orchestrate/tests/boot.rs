@@ -1358,6 +1358,35 @@ fn racing_agents(
         .collect()
 }
 
+/// Awaits the racing runs while sampling the cloud every 10 ms of virtual time; returns how
+/// many runs succeeded and the worst of each of `measure`'s two counts seen meanwhile.
+async fn race_watched(
+    c: &Arc<Cluster>,
+    runs: Vec<tokio::task::JoinHandle<bool>>,
+    measure: impl Fn(&[cps_provider::Volume]) -> (usize, usize) + Send + 'static,
+) -> (usize, usize, usize) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut worst = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (a, b) = measure(&c.cloud.volumes());
+                worst = (worst.0.max(a), worst.1.max(b));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            worst
+        })
+    };
+    let mut ok = 0;
+    for r in runs {
+        ok += usize::from(r.await.unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (a, b) = watcher.await.unwrap();
+    (ok, a, b)
+}
+
 /// Agents of node 7 in two zones race while its volume sits in one of them, and each may be
 /// killed at any moment (its run dropped at a random virtual time: mid-request, between a
 /// snapshot and its copy, between retiring the source and handing over, holding the lock),
@@ -1391,39 +1420,25 @@ async fn racing_agents_in_two_zones_crashing_anywhere_move_the_volume_at_most_on
             zones.push(OTHER_AZ);
         }
         let runs = racing_agents(&c, &cfg, &zones, seed, &mut next);
-        // Watches every 10 ms of virtual time: never two claimable volumes of node 7, never
-        // two of its volumes attached (two live copies).
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let watcher = {
-            let (c, stop) = (c.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut worst = (0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let volumes = c.cloud.volumes();
-                    let ours = volumes.iter().filter(|v| {
-                        v.tags.get("cps:node-id").map(String::as_str) == Some("7")
-                            && !v.tags.contains_key("cps:retired-by")
-                    });
-                    let attached = volumes
-                        .iter()
-                        .filter(|v| {
-                            (v.tags.get("cps:node-id").map(String::as_str) == Some("7")
-                                || v.tags.contains_key("cps:relocated-from"))
-                                && !v.attachments.is_empty()
-                        })
-                        .count();
-                    worst = (worst.0.max(ours.count()), worst.1.max(attached));
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                worst
-            })
-        };
-        let mut ok = 0;
-        for r in runs {
-            ok += usize::from(r.await.unwrap());
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (claimable, attached) = watcher.await.unwrap();
+        // Never two claimable volumes of node 7, never two of its volumes attached (two live
+        // copies).
+        let (ok, claimable, attached) = race_watched(&c, runs, |volumes| {
+            let of_node = |v: &&cps_provider::Volume| {
+                v.tags.get("cps:node-id").map(String::as_str) == Some("7")
+            };
+            let claimable = volumes
+                .iter()
+                .filter(of_node)
+                .filter(|v| !v.tags.contains_key("cps:retired-by"))
+                .count();
+            let attached = volumes
+                .iter()
+                .filter(|v| of_node(v) || v.tags.contains_key("cps:relocated-from"))
+                .filter(|v| !v.attachments.is_empty())
+                .count();
+            (claimable, attached)
+        })
+        .await;
         let what = format!("seed {seed}");
         assert!(
             claimable <= 1,
@@ -1746,50 +1761,37 @@ async fn racing_slot_agents_in_two_zones_crashing_anywhere_never_make_two_live_c
         }
         let agents = zones.len();
         let runs = racing_agents(&c, &cfg, &zones, seed, &mut next);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sources: BTreeMap<String, u32> =
             slots.iter().map(|(k, (v, _))| (v.clone(), *k)).collect();
-        let watcher = {
-            let (c, stop) = (c.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut worst = (0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let volumes = c.cloud.volumes();
-                    for k in 1..=3u32 {
-                        let of_slot = |v: &&cps_provider::Volume| {
-                            v.tags.get("cps:slot") == Some(&k.to_string())
-                                || v.tags
-                                    .get("cps:relocated-from")
-                                    .and_then(|s| sources.get(s))
-                                    == Some(&k)
-                                || sources.get(&v.id) == Some(&k)
-                        };
-                        let claimable = volumes
-                            .iter()
-                            .filter(of_slot)
-                            .filter(|v| {
-                                v.tags.contains_key("cps:slot")
-                                    && !v.tags.contains_key("cps:retired-by")
-                            })
-                            .count();
-                        let attached = volumes
-                            .iter()
-                            .filter(of_slot)
-                            .filter(|v| !v.attachments.is_empty())
-                            .count();
-                        worst = (worst.0.max(claimable), worst.1.max(attached));
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                worst
-            })
-        };
-        let mut ok = 0;
-        for r in runs {
-            ok += usize::from(r.await.unwrap());
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (claimable, attached) = watcher.await.unwrap();
+        // Per slot: never two claimable volumes, never two attached.
+        let (ok, claimable, attached) = race_watched(&c, runs, move |volumes| {
+            let mut worst = (0, 0);
+            for k in 1..=3u32 {
+                let of_slot = |v: &&cps_provider::Volume| {
+                    v.tags.get("cps:slot") == Some(&k.to_string())
+                        || v.tags
+                            .get("cps:relocated-from")
+                            .and_then(|s| sources.get(s))
+                            == Some(&k)
+                        || sources.get(&v.id) == Some(&k)
+                };
+                let claimable = volumes
+                    .iter()
+                    .filter(of_slot)
+                    .filter(|v| {
+                        v.tags.contains_key("cps:slot") && !v.tags.contains_key("cps:retired-by")
+                    })
+                    .count();
+                let attached = volumes
+                    .iter()
+                    .filter(of_slot)
+                    .filter(|v| !v.attachments.is_empty())
+                    .count();
+                worst = (worst.0.max(claimable), worst.1.max(attached));
+            }
+            worst
+        })
+        .await;
         let what = format!("seed {seed}");
         assert!(
             claimable <= 1,
