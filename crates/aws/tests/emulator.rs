@@ -65,8 +65,10 @@ async fn create_find_attach_describe() {
         return;
     }
     let (emu, _dir) = emulator(Delays {
-        create: Duration::from_secs(2),
-        attach: Duration::from_millis(300),
+        // Long enough that the "still creating" and "attaching" looks cannot miss them on a
+        // loaded machine; the waits after them are polls, not sleeps.
+        create: Duration::from_secs(8),
+        attach: Duration::from_secs(4),
         ..Delays::default()
     });
     let api = provider(&emu).await;
@@ -108,11 +110,11 @@ async fn create_find_attach_describe() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::IncorrectState { .. }), "{err}");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(
-        api.volume(&created.id).await.unwrap().state,
-        VolumeState::Available
-    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while api.volume(&created.id).await.unwrap().state != VolumeState::Available {
+        assert!(tokio::time::Instant::now() < deadline, "never available");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let state = api
         .attach_volume(&created.id, &instance, "/dev/xvdc")
@@ -124,8 +126,15 @@ async fn create_find_attach_describe() {
         v.attachment_to(&instance).unwrap().state,
         AttachmentState::Attaching
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let v = api.volume(&created.id).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let v = api.volume(&created.id).await.unwrap();
+        if v.attachment_to(&instance).unwrap().state != AttachmentState::Attaching {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still attaching");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let a = v.attachment_to(&instance).unwrap();
     assert_eq!(
         (a.state.clone(), a.device.as_str()),
