@@ -1487,15 +1487,7 @@ async fn a_move_stopped_at_every_step_is_finished_by_the_next_run() {
             let cfg = config(&format!("{NODE}  node-id: '7'\n{RELOCATION}"));
             let source = node_with_data(&c, "7", OTHER_AZ, &cfg).await;
             let data = c.disks.lock().unwrap().get(&source).cloned().unwrap();
-            let fault = Fault::fail(
-                op,
-                cps_provider::Error::Api {
-                    operation: op,
-                    code: Some("Crash".into()),
-                    message: "the agent died here".into(),
-                },
-            )
-            .after(passing);
+            let fault = Fault::crash(op).after(passing);
             c.cloud
                 .inject(if after { fault.after_effect() } else { fault });
             let m = c.launch("i-stopped", AZ);
@@ -1886,15 +1878,7 @@ async fn a_pool_move_stopped_at_every_step_is_finished_by_the_next_run() {
             let data = c.disks.lock().unwrap()[&source].clone();
 
             let cfg = config(RELOCATION);
-            let fault = Fault::fail(
-                op,
-                cps_provider::Error::Api {
-                    operation: op,
-                    code: Some("Crash".into()),
-                    message: "the agent died here".into(),
-                },
-            )
-            .after(passing);
+            let fault = Fault::crash(op).after(passing);
             c.cloud
                 .inject(if after { fault.after_effect() } else { fault });
             let m = c.launch("i-stopped", AZ);
@@ -1948,14 +1932,7 @@ async fn a_move_resumed_from_a_third_zone_makes_no_second_copy() {
     let source = node_with_data(&c, "7", OTHER_AZ, &cfg).await;
     let data = c.disks.lock().unwrap().get(&source).cloned().unwrap();
     // The mover here dies after retiring the source, before handing the identity over.
-    c.cloud.inject(Fault::fail(
-        DELETE_TAGS,
-        cps_provider::Error::Api {
-            operation: DELETE_TAGS,
-            code: Some("Crash".into()),
-            message: "the agent died here".into(),
-        },
-    ));
+    c.cloud.inject(Fault::crash(DELETE_TAGS));
     let m = c.launch("i-stopped", AZ);
     assert!(c.boot(&m, &cfg).await.is_err());
     c.cloud.with(|w| w.terminate_instance(&m.id));

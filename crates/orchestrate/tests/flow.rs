@@ -443,15 +443,7 @@ async fn crash_and_rerun_at_every_step_converges() {
     type Arm = Box<dyn Fn(&Bench, &FakeHost)>;
     let crash = |op: &'static str, passing: u32, after: bool| -> Arm {
         Box::new(move |b: &Bench, _h: &FakeHost| {
-            let f = Fault::fail(
-                op,
-                CloudError::Api {
-                    operation: op,
-                    code: Some("Crash".into()),
-                    message: "the agent died here".into(),
-                },
-            )
-            .after(passing);
+            let f = Fault::crash(op).after(passing);
             b.cloud.inject(if after { f.after_effect() } else { f });
         })
     };

@@ -83,6 +83,19 @@ impl Fault {
         }
     }
 
+    /// The agent dies at the next request of `operation`: it fails with an error nothing
+    /// retries (code `Crash`), so the run stops there and a test can run the agent again.
+    pub fn crash(operation: &'static str) -> Self {
+        Self::fail(
+            operation,
+            Error::Api {
+                operation,
+                code: Some("Crash".into()),
+                message: "the agent died here".into(),
+            },
+        )
+    }
+
     /// The next `times` requests of `operation` are throttled.
     pub fn throttle(operation: &'static str, times: u32) -> Self {
         Self::fail(
