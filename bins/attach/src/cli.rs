@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use cps_orchestrate::Overrides;
 
 /// The version, the commit it was built from and the build date (see crates/build-info):
-/// `--version` and the first log line of every run.
+/// `--version` and the first log line of every run but `validate`.
 pub const VERSION: &str = cps_build_info::version!();
 
 #[derive(Parser, Debug)]

@@ -8,6 +8,7 @@
 //!   `unknown` — never the clock, so two builds of one commit are byte for byte the same.
 
 use std::path::Path;
+use std::process::Command;
 
 /// The version line (`0.1.0 (commit 0123abcd4567, built 2026-12-01)`) of the package that
 /// expands it: `env!` reads that package's version and what its build script set with [`emit`].
@@ -24,7 +25,6 @@ macro_rules! version {
         )
     };
 }
-use std::process::Command;
 
 /// Prints the `cargo:` lines for the package whose build script calls it.
 pub fn emit() {
