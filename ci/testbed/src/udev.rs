@@ -182,11 +182,14 @@ async fn tick(
     storage: &Path,
     appear_after: Duration,
 ) -> Result<(), String> {
-    let modifying = modifying_volumes(ec2).await?;
+    // Volumes first, modifications second: a ModifyVolume landing between the two calls then
+    // shows up as `modifying` (holding the device at its old size) instead of being missed while
+    // the listing already carries the new size.
     let Listing {
         mut attached,
         all: listed,
     } = list_volumes(ec2).await?;
+    let modifying = modifying_volumes(ec2).await?;
 
     // The device keeps its old size while a modification is `modifying`.
     for (vol, (_, size_gib)) in attached.iter_mut() {
