@@ -233,7 +233,7 @@ async fn tick(
         }
         let mac = &nics[&eni].2;
         match std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(dir.join("address"), format!("{mac}\n")))
+            .and_then(|()| write_sysfs(&dir.join("address"), &format!("{mac}\n")))
         {
             Ok(()) => {
                 st.events
@@ -500,9 +500,9 @@ fn grow_if_larger(st: &mut State, vol: &str, size_gib: i32) {
 fn grow(b: &mut Backed, size_gib: i32) -> io::Result<()> {
     extend_image(&b.image, size_gib)?;
     cps_fixtures::run("losetup", &["-c", &b.loop_device.to_string_lossy()])?;
-    std::fs::write(
-        b.sys_dir.join("size"),
-        format!("{}\n", bytes(size_gib) / 512),
+    write_sysfs(
+        &b.sys_dir.join("size"),
+        &format!("{}\n", bytes(size_gib) / 512),
     )?;
     b.size_gib = size_gib;
     Ok(())
@@ -536,18 +536,26 @@ fn back(
     let sys_dir = machine.sys_root.join("block").join(&name);
     std::fs::create_dir_all(sys_dir.join("device"))?;
     // The NVMe controller pads its serial; the agent must trim it.
-    std::fs::write(
-        sys_dir.join("device/serial"),
-        format!("{:<20}\n", volume_id.replace('-', "")),
+    write_sysfs(
+        &sys_dir.join("device/serial"),
+        &format!("{:<20}\n", volume_id.replace('-', "")),
     )?;
     let rdev = std::fs::metadata(&loop_device)?.rdev();
-    std::fs::write(
-        sys_dir.join("dev"),
-        format!("{}:{}\n", libc::major(rdev), libc::minor(rdev)),
+    write_sysfs(
+        &sys_dir.join("dev"),
+        &format!("{}:{}\n", libc::major(rdev), libc::minor(rdev)),
     )?;
     // 512-byte sectors, as the kernel counts them.
-    std::fs::write(sys_dir.join("size"), format!("{}\n", bytes(size_gib) / 512))?;
+    write_sysfs(&sys_dir.join("size"), &format!("{}\n", bytes(size_gib) / 512))?;
     Ok((loop_device, link, sys_dir, image))
+}
+
+/// Writes a stand-in sysfs attribute whole: a reader (the agent, a test) sees the old value or
+/// the new one, never the empty file a plain write shows between its truncate and its write.
+fn write_sysfs(path: &Path, contents: &str) -> io::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, contents)?;
+    std::fs::rename(&partial, path)
 }
 
 fn unback(b: &Backed) -> io::Result<()> {

@@ -839,17 +839,23 @@ async fn the_bench_device_grows_when_the_modification_takes_effect_and_keeps_its
     )
     .await;
     wait_device_bytes(&device, 2 * GIB, Duration::from_secs(10)).await;
+    // The kernel sees the larger device first (losetup -c); the stand-in's sysfs follows, and
+    // its "grew" event says it has.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !bench.udev().events().iter().any(|e| e.contains("grew")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            bench.udev().events()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let name = device.file_name().unwrap();
     let sys_size = instance.sys_root.join("block").join(name).join("size");
     assert_eq!(
         std::fs::read_to_string(&sys_size).unwrap().trim(),
         (2 * GIB / 512).to_string(),
         "the stand-in's sysfs size follows"
-    );
-    assert!(
-        bench.udev().events().iter().any(|e| e.contains("grew")),
-        "{:?}",
-        bench.udev().events()
     );
 
     // The filesystem grows online onto the larger device; the data is untouched.
