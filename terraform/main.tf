@@ -42,6 +42,9 @@ module "node_config" {
   configure_command       = var.configure_command
   health_command          = var.health_command
   command_timeout_seconds = var.command_timeout_seconds
+  cps_attach_source       = var.cps_attach_source
+  cps_attach_path         = var.cps_attach_path
+  region                  = data.aws_region.current.name
   relocation = var.relocation == "never" ? null : {
     mode          = var.relocation
     lock_table    = aws_dynamodb_table.relocation_lock[0].name
@@ -191,16 +194,7 @@ resource "aws_launch_template" "node" {
   image_id      = coalesce(each.value.node_image, var.node_image)
   instance_type = var.instance_type
   key_name      = var.node_key_name
-  user_data = base64encode(templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    config         = module.node_config[each.key].yaml
-    cps_attach     = var.cps_attach_path
-    source         = var.cps_attach_source
-    region         = data.aws_region.current.name
-    config_path    = "/etc/cps/attach.yml"
-    node_id        = each.key
-    cluster        = var.app_name
-    lifecycle_hook = local.hook
-  }))
+  user_data     = base64encode(module.node_config[each.key].user_data)
 
   iam_instance_profile {
     arn = aws_iam_instance_profile.node.arn

@@ -1,5 +1,7 @@
-# Renders one node's cps-attach configuration. No resources and no provider: the module and the
-# test suite render it the same way, and the test runs `cps-attach validate` on the result.
+# Renders one node's cps-attach configuration and the user data that installs and runs it. No
+# resources and no provider: the module, the test suite and the VM tier render them the same
+# way; the tests run `cps-attach validate` on the configuration and boot a guest with the user
+# data.
 
 terraform {
   required_version = ">= 1.7.0"
@@ -143,6 +145,41 @@ locals {
       }
     },
   )
+}
+
+variable "cps_attach_source" {
+  description = "{ url, sha256 } for user data to download and verify cps-attach, or null when it is in the image."
+  type = object({
+    url    = string
+    sha256 = string
+  })
+  default = null
+}
+
+variable "cps_attach_path" {
+  description = "Path of cps-attach on the node."
+  type        = string
+  default     = "/usr/local/bin/cps-attach"
+}
+
+variable "region" {
+  description = "The AWS region, exported to cps-attach."
+  type        = string
+  default     = null
+}
+
+output "user_data" {
+  description = "The node's user data (plain text): writes the configuration, gets cps-attach, runs it."
+  value = var.region == null ? null : templatefile("${path.module}/user_data.sh.tftpl", {
+    config         = yamlencode(local.config)
+    cps_attach     = var.cps_attach_path
+    source         = var.cps_attach_source
+    region         = var.region
+    config_path    = "/etc/cps/attach.yml"
+    node_id        = var.node_id
+    cluster        = var.cluster_name
+    lifecycle_hook = var.lifecycle_hook_name
+  })
 }
 
 output "yaml" {
