@@ -108,6 +108,11 @@ run "apply_three_nodes" {
     error_message = "each node's user data names its node id"
   }
   assert {
+    # User data runs once per instance; after a reboot only fstab mounts the volume again.
+    condition     = alltrue([for id, ud in output.node_user_data : strcontains(ud, "\"persist\": \"fstab\"")])
+    error_message = "each node's volume is persisted in fstab"
+  }
+  assert {
     # tests/iam-actions.txt is also checked against the README's IAM section (ci/terraform/run).
     condition     = output.iam_actions == sort(split("\n", trimspace(file("tests/iam-actions.txt"))))
     error_message = "the nodes get exactly the actions cps-attach needs"

@@ -237,6 +237,26 @@ impl Bench {
         }
     }
 
+    /// One node as the Terraform module makes it: its fixed-IP interface (host `host` of the
+    /// zone's subnet) and a one-instance group `group` with the launching hook `hook`, tagged
+    /// `tags`; waits for the group's first instance in Pending:Wait. Returns (interface, IP,
+    /// instance).
+    pub async fn create_node(
+        &self,
+        group: &str,
+        zone: &str,
+        host: u8,
+        tags: &Tags,
+        hook: &str,
+        heartbeat_timeout: Duration,
+    ) -> io::Result<(String, String, String)> {
+        let (eni, ip) = self.create_interface(zone, host, tags).await?;
+        self.create_group(group, zone, 1, tags, hook, heartbeat_timeout)
+            .await?;
+        let first = self.wait_pending(group, 1, Duration::from_secs(30)).await?;
+        Ok((eni, ip, first[0].clone()))
+    }
+
     /// Replaces an instance the way an operator or a roll does: terminate it in its group
     /// without lowering capacity, so the group launches another.
     pub async fn terminate_in_group(&self, instance_id: &str) -> io::Result<()> {

@@ -42,11 +42,11 @@ lifecycle:
   hook: cps-launch
 ";
 
-fn step(n: u32, text: &str) {
+pub(crate) fn step(n: u32, text: &str) {
     println!("\n==> {n}. {text}");
 }
 
-fn say(text: &str) {
+pub(crate) fn say(text: &str) {
     println!("    {text}");
 }
 
@@ -71,9 +71,9 @@ fn attach(bench: &Bench, bin: &Path, instance: &Instance) -> io::Result<()> {
     Ok(())
 }
 
-async fn show(bench: &Bench) -> io::Result<()> {
-    let tags: Tags = [("cluster".to_owned(), "demo".to_owned())].into();
-    for v in bench.volumes_tagged(&tags).await {
+/// The node's volumes as EC2 shows them, and the group's instances.
+pub(crate) async fn show(bench: &Bench, tags: &Tags, group: &str) -> io::Result<()> {
+    for v in bench.volumes_tagged(tags).await {
         let holder = v
             .attachments
             .first()
@@ -92,9 +92,9 @@ async fn show(bench: &Bench) -> io::Result<()> {
             v.tags.get("cps:node-id").map(String::as_str).unwrap_or("?")
         ));
     }
-    for m in bench.members(GROUP).await? {
+    for m in bench.members(group).await? {
         say(&format!(
-            "Auto Scaling {GROUP}: {} is {} (launch template version {})",
+            "Auto Scaling {group}: {} is {} (launch template version {})",
             m.instance_id,
             m.lifecycle_state,
             m.launch_template_version.as_deref().unwrap_or("?")
@@ -123,6 +123,7 @@ pub async fn run(bin: &Path) -> io::Result<()> {
         bench.dir().display()
     ));
 
+    let demo_tags: Tags = [("cluster".to_owned(), "demo".to_owned())].into();
     step(
         2,
         "Terraform's part: node 2's fixed-IP network interface, and a one-instance group with a launch lifecycle hook",
@@ -132,23 +133,18 @@ pub async fn run(bin: &Path) -> io::Result<()> {
         ("cps:node-id".to_owned(), "2".to_owned()),
     ]
     .into();
-    let (eni, ip) = bench.create_interface("us-east-1a", 12, &node).await?;
-    say(&format!("network interface {eni} with the fixed IP {ip}"));
-    bench
-        .create_group(
+    let (eni, ip, a) = bench
+        .create_node(
             GROUP,
             "us-east-1a",
-            1,
+            12,
             &node,
             HOOK,
             Duration::from_secs(600),
         )
         .await?;
-    let a = bench
-        .wait_pending(GROUP, 1, Duration::from_secs(10))
-        .await?[0]
-        .clone();
-    show(&bench).await?;
+    say(&format!("network interface {eni} with the fixed IP {ip}"));
+    show(&bench, &demo_tags, GROUP).await?;
 
     step(
         3,
@@ -157,7 +153,7 @@ pub async fn run(bin: &Path) -> io::Result<()> {
     let a = bench.adopt(&a).await?;
     let _ga = MountGuard(a.home.join("var/lib/demo"));
     attach(&bench, bin, &a)?;
-    show(&bench).await?;
+    show(&bench, &demo_tags, GROUP).await?;
     say(&format!(
         "node.properties: {:?}",
         std::fs::read_to_string(a.home.join("etc/demo/node.properties"))?
@@ -179,7 +175,7 @@ pub async fn run(bin: &Path) -> io::Result<()> {
         .into_iter()
         .find(|id| *id != a.id)
         .ok_or_else(|| io::Error::other("the group launched no replacement"))?;
-    show(&bench).await?;
+    show(&bench, &demo_tags, GROUP).await?;
 
     step(
         5,
@@ -188,7 +184,7 @@ pub async fn run(bin: &Path) -> io::Result<()> {
     let b = bench.adopt(&b).await?;
     let _gb = MountGuard(b.home.join("var/lib/demo"));
     attach(&bench, bin, &b)?;
-    show(&bench).await?;
+    show(&bench, &demo_tags, GROUP).await?;
     say(&format!(
         "the data is back: topic-0.log = {:?}",
         std::fs::read_to_string(b.home.join("var/lib/demo/topic-0.log"))?

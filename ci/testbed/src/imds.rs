@@ -1,7 +1,10 @@
 //! A fake instance metadata service for one simulated instance, speaking IMDSv2: a session
 //! token from `PUT /latest/api/token` (with the TTL header echoed, as the SDK requires), then
-//! `GET`s that must carry it.
+//! `GET`s that must carry it. It answers under `latest` and under any dated API version, with
+//! directory listings, so cloud-init's EC2 data source can crawl it as on EC2 (the VM tier), and
+//! serves the instance's user data when it has some.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +33,15 @@ pub struct FakeImds {
 
 impl FakeImds {
     pub fn start(identity: InstanceIdentity) -> io::Result<Self> {
+        Self::start_with(identity, None, None)
+    }
+
+    /// As [`FakeImds::start`], for a guest: with its user data and its interface's MAC.
+    pub fn start_with(
+        identity: InstanceIdentity,
+        user_data: Option<Vec<u8>>,
+        mac: Option<String>,
+    ) -> io::Result<Self> {
         let server = Arc::new(Server::http("127.0.0.1:0").map_err(io::Error::other)?);
         let port = server
             .server_addr()
@@ -39,7 +51,8 @@ impl FakeImds {
         let stats = Arc::new(ImdsStats::default());
         let thread = {
             let (server, stats) = (server.clone(), stats.clone());
-            std::thread::spawn(move || serve(&server, &identity, &stats))
+            let tree = metadata_tree(&identity, mac.as_deref());
+            std::thread::spawn(move || serve(&server, &identity, &tree, user_data, &stats))
         };
         Ok(Self {
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -47,6 +60,15 @@ impl FakeImds {
             thread: Some(thread),
             stats,
         })
+    }
+
+    /// The port it listens on, on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_default()
     }
 
     pub fn endpoint(&self) -> &str {
@@ -74,7 +96,83 @@ fn header(req: &tiny_http::Request, name: &str) -> Option<String> {
         .map(|h| h.value.as_str().to_owned())
 }
 
-fn serve(server: &Server, identity: &InstanceIdentity, stats: &ImdsStats) {
+/// The `meta-data/` leaves, by path.
+fn metadata_tree(identity: &InstanceIdentity, mac: Option<&str>) -> BTreeMap<String, String> {
+    let ip = "169.254.0.15";
+    let host = "ip-169-254-0-15.ec2.internal";
+    let mut t: BTreeMap<String, String> = [
+        ("ami-id", "ami-cpsbench"),
+        ("instance-id", identity.instance_id.as_str()),
+        ("instance-type", "m6i.large"),
+        ("hostname", host),
+        ("local-hostname", host),
+        ("local-ipv4", ip),
+        (
+            "placement/availability-zone",
+            identity.availability_zone.as_str(),
+        ),
+        ("placement/region", identity.region.as_str()),
+        ("services/domain", "amazonaws.com"),
+        ("services/partition", "aws"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    if let Some(mac) = mac {
+        t.insert("mac".into(), mac.into());
+        let nic = format!("network/interfaces/macs/{mac}");
+        t.insert(format!("{nic}/device-number"), "0".into());
+        t.insert(format!("{nic}/mac"), mac.into());
+        t.insert(format!("{nic}/local-ipv4s"), ip.into());
+    }
+    t
+}
+
+/// A leaf's value, or a directory's listing (children one per line, directories with a `/`).
+fn lookup(tree: &BTreeMap<String, String>, path: &str) -> Option<String> {
+    let path = path.trim_end_matches('/');
+    if let Some(v) = tree.get(path) {
+        return Some(v.clone());
+    }
+    let prefix = if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}/")
+    };
+    let mut children: Vec<String> = tree
+        .keys()
+        .filter_map(|k| k.strip_prefix(&prefix))
+        .map(|rest| match rest.split_once('/') {
+            Some((dir, _)) => format!("{dir}/"),
+            None => rest.to_owned(),
+        })
+        .collect();
+    children.dedup();
+    (!children.is_empty()).then(|| children.join("\n"))
+}
+
+/// `/latest/x` or `/2021-03-23/x` → `x`; anything else is not an API path.
+fn strip_version(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let dated = version.len() == 10
+        && version.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    (version == "latest" || dated).then_some(rest)
+}
+
+fn serve(
+    server: &Server,
+    identity: &InstanceIdentity,
+    tree: &BTreeMap<String, String>,
+    user_data: Option<Vec<u8>>,
+    stats: &ImdsStats,
+) {
     let tokens: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let document = serde_json::json!({
         "instanceId": identity.instance_id,
@@ -117,20 +215,22 @@ fn serve(server: &Server, identity: &InstanceIdentity, stats: &ImdsStats) {
                     Response::from_string("").with_status_code(401)
                 } else {
                     stats.gets.fetch_add(1, Ordering::Relaxed);
-                    match path {
-                        "/latest/dynamic/instance-identity/document" => {
-                            Response::from_string(document.clone())
+                    let found = match strip_version(path) {
+                        Some("dynamic/instance-identity/document") => Some(document.clone()),
+                        Some("dynamic/instance-identity" | "dynamic/instance-identity/") => {
+                            Some("document".into())
                         }
-                        "/latest/meta-data/instance-id" => {
-                            Response::from_string(identity.instance_id.clone())
-                        }
-                        "/latest/meta-data/placement/availability-zone" => {
-                            Response::from_string(identity.availability_zone.clone())
-                        }
-                        "/latest/meta-data/placement/region" => {
-                            Response::from_string(identity.region.clone())
-                        }
-                        _ => Response::from_string("").with_status_code(404),
+                        Some("user-data") => user_data
+                            .as_ref()
+                            .map(|u| String::from_utf8_lossy(u).into_owned()),
+                        Some(rest) => rest
+                            .strip_prefix("meta-data")
+                            .and_then(|p| lookup(tree, p.trim_start_matches('/'))),
+                        None => None,
+                    };
+                    match found {
+                        Some(body) => Response::from_string(body),
+                        None => Response::from_string("").with_status_code(404),
                     }
                 }
             }

@@ -10,6 +10,7 @@ pub mod imds;
 mod locks;
 mod secrets;
 pub mod udev;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -152,20 +153,7 @@ impl Bench {
         {
             return Ok(i.clone());
         }
-        let out = self
-            .ec2
-            .describe_instances()
-            .instance_ids(id)
-            .send()
-            .await
-            .map_err(sdk)?;
-        let zone = out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find_map(|i| i.placement().and_then(|p| p.availability_zone()))
-            .ok_or_else(|| io::Error::other(format!("{id} has no placement")))?
-            .to_owned();
+        let zone = self.zone_of(id).await?;
         let zone = zone.as_str();
         let id = id.to_owned();
         let home = self.dir.path().join("instances").join(&id);
@@ -197,6 +185,23 @@ impl Bench {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, instance.clone());
         Ok(instance)
+    }
+
+    /// The availability zone the emulator placed instance `id` in.
+    pub async fn zone_of(&self, id: &str) -> io::Result<String> {
+        let out = self
+            .ec2
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map_err(sdk)?;
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find_map(|i| i.placement().and_then(|p| p.availability_zone()))
+            .map(str::to_owned)
+            .ok_or_else(|| io::Error::other(format!("{id} has no placement")))
     }
 
     /// Terminates an instance; its volumes detach, and the udev stand-in takes its devices away.

@@ -5,6 +5,7 @@ mod bench_life;
 mod bench_probe;
 mod bench_roll;
 mod demo;
+mod demo_vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,8 +27,12 @@ enum Cmd {
     /// Boot, write, replace, re-run: the story of one node, narrated step by step.
     Demo {
         /// The cps-attach binary to run on each simulated instance.
+        #[arg(long, required_unless_present = "vm")]
+        attach_bin: Option<PathBuf>,
+        /// The story on real guests (QEMU): the user data and the cps-attach it downloads come
+        /// from CPS_VM_USER_DATA and CPS_VM_ATTACH (ci/demo --vm sets them).
         #[arg(long)]
-        attach_bin: PathBuf,
+        vm: bool,
     },
     /// API calls, attempts, overhead, herd behaviour, binary size and memory; prints Markdown.
     Bench {
@@ -56,11 +61,14 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     let result = match cli.command {
-        Cmd::Demo { attach_bin } => {
+        Cmd::Demo { attach_bin, vm } => {
             if !cps_testbed::ready("demo") {
                 return ExitCode::from(2);
             }
-            runtime.block_on(demo::run(&attach_bin))
+            match attach_bin {
+                Some(bin) if !vm => runtime.block_on(demo::run(&bin)),
+                _ => runtime.block_on(demo_vm::run()),
+            }
         }
         Cmd::Bench {
             attach_bin,

@@ -17,6 +17,10 @@
 //! it is first backed, an image that starts as a copy of the snapshot's, extended to the volume's
 //! size. The image of a volume that is no longer listed (deleted) is removed.
 //!
+//! An instance played by a real guest (the VM tier, [`crate::vm`]) is added with
+//! [`FakeUdev::add_vm`]: its volumes are hot-plugged into the guest as NVMe controllers backed by
+//! the same image files, and its kernel and udev do the rest.
+//!
 //! Network interfaces likewise: a secondary ENI attached to an instance appears under its sysfs
 //! root as `class/net/eth<index>/address` holding the ENI's MAC, and disappears on detach.
 
@@ -55,6 +59,14 @@ struct Backed {
 struct State {
     machines: BTreeMap<String, Machine>,
     backed: BTreeMap<String, Backed>,
+    /// Guests of the VM tier by instance id, and the volumes plugged into them (→ instance).
+    vms: BTreeMap<String, Arc<crate::vm::Vm>>,
+    plugged: BTreeMap<String, String>,
+    plugged_nics: BTreeMap<String, String>,
+    /// Per volume, for the VM tier: a longer delay before its hot-plug, and a volume that must be
+    /// plugged in before it is (to plug two in the opposite order of their attach calls).
+    plug_delays: BTreeMap<String, Duration>,
+    plug_after: BTreeMap<String, String>,
     /// ENI id → the sysfs directory shown for it.
     nics: BTreeMap<String, PathBuf>,
     /// First time an attachment was seen, for the appearance delay.
@@ -122,6 +134,29 @@ impl FakeUdev {
         lock(&self.state)
             .machines
             .insert(instance_id.to_owned(), machine);
+    }
+
+    /// Plays `vm`'s attachments as NVMe hot-plug into the guest.
+    pub fn add_vm(&self, vm: Arc<crate::vm::Vm>) {
+        lock(&self.state).vms.insert(vm.instance_id.clone(), vm);
+    }
+
+    /// Delays `volume_id`'s hot-plug into a guest to `delay` after its attachment (a device that
+    /// shows up late), and holds it until `after` (if given) has been plugged.
+    pub fn delay_plug(&self, volume_id: &str, delay: Duration, after: Option<&str>) {
+        let mut st = lock(&self.state);
+        st.plug_delays.insert(volume_id.to_owned(), delay);
+        if let Some(a) = after {
+            st.plug_after.insert(volume_id.to_owned(), a.to_owned());
+        }
+    }
+
+    /// Forgets a guest that is gone (powered off): nothing is unplugged from it any more.
+    pub fn remove_vm(&self, instance_id: &str) {
+        let mut st = lock(&self.state);
+        st.vms.remove(instance_id);
+        st.plugged.retain(|_, i| i != instance_id);
+        st.plugged_nics.retain(|_, i| i != instance_id);
     }
 
     /// Problems the watcher ran into (a test should see none).
@@ -261,6 +296,11 @@ async fn tick(
     let now = Instant::now();
     st.seen
         .retain(|(vol, inst), _| attached.get(vol).is_some_and(|(i, _)| i == inst));
+    let attached_vms: BTreeMap<String, (String, i32)> = attached
+        .iter()
+        .filter(|(_, (i, _))| st.vms.contains_key(i))
+        .map(|(v, a)| (v.clone(), a.clone()))
+        .collect();
     // New: back them once they have been attached for a moment. Grown: grow the device.
     for (vol, (instance, size_gib)) in attached {
         if st.backed.contains_key(&vol) {
@@ -299,7 +339,111 @@ async fn tick(
             Err(e) => st.errors.push(format!("backing {vol}: {e}")),
         }
     }
+    plug_into_guests(&mut st, &attached_vms, &listed, storage, now, appear_after);
+    plug_nics_into_guests(&mut st, &nics);
     Ok(())
+}
+
+/// The VM tier's half of a tick: a volume attached to a guest is plugged into it once it has been
+/// attached for `appear_after`; one no longer attached there is unplugged (the guest must let go).
+fn plug_into_guests(
+    st: &mut State,
+    attached: &BTreeMap<String, (String, i32)>,
+    listed: &BTreeMap<String, Option<String>>,
+    storage: &Path,
+    now: Instant,
+    appear_after: Duration,
+) {
+    let stale: Vec<(String, String)> = st
+        .plugged
+        .iter()
+        .filter(|(vol, inst)| attached.get(*vol).is_none_or(|(i, _)| i != *inst))
+        .map(|(v, i)| (v.clone(), i.clone()))
+        .collect();
+    for (vol, instance) in stale {
+        if let Some(vm) = st.vms.get(&instance).cloned() {
+            match vm.unplug(&vol, Duration::from_secs(60)) {
+                Ok(()) => st.events.push(format!("unplugged {vol} from {instance}")),
+                Err(e) => st
+                    .errors
+                    .push(format!("unplugging {vol} from {instance}: {e}")),
+            }
+        }
+        st.plugged.remove(&vol);
+    }
+    for (vol, (instance, size_gib)) in attached {
+        let Some(vm) = st.vms.get(instance).cloned() else {
+            continue;
+        };
+        if st.plugged.contains_key(vol) {
+            continue;
+        }
+        let first = *st
+            .seen
+            .entry((vol.clone(), instance.clone()))
+            .or_insert(now);
+        let delay = st.plug_delays.get(vol).copied().unwrap_or(appear_after);
+        let waits_for = st
+            .plug_after
+            .get(vol)
+            .filter(|a| !st.plugged.contains_key(*a));
+        if now.duration_since(first) < delay || waits_for.is_some() {
+            continue;
+        }
+        let snapshot = listed.get(vol).cloned().flatten();
+        match volume_image(vol, *size_gib, snapshot.as_deref(), storage)
+            .and_then(|image| vm.plug(vol, &image))
+        {
+            Ok(()) => {
+                st.events.push(format!("plugged {vol} into {instance}"));
+                st.plugged.insert(vol.clone(), instance.clone());
+            }
+            Err(e) => st
+                .errors
+                .push(format!("plugging {vol} into {instance}: {e}")),
+        }
+    }
+}
+
+/// Secondary interfaces of guests: plugged in as NICs with the interface's MAC while attached.
+fn plug_nics_into_guests(st: &mut State, nics: &BTreeMap<String, (String, i32, String)>) {
+    let stale: Vec<(String, String)> = st
+        .plugged_nics
+        .iter()
+        .filter(|(eni, inst)| nics.get(*eni).is_none_or(|(i, _, _)| i != *inst))
+        .map(|(e, i)| (e.clone(), i.clone()))
+        .collect();
+    for (eni, instance) in stale {
+        if let Some(vm) = st.vms.get(&instance).cloned() {
+            match vm.unplug_nic(&eni, Duration::from_secs(60)) {
+                Ok(()) => st
+                    .events
+                    .push(format!("unplugged interface {eni} from {instance}")),
+                Err(e) => st
+                    .errors
+                    .push(format!("unplugging {eni} from {instance}: {e}")),
+            }
+        }
+        st.plugged_nics.remove(&eni);
+    }
+    for (eni, (instance, _, mac)) in nics {
+        let Some(vm) = st.vms.get(instance).cloned() else {
+            continue;
+        };
+        if st.plugged_nics.contains_key(eni) {
+            continue;
+        }
+        match vm.plug_nic(eni, mac) {
+            Ok(()) => {
+                st.events
+                    .push(format!("plugged interface {eni} into {instance}"));
+                st.plugged_nics.insert(eni.clone(), instance.clone());
+            }
+            Err(e) => st
+                .errors
+                .push(format!("plugging {eni} into {instance}: {e}")),
+        }
+    }
 }
 
 /// What one look at DescribeVolumes shows.
@@ -364,7 +508,9 @@ fn remove_deleted_images(
     let gone: Vec<String> = st
         .listed
         .iter()
-        .filter(|v| !listed.contains_key(*v) && !st.backed.contains_key(*v))
+        .filter(|v| {
+            !listed.contains_key(*v) && !st.backed.contains_key(*v) && !st.plugged.contains_key(*v)
+        })
         .cloned()
         .collect();
     for vol in gone {
@@ -508,6 +654,24 @@ fn grow(b: &mut Backed, size_gib: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// A volume's image file: kept across attachments (a volume grown while detached comes back at
+/// its new size), first made from its snapshot's when it has one.
+fn volume_image(
+    volume_id: &str,
+    size_gib: i32,
+    snapshot_id: Option<&str>,
+    storage: &Path,
+) -> io::Result<PathBuf> {
+    let image = storage.join(format!("{volume_id}.img"));
+    if let Some(snapshot_id) = snapshot_id
+        && !image.exists()
+    {
+        restore_image(snapshot_id, &image, storage)?;
+    }
+    extend_image(&image, size_gib)?;
+    Ok(image)
+}
+
 fn back(
     volume_id: &str,
     size_gib: i32,
@@ -515,14 +679,7 @@ fn back(
     machine: &Machine,
     storage: &Path,
 ) -> io::Result<(PathBuf, PathBuf, PathBuf, PathBuf)> {
-    let image = storage.join(format!("{volume_id}.img"));
-    if let Some(snapshot_id) = snapshot_id
-        && !image.exists()
-    {
-        restore_image(snapshot_id, &image, storage)?;
-    }
-    // Kept across attachments; a volume grown while detached comes back at its new size.
-    extend_image(&image, size_gib)?;
+    let image = volume_image(volume_id, size_gib, snapshot_id, storage)?;
     let loop_device = cps_fixtures::losetup(&image)?;
     let name = loop_device
         .file_name()
@@ -546,7 +703,10 @@ fn back(
         &format!("{}:{}\n", libc::major(rdev), libc::minor(rdev)),
     )?;
     // 512-byte sectors, as the kernel counts them.
-    write_sysfs(&sys_dir.join("size"), &format!("{}\n", bytes(size_gib) / 512))?;
+    write_sysfs(
+        &sys_dir.join("size"),
+        &format!("{}\n", bytes(size_gib) / 512),
+    )?;
     Ok((loop_device, link, sys_dir, image))
 }
 

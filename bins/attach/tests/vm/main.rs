@@ -1,0 +1,377 @@
+//! The VM tier: cps-attach on real guests. Each EC2 instance of the emulator is a QEMU guest
+//! booted from a Debian image through its kernel, systemd, udev and cloud-init; cloud-init runs
+//! the user data the Terraform module renders (downloading cps-attach from the bench's file
+//! server and checking its SHA-256); the volume's attachment is an NVMe hot-plug, the node's
+//! interface a NIC hot-plug (cps_testbed::vm).
+//!
+//! Run by `ci/vm/run`, which builds the image and renders the user data; in a plain `cargo test`
+//! these tests are ignored (they need both, and minutes of emulated CPU).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cps_provider::{Tags, VolumeService, VolumeSpec};
+use cps_testbed::vm::{Guest, GuestImage};
+use cps_testbed::{Bench, BenchOptions};
+
+const TIER: &str = "VM tier (QEMU guests)";
+const HOOK: &str = "vm-launch";
+/// A boot under software emulation, through cloud-init and cps-attach.
+const BOOT: Duration = Duration::from_secs(900);
+
+/// What ci/vm/run hands the tests.
+struct Tier {
+    image: GuestImage,
+    user_data: Vec<u8>,
+    attach: PathBuf,
+}
+
+/// The tier's inputs, or `None` (with one line) when it skips here; under CI=true a missing
+/// input fails.
+fn tier() -> Option<Tier> {
+    let need = |var: &str| -> Option<PathBuf> {
+        match std::env::var_os(var) {
+            Some(v) => Some(PathBuf::from(v)),
+            None if cps_fixtures::in_ci() => panic!("{TIER}: {var} is not set; run ci/vm/run"),
+            None => {
+                eprintln!("SKIP {TIER}: {var} is not set; run ci/vm/run");
+                None
+            }
+        }
+    };
+    let user_data = need("CPS_VM_USER_DATA")?;
+    let attach = need("CPS_VM_ATTACH")?;
+    let image = GuestImage::build().unwrap_or_else(|e| panic!("{TIER}: {e}"));
+    Some(Tier {
+        image,
+        user_data: std::fs::read(&user_data)
+            .unwrap_or_else(|e| panic!("{}: {e}", user_data.display())),
+        attach,
+    })
+}
+
+fn tags(pairs: &[(&str, &str)]) -> Tags {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Prints a boot's figures for docs/benchmarks.md: host time from QEMU's start to the "volume
+/// ready" line (the lifecycle action is complete by then), and cps-attach's share of the boot.
+fn report(what: &str, guest: &Guest, started: std::time::Instant) {
+    let until_ready = started.elapsed();
+    match guest.attach_uptimes() {
+        Some((first, ready)) => eprintln!(
+            "FIGURE {what}: {:.0} s from VM start to InService (host clock); in the guest cps-attach ran from {first:.1} s to {ready:.1} s of uptime ({:.1} s)",
+            until_ready.as_secs_f64(),
+            ready - first
+        ),
+        None => eprintln!("FIGURE {what}: no cps-attach timings on the console"),
+    }
+}
+
+/// Waits (bounded) until cps-attach on `guest` has created the node's volume; its id.
+async fn created_volume(bench: &Bench, node: &Tags, guest: &Guest) -> String {
+    let deadline = std::time::Instant::now() + BOOT;
+    loop {
+        if let Some(v) = bench.volumes_tagged(node).await.first() {
+            return v.id.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cps-attach never created the volume:\n{}",
+            guest.vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn boot(bench: &Bench, tier: &Tier, id: &str) -> Guest {
+    let files = BTreeMap::from([("/cps-attach".to_owned(), tier.attach.clone())]);
+    bench
+        .boot_guest(&tier.image, id, Some(tier.user_data.clone()), files)
+        .await
+        .unwrap()
+}
+
+/// First boot, a reboot, a replacement — the story of one node on real guests.
+///
+/// 1. The first guest boots through cloud-init with the module's user data: the volume is
+///    created, hot-plugged, found by its serial, formatted, mounted; the interface appears; the
+///    lifecycle hook completes with CONTINUE and the data service writes on the volume. Devices
+///    come as they come: the node's volume is plugged in 20 s after its attachment, and another
+///    volume attached before it is plugged in after it, so the guest names them in the opposite
+///    order of their attach calls; the node's is mounted, the other's bytes are untouched.
+/// 2. A clean reboot of the same guest: the volume is mounted again (once), before the data
+///    service, without the user data (cloud-init runs it once per instance).
+/// 3. The instance is terminated in its group; the new one gets the same volume (same bytes,
+///    not formatted again) and the same interface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the VM tier: run by ci/vm/run"]
+async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
+    let Some(tier) = tier() else { return };
+    let bench = Bench::start(BenchOptions {
+        device_appears_after: Duration::from_secs(1),
+        ..BenchOptions::default()
+    })
+    .unwrap();
+    let node = tags(&[("cps:cluster", "vm"), ("cps:node-id", "1")]);
+    let (eni, ip, first) = bench
+        .create_node(
+            "vm-1",
+            "us-east-1a",
+            10,
+            &node,
+            HOOK,
+            Duration::from_secs(1800),
+        )
+        .await
+        .unwrap();
+
+    // 1. First boot. Another volume is attached first (before the boot) and plugged in last;
+    // the node's own is plugged in 20 s after cps-attach's attach call, past its first looks.
+    let api = bench.volumes_api();
+    let other = api
+        .create_volume(
+            &VolumeSpec::gp3("us-east-1a", 1, &tags(&[("role", "scratch")])),
+            "other",
+        )
+        .await
+        .unwrap()
+        .id;
+    api.attach_volume(&other, &first, "/dev/sdg").await.unwrap();
+    // Held back until the volume it waits for is named (below).
+    bench
+        .udev()
+        .delay_plug(&other, Duration::ZERO, Some("the node's volume"));
+    let started = std::time::Instant::now();
+    let g1 = boot(&bench, &tier, &first).await;
+    let volume = created_volume(&bench, &node, &g1).await;
+    bench
+        .udev()
+        .delay_plug(&volume, Duration::from_secs(20), None);
+    bench
+        .udev()
+        .delay_plug(&other, Duration::ZERO, Some(&volume));
+    g1.vm
+        .wait_console("\"volume ready\"", 1, BOOT)
+        .unwrap_or_else(|e| panic!("first boot: {e}\nudev: {:?}", bench.udev().errors()));
+    report("first boot", &g1, started);
+    g1.vm
+        .wait_console("cps-bench-app: wrote", 1, BOOT)
+        .unwrap_or_else(|e| panic!("first boot: {e}"));
+    let log = g1.attach_log();
+    let ready = log
+        .iter()
+        .find(|l| l["message"] == "volume ready")
+        .unwrap_or_else(|| panic!("no 'volume ready' line on the console:\n{log:#?}"));
+    assert_eq!(ready["lifecycle"], "Completed(Continue)", "{ready}");
+    assert_eq!(bench.volumes_tagged(&node).await.len(), 1);
+    assert_eq!(
+        bench.members("vm-1").await.unwrap()[0].lifecycle_state,
+        "InService"
+    );
+    assert_eq!(ready["volume_id"], volume.as_str(), "{ready}");
+    assert_eq!(
+        ready["formatted"], true,
+        "the empty volume got a filesystem: {ready}"
+    );
+    assert_eq!(ready["ip"], ip.as_str(), "{ready}");
+    // Plugged first, so named first by the guest's kernel, though attached second; found by its
+    // serial after cps-attach had waited for it.
+    assert_eq!(ready["device"], "/dev/nvme0n1", "{ready}");
+    let events = bench.udev().events();
+    let order: Vec<&String> = events
+        .iter()
+        .filter(|e| e.starts_with("plugged vol"))
+        .collect();
+    assert!(
+        order.len() == 2 && order[0].contains(&volume) && order[1].contains(&other),
+        "the node's volume first, the other after: {events:?}"
+    );
+    let attached = log.iter().position(|l| l["message"] == "volume attached");
+    let found = log
+        .iter()
+        .position(|l| l["message"] == "found the volume's device");
+    assert!(attached.is_some() && attached < found, "{log:#?}");
+    let lines = g1.app_lines();
+    assert!(lines[0].contains("(1 lines)"), "{lines:?}");
+    assert!(lines[0].contains("mounted 1 time"), "{lines:?}");
+
+    // 2. A clean reboot of the same guest.
+    g1.vm.reboot().unwrap();
+    g1.vm
+        .wait_console("cps-bench-app: wrote", 2, BOOT)
+        .unwrap_or_else(|e| panic!("after the reboot: {e}"));
+    let lines = g1.app_lines();
+    assert!(
+        lines[1].contains("(2 lines)"),
+        "the same data after the reboot: {lines:?}"
+    );
+    assert!(
+        lines[1].contains("mounted 1 time"),
+        "mounted once: {lines:?}"
+    );
+
+    // 3. Replacement: the instance goes, the group launches another.
+    bench.power_off_guest(&g1).unwrap();
+    bench.terminate_in_group(&first).await.unwrap();
+    let second = bench
+        .wait_pending("vm-1", 1, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|id| *id != first)
+        .expect("a replacement instance");
+    let started = std::time::Instant::now();
+    let g2 = boot(&bench, &tier, &second).await;
+    g2.vm
+        .wait_console("\"volume ready\"", 1, BOOT)
+        .unwrap_or_else(|e| panic!("the replacement's boot: {e}"));
+    report("replacement", &g2, started);
+    g2.vm
+        .wait_console("cps-bench-app: wrote", 1, BOOT)
+        .unwrap_or_else(|e| panic!("the replacement's boot: {e}"));
+    let lines = g2.app_lines();
+    assert!(
+        lines[0].contains("(3 lines)"),
+        "the same bytes, not formatted again: {lines:?}"
+    );
+    let volumes = bench.volumes_tagged(&node).await;
+    assert_eq!(volumes.len(), 1, "still one volume: {volumes:?}");
+    assert_eq!(volumes[0].id, volume);
+    let log = g2.attach_log();
+    let ready = log
+        .iter()
+        .find(|l| l["message"] == "volume ready")
+        .unwrap_or_else(|| panic!("no 'volume ready' line on the console:\n{log:#?}"));
+    assert_eq!(
+        ready["formatted"], false,
+        "the replacement kept the filesystem: {ready}"
+    );
+    assert_eq!(ready["volume_id"], volume.as_str(), "{ready}");
+    let eni_now = bench
+        .ec2()
+        .describe_network_interfaces()
+        .network_interface_ids(&eni)
+        .send()
+        .await
+        .unwrap();
+    let attachment = eni_now.network_interfaces()[0].attachment().cloned();
+    assert_eq!(
+        attachment
+            .and_then(|a| a.instance_id().map(str::to_owned))
+            .as_deref(),
+        Some(second.as_str()),
+        "the interface ({ip}) moved to the replacement"
+    );
+    assert!(
+        bench.udev().errors().is_empty(),
+        "{:?}",
+        bench.udev().errors()
+    );
+    bench.power_off_guest(&g2).unwrap();
+    // The other volume was never written: its sparse image has no block allocated.
+    let image = bench.dir().join("volumes").join(format!("{other}.img"));
+    let blocks = std::fs::metadata(&image)
+        .map(|m| m.blocks())
+        .unwrap_or(u64::MAX);
+    assert_eq!(blocks, 0, "{other} was written to ({})", image.display());
+}
+
+/// The guest is reset (no shutdown) while mkfs writes the node's new volume, slowed to 256 KiB/s
+/// so the reset lands inside it. cloud-init does not run the user data again on the next boot of
+/// the same instance, so nothing beats for the lifecycle hook; it expires, ABANDON, and the group
+/// launches another instance, whose cps-attach finds the half-made filesystem carrying cps's
+/// journal mark, makes it again, and the node goes InService — no one had to step in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the VM tier: run by ci/vm/run"]
+async fn a_reset_inside_mkfs_converges_without_help() {
+    let Some(tier) = tier() else { return };
+    let bench = Bench::start(BenchOptions {
+        device_appears_after: Duration::from_secs(1),
+        ..BenchOptions::default()
+    })
+    .unwrap();
+    let node = tags(&[("cps:cluster", "vm"), ("cps:node-id", "1")]);
+    // The hook outlives a first boot under emulation until cps-attach beats; after the reset,
+    // with no one beating, it runs out.
+    let (_, _, first) = bench
+        .create_node(
+            "vm-1",
+            "us-east-1a",
+            10,
+            &node,
+            HOOK,
+            Duration::from_secs(180),
+        )
+        .await
+        .unwrap();
+    let g1 = boot(&bench, &tier, &first).await;
+    let volume = created_volume(&bench, &node, &g1).await;
+    // Slowed from the moment it is plugged in.
+    let deadline = std::time::Instant::now() + BOOT;
+    while !g1.vm.plugged().contains(&volume) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{volume} never plugged in"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    g1.vm.throttle(&volume, 256 << 10).unwrap();
+    g1.vm
+        .wait_console("\"making filesystem\"", 1, BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    g1.vm.reset().unwrap();
+    assert!(
+        !g1.vm.console().contains("\"filesystem made\""),
+        "the reset came after mkfs had finished; the test did not test a reset inside it"
+    );
+
+    // The hook expires (no one beats for it), ABANDON, a new instance.
+    let second = {
+        let deadline = std::time::Instant::now() + BOOT;
+        loop {
+            let members = bench.members("vm-1").await.unwrap();
+            if let Some(m) = members.iter().find(|m| m.instance_id != first) {
+                break m.instance_id.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the group never replaced {first}: {members:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    bench.power_off_guest(&g1).unwrap();
+    let g2 = boot(&bench, &tier, &second).await;
+    g2.vm
+        .wait_console("cps-bench-app: wrote", 1, BOOT)
+        .unwrap_or_else(|e| panic!("the replacement's boot: {e}"));
+    let log = g2.attach_log();
+    let ready = log
+        .iter()
+        .find(|l| l["message"] == "volume ready")
+        .unwrap_or_else(|| panic!("no 'volume ready' line:\n{log:#?}"));
+    assert_eq!(ready["volume_id"], volume.as_str(), "{ready}");
+    assert_eq!(
+        ready["formatted"], true,
+        "the half-made filesystem was made again: {ready}"
+    );
+    assert_eq!(ready["lifecycle"], "Completed(Continue)", "{ready}");
+    let remade = log.iter().find(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("making a filesystem"))
+    });
+    assert!(
+        remade.is_some_and(|l| l["journal"]
+            .as_str()
+            .is_some_and(|j| j.starts_with("Formatting"))),
+        "found cps's journal mark, not a blank device: {remade:?}"
+    );
+    bench.power_off_guest(&g2).unwrap();
+}

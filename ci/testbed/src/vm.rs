@@ -1,0 +1,700 @@
+//! Real guests for the VM tier: an EC2 instance of the emulator played by a QEMU virtual machine
+//! booted from the guest image (ci/vm/image), with its EBS attachments played as NVMe hot-plug.
+//!
+//! Each guest gets a copy-on-write overlay of the image, SMBIOS strings that say Amazon EC2 (so
+//! cloud-init picks its EC2 data source), and user networking with `restrict=on`: the guest
+//! reaches nothing but three link-local addresses the host forwards to servers on 127.0.0.1 —
+//! the instance metadata service (169.254.169.254:80), the AWS emulator (169.254.170.2:5000) and
+//! a file server for downloads (169.254.170.3:80). An attached volume becomes an NVMe controller
+//! whose serial is the volume id without its dash, plugged through QMP into a free PCIe root
+//! port, backed by the volume's image file (the same file the host tier's loop devices use, so
+//! its bytes outlive the guest); a detach is `device_del`, done when the guest's pciehp has let
+//! go (QEMU's `DEVICE_DELETED` event).
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Guest-side addresses of what the host forwards.
+pub const GUEST_IMDS: &str = "169.254.169.254:80";
+pub const GUEST_EMULATOR: &str = "169.254.170.2:5000";
+pub const GUEST_FILES: &str = "169.254.170.3:80";
+/// Free PCIe root ports for hot-plugged volumes and interfaces (the scenarios need three).
+const ROOT_PORTS: usize = 6;
+
+/// The guest image: kernel, initrd and root filesystem, built from Debian's packages.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    pub dir: PathBuf,
+}
+
+impl GuestImage {
+    /// Builds the image, or finds it in the bench cache when its recipe has not changed
+    /// (`ci/vm/image`, run from the workspace root).
+    pub fn build() -> io::Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new(root.join("ci/vm/image"))
+            .current_dir(&root)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "ci/vm/image failed ({})",
+                out.status
+            )));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        for f in ["vmlinuz", "initrd.img", "rootfs.raw"] {
+            if !dir.join(f).is_file() {
+                return Err(io::Error::other(format!(
+                    "the guest image at {} has no {f}",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(Self { dir })
+    }
+}
+
+/// The QEMU the tier runs, and whether this machine's KVM boots its guests: the nested KVM of
+/// some hosts hangs the guest kernel before its first line, so software emulation (TCG) is the
+/// default and `CPS_VM_ACCEL=kvm` opts in.
+pub fn accelerator() -> String {
+    std::env::var("CPS_VM_ACCEL").unwrap_or_else(|_| "tcg".into())
+}
+
+/// What the host serves the guest, as 127.0.0.1 ports.
+#[derive(Clone, Copy, Debug)]
+pub struct Forwards {
+    pub imds: u16,
+    pub emulator: u16,
+    pub files: u16,
+}
+
+/// One running guest.
+pub struct Vm {
+    pub instance_id: String,
+    dir: PathBuf,
+    child: Mutex<Option<Child>>,
+    qmp: Mutex<Qmp>,
+    /// Device id (volume or interface) → the root port it is plugged into.
+    plugged: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Vm {
+    /// Boots `instance_id` from `image`, in `dir` (its overlay, console log and QMP socket).
+    pub fn boot(
+        image: &GuestImage,
+        instance_id: &str,
+        dir: &Path,
+        forwards: Forwards,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let overlay = dir.join("root.qcow2");
+        cps_fixtures::run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                &image.dir.join("rootfs.raw").to_string_lossy(),
+                &overlay.to_string_lossy(),
+            ],
+        )?;
+        let qmp_path = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&qmp_path);
+        let console = dir.join("console.log");
+        let fwd = |guest: &str, port: u16| {
+            format!("guestfwd=tcp:{guest}-cmd:socat - TCP:127.0.0.1:{port}")
+        };
+        let netdev = [
+            "user,id=net0,restrict=on,net=169.254.0.0/16,host=169.254.0.1,dhcpstart=169.254.0.15"
+                .to_owned(),
+            fwd(GUEST_IMDS, forwards.imds),
+            fwd(GUEST_EMULATOR, forwards.emulator),
+            fwd(GUEST_FILES, forwards.files),
+        ]
+        .join(",");
+        let (uuid, serial) = smbios_ids(instance_id);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-name", instance_id, "-nodefaults", "-no-user-config"])
+            .args(["-machine", &format!("q35,accel={}", accelerator())])
+            .args(["-cpu", "max", "-smp", "1", "-m", "1024", "-display", "none"])
+            .arg("-kernel")
+            .arg(image.dir.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(image.dir.join("initrd.img"))
+            .args([
+                "-append",
+                "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=1 net.ifnames=0",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=qcow2",
+                overlay.to_string_lossy()
+            ))
+            .args([
+                "-smbios",
+                &format!(
+                    "type=1,manufacturer=Amazon EC2,product=m6i.large,uuid={uuid},serial={serial}"
+                ),
+            ])
+            .args(["-netdev", &netdev])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=net0,mac={}", mac_of(instance_id)),
+            ]);
+        for port in 1..=ROOT_PORTS {
+            cmd.args([
+                "-device",
+                &format!("pcie-root-port,id=rp{port},bus=pcie.0,chassis={port},slot={port}"),
+            ]);
+        }
+        cmd.arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                qmp_path.to_string_lossy()
+            ))
+            .arg("-serial")
+            .arg(format!("file:{}", console.to_string_lossy()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("qemu.stderr"))?);
+        let mut child = cmd.spawn()?;
+        let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(20)) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default();
+                return Err(io::Error::other(format!(
+                    "QEMU did not start: {e}; {stderr}"
+                )));
+            }
+        };
+        Ok(Self {
+            instance_id: instance_id.to_owned(),
+            dir: dir.to_owned(),
+            child: Mutex::new(Some(child)),
+            qmp: Mutex::new(qmp),
+            plugged: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// What the guest has printed on its serial console so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join("console.log")).unwrap_or_default())
+            .into_owned()
+    }
+
+    /// Waits (bounded) until the console shows `needle` `count` times; the console on timeout.
+    pub fn wait_console(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.console();
+            if text.matches(needle).count() >= count {
+                return Ok(());
+            }
+            if !self.running() {
+                return Err(format!(
+                    "the guest stopped before {needle:?}:\n{}",
+                    tail(&text)
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no {needle:?} after {timeout:?}:\n{}", tail(&text)));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&self) -> bool {
+        lock(&self.child)
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Volumes and interfaces plugged in.
+    pub fn plugged(&self) -> Vec<String> {
+        lock(&self.plugged).keys().cloned().collect()
+    }
+
+    fn free_port(plugged: &BTreeMap<String, usize>) -> io::Result<usize> {
+        (1..=ROOT_PORTS)
+            .find(|p| !plugged.values().any(|q| q == p))
+            .ok_or_else(|| io::Error::other("every PCIe root port is taken"))
+    }
+
+    /// Hot-plugs the interface `eni_id` as a virtio NIC with its MAC, on a network of its own
+    /// that reaches nothing (the tier proves the interface appears where cps-attach looks; its
+    /// traffic stays on the host tier).
+    pub fn plug_nic(&self, eni_id: &str, mac: &str) -> io::Result<()> {
+        let id = node_name(eni_id);
+        self.hotplug(
+            eni_id,
+            (
+                "netdev_add",
+                json!({"type": "user", "id": id, "restrict": true}),
+            ),
+            ("netdev_del", json!({"id": id})),
+            json!({"driver": "virtio-net-pci", "netdev": id, "mac": mac}),
+        )
+    }
+
+    /// Unplugs the interface `eni_id` (bounded wait for the guest to let go).
+    pub fn unplug_nic(&self, eni_id: &str, timeout: Duration) -> io::Result<()> {
+        let undo = ("netdev_del", json!({"id": node_name(eni_id)}));
+        self.hot_unplug(eni_id, undo, timeout)
+    }
+
+    /// Hot-plugs `volume_id` as an NVMe controller backed by `image`, its serial the volume id
+    /// without its dash.
+    pub fn plug(&self, volume_id: &str, image: &Path) -> io::Result<()> {
+        let node = node_name(volume_id);
+        self.hotplug(
+            volume_id,
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": node,
+                       "file": {"driver": "file", "filename": image.to_string_lossy()}}),
+            ),
+            ("blockdev-del", json!({"node-name": node})),
+            json!({"driver": "nvme", "drive": node, "serial": volume_id.replace('-', "")}),
+        )
+    }
+
+    /// Unplugs `volume_id`: asks the guest to let the controller go and waits (bounded) until
+    /// it has, then drops the backing file.
+    pub fn unplug(&self, volume_id: &str, timeout: Duration) -> io::Result<()> {
+        let undo = ("blockdev-del", json!({"node-name": node_name(volume_id)}));
+        self.hot_unplug(volume_id, undo, timeout)
+    }
+
+    /// Plugs `aws_id`'s device into a free root port: its backend first (a QMP command), then
+    /// the device (`device`, given its id and port here); the backend goes again if the device
+    /// is refused. Nothing happens when it is plugged in already.
+    fn hotplug(
+        &self,
+        aws_id: &str,
+        backend: (&str, Value),
+        undo: (&str, Value),
+        mut device: Value,
+    ) -> io::Result<()> {
+        let mut plugged = lock(&self.plugged);
+        if plugged.contains_key(aws_id) {
+            return Ok(());
+        }
+        let port = Self::free_port(&plugged)?;
+        device["id"] = json!(node_name(aws_id));
+        device["bus"] = json!(format!("rp{port}"));
+        let mut qmp = lock(&self.qmp);
+        qmp.execute(backend.0, backend.1)?;
+        if let Err(e) = qmp.execute("device_add", device) {
+            let _ = qmp.execute(undo.0, undo.1);
+            return Err(e);
+        }
+        plugged.insert(aws_id.to_owned(), port);
+        Ok(())
+    }
+
+    /// Removes `aws_id`'s device: `device_del`, then a bounded wait for QEMU's `DEVICE_DELETED`
+    /// (the guest has let go), then its backend (`undo`).
+    fn hot_unplug(&self, aws_id: &str, undo: (&str, Value), timeout: Duration) -> io::Result<()> {
+        let mut plugged = lock(&self.plugged);
+        if !plugged.contains_key(aws_id) {
+            return Ok(());
+        }
+        let id = node_name(aws_id);
+        let mut qmp = lock(&self.qmp);
+        qmp.execute("device_del", json!({"id": id}))?;
+        qmp.wait_event("DEVICE_DELETED", |d| d["device"] == id.as_str(), timeout)?;
+        qmp.execute(undo.0, undo.1)?;
+        plugged.remove(aws_id);
+        Ok(())
+    }
+
+    /// Limits writes to `volume_id`'s device to `bytes_per_second` (0 lifts the limit): a slow
+    /// volume, so that a reset can land inside a long write such as mkfs.
+    pub fn throttle(&self, volume_id: &str, bytes_per_second: u64) -> io::Result<()> {
+        let id = node_name(volume_id);
+        lock(&self.qmp)
+            .execute(
+                "block_set_io_throttle",
+                json!({"id": id, "bps": 0, "bps_rd": 0, "bps_wr": bytes_per_second,
+                       "iops": 0, "iops_rd": 0, "iops_wr": 0}),
+            )
+            .map(drop)
+    }
+
+    /// A hard reset, as a host failure or `reboot -f` at the wrong moment: no shutdown.
+    pub fn reset(&self) -> io::Result<()> {
+        lock(&self.qmp).execute("system_reset", json!({})).map(drop)
+    }
+
+    /// A clean reboot, asked of the guest as an operator would at its console (Ctrl-Alt-Del,
+    /// which systemd turns into `reboot.target`).
+    pub fn reboot(&self) -> io::Result<()> {
+        lock(&self.qmp)
+            .execute(
+                "send-key",
+                json!({"keys": [{"type": "qcode", "data": "ctrl"},
+                                {"type": "qcode", "data": "alt"},
+                                {"type": "qcode", "data": "delete"}]}),
+            )
+            .map(drop)
+    }
+
+    /// A clean power-off (ACPI, as EC2 stops an instance), waited for (bounded); then off by force.
+    pub fn power_off(&self, timeout: Duration) -> io::Result<()> {
+        let _ = lock(&self.qmp).execute("system_powerdown", json!({}));
+        let deadline = Instant::now() + timeout;
+        while self.running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let clean = !self.running();
+        self.kill();
+        lock(&self.plugged).clear();
+        if clean {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "{} did not power off within {timeout:?}",
+                self.instance_id
+            )))
+        }
+    }
+
+    fn kill(&self) {
+        if let Some(mut c) = lock(&self.child).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(self.dir.join("root.qcow2"));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// QEMU's id for a volume's or an interface's device (ids may not hold every character).
+fn node_name(aws_id: &str) -> String {
+    format!("cps-{}", aws_id.replace('-', ""))
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// SMBIOS system UUID and serial as EC2's: both start with "ec2", which cloud-init's
+/// ds-identify reads as Amazon. Derived from the instance id, so stable per instance.
+fn smbios_ids(instance_id: &str) -> (String, String) {
+    let hex: String = instance_id
+        .trim_start_matches("i-")
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .chain(std::iter::repeat('0'))
+        .take(29)
+        .collect();
+    let uuid = format!(
+        "ec2{}-{}-{}-{}-{}",
+        &hex[0..5],
+        &hex[5..9],
+        &hex[9..13],
+        &hex[13..17],
+        &hex[17..29]
+    );
+    (uuid.clone(), uuid)
+}
+
+/// A locally administered MAC derived from the instance id.
+pub fn mac_of(instance_id: &str) -> String {
+    let h = instance_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
+}
+
+/// A QMP connection: commands and their replies, with the events that arrive between them kept.
+struct Qmp {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn connect(path: &Path, timeout: Duration) -> io::Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut qmp = Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+            events: Vec::new(),
+        };
+        qmp.read()?; // the greeting
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> io::Result<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::other("QMP closed"));
+        }
+        serde_json::from_str(&line).map_err(|e| io::Error::other(format!("QMP: {e}: {line}")))
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> io::Result<Value> {
+        let msg = json!({"execute": command, "arguments": arguments});
+        writeln!(self.writer, "{msg}")?;
+        // Bounded: a reply comes within the read timeout or the read fails.
+        for _ in 0..10_000 {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(io::Error::other(format!("QMP {command}: {}", e["desc"])));
+            }
+            self.events.push(v);
+        }
+        Err(io::Error::other(format!("QMP {command}: no reply")))
+    }
+
+    fn wait_event(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> io::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self
+                .events
+                .iter()
+                .position(|e| e["event"] == name && matches(&e["data"]))
+            {
+                return Ok(self.events.remove(i));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::other(format!("no {name} within {timeout:?}")));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            let read = self.read();
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(30)))?;
+            match read {
+                Ok(v) => self.events.push(v),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Serves files to the guests over plain HTTP on 127.0.0.1 (forwarded to [`GUEST_FILES`]): what
+/// user data downloads, as it would from a release.
+pub struct FileServer {
+    port: u16,
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FileServer {
+    /// Serves each `(url path, file)`.
+    pub fn start(files: BTreeMap<String, PathBuf>) -> io::Result<Self> {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").map_err(io::Error::other)?);
+        let port = server
+            .server_addr()
+            .to_ip()
+            .map(|a| a.port())
+            .unwrap_or_default();
+        let thread = {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                for req in server.incoming_requests() {
+                    let resp = match files.get(req.url()).map(std::fs::File::open) {
+                        Some(Ok(f)) => req.respond(tiny_http::Response::from_file(f)),
+                        _ => req.respond(tiny_http::Response::empty(404)),
+                    };
+                    let _ = resp;
+                }
+            })
+        };
+        Ok(Self {
+            port,
+            server,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An instance of the emulator played by a guest: its metadata service, its VM, what it can
+/// download.
+pub struct Guest {
+    pub id: String,
+    pub availability_zone: String,
+    pub imds: crate::FakeImds,
+    pub vm: Arc<Vm>,
+    _files: FileServer,
+}
+
+impl Guest {
+    /// cps-attach's JSON log lines on the guest's console (cloud-init's output goes there).
+    pub fn attach_log(&self) -> Vec<Value> {
+        self.vm
+            .console()
+            .lines()
+            .filter_map(|l| l.find("{\"").map(|i| l[i..].to_owned()))
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .filter(|v| v.get("message").is_some())
+            .collect()
+    }
+
+    /// cps-attach's "volume ready" line, if it has printed it.
+    pub fn ready(&self) -> Option<Value> {
+        self.attach_log()
+            .into_iter()
+            .find(|l| l["message"] == "volume ready")
+    }
+
+    /// The guest's uptime (kernel timestamp, seconds) at cps-attach's first log line and at its
+    /// "volume ready" line: the copies of cloud-init's output in the kernel log carry it.
+    pub fn attach_uptimes(&self) -> Option<(f64, f64)> {
+        let console = self.vm.console();
+        let mut stamped: Vec<(f64, &str)> = Vec::new();
+        for line in console.lines() {
+            let Some((secs, rest)) = line.strip_prefix('[').and_then(|r| r.split_once(']')) else {
+                continue;
+            };
+            if let (Ok(secs), Some(i)) = (secs.trim().parse::<f64>(), rest.find("{\"timestamp\"")) {
+                stamped.push((secs, &rest[i..]));
+            }
+        }
+        let first = stamped.first()?.0;
+        let ready = stamped
+            .iter()
+            .find(|(_, l)| l.contains("\"volume ready\""))?
+            .0;
+        Some((first, ready))
+    }
+
+    /// The data service's lines ("cps-bench-app: wrote …") on the console.
+    pub fn app_lines(&self) -> Vec<String> {
+        self.vm
+            .console()
+            .lines()
+            .filter(|l| l.contains("cps-bench-app: wrote"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl crate::Bench {
+    /// Boots a guest for the emulator's instance `id`, with `user_data` served by its metadata
+    /// service and `files` (url path → file) by the file server.
+    pub async fn boot_guest(
+        &self,
+        image: &GuestImage,
+        id: &str,
+        user_data: Option<Vec<u8>>,
+        files: BTreeMap<String, PathBuf>,
+    ) -> io::Result<Guest> {
+        let zone = self.zone_of(id).await?;
+        let imds = crate::FakeImds::start_with(
+            cps_provider::InstanceIdentity {
+                instance_id: id.to_owned(),
+                region: crate::REGION.into(),
+                availability_zone: zone.clone(),
+            },
+            user_data,
+            Some(mac_of(id)),
+        )?;
+        let files = FileServer::start(files)?;
+        let emulator = self
+            .endpoint()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .ok_or_else(|| io::Error::other("the emulator's endpoint has no port"))?;
+        let forwards = Forwards {
+            imds: imds.port(),
+            emulator,
+            files: files.port(),
+        };
+        let dir = self.dir().join("guests").join(id);
+        let vm = Arc::new(tokio::task::block_in_place(|| {
+            Vm::boot(image, id, &dir, forwards)
+        })?);
+        self.udev().add_vm(vm.clone());
+        Ok(Guest {
+            id: id.to_owned(),
+            availability_zone: zone,
+            imds,
+            vm,
+            _files: files,
+        })
+    }
+
+    /// Shuts a guest down as EC2 does before it terminates or stops an instance: a clean ACPI
+    /// power-off (bounded, then by force). Its volumes and interfaces go with it; nothing is
+    /// unplugged from under a running guest's mounted filesystem. The emulator's side (terminate,
+    /// or terminate in the group for a replacement) is the caller's next step.
+    pub fn power_off_guest(&self, guest: &Guest) -> io::Result<()> {
+        self.udev().remove_vm(&guest.id);
+        tokio::task::block_in_place(|| guest.vm.power_off(Duration::from_secs(120)))
+    }
+}
