@@ -31,7 +31,7 @@ vm_inputs() {
   local bin=$1 dir=$2 sha256
   [ -x "$bin" ] || { echo "ci/vm: $bin is missing" >&2; return 1; }
   # Stripped as a release is: the guests download it through QEMU's user network.
-  objcopy --strip-debug "$bin" "$dir/cps-attach"
+  objcopy --strip-all "$bin" "$dir/cps-attach"
   sha256=$(sha256sum "$dir/cps-attach" | cut -d' ' -f1)
   (
     export TF_CLI_CONFIG_FILE="$PWD/ci/terraform/cli.tfrc" TF_IN_AUTOMATION=1 CHECKPOINT_DISABLE=1
