@@ -73,6 +73,33 @@ fn report(what: &str, guest: &Guest, started: std::time::Instant) {
     }
 }
 
+/// A bench with node 1 as the module makes it (interface, group "vm-1" with the launching hook
+/// and `hook_timeout`), its first instance waiting in Pending:Wait: the bench, the node's tags
+/// and (interface, IP, instance).
+async fn node_1(hook_timeout: Duration) -> (Bench, Tags, (String, String, String)) {
+    let bench = Bench::start(BenchOptions {
+        device_appears_after: Duration::from_secs(1),
+        ..BenchOptions::default()
+    })
+    .unwrap();
+    let node = tags(&[("cps:cluster", "vm"), ("cps:node-id", "1")]);
+    let made = bench
+        .create_node("vm-1", "us-east-1a", 10, &node, HOOK, hook_timeout)
+        .await
+        .unwrap();
+    (bench, node, made)
+}
+
+/// cps-attach's "volume ready" line on `guest`'s console (the test fails without one).
+fn volume_ready(guest: &Guest) -> serde_json::Value {
+    guest.ready().unwrap_or_else(|| {
+        panic!(
+            "no 'volume ready' line on the console:\n{:#?}",
+            guest.attach_log()
+        )
+    })
+}
+
 /// Waits (bounded) until cps-attach on `guest` has created the node's volume; its id.
 async fn created_volume(bench: &Bench, node: &Tags, guest: &Guest) -> String {
     let deadline = std::time::Instant::now() + BOOT;
@@ -113,23 +140,7 @@ async fn boot(bench: &Bench, tier: &Tier, id: &str) -> Guest {
 #[ignore = "the VM tier: run by ci/vm/run"]
 async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
     let Some(tier) = tier() else { return };
-    let bench = Bench::start(BenchOptions {
-        device_appears_after: Duration::from_secs(1),
-        ..BenchOptions::default()
-    })
-    .unwrap();
-    let node = tags(&[("cps:cluster", "vm"), ("cps:node-id", "1")]);
-    let (eni, ip, first) = bench
-        .create_node(
-            "vm-1",
-            "us-east-1a",
-            10,
-            &node,
-            HOOK,
-            Duration::from_secs(1800),
-        )
-        .await
-        .unwrap();
+    let (bench, node, (eni, ip, first)) = node_1(Duration::from_secs(1800)).await;
 
     // 1. First boot. Another volume is attached first (before the boot) and plugged in last;
     // the node's own is plugged in 20 s after cps-attach's attach call, past its first looks.
@@ -164,10 +175,7 @@ async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
         .wait_console("cps-bench-app: wrote", 1, BOOT)
         .unwrap_or_else(|e| panic!("first boot: {e}"));
     let log = g1.attach_log();
-    let ready = log
-        .iter()
-        .find(|l| l["message"] == "volume ready")
-        .unwrap_or_else(|| panic!("no 'volume ready' line on the console:\n{log:#?}"));
+    let ready = volume_ready(&g1);
     assert_eq!(ready["lifecycle"], "Completed(Continue)", "{ready}");
     assert_eq!(bench.volumes_tagged(&node).await.len(), 1);
     assert_eq!(
@@ -243,11 +251,7 @@ async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
     let volumes = bench.volumes_tagged(&node).await;
     assert_eq!(volumes.len(), 1, "still one volume: {volumes:?}");
     assert_eq!(volumes[0].id, volume);
-    let log = g2.attach_log();
-    let ready = log
-        .iter()
-        .find(|l| l["message"] == "volume ready")
-        .unwrap_or_else(|| panic!("no 'volume ready' line on the console:\n{log:#?}"));
+    let ready = volume_ready(&g2);
     assert_eq!(
         ready["formatted"], false,
         "the replacement kept the filesystem: {ready}"
@@ -291,25 +295,9 @@ async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
 #[ignore = "the VM tier: run by ci/vm/run"]
 async fn a_reset_inside_mkfs_converges_without_help() {
     let Some(tier) = tier() else { return };
-    let bench = Bench::start(BenchOptions {
-        device_appears_after: Duration::from_secs(1),
-        ..BenchOptions::default()
-    })
-    .unwrap();
-    let node = tags(&[("cps:cluster", "vm"), ("cps:node-id", "1")]);
     // The hook outlives a first boot under emulation until cps-attach beats; after the reset,
     // with no one beating, it runs out.
-    let (_, _, first) = bench
-        .create_node(
-            "vm-1",
-            "us-east-1a",
-            10,
-            &node,
-            HOOK,
-            Duration::from_secs(180),
-        )
-        .await
-        .unwrap();
+    let (bench, node, (_, _, first)) = node_1(Duration::from_secs(180)).await;
     let g1 = boot(&bench, &tier, &first).await;
     let volume = created_volume(&bench, &node, &g1).await;
     // Slowed from the moment it is plugged in.
@@ -352,10 +340,7 @@ async fn a_reset_inside_mkfs_converges_without_help() {
         .wait_console("cps-bench-app: wrote", 1, BOOT)
         .unwrap_or_else(|e| panic!("the replacement's boot: {e}"));
     let log = g2.attach_log();
-    let ready = log
-        .iter()
-        .find(|l| l["message"] == "volume ready")
-        .unwrap_or_else(|| panic!("no 'volume ready' line:\n{log:#?}"));
+    let ready = volume_ready(&g2);
     assert_eq!(ready["volume_id"], volume.as_str(), "{ready}");
     assert_eq!(
         ready["formatted"], true,
