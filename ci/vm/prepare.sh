@@ -1,21 +1,25 @@
 # Sourced by ci/vm/run and ci/demo --vm: what a guest needs before it boots.
-#   vm_tools            QEMU (pinned, from bookworm-backports), socat and mmdebstrap installed
+#   vm_tools            QEMU (at least 10.0.2, from bookworm-backports), socat and mmdebstrap
 #   vm_inputs BIN DIR   cps-attach BIN stripped to DIR/cps-attach (what the guests download) and
 #                       the node's user data rendered by the Terraform module to DIR/user-data;
 #                       exports CPS_VM_ATTACH and CPS_VM_USER_DATA for the bench
 # The guest image itself is built (or found) by ci/vm/image, which the bench runs.
 
-# QEMU 10.0.2: its NVMe controller hot-plugs into a PCIe root port and, removed, comes back under
-# the same id (both used here); Debian 12's own 7.2 is not what the tier was proven with.
-vm_qemu_version='1:10.0.2+ds-2+deb13u1~bpo12+1'
+# QEMU from bookworm-backports, at least 10.0.2 (proven with 1:10.0.2+ds-2+deb13u1~bpo12+1): its
+# NVMe controller hot-plugs into a PCIe root port and, removed, comes back under the same id
+# (both used here); Debian 12's own 7.2 is not what the tier was proven with. Backports keeps
+# only its newest upload, so the floor is pinned, not the exact version; the run logs which.
+vm_qemu_floor='1:10.0.2'
 
 vm_tools() {
   local have
   have=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
-  if [ "$have" = "$vm_qemu_version" ] && command -v socat >/dev/null && command -v mmdebstrap >/dev/null; then
+  if [ -n "$have" ] && dpkg --compare-versions "$have" ge "$vm_qemu_floor" \
+    && command -v socat >/dev/null && command -v mmdebstrap >/dev/null; then
+    echo "ci/vm: QEMU $have" >&2
     return
   fi
-  echo "ci/vm: installing qemu-system-x86 $vm_qemu_version, socat, mmdebstrap" >&2
+  echo "ci/vm: installing qemu-system-x86 (bookworm-backports, >= $vm_qemu_floor), socat, mmdebstrap" >&2
   if [ ! -f /etc/apt/sources.list.d/cps-backports.sources ]; then
     printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
       'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
@@ -23,8 +27,11 @@ vm_tools() {
   fi
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "qemu-system-x86=$vm_qemu_version" "qemu-system-common=$vm_qemu_version" \
-    "qemu-system-data=$vm_qemu_version" socat mmdebstrap >/dev/null
+    -t bookworm-backports qemu-system-x86 socat mmdebstrap >/dev/null
+  have=$(dpkg-query -W -f='${Version}' qemu-system-x86)
+  dpkg --compare-versions "$have" ge "$vm_qemu_floor" \
+    || { echo "ci/vm: bookworm-backports gave QEMU $have, older than $vm_qemu_floor" >&2; return 1; }
+  echo "ci/vm: QEMU $have" >&2
 }
 
 vm_inputs() {

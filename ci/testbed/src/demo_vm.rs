@@ -74,6 +74,7 @@ fn app_line(guest: &Guest, n: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// The narration, step after step (longer than a screen: one step per paragraph, in order).
 pub async fn run() -> io::Result<()> {
     step(
         1,
@@ -150,6 +151,18 @@ pub async fn run() -> io::Result<()> {
     show(&bench, &node, GROUP).await?;
     bench.power_off_guest(&gb)?;
 
+    // What step 7 says, checked.
+    let volumes = bench.volumes_tagged(&node).await.len();
+    let formatted = [&ga, &gb].map(|g| g.ready().is_some_and(|r| r["formatted"] == true));
+    let three = gb
+        .app_lines()
+        .first()
+        .is_some_and(|l| l.contains("(3 lines)"));
+    if volumes != 1 || formatted != [true, false] || !three {
+        return Err(io::Error::other(format!(
+            "expected one volume, formatted on the first boot only, three lines on it; saw {volumes} volume(s), formatted {formatted:?}, three lines: {three}"
+        )));
+    }
     let errors = bench.udev().errors();
     if !errors.is_empty() {
         return Err(io::Error::other(format!(

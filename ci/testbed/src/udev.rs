@@ -211,6 +211,8 @@ impl Drop for FakeUdev {
     }
 }
 
+/// One look at the emulator and what it changes (longer than a screen: interfaces, then loop
+/// devices torn down, backed and grown, then guests, each a short pass over the same listing).
 async fn tick(
     ec2: &aws_sdk_ec2::Client,
     state: &Mutex<State>,
@@ -364,9 +366,12 @@ fn plug_into_guests(
         if let Some(vm) = st.vms.get(&instance).cloned() {
             match vm.unplug(&vol, Duration::from_secs(60)) {
                 Ok(()) => st.events.push(format!("unplugged {vol} from {instance}")),
-                Err(e) => st
-                    .errors
-                    .push(format!("unplugging {vol} from {instance}: {e}")),
+                // Still plugged as far as both know: the next tick tries again.
+                Err(e) => {
+                    st.errors
+                        .push(format!("unplugging {vol} from {instance}: {e}"));
+                    continue;
+                }
             }
         }
         st.plugged.remove(&vol);
@@ -419,9 +424,11 @@ fn plug_nics_into_guests(st: &mut State, nics: &BTreeMap<String, (String, i32, S
                 Ok(()) => st
                     .events
                     .push(format!("unplugged interface {eni} from {instance}")),
-                Err(e) => st
-                    .errors
-                    .push(format!("unplugging {eni} from {instance}: {e}")),
+                Err(e) => {
+                    st.errors
+                        .push(format!("unplugging {eni} from {instance}: {e}"));
+                    continue;
+                }
             }
         }
         st.plugged_nics.remove(&eni);

@@ -91,6 +91,7 @@ pub struct Vm {
 
 impl Vm {
     /// Boots `instance_id` from `image`, in `dir` (its overlay, console log and QMP socket).
+    /// Longer than a screen: QEMU's command line, one option per line.
     pub fn boot(
         image: &GuestImage,
         instance_id: &str,
@@ -303,9 +304,13 @@ impl Vm {
             return Ok(());
         }
         let port = Self::free_port(&plugged)?;
-        device["id"] = json!(node_name(aws_id));
+        let id = node_name(aws_id);
+        device["id"] = json!(id);
         device["bus"] = json!(format!("rp{port}"));
         let mut qmp = lock(&self.qmp);
+        // An event about an earlier device of this id says nothing about the new one.
+        qmp.events
+            .retain(|e| !(e["event"] == "DEVICE_DELETED" && e["data"]["device"] == id.as_str()));
         qmp.execute(backend.0, backend.1)?;
         if let Err(e) = qmp.execute("device_add", device) {
             let _ = qmp.execute(undo.0, undo.1);
@@ -324,7 +329,23 @@ impl Vm {
         }
         let id = node_name(aws_id);
         let mut qmp = lock(&self.qmp);
-        qmp.execute("device_del", json!({"id": id}))?;
+        // A retry after a wait that ran out: the guest may still be letting go (the request
+        // stands), or have let go since (QEMU has forgotten the device, or its event is kept).
+        match qmp.execute("device_del", json!({"id": id})) {
+            Err(e) if e.to_string().contains("in the process of unplug") => {}
+            Err(e) if e.to_string().contains("not found") => {
+                qmp.events.retain(|e| {
+                    !(e["event"] == "DEVICE_DELETED" && e["data"]["device"] == id.as_str())
+                });
+                qmp.execute(undo.0, undo.1)?;
+                plugged.remove(aws_id);
+                return Ok(());
+            }
+            r => {
+                r?;
+            }
+        }
+        // On a timeout the device stays recorded as plugged, so the caller's next look retries.
         qmp.wait_event("DEVICE_DELETED", |d| d["device"] == id.as_str(), timeout)?;
         qmp.execute(undo.0, undo.1)?;
         plugged.remove(aws_id);
@@ -483,8 +504,9 @@ impl Qmp {
     fn execute(&mut self, command: &str, arguments: Value) -> io::Result<Value> {
         let msg = json!({"execute": command, "arguments": arguments});
         writeln!(self.writer, "{msg}")?;
-        // Bounded: a reply comes within the read timeout or the read fails.
-        for _ in 0..10_000 {
+        // Bounded in time: each read is (by the socket's read timeout), and so is the whole.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
             let v = self.read()?;
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
@@ -494,7 +516,9 @@ impl Qmp {
             }
             self.events.push(v);
         }
-        Err(io::Error::other(format!("QMP {command}: no reply")))
+        Err(io::Error::other(format!(
+            "QMP {command}: no reply within 60 s"
+        )))
     }
 
     fn wait_event(
@@ -611,25 +635,26 @@ impl Guest {
             .find(|l| l["message"] == "volume ready")
     }
 
-    /// The guest's uptime (kernel timestamp, seconds) at cps-attach's first log line and at its
-    /// "volume ready" line: the copies of cloud-init's output in the kernel log carry it.
-    pub fn attach_uptimes(&self) -> Option<(f64, f64)> {
-        let console = self.vm.console();
-        let mut stamped: Vec<(f64, &str)> = Vec::new();
-        for line in console.lines() {
-            let Some((secs, rest)) = line.strip_prefix('[').and_then(|r| r.split_once(']')) else {
-                continue;
-            };
-            if let (Ok(secs), Some(i)) = (secs.trim().parse::<f64>(), rest.find("{\"timestamp\"")) {
-                stamped.push((secs, &rest[i..]));
-            }
-        }
-        let first = stamped.first()?.0;
-        let ready = stamped
-            .iter()
-            .find(|(_, l)| l.contains("\"volume ready\""))?
-            .0;
-        Some((first, ready))
+    /// cps-attach's log lines with the guest's uptime (seconds) at each: the copies of
+    /// cloud-init's output in the kernel log carry its timestamp.
+    pub fn attach_uptimes(&self) -> Vec<(f64, Value)> {
+        self.vm
+            .console()
+            .lines()
+            .filter_map(|line| {
+                let (secs, rest) = line.strip_prefix('[')?.split_once(']')?;
+                let json = &rest[rest.find("{\"timestamp\"")?..];
+                Some((secs.trim().parse().ok()?, serde_json::from_str(json).ok()?))
+            })
+            .collect()
+    }
+
+    /// The guest's uptime at cps-attach's first line with `message`.
+    pub fn uptime_of(&self, message: &str) -> Option<f64> {
+        self.attach_uptimes()
+            .into_iter()
+            .find(|(_, l)| l["message"] == message)
+            .map(|(t, _)| t)
     }
 
     /// The data service's lines ("cps-bench-app: wrote …") on the console.
@@ -690,9 +715,11 @@ impl crate::Bench {
     }
 
     /// Shuts a guest down as EC2 does before it terminates or stops an instance: a clean ACPI
-    /// power-off (bounded, then by force). Its volumes and interfaces go with it; nothing is
-    /// unplugged from under a running guest's mounted filesystem. The emulator's side (terminate,
-    /// or terminate in the group for a replacement) is the caller's next step.
+    /// power-off (bounded, then by force). Its volumes and interfaces go with it, not unplugged
+    /// from under its mounted filesystem. The emulator's side (terminate, or terminate in the
+    /// group for a replacement) is the caller's next step. (A termination the emulator makes on
+    /// its own, such as a lifecycle hook's ABANDON, is not watched for: there the guest, still
+    /// running, sees its devices unplugged.)
     pub fn power_off_guest(&self, guest: &Guest) -> io::Result<()> {
         self.udev().remove_vm(&guest.id);
         tokio::task::block_in_place(|| guest.vm.power_off(Duration::from_secs(120)))

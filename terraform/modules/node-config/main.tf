@@ -128,7 +128,7 @@ locals {
           owner  = var.data_volume.mount_path_owner_user
           group  = var.data_volume.mount_path_owner_group
           # User data runs once per instance: after a reboot only fstab mounts the volume
-          # again, before the services that keep their data there (nofail, by UUID).
+          # again (nofail, by UUID).
           persist = "fstab"
         },
         length(var.data_volume.mount_params) > 0 ? { options = var.data_volume.mount_params } : {},
