@@ -1,6 +1,7 @@
 //! The local bench on which cps is proven without an AWS account: the AWS emulator (moto with
 //! a patch layer for the AWS behaviour it lacks), one fake IMDS per simulated instance, and a
-//! udev stand-in that turns EBS attachments into loop devices. Used by the end-to-end tests,
+//! udev stand-in that turns EBS attachments into loop devices (or, for a guest of the VM tier,
+//! `vm`, into NVMe hot-plug). Used by the end-to-end tests,
 //! the demo (`cps-testbed demo`) and the benchmarks (`cps-testbed bench`).
 
 mod cluster;
