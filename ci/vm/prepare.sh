@@ -1,8 +1,9 @@
 # Sourced by ci/vm/run and ci/demo --vm: what a guest needs before it boots.
 #   vm_tools            QEMU (at least 10.0.2, from bookworm-backports), socat and mmdebstrap
 #   vm_inputs BIN DIR   cps-attach BIN stripped to DIR/cps-attach (what the guests download) and
-#                       the node's user data rendered by the Terraform module to DIR/user-data;
-#                       exports CPS_VM_ATTACH and CPS_VM_USER_DATA for the bench
+#                       the node's user data rendered by the Terraform module to DIR/user-data
+#                       (ext4, the module's default) and DIR/user-data-xfs; exports CPS_VM_ATTACH,
+#                       CPS_VM_USER_DATA and CPS_VM_USER_DATA_XFS for the bench
 # The guest image itself is built (or found) by ci/vm/image, which the bench runs.
 
 # QEMU from bookworm-backports, at least 10.0.2 (proven with 1:10.0.2+ds-2+deb13u1~bpo12+1): its
@@ -45,9 +46,13 @@ vm_inputs() {
     export TF_DATA_DIR="$dir/tf"
     tf() { terraform -chdir=terraform/tests/vm "$@" -no-color; }
     tf init -backend=false -input=false >/dev/null
-    tf apply -auto-approve -input=false -state="$dir/vm.tfstate" \
-      -var "cps_attach_url=http://169.254.170.3/cps-attach" -var "cps_attach_sha256=$sha256" >/dev/null
-    tf output -state="$dir/vm.tfstate" -raw user_data >"$dir/user-data"
+    for fs in ext4 xfs; do
+      tf apply -auto-approve -input=false -state="$dir/vm-$fs.tfstate" -var "file_system_type=$fs" \
+        -var "cps_attach_url=http://169.254.170.3/cps-attach" -var "cps_attach_sha256=$sha256" >/dev/null
+      tf output -state="$dir/vm-$fs.tfstate" -raw user_data >"$dir/user-data-$fs"
+    done
+    mv "$dir/user-data-ext4" "$dir/user-data"
   )
-  export CPS_VM_ATTACH="$dir/cps-attach" CPS_VM_USER_DATA="$dir/user-data"
+  export CPS_VM_ATTACH="$dir/cps-attach" CPS_VM_USER_DATA="$dir/user-data" \
+    CPS_VM_USER_DATA_XFS="$dir/user-data-xfs"
 }

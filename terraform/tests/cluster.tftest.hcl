@@ -108,9 +108,16 @@ run "apply_three_nodes" {
     error_message = "each node's user data names its node id"
   }
   assert {
-    # User data runs once per instance; after a reboot only fstab mounts the volume again.
+    # fstab mounts the volume at a reboot before the data service starts; the boot script
+    # checks it again after.
     condition     = alltrue([for id, ud in output.node_user_data : strcontains(ud, "\"persist\": \"fstab\"")])
     error_message = "each node's volume is persisted in fstab"
+  }
+  assert {
+    # User data runs once per instance: cps-attach runs from a per-boot script, at every boot,
+    # so a boot cut off half-way is finished by the next one.
+    condition     = alltrue([for id, ud in output.node_user_data : strcontains(ud, "boot=/var/lib/cloud/scripts/per-boot/cps-attach.sh\n") && endswith(ud, "mv -f \"$boot.partial\" \"$boot\"\nexec \"$boot\"\n")])
+    error_message = "the user data installs the per-boot script and runs it"
   }
   assert {
     # tests/iam-actions.txt is also checked against the README's IAM section (ci/terraform/run).
@@ -209,7 +216,12 @@ run "a_release_download_is_verified_before_it_runs" {
   }
   assert {
     # In this order: download, verify, install, run — nothing runs before the checksum matched.
-    condition     = alltrue([for id, ud in output.node_user_data : can(regex("(?s)curl -fsSL --retry 3 -o \"\\$tmp\" 'https://github.com/cps-project/cps/releases/download/v0.1.0/cps-attach-0.1.0-x86_64-linux'.*sha256sum -c -\\ninstall -m 0755 \"\\$tmp\" /usr/local/bin/cps-attach\\n.*exec /usr/local/bin/cps-attach ", ud))])
+    condition     = alltrue([for id, ud in output.node_user_data : can(regex("(?s)curl -fsSL --retry 3 -o \"\\$tmp\" 'https://github.com/cps-project/cps/releases/download/v0.1.0/cps-attach-0.1.0-x86_64-linux'.*sha256sum -c -\\n  install -m 0755 \"\\$tmp\" /usr/local/bin/cps-attach\\n.*exec /usr/local/bin/cps-attach ", ud))])
     error_message = "the user data downloads the release, verifies it, installs it, then runs it"
+  }
+  assert {
+    # At a later boot the binary is there: verified again before it is trusted, else fetched.
+    condition     = alltrue([for id, ud in output.node_user_data : strcontains(ud, "if ! echo '3f2b7c1d9e8a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c  /usr/local/bin/cps-attach' | sha256sum -c --status - 2>/dev/null; then\n")])
+    error_message = "the boot script checks the installed binary's SHA-256 before it runs it"
   }
 }

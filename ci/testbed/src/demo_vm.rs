@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cps_provider::Tags;
-use cps_testbed::vm::{Guest, GuestImage};
+use cps_testbed::vm::{Disks, Guest, GuestImage};
 use cps_testbed::{Bench, BenchOptions};
 
 use crate::demo::{say, show, step};
@@ -28,7 +28,9 @@ async fn boot(bench: &Bench, image: &GuestImage, id: &str) -> io::Result<Guest> 
     let user_data = std::fs::read(input("CPS_VM_USER_DATA")?)?;
     let files = BTreeMap::from([("/cps-attach".to_owned(), input("CPS_VM_ATTACH")?)]);
     let started = Instant::now();
-    let guest = bench.boot_guest(image, id, Some(user_data), files).await?;
+    let guest = bench
+        .boot_guest(image, id, Some(user_data), files, Disks::Nvme)
+        .await?;
     say(&format!(
         "guest {id} started; its console is {}",
         bench
@@ -124,7 +126,7 @@ pub async fn run() -> io::Result<()> {
 
     step(
         4,
-        "A reboots (Ctrl-Alt-Del at its console): user data does not run again, fstab mounts the volume",
+        "A reboots (Ctrl-Alt-Del at its console): fstab mounts the volume, the module's per-boot script runs cps-attach again",
     );
     ga.vm.reboot()?;
     app_line(&ga, 2)?;

@@ -18,8 +18,9 @@
 //! size. The image of a volume that is no longer listed (deleted) is removed.
 //!
 //! An instance played by a real guest (the VM tier, [`crate::vm`]) is added with
-//! [`FakeUdev::add_vm`]: its volumes are hot-plugged into the guest as NVMe controllers backed by
-//! the same image files, and its kernel and udev do the rest.
+//! [`FakeUdev::add_vm`]: its volumes are hot-plugged into the guest as NVMe controllers (or a Xen
+//! guest's disks) backed by the same image files, and grown under it when a modification takes
+//! effect; its kernel and udev do the rest.
 //!
 //! Network interfaces likewise: a secondary ENI attached to an instance appears under its sysfs
 //! root as `class/net/eth<index>/address` holding the ENI's MAC, and disappears on detach.
@@ -62,6 +63,8 @@ struct State {
     /// Guests of the VM tier by instance id, and the volumes plugged into them (→ instance).
     vms: BTreeMap<String, Arc<crate::vm::Vm>>,
     plugged: BTreeMap<String, String>,
+    /// The size each plugged volume's device has in its guest (GiB).
+    plugged_sizes: BTreeMap<String, i32>,
     plugged_nics: BTreeMap<String, String>,
     /// Per volume, for the VM tier: a longer delay before its hot-plug, and a volume that must be
     /// plugged in before it is (to plug two in the opposite order of their attach calls).
@@ -225,6 +228,7 @@ async fn tick(
     let Listing {
         mut attached,
         all: listed,
+        devices,
     } = list_volumes(ec2).await?;
     let modifying = modifying_volumes(ec2).await?;
 
@@ -341,21 +345,28 @@ async fn tick(
             Err(e) => st.errors.push(format!("backing {vol}: {e}")),
         }
     }
-    plug_into_guests(&mut st, &attached_vms, &listed, storage, now, appear_after);
+    let listing = Listing {
+        attached: attached_vms,
+        all: listed,
+        devices,
+    };
+    plug_into_guests(&mut st, &listing, storage, now, appear_after);
     plug_nics_into_guests(&mut st, &nics);
     Ok(())
 }
 
-/// The VM tier's half of a tick: a volume attached to a guest is plugged into it once it has been
-/// attached for `appear_after`; one no longer attached there is unplugged (the guest must let go).
+/// The VM tier's half of a tick (`listing.attached`: the guests' volumes): a volume attached to a
+/// guest is plugged into it once it has been attached for `appear_after`; one no longer attached
+/// there is unplugged (the guest must let go); a plugged one whose modification took effect grows
+/// under the running guest.
 fn plug_into_guests(
     st: &mut State,
-    attached: &BTreeMap<String, (String, i32)>,
-    listed: &BTreeMap<String, Option<String>>,
+    listing: &Listing,
     storage: &Path,
     now: Instant,
     appear_after: Duration,
 ) {
+    let (attached, listed) = (&listing.attached, &listing.all);
     let stale: Vec<(String, String)> = st
         .plugged
         .iter()
@@ -375,12 +386,14 @@ fn plug_into_guests(
             }
         }
         st.plugged.remove(&vol);
+        st.plugged_sizes.remove(&vol);
     }
     for (vol, (instance, size_gib)) in attached {
         let Some(vm) = st.vms.get(instance).cloned() else {
             continue;
         };
         if st.plugged.contains_key(vol) {
+            grow_in_guest(st, &vm, vol, *size_gib, storage);
             continue;
         }
         let first = *st
@@ -396,17 +409,41 @@ fn plug_into_guests(
             continue;
         }
         let snapshot = listed.get(vol).cloned().flatten();
+        let device = listing.devices.get(vol).map_or("", String::as_str);
         match volume_image(vol, *size_gib, snapshot.as_deref(), storage)
-            .and_then(|image| vm.plug(vol, &image))
+            .and_then(|image| vm.plug(vol, device, &image))
         {
             Ok(()) => {
                 st.events.push(format!("plugged {vol} into {instance}"));
                 st.plugged.insert(vol.clone(), instance.clone());
+                st.plugged_sizes.insert(vol.clone(), *size_gib);
             }
             Err(e) => st
                 .errors
                 .push(format!("plugging {vol} into {instance}: {e}")),
         }
+    }
+}
+
+/// Grows a plugged volume's image and its device in the guest when the volume is now larger. The
+/// size is recorded before QEMU is asked, so a refusal (an NVMe namespace) is reported once.
+fn grow_in_guest(st: &mut State, vm: &crate::vm::Vm, vol: &str, size_gib: i32, storage: &Path) {
+    let Some(from) = st.plugged_sizes.get(vol).copied() else {
+        return;
+    };
+    if size_gib <= from {
+        return;
+    }
+    st.plugged_sizes.insert(vol.to_owned(), size_gib);
+    let image = storage.join(format!("{vol}.img"));
+    match extend_image(&image, size_gib).and_then(|()| vm.resize(vol, bytes(size_gib))) {
+        Ok(()) => st.events.push(format!(
+            "grew {vol} in {} from {from} to {size_gib} GiB",
+            vm.instance_id
+        )),
+        Err(e) => st
+            .errors
+            .push(format!("growing {vol} in {}: {e}", vm.instance_id)),
     }
 }
 
@@ -459,12 +496,15 @@ struct Listing {
     attached: BTreeMap<String, (String, i32)>,
     /// Every volume listed, with the snapshot it was created from.
     all: BTreeMap<String, Option<String>>,
+    /// Attached volumes' device names (`/dev/sdf`).
+    devices: BTreeMap<String, String>,
 }
 
 async fn list_volumes(ec2: &aws_sdk_ec2::Client) -> Result<Listing, String> {
     let mut listing = Listing {
         attached: BTreeMap::new(),
         all: BTreeMap::new(),
+        devices: BTreeMap::new(),
     };
     let mut token = None;
     for _ in 0..1000 {
@@ -488,6 +528,7 @@ async fn list_volumes(ec2: &aws_sdk_ec2::Client) -> Result<Listing, String> {
                 let device = a.device().unwrap_or_default();
                 let is_attached = a.state().map(|s| s.as_str()) == Some("attached");
                 if is_attached && !ROOT_DEVICES.contains(&device) {
+                    listing.devices.insert(id.clone(), device.to_owned());
                     listing.attached.insert(
                         id.clone(),
                         (

@@ -10,6 +10,13 @@
 //! port, backed by the volume's image file (the same file the host tier's loop devices use, so
 //! its bytes outlive the guest); a detach is `device_del`, done when the guest's pciehp has let
 //! go (QEMU's `DEVICE_DELETED` event).
+//!
+//! A guest may play a Xen instance's disks instead ([`Disks::Xen`]): QEMU cannot resize an NVMe
+//! namespace, and a virtio disk it can, so the grow scenario's volumes are virtio disks whose
+//! serial is the attachment's `xvd…` name (the image's udev rule links `/dev/xvdf` to it, as
+//! Xen's blkfront would name it). A modification that took effect grows the disk under the
+//! running guest (`block_resize`). The bench runs commands in a guest through QEMU's guest agent
+//! ([`Vm::exec`]), as an operator would through SSM Run Command.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -79,9 +86,28 @@ pub struct Forwards {
     pub files: u16,
 }
 
+/// How a guest's volumes appear to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disks {
+    /// As on a Nitro instance: an NVMe controller whose serial is the volume id.
+    Nvme,
+    /// As on a Xen instance: a disk named after the attachment's device (`/dev/xvdf`), with no
+    /// serial to check. Played by virtio disks, which QEMU can grow under a running guest.
+    Xen,
+}
+
+/// What a command run in a guest did.
+#[derive(Clone, Debug)]
+pub struct Exec {
+    pub code: i64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 /// One running guest.
 pub struct Vm {
     pub instance_id: String,
+    pub disks: Disks,
     dir: PathBuf,
     child: Mutex<Option<Child>>,
     qmp: Mutex<Qmp>,
@@ -97,6 +123,7 @@ impl Vm {
         instance_id: &str,
         dir: &Path,
         forwards: Forwards,
+        disks: Disks,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let overlay = dir.join("root.qcow2");
@@ -116,6 +143,8 @@ impl Vm {
         )?;
         let qmp_path = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&qmp_path);
+        let qga_path = dir.join("qga.sock");
+        let _ = std::fs::remove_file(&qga_path);
         let console = dir.join("console.log");
         let fwd = |guest: &str, port: u16| {
             format!("guestfwd=tcp:{guest}-cmd:socat - TCP:127.0.0.1:{port}")
@@ -163,6 +192,17 @@ impl Vm {
                 &format!("pcie-root-port,id=rp{port},bus=pcie.0,chassis={port},slot={port}"),
             ]);
         }
+        // QEMU's guest agent, on its well-known virtio port.
+        cmd.args(["-device", "virtio-serial-pci,id=serial0"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                qga_path.to_string_lossy()
+            ))
+            .args([
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]);
         cmd.arg("-qmp")
             .arg(format!(
                 "unix:{},server=on,wait=off",
@@ -187,6 +227,7 @@ impl Vm {
         };
         Ok(Self {
             instance_id: instance_id.to_owned(),
+            disks,
             dir: dir.to_owned(),
             child: Mutex::new(Some(child)),
             qmp: Mutex::new(qmp),
@@ -266,10 +307,18 @@ impl Vm {
         self.hot_unplug(eni_id, undo, timeout)
     }
 
-    /// Hot-plugs `volume_id` as an NVMe controller backed by `image`, its serial the volume id
-    /// without its dash.
-    pub fn plug(&self, volume_id: &str, image: &Path) -> io::Result<()> {
+    /// Hot-plugs `volume_id`, attached under `device` (`/dev/sdf`), backed by `image`: an NVMe
+    /// controller whose serial is the volume id without its dash, or (a Xen guest) a virtio disk
+    /// whose serial is the `xvd…` name Xen would give it.
+    pub fn plug(&self, volume_id: &str, device: &str, image: &Path) -> io::Result<()> {
         let node = node_name(volume_id);
+        let disk = match self.disks {
+            Disks::Nvme => {
+                json!({"driver": "nvme", "drive": node, "serial": volume_id.replace('-', "")})
+            }
+            Disks::Xen => json!({"driver": "virtio-blk-pci", "drive": node,
+                                 "serial": xen_name(device)}),
+        };
         self.hotplug(
             volume_id,
             (
@@ -278,8 +327,61 @@ impl Vm {
                        "file": {"driver": "file", "filename": image.to_string_lossy()}}),
             ),
             ("blockdev-del", json!({"node-name": node})),
-            json!({"driver": "nvme", "drive": node, "serial": volume_id.replace('-', "")}),
+            disk,
         )
+    }
+
+    /// Grows `volume_id`'s device under the running guest to `bytes`, as EBS does once a
+    /// modification takes effect. QEMU refuses for an NVMe namespace ([`Disks::Xen`] can).
+    pub fn resize(&self, volume_id: &str, bytes: u64) -> io::Result<()> {
+        lock(&self.qmp)
+            .execute(
+                "block_resize",
+                json!({"node-name": node_name(volume_id), "size": bytes}),
+            )
+            .map(drop)
+    }
+
+    /// Runs `argv` in the guest through its agent, with the agent's environment (systemd's
+    /// default one), and waits (bounded) for it to exit.
+    pub fn exec(&self, argv: &[&str], timeout: Duration) -> io::Result<Exec> {
+        let (path, args) = argv
+            .split_first()
+            .ok_or_else(|| io::Error::other("nothing to run"))?;
+        let deadline = Instant::now() + timeout;
+        let mut qga = Qga::connect(&self.dir.join("qga.sock"), deadline)?;
+        let pid = qga.execute(
+            "guest-exec",
+            json!({"path": path, "arg": args, "capture-output": true}),
+            deadline,
+        )?["pid"]
+            .as_i64()
+            .ok_or_else(|| io::Error::other("guest-exec gave no pid"))?;
+        loop {
+            let status = qga.execute("guest-exec-status", json!({ "pid": pid }), deadline)?;
+            if status["exited"] == true {
+                let text = |key: &str| {
+                    use base64::Engine as _;
+                    let data = status[key].as_str().unwrap_or_default();
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .unwrap_or_default();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                };
+                return Ok(Exec {
+                    code: status["exitcode"].as_i64().unwrap_or(-1),
+                    stdout: text("out-data"),
+                    stderr: text("err-data"),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "{argv:?} still running in {} after {timeout:?}",
+                    self.instance_id
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Unplugs `volume_id`: asks the guest to let the controller go and waits (bounded) until
@@ -432,6 +534,15 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
+/// The name a Xen instance gives a volume attached under `device`: `/dev/sdf` → `xvdf`.
+fn xen_name(device: &str) -> String {
+    let base = device.rsplit('/').next().unwrap_or(device);
+    match base.strip_prefix("sd") {
+        Some(rest) => format!("xvd{rest}"),
+        None => base.to_owned(),
+    }
+}
+
 /// SMBIOS system UUID and serial as EC2's: both start with "ec2", which cloud-init's
 /// ds-identify reads as Amazon. Derived from the instance id, so stable per instance.
 fn smbios_ids(instance_id: &str) -> (String, String) {
@@ -556,6 +667,86 @@ impl Qmp {
     }
 }
 
+/// A connection to QEMU's guest agent. The agent may not be running yet (the guest is booting)
+/// or may hold replies to an earlier client, so each connection first syncs: `guest-sync` with a
+/// fresh id, repeated until that id comes back.
+struct Qga {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Qga {
+    fn connect(path: &Path, deadline: Instant) -> io::Result<Self> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut qga = Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        };
+        let id = std::process::id() as u64 * 1_000_000 + u64::from(rand_u16());
+        while Instant::now() < deadline {
+            writeln!(
+                qga.writer,
+                "{}",
+                json!({"execute": "guest-sync", "arguments": {"id": id}})
+            )?;
+            match qga.read_until(deadline.min(Instant::now() + Duration::from_secs(5))) {
+                Ok(v) if v["return"] == id => return Ok(qga),
+                Ok(_) | Err(_) => continue,
+            }
+        }
+        Err(io::Error::other(format!(
+            "the guest agent at {} never answered",
+            path.display()
+        )))
+    }
+
+    /// The next reply (a line with `return` or `error`), read until `until`.
+    fn read_until(&mut self, until: Instant) -> io::Result<Value> {
+        let mut line = String::new();
+        while Instant::now() < until {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return Err(io::Error::other("the guest agent closed")),
+                Ok(_) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(line.trim()) {
+                        return Ok(v);
+                    }
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("no reply from the guest agent"))
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value, deadline: Instant) -> io::Result<Value> {
+        writeln!(
+            self.writer,
+            "{}",
+            json!({"execute": command, "arguments": arguments})
+        )?;
+        let v = self.read_until(deadline)?;
+        if let Some(r) = v.get("return") {
+            return Ok(r.clone());
+        }
+        Err(io::Error::other(format!(
+            "guest agent {command}: {}",
+            v["error"]
+        )))
+    }
+}
+
+/// A little randomness for the agent's sync ids, from the clock.
+fn rand_u16() -> u16 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u16)
+        .unwrap_or(0)
+}
+
 /// Serves files to the guests over plain HTTP on 127.0.0.1 (forwarded to [`GUEST_FILES`]): what
 /// user data downloads, as it would from a release.
 pub struct FileServer {
@@ -677,6 +868,7 @@ impl crate::Bench {
         id: &str,
         user_data: Option<Vec<u8>>,
         files: BTreeMap<String, PathBuf>,
+        disks: Disks,
     ) -> io::Result<Guest> {
         let zone = self.zone_of(id).await?;
         let imds = crate::FakeImds::start_with(
@@ -702,7 +894,7 @@ impl crate::Bench {
         };
         let dir = self.dir().join("guests").join(id);
         let vm = Arc::new(tokio::task::block_in_place(|| {
-            Vm::boot(image, id, &dir, forwards)
+            Vm::boot(image, id, &dir, forwards, disks)
         })?);
         self.udev().add_vm(vm.clone());
         Ok(Guest {
