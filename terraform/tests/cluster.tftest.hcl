@@ -116,7 +116,7 @@ run "apply_three_nodes" {
   assert {
     # User data runs once per instance: cps-attach runs from a per-boot script, at every boot,
     # so a boot cut off half-way is finished by the next one.
-    condition     = alltrue([for id, ud in output.node_user_data : strcontains(ud, "boot=/var/lib/cloud/scripts/per-boot/cps-attach.sh\n") && endswith(ud, "mv -f \"$boot.partial\" \"$boot\"\nexec \"$boot\"\n")])
+    condition     = alltrue([for id, ud in output.node_user_data : strcontains(ud, "boot=/var/lib/cloud/scripts/per-boot/cps-attach.sh\n") && strcontains(ud, "mv -f \"$boot.partial\" \"$boot\"\n") && endswith(ud, "\nsync\nexec \"$boot\"\n")])
     error_message = "the user data installs the per-boot script and runs it"
   }
   assert {
