@@ -345,12 +345,12 @@ async fn tick(
             Err(e) => st.errors.push(format!("backing {vol}: {e}")),
         }
     }
-    let listing = Listing {
+    let guests = Listing {
         attached: attached_vms,
         all: listed,
         devices,
     };
-    plug_into_guests(&mut st, &listing, storage, now, appear_after);
+    plug_into_guests(&mut st, &guests, storage, now, appear_after);
     plug_nics_into_guests(&mut st, &nics);
     Ok(())
 }

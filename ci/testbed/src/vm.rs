@@ -107,7 +107,7 @@ pub struct Exec {
 /// One running guest.
 pub struct Vm {
     pub instance_id: String,
-    pub disks: Disks,
+    disks: Disks,
     dir: PathBuf,
     child: Mutex<Option<Child>>,
     qmp: Mutex<Qmp>,
@@ -317,7 +317,7 @@ impl Vm {
                 json!({"driver": "nvme", "drive": node, "serial": volume_id.replace('-', "")})
             }
             Disks::Xen => json!({"driver": "virtio-blk-pci", "drive": node,
-                                 "serial": xen_name(device)}),
+                                 "serial": cps_blockdev::xen_names(device)[0]}),
         };
         self.hotplug(
             volume_id,
@@ -534,15 +534,6 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
-/// The name a Xen instance gives a volume attached under `device`: `/dev/sdf` → `xvdf`.
-fn xen_name(device: &str) -> String {
-    let base = device.rsplit('/').next().unwrap_or(device);
-    match base.strip_prefix("sd") {
-        Some(rest) => format!("xvd{rest}"),
-        None => base.to_owned(),
-    }
-}
-
 /// SMBIOS system UUID and serial as EC2's: both start with "ec2", which cloud-init's
 /// ds-identify reads as Amazon. Derived from the instance id, so stable per instance.
 fn smbios_ids(instance_id: &str) -> (String, String) {
@@ -683,7 +674,9 @@ impl Qga {
             writer: stream.try_clone()?,
             reader: BufReader::new(stream),
         };
-        let id = std::process::id() as u64 * 1_000_000 + u64::from(rand_u16());
+        // Fresh per connection, so a reply left over from an earlier client is never taken.
+        static SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         while Instant::now() < deadline {
             writeln!(
                 qga.writer,
@@ -737,14 +730,6 @@ impl Qga {
             v["error"]
         )))
     }
-}
-
-/// A little randomness for the agent's sync ids, from the clock.
-fn rand_u16() -> u16 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u16)
-        .unwrap_or(0)
 }
 
 /// Serves files to the guests over plain HTTP on 127.0.0.1 (forwarded to [`GUEST_FILES`]): what

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 pub use error::Error;
 pub use files::{write_atomically, write_if_changed};
 pub use fstab::FstabEntry;
-pub use locate::{Lookup, Verification, Wanted, nvme_link_name};
+pub use locate::{Lookup, Verification, Wanted, nvme_link_name, xen_names};
 pub use mkfs::{FormatGrant, FsType, MkfsSpec, left_by_mkfs, new_uuid};
 pub use mount::{
     MountInfo, MountState, Ownership, resolve_ownership, set_ownership, split_mount_options,

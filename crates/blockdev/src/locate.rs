@@ -74,8 +74,9 @@ pub(crate) fn locate(
     Ok(Lookup::NotYet(reasons.join("; ")))
 }
 
+/// The names a Xen instance may give a volume attached under `requested`, its own first:
 /// `/dev/sdf` → [`xvdf`, `sdf`]; `/dev/xvdf` → [`xvdf`, `sdf`]; anything else → [its name].
-fn xen_names(requested: &str) -> Vec<String> {
+pub fn xen_names(requested: &str) -> Vec<String> {
     let base = requested.rsplit('/').next().unwrap_or(requested);
     if let Some(rest) = base.strip_prefix("xvd") {
         vec![base.to_owned(), format!("sd{rest}")]
