@@ -222,19 +222,56 @@ def _setup_defaults(self):
 
 Instance.setup_defaults = _setup_defaults
 
+# --- Guests: instances played by real guests let go of their devices themselves -------------
+# The bench registers an instance it plays as a guest (POST /cps/guests). A detach from it then
+# stays `detaching`, and its termination `shutting-down` with its volumes attached, until the
+# bench says the guest has let go or is off (POST /cps/guests/release) — on AWS a detach
+# completes only once the instance's OS has released the device. No timer ends a hold: a guest
+# that never lets go leaves the volume `detaching`, as on AWS. Unregistering an instance (its
+# guest is gone) ends every hold it has.
+GUESTS = set()
+# ("volume", volume id) or ("instance", instance id) → (instance id, the step that completes it)
+HELD = {}
+
+
+def _set_guest(instance_id, guest):
+    if guest:
+        GUESTS.add(instance_id)
+        return
+    GUESTS.discard(instance_id)
+    # Detaches before the termination: a termination detaches what is still attached.
+    for key in sorted((k for k, v in HELD.items() if v[0] == instance_id), key=lambda k: k[0] != "volume"):
+        HELD.pop(key)[1]()
+
+
+def _release(doc):
+    """Completes one held detach ({"volume_id"}) or termination ({"instance_id"}); False if
+    none is held."""
+    key = ("volume", doc["volume_id"]) if "volume_id" in doc else ("instance", doc.get("instance_id"))
+    held = HELD.pop(key, None)
+    if held is None:
+        return False
+    held[1]()
+    return True
+
+
 _plain_detach_volume = EBSBackend.detach_volume
 
 
 def _detach_volume(self, volume_id, instance_id, device_path):
-    """AWS detaches over seconds (`detaching`, volume still in-use); termination too."""
+    """AWS detaches over seconds (`detaching`, volume still in-use); termination too. A guest's
+    detach waits for the guest (above)."""
     with LOCK:
         volume = self.get_volume(volume_id)
         attachment = volume.attachment
         instance = self.get_instance(instance_id)
         mapping = instance.block_device_mapping.get(device_path or getattr(attachment, "device", ""))
         root = mapping is not None and mapping.delete_on_termination
-        if Timing.detach_delay <= 0 or attachment is None or root:
+        guest = instance.id in GUESTS
+        if (Timing.detach_delay <= 0 and not guest) or attachment is None or root:
             return _plain_detach_volume(self, volume_id, instance_id, device_path)
+        if attachment.status == "detaching":
+            return attachment
         attachment.status = "detaching"
 
     def finish():
@@ -242,6 +279,10 @@ def _detach_volume(self, volume_id, instance_id, device_path):
             if volume.attachment is attachment:
                 _plain_detach_volume(self, volume_id, instance_id, device_path)
 
+    if guest:
+        with LOCK:
+            HELD[("volume", volume_id)] = (instance.id, finish)
+        return attachment
     timer = threading.Timer(Timing.detach_delay, finish)
     timer.daemon = True
     timer.start()
@@ -264,8 +305,10 @@ def _terminate_now(self):
 
 
 def _terminate(self):
-    """AWS shows a terminated instance `shutting-down` (volumes attached) before it is gone."""
-    if Timing.shutdown_delay <= 0:
+    """AWS shows a terminated instance `shutting-down` (volumes attached) before it is gone. A
+    guest's stays so until the bench has powered the guest off (above)."""
+    guest = self.id in GUESTS
+    if Timing.shutdown_delay <= 0 and not guest:
         return _terminate_now(self)
     with LOCK:
         if getattr(self, "_cps_terminating", False) or self._state.name == "terminated":
@@ -277,8 +320,13 @@ def _terminate(self):
 
     def finish():
         with LOCK:
-            _terminate_now(self)
+            if self._state.name != "terminated":
+                _terminate_now(self)
 
+    if guest:
+        with LOCK:
+            HELD[("instance", self.id)] = (self.id, finish)
+        return previous
     timer = threading.Timer(Timing.shutdown_delay, finish)
     timer.daemon = True
     timer.start()
@@ -1457,7 +1505,9 @@ def with_policy_api(app):
     """Adds the control paths to the emulator: POST /cps/node-policy (set it), GET
     /cps/node-policy (the actions it denied so far, in order), POST /cps/settings, POST
     /cps/modifications/age {"seconds": S, "volume_id": V?, "states": B?}, POST /cps/modifications/fail
-    {"volume_id": V, "message": M?} and POST /cps/faults {"service", "action", "code", "times"}."""
+    {"volume_id": V, "message": M?}, POST /cps/faults {"service", "action", "code", "times"},
+    POST /cps/guests {"instance_id": I, "guest": B?} and POST /cps/guests/release
+    {"volume_id": V} or {"instance_id": I}."""
 
     def wsgi(environ, start_response):
         if environ.get("PATH_INFO") == "/cps/node-policy" and environ.get("REQUEST_METHOD") == "GET":
@@ -1475,6 +1525,18 @@ def with_policy_api(app):
                 if "image_dir" in doc:
                     Timing.image_dir = doc["image_dir"]
             start_response("204 No Content", [("Content-Length", "0")])
+            return [b""]
+        if environ.get("PATH_INFO") in ("/cps/guests", "/cps/guests/release") and environ.get("REQUEST_METHOD") == "POST":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            doc = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            with LOCK:
+                if environ["PATH_INFO"] == "/cps/guests":
+                    _set_guest(doc["instance_id"], bool(doc.get("guest", True)))
+                    done = True
+                else:
+                    done = _release(doc)
+            # 404: nothing held there, so a bench that releases what it never saw held shows.
+            start_response("204 No Content" if done else "404 Not Found", [("Content-Length", "0")])
             return [b""]
         if environ.get("PATH_INFO") == "/cps/snapshots/fail" and environ.get("REQUEST_METHOD") == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)

@@ -20,7 +20,11 @@
 //! An instance played by a real guest (the VM tier, [`crate::vm`]) is added with
 //! [`FakeUdev::add_vm`]: its volumes are hot-plugged into the guest as NVMe controllers (or a Xen
 //! guest's disks) backed by the same image files, and grown under it when a modification takes
-//! effect; its kernel and udev do the rest.
+//! effect; its kernel and udev do the rest. The emulator is told the instance is a guest, so it
+//! holds the instance's detaches in `detaching` and its termination in `shutting-down` until the
+//! guest has let go: a detach is a hot-unplug request the stand-in completes in the emulator only
+//! once QEMU reports the guest released the device (and at once for a device the guest never
+//! had); a termination powers the guest off (ACPI, bounded), then lets the emulator finish it.
 //!
 //! Network interfaces likewise: a secondary ENI attached to an instance appears under its sysfs
 //! root as `class/net/eth<index>/address` holding the ENI's MAC, and disappears on detach.
@@ -35,6 +39,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cps_blockdev::nvme_link_name;
+
+use crate::vm::Vm;
 
 /// Root devices moto creates inside RunInstances; they are not ours to back.
 const ROOT_DEVICES: [&str; 2] = ["/dev/sda1", "/dev/xvda"];
@@ -61,11 +67,13 @@ struct State {
     machines: BTreeMap<String, Machine>,
     backed: BTreeMap<String, Backed>,
     /// Guests of the VM tier by instance id, and the volumes plugged into them (→ instance).
-    vms: BTreeMap<String, Arc<crate::vm::Vm>>,
+    vms: BTreeMap<String, Arc<Vm>>,
     plugged: BTreeMap<String, String>,
     /// The size each plugged volume's device has in its guest (GiB).
     plugged_sizes: BTreeMap<String, i32>,
     plugged_nics: BTreeMap<String, String>,
+    /// Volumes and interfaces a guest was asked to let go of and has not yet.
+    letting_go: BTreeSet<String>,
     /// Per volume, for the VM tier: a longer delay before its hot-plug, and a volume that must be
     /// plugged in before it is (to plug two in the opposite order of their attach calls).
     plug_delays: BTreeMap<String, Duration>,
@@ -81,6 +89,7 @@ struct State {
 }
 
 pub struct FakeUdev {
+    endpoint: String,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -118,7 +127,11 @@ impl FakeUdev {
                         .expect("runtime");
                     let ec2 = crate::emulator::client_for(&endpoint);
                     while !stop.load(Ordering::Relaxed) {
-                        if let Err(e) = rt.block_on(tick(&ec2, &state, &storage, appear_after)) {
+                        let look = async {
+                            power_off_shutting_down(&ec2, &state, &endpoint).await?;
+                            tick(&ec2, &state, &endpoint, &storage, appear_after).await
+                        };
+                        if let Err(e) = rt.block_on(look) {
                             lock(&state).errors.push(e);
                         }
                         std::thread::sleep(TICK);
@@ -126,6 +139,7 @@ impl FakeUdev {
                 })?
         };
         Ok(Self {
+            endpoint: endpoint.to_owned(),
             state,
             stop,
             thread: Some(thread),
@@ -139,9 +153,12 @@ impl FakeUdev {
             .insert(instance_id.to_owned(), machine);
     }
 
-    /// Plays `vm`'s attachments as NVMe hot-plug into the guest.
-    pub fn add_vm(&self, vm: Arc<crate::vm::Vm>) {
+    /// Plays `vm`'s attachments as hot-plug into the guest, and tells the emulator its detaches
+    /// and termination wait for the guest.
+    pub fn add_vm(&self, vm: Arc<Vm>) -> io::Result<()> {
+        set_guest(&self.endpoint, &vm.instance_id, true)?;
         lock(&self.state).vms.insert(vm.instance_id.clone(), vm);
+        Ok(())
     }
 
     /// Delays `volume_id`'s hot-plug into a guest to `delay` after its attachment (a device that
@@ -154,12 +171,11 @@ impl FakeUdev {
         }
     }
 
-    /// Forgets a guest that is gone (powered off): nothing is unplugged from it any more.
-    pub fn remove_vm(&self, instance_id: &str) {
-        let mut st = lock(&self.state);
-        st.vms.remove(instance_id);
-        st.plugged.retain(|_, i| i != instance_id);
-        st.plugged_nics.retain(|_, i| i != instance_id);
+    /// Forgets a guest that is gone (powered off): nothing is unplugged from it any more, and
+    /// the emulator completes whatever it held for it.
+    pub fn remove_vm(&self, instance_id: &str) -> io::Result<()> {
+        forget_vm(&mut lock(&self.state), instance_id);
+        set_guest(&self.endpoint, instance_id, false)
     }
 
     /// Problems the watcher ran into (a test should see none).
@@ -193,6 +209,81 @@ impl FakeUdev {
     }
 }
 
+fn forget_vm(st: &mut State, instance_id: &str) -> Option<Arc<Vm>> {
+    let vm = st.vms.remove(instance_id)?;
+    let gone: Vec<String> = (st.plugged.iter().chain(&st.plugged_nics))
+        .filter(|(_, i)| *i == instance_id)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in gone {
+        st.plugged.remove(&id);
+        st.plugged_sizes.remove(&id);
+        st.plugged_nics.remove(&id);
+        st.letting_go.remove(&id);
+    }
+    Some(vm)
+}
+
+/// Tells the emulator whether `instance_id` is played by a guest (no longer: it completes what it
+/// held for the instance).
+fn set_guest(endpoint: &str, instance_id: &str, guest: bool) -> io::Result<()> {
+    let body = serde_json::json!({ "instance_id": instance_id, "guest": guest });
+    crate::emulator::control_at(endpoint, "POST", "/cps/guests", &body.to_string()).map(drop)
+}
+
+/// A guest whose instance the emulator shows `shutting-down` is powered off (as EC2 shuts an
+/// instance's OS down before it terminates it), then forgotten, which lets the emulator end the
+/// termination and detach its volumes — never unplugged from under its mounted filesystems.
+async fn power_off_shutting_down(
+    ec2: &aws_sdk_ec2::Client,
+    state: &Mutex<State>,
+    endpoint: &str,
+) -> Result<(), String> {
+    let guests: Vec<String> = lock(state).vms.keys().cloned().collect();
+    if guests.is_empty() {
+        return Ok(());
+    }
+    let reply = ec2
+        .describe_instances()
+        .set_instance_ids(Some(guests))
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "DescribeInstances: {}",
+                aws_sdk_ec2::error::DisplayErrorContext(&e)
+            )
+        })?;
+    let going = reply
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("shutting-down"))
+        .filter_map(|i| i.instance_id());
+    for instance in going {
+        // Forgotten first, so no tick plugs into or unplugs from the guest while it shuts down;
+        // the lock is not held through the shutdown.
+        let Some(vm) = forget_vm(&mut lock(state), instance) else {
+            continue;
+        };
+        // Blocking is fine here: this runtime runs nothing but the stand-in's looks.
+        let off = vm.power_off(Duration::from_secs(120));
+        let told = set_guest(endpoint, instance, false);
+        let mut st = lock(state);
+        match off {
+            Ok(()) => st
+                .events
+                .push(format!("powered off {instance} (shutting-down)")),
+            Err(e) => st.errors.push(format!("powering off {instance}: {e}")),
+        }
+        if let Err(e) = told {
+            st.errors
+                .push(format!("letting the emulator terminate {instance}: {e}"));
+        }
+    }
+    Ok(())
+}
+
 impl Drop for FakeUdev {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -219,6 +310,7 @@ impl Drop for FakeUdev {
 async fn tick(
     ec2: &aws_sdk_ec2::Client,
     state: &Mutex<State>,
+    endpoint: &str,
     storage: &Path,
     appear_after: Duration,
 ) -> Result<(), String> {
@@ -229,6 +321,7 @@ async fn tick(
         mut attached,
         all: listed,
         devices,
+        detaching,
     } = list_volumes(ec2).await?;
     let modifying = modifying_volumes(ec2).await?;
 
@@ -349,16 +442,18 @@ async fn tick(
         attached: attached_vms,
         all: listed,
         devices,
+        detaching,
     };
     plug_into_guests(&mut st, &guests, storage, now, appear_after);
+    release_detaches(&mut st, &guests.detaching, endpoint);
     plug_nics_into_guests(&mut st, &nics);
     Ok(())
 }
 
 /// The VM tier's half of a tick (`listing.attached`: the guests' volumes): a volume attached to a
 /// guest is plugged into it once it has been attached for `appear_after`; one no longer attached
-/// there is unplugged (the guest must let go); a plugged one whose modification took effect grows
-/// under the running guest.
+/// there (`detaching`, or gone) is unplugged — the guest is asked, and each look sees whether it
+/// has let go; a plugged one whose modification took effect grows under the running guest.
 fn plug_into_guests(
     st: &mut State,
     listing: &Listing,
@@ -374,16 +469,10 @@ fn plug_into_guests(
         .map(|(v, i)| (v.clone(), i.clone()))
         .collect();
     for (vol, instance) in stale {
-        if let Some(vm) = st.vms.get(&instance).cloned() {
-            match vm.unplug(&vol, Duration::from_secs(60)) {
-                Ok(()) => st.events.push(format!("unplugged {vol} from {instance}")),
-                // Still plugged as far as both know: the next tick tries again.
-                Err(e) => {
-                    st.errors
-                        .push(format!("unplugging {vol} from {instance}: {e}"));
-                    continue;
-                }
-            }
+        if let Some(vm) = st.vms.get(&instance).cloned()
+            && !let_go(st, &vm, &vol, Vm::unplug)
+        {
+            continue;
         }
         st.plugged.remove(&vol);
         st.plugged_sizes.remove(&vol);
@@ -425,9 +514,64 @@ fn plug_into_guests(
     }
 }
 
+/// Asks `vm` to let go of `id` (a volume, or with `Vm::unplug_nic` an interface) and looks,
+/// briefly, whether it has: true once it has. Still plugged as far as both know otherwise: the
+/// next tick looks again.
+fn let_go(
+    st: &mut State,
+    vm: &Vm,
+    id: &str,
+    unplug: fn(&Vm, &str, Duration) -> io::Result<bool>,
+) -> bool {
+    let instance = &vm.instance_id;
+    match unplug(vm, id, Duration::from_millis(20)) {
+        Ok(true) => {
+            st.letting_go.remove(id);
+            st.events.push(format!("unplugged {id} from {instance}"));
+            true
+        }
+        Ok(false) => {
+            if st.letting_go.insert(id.to_owned()) {
+                st.events
+                    .push(format!("asked {instance} to let go of {id}"));
+            }
+            false
+        }
+        Err(e) => {
+            st.errors
+                .push(format!("unplugging {id} from {instance}: {e}"));
+            false
+        }
+    }
+}
+
+/// A guest's detach the emulator holds is completed once the guest no longer has the device
+/// (it let go, or it was never plugged in).
+fn release_detaches(st: &mut State, detaching: &BTreeMap<String, String>, endpoint: &str) {
+    for (vol, instance) in detaching {
+        if !st.vms.contains_key(instance) || st.plugged.contains_key(vol) {
+            continue;
+        }
+        let body = serde_json::json!({ "volume_id": vol });
+        match crate::emulator::control_at(
+            endpoint,
+            "POST",
+            "/cps/guests/release",
+            &body.to_string(),
+        ) {
+            Ok(_) => st
+                .events
+                .push(format!("released {vol}'s detach from {instance}")),
+            Err(e) => st
+                .errors
+                .push(format!("releasing {vol}'s detach from {instance}: {e}")),
+        }
+    }
+}
+
 /// Grows a plugged volume's image and its device in the guest when the volume is now larger. The
 /// size is recorded before QEMU is asked, so a refusal (an NVMe namespace) is reported once.
-fn grow_in_guest(st: &mut State, vm: &crate::vm::Vm, vol: &str, size_gib: i32, storage: &Path) {
+fn grow_in_guest(st: &mut State, vm: &Vm, vol: &str, size_gib: i32, storage: &Path) {
     let Some(from) = st.plugged_sizes.get(vol).copied() else {
         return;
     };
@@ -456,17 +600,10 @@ fn plug_nics_into_guests(st: &mut State, nics: &BTreeMap<String, (String, i32, S
         .map(|(e, i)| (e.clone(), i.clone()))
         .collect();
     for (eni, instance) in stale {
-        if let Some(vm) = st.vms.get(&instance).cloned() {
-            match vm.unplug_nic(&eni, Duration::from_secs(60)) {
-                Ok(()) => st
-                    .events
-                    .push(format!("unplugged interface {eni} from {instance}")),
-                Err(e) => {
-                    st.errors
-                        .push(format!("unplugging {eni} from {instance}: {e}"));
-                    continue;
-                }
-            }
+        if let Some(vm) = st.vms.get(&instance).cloned()
+            && !let_go(st, &vm, &eni, Vm::unplug_nic)
+        {
+            continue;
         }
         st.plugged_nics.remove(&eni);
     }
@@ -498,6 +635,8 @@ struct Listing {
     all: BTreeMap<String, Option<String>>,
     /// Attached volumes' device names (`/dev/sdf`).
     devices: BTreeMap<String, String>,
+    /// Volumes being detached: volume → instance.
+    detaching: BTreeMap<String, String>,
 }
 
 async fn list_volumes(ec2: &aws_sdk_ec2::Client) -> Result<Listing, String> {
@@ -505,6 +644,7 @@ async fn list_volumes(ec2: &aws_sdk_ec2::Client) -> Result<Listing, String> {
         attached: BTreeMap::new(),
         all: BTreeMap::new(),
         devices: BTreeMap::new(),
+        detaching: BTreeMap::new(),
     };
     let mut token = None;
     for _ in 0..1000 {
@@ -526,7 +666,12 @@ async fn list_volumes(ec2: &aws_sdk_ec2::Client) -> Result<Listing, String> {
             listing.all.insert(id.clone(), snapshot);
             for a in v.attachments() {
                 let device = a.device().unwrap_or_default();
-                let is_attached = a.state().map(|s| s.as_str()) == Some("attached");
+                let state = a.state().map(|s| s.as_str());
+                if state == Some("detaching") && !ROOT_DEVICES.contains(&device) {
+                    let instance = a.instance_id().unwrap_or_default().to_owned();
+                    listing.detaching.insert(id.clone(), instance);
+                }
+                let is_attached = state == Some("attached");
                 if is_attached && !ROOT_DEVICES.contains(&device) {
                     listing.devices.insert(id.clone(), device.to_owned());
                     listing.attached.insert(

@@ -35,6 +35,9 @@ pub const GUEST_EMULATOR: &str = "169.254.170.2:5000";
 pub const GUEST_FILES: &str = "169.254.170.3:80";
 /// Free PCIe root ports for hot-plugged volumes and interfaces (the scenarios need three).
 const ROOT_PORTS: usize = 6;
+/// An unanswered `device_del` is sent again only after this long: a second press of a slot's
+/// attention button inside the guest's 5 s window would cancel the first.
+const ASK_AGAIN: Duration = Duration::from_secs(60);
 
 /// The guest image: kernel, initrd and root filesystem, built from Debian's packages.
 #[derive(Clone, Debug)]
@@ -113,6 +116,8 @@ pub struct Vm {
     qmp: Mutex<Qmp>,
     /// Device id (volume or interface) → the root port it is plugged into.
     plugged: Mutex<BTreeMap<String, usize>>,
+    /// Devices the guest was asked to let go of (→ when), until it has.
+    unplugging: Mutex<BTreeMap<String, Instant>>,
 }
 
 impl Vm {
@@ -232,6 +237,7 @@ impl Vm {
             child: Mutex::new(Some(child)),
             qmp: Mutex::new(qmp),
             plugged: Mutex::new(BTreeMap::new()),
+            unplugging: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -301,10 +307,10 @@ impl Vm {
         )
     }
 
-    /// Unplugs the interface `eni_id` (bounded wait for the guest to let go).
-    pub fn unplug_nic(&self, eni_id: &str, timeout: Duration) -> io::Result<()> {
+    /// Unplugs the interface `eni_id`, as [`Vm::unplug`] does a volume.
+    pub fn unplug_nic(&self, eni_id: &str, wait: Duration) -> io::Result<bool> {
         let undo = ("netdev_del", json!({"id": node_name(eni_id)}));
-        self.hot_unplug(eni_id, undo, timeout)
+        self.hot_unplug(eni_id, undo, wait)
     }
 
     /// Hot-plugs `volume_id`, attached under `device` (`/dev/sdf`), backed by `image`: an NVMe
@@ -384,11 +390,12 @@ impl Vm {
         }
     }
 
-    /// Unplugs `volume_id`: asks the guest to let the controller go and waits (bounded) until
-    /// it has, then drops the backing file.
-    pub fn unplug(&self, volume_id: &str, timeout: Duration) -> io::Result<()> {
+    /// Unplugs `volume_id`: asks the guest to let the controller go (once) and waits up to
+    /// `wait` until it has, then drops the backing file. Whether the guest has let go; if not
+    /// yet, a later call looks again.
+    pub fn unplug(&self, volume_id: &str, wait: Duration) -> io::Result<bool> {
         let undo = ("blockdev-del", json!({"node-name": node_name(volume_id)}));
-        self.hot_unplug(volume_id, undo, timeout)
+        self.hot_unplug(volume_id, undo, wait)
     }
 
     /// Plugs `aws_id`'s device into a free root port: its backend first (a QMP command), then
@@ -422,36 +429,57 @@ impl Vm {
         Ok(())
     }
 
-    /// Removes `aws_id`'s device: `device_del`, then a bounded wait for QEMU's `DEVICE_DELETED`
-    /// (the guest has let go), then its backend (`undo`).
-    fn hot_unplug(&self, aws_id: &str, undo: (&str, Value), timeout: Duration) -> io::Result<()> {
+    /// Removes `aws_id`'s device: `device_del` (sent again only after [`ASK_AGAIN`]), then up to
+    /// `wait` for QEMU's `DEVICE_DELETED` (the guest has let go), then its backend (`undo`).
+    /// Whether it is gone; the device stays recorded as plugged until it is.
+    fn hot_unplug(&self, aws_id: &str, undo: (&str, Value), wait: Duration) -> io::Result<bool> {
         let mut plugged = lock(&self.plugged);
         if !plugged.contains_key(aws_id) {
-            return Ok(());
+            return Ok(true);
         }
         let id = node_name(aws_id);
         let mut qmp = lock(&self.qmp);
-        // A retry after a wait that ran out: the guest may still be letting go (the request
-        // stands), or have let go since (QEMU has forgotten the device, or its event is kept).
-        match qmp.execute("device_del", json!({"id": id})) {
-            Err(e) if e.to_string().contains("in the process of unplug") => {}
-            Err(e) if e.to_string().contains("not found") => {
-                qmp.events.retain(|e| {
-                    !(e["event"] == "DEVICE_DELETED" && e["data"]["device"] == id.as_str())
-                });
-                qmp.execute(undo.0, undo.1)?;
-                plugged.remove(aws_id);
-                return Ok(());
+        let mut asked = lock(&self.unplugging);
+        if asked.get(aws_id).is_none_or(|at| at.elapsed() >= ASK_AGAIN) {
+            // Asked before: the guest may still be letting go (the request stands), or have let
+            // go since (QEMU has forgotten the device, or its event is kept).
+            match qmp.execute("device_del", json!({"id": id})) {
+                Err(e) if e.to_string().contains("in the process of unplug") => {}
+                Err(e) if e.to_string().contains("not found") => {
+                    qmp.events.retain(|e| {
+                        !(e["event"] == "DEVICE_DELETED" && e["data"]["device"] == id.as_str())
+                    });
+                    qmp.execute(undo.0, undo.1)?;
+                    plugged.remove(aws_id);
+                    asked.remove(aws_id);
+                    return Ok(true);
+                }
+                r => {
+                    r?;
+                }
             }
-            r => {
-                r?;
-            }
+            asked.insert(aws_id.to_owned(), Instant::now());
         }
-        // On a timeout the device stays recorded as plugged, so the caller's next look retries.
-        qmp.wait_event("DEVICE_DELETED", |d| d["device"] == id.as_str(), timeout)?;
+        if qmp
+            .wait_event("DEVICE_DELETED", |d| d["device"] == id.as_str(), wait)?
+            .is_none()
+        {
+            return Ok(false);
+        }
         qmp.execute(undo.0, undo.1)?;
         plugged.remove(aws_id);
-        Ok(())
+        asked.remove(aws_id);
+        Ok(true)
+    }
+
+    /// Pauses the guest's CPUs (QMP `stop`): it answers nothing, a hot-unplug request included,
+    /// until [`Vm::resume`].
+    pub fn pause(&self) -> io::Result<()> {
+        lock(&self.qmp).execute("stop", json!({})).map(drop)
+    }
+
+    pub fn resume(&self) -> io::Result<()> {
+        lock(&self.qmp).execute("cont", json!({})).map(drop)
     }
 
     /// Limits writes to `volume_id`'s device to `bytes_per_second` (0 lifts the limit): a slow
@@ -495,6 +523,7 @@ impl Vm {
         let clean = !self.running();
         self.kill();
         lock(&self.plugged).clear();
+        lock(&self.unplugging).clear();
         if clean {
             Ok(())
         } else {
@@ -571,6 +600,8 @@ pub fn mac_of(instance_id: &str) -> String {
 struct Qmp {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
+    /// A line a read timeout cut short: the rest follows.
+    partial: String,
     events: Vec<Value>,
 }
 
@@ -588,6 +619,7 @@ impl Qmp {
         let mut qmp = Self {
             writer: stream.try_clone()?,
             reader: BufReader::new(stream),
+            partial: String::new(),
             events: Vec::new(),
         };
         qmp.read()?; // the greeting
@@ -596,10 +628,11 @@ impl Qmp {
     }
 
     fn read(&mut self) -> io::Result<Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
+        // On a timeout `read_line` keeps in `partial` what it had read.
+        if self.reader.read_line(&mut self.partial)? == 0 {
             return Err(io::Error::other("QMP closed"));
         }
+        let line = std::mem::take(&mut self.partial);
         serde_json::from_str(&line).map_err(|e| io::Error::other(format!("QMP: {e}: {line}")))
     }
 
@@ -623,12 +656,13 @@ impl Qmp {
         )))
     }
 
+    /// The first event `name` whose data `matches`, waited for up to `timeout`; None if none came.
     fn wait_event(
         &mut self,
         name: &str,
         matches: impl Fn(&Value) -> bool,
         timeout: Duration,
-    ) -> io::Result<Value> {
+    ) -> io::Result<Option<Value>> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(i) = self
@@ -636,11 +670,11 @@ impl Qmp {
                 .iter()
                 .position(|e| e["event"] == name && matches(&e["data"]))
             {
-                return Ok(self.events.remove(i));
+                return Ok(Some(self.events.remove(i)));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::other(format!("no {name} within {timeout:?}")));
+                return Ok(None);
             }
             self.reader.get_ref().set_read_timeout(Some(left))?;
             let read = self.read();
@@ -881,7 +915,7 @@ impl crate::Bench {
         let vm = Arc::new(tokio::task::block_in_place(|| {
             Vm::boot(image, id, &dir, forwards, disks)
         })?);
-        self.udev().add_vm(vm.clone());
+        self.udev().add_vm(vm.clone())?;
         Ok(Guest {
             id: id.to_owned(),
             availability_zone: zone,
@@ -891,14 +925,34 @@ impl crate::Bench {
         })
     }
 
-    /// Shuts a guest down as EC2 does before it terminates or stops an instance: a clean ACPI
-    /// power-off (bounded, then by force). Its volumes and interfaces go with it, not unplugged
-    /// from under its mounted filesystem. The emulator's side (terminate, or terminate in the
-    /// group for a replacement) is the caller's next step. (A termination the emulator makes on
-    /// its own, such as a lifecycle hook's ABANDON, is not watched for: there the guest, still
-    /// running, sees its devices unplugged.)
+    /// Waits (bounded) until the udev stand-in has powered `guest` off for its instance's
+    /// termination (the emulator shows it `shutting-down` meanwhile).
+    pub fn wait_shut_down(&self, guest: &Guest, timeout: Duration) -> io::Result<()> {
+        let done = format!("powered off {} (shutting-down)", guest.id);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.udev().events().contains(&done) && !guest.vm.running() {
+                return Ok(());
+            }
+            if let Some(e) = self.udev().errors().iter().find(|e| e.contains(&guest.id)) {
+                return Err(io::Error::other(e.clone()));
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "{} was not shut down within {timeout:?}",
+                    guest.id
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Shuts a guest down as EC2 does before it stops an instance: a clean ACPI power-off
+    /// (bounded, then by force), its volumes and interfaces going with it, not unplugged from
+    /// under its mounted filesystem. (A termination needs no call: the udev stand-in powers off
+    /// a guest whose instance is `shutting-down`, however that came about.)
     pub fn power_off_guest(&self, guest: &Guest) -> io::Result<()> {
-        self.udev().remove_vm(&guest.id);
+        self.udev().remove_vm(&guest.id)?;
         tokio::task::block_in_place(|| guest.vm.power_off(Duration::from_secs(120)))
     }
 }

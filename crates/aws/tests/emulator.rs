@@ -12,6 +12,8 @@ use cps_provider::{
 };
 use cps_testbed::{Delays, Emulator, FakeImds, REGION, run_instance};
 
+#[path = "emulator/guests.rs"]
+mod guests;
 #[path = "emulator/snapshots.rs"]
 mod snapshots;
 

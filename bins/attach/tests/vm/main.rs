@@ -159,8 +159,11 @@ fn readies(guest: &Guest) -> Vec<serde_json::Value> {
 /// 2. A clean reboot of the same guest: fstab mounts the volume again before the data service,
 ///    and the module's per-boot script runs cps-attach again (cloud-init runs user data once per
 ///    instance, per-boot scripts at every boot): mounted once, nothing formatted.
-/// 3. The instance is terminated in its group; the new one gets the same volume (same bytes,
-///    not formatted again) and the same interface.
+/// 3. The other volume is detached while the guest runs: it stays `detaching` while the guest
+///    cannot answer, and is detached once the guest has let go (see [`a_detach_waits_for_the_guest`]).
+/// 4. The instance is terminated in its group: the emulator holds it `shutting-down` until the
+///    guest has shut down; the new one gets the same volume (same bytes, not formatted again)
+///    and the same interface.
 ///
 /// One function for the three steps (longer than a screen): each boot under emulation costs a
 /// minute or two, so the steps share their guests and each starts from the state the last left.
@@ -262,9 +265,18 @@ async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
     assert_eq!(runs[1]["formatted"], false, "{}", runs[1]);
     assert_eq!(runs[1]["volume_id"], volume.as_str(), "{}", runs[1]);
 
-    // 3. Replacement: the instance goes, the group launches another.
-    bench.power_off_guest(&g1).unwrap();
+    // 3. A detach while the guest runs.
+    a_detach_waits_for_the_guest(&bench, &g1, &other).await;
+
+    // 4. Replacement: the instance goes (its guest shut down first), the group launches another.
+    let terminated = std::time::Instant::now();
     bench.terminate_in_group(&first).await.unwrap();
+    tokio::task::block_in_place(|| bench.wait_shut_down(&g1, Duration::from_secs(300)))
+        .unwrap_or_else(|e| panic!("the terminated instance's guest: {e}"));
+    eprintln!(
+        "FIGURE termination: the guest off {:.1} s after TerminateInstanceInAutoScalingGroup",
+        terminated.elapsed().as_secs_f64()
+    );
     let second = bench
         .wait_pending("vm-1", 1, Duration::from_secs(60))
         .await
@@ -310,6 +322,19 @@ async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
         Some(second.as_str()),
         "the interface ({ip}) moved to the replacement"
     );
+    // The guest was off before its volume went anywhere: no unplug from under its filesystem.
+    let events = bench.udev().events();
+    let at = |what: &str| events.iter().position(|e| e == what);
+    let off = at(&format!("powered off {first} (shutting-down)"));
+    let plugged = at(&format!("plugged {volume} into {second}"));
+    assert!(
+        off.is_some() && off < plugged,
+        "powered off before the volume moved: {events:#?}"
+    );
+    assert!(
+        !events.contains(&format!("asked {first} to let go of {volume}")),
+        "{events:#?}"
+    );
     assert!(
         bench.udev().errors().is_empty(),
         "{:?}",
@@ -322,6 +347,93 @@ async fn a_node_boots_reboots_and_is_replaced_on_real_guests() {
         .map(|m| m.blocks())
         .unwrap_or(u64::MAX);
     assert_eq!(blocks, 0, "{other} was written to ({})", image.display());
+}
+
+/// The state of `volume_id`'s attachment as the emulator shows it (None: not attached).
+async fn attachment_state(bench: &Bench, volume_id: &str) -> Option<String> {
+    let reply = bench
+        .ec2()
+        .describe_volumes()
+        .volume_ids(volume_id)
+        .send()
+        .await
+        .unwrap();
+    let volume = &reply.volumes()[0];
+    let state = volume.attachments().first().and_then(|a| a.state());
+    state.map(|s| s.as_str().to_owned())
+}
+
+/// `other` (plugged into `guest`, not mounted) is detached while the guest is paused: the
+/// emulator holds the detach in `detaching` — the guest cannot answer the hot-unplug request —
+/// until the guest, resumed, has let the device go; then the volume is `available` and gone
+/// from the guest's `/dev/disk/by-id`, the node's own still there.
+async fn a_detach_waits_for_the_guest(bench: &Bench, guest: &Guest, other: &str) {
+    let instance = guest.id.as_str();
+    guest.vm.pause().unwrap();
+    bench
+        .ec2()
+        .detach_volume()
+        .volume_id(other)
+        .instance_id(instance)
+        .send()
+        .await
+        .unwrap();
+    let asked = format!("asked {instance} to let go of {other}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !bench.udev().events().contains(&asked) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest was never asked to let go: {:#?}",
+            bench.udev().events()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The paused guest cannot let go, however long the stand-in looks.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        attachment_state(bench, other).await.as_deref(),
+        Some("detaching"),
+        "{:#?}",
+        bench.udev().events()
+    );
+    guest.vm.resume().unwrap();
+    let resumed = std::time::Instant::now();
+    let deadline = resumed + Duration::from_secs(180);
+    while attachment_state(bench, other).await.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the detach never completed: {:#?}\nudev: {:?}",
+            bench.udev().events(),
+            bench.udev().errors()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "FIGURE detach: available {:.1} s after the paused guest resumed",
+        resumed.elapsed().as_secs_f64()
+    );
+    let events = bench.udev().events();
+    let at = |what: String| events.iter().position(|e| *e == what);
+    let (a, u, r) = (
+        at(asked.clone()),
+        at(format!("unplugged {other} from {instance}")),
+        at(format!("released {other}'s detach from {instance}")),
+    );
+    assert!(
+        a.is_some() && a < u && u < r,
+        "asked, let go, then released: {events:#?}"
+    );
+    let ids = guest
+        .vm
+        .exec(&["ls", "/dev/disk/by-id"], Duration::from_secs(60))
+        .unwrap();
+    let link = cps_blockdev::nvme_link_name;
+    assert!(!ids.stdout.contains(&link(other)), "{}", ids.stdout);
+    let node = guest
+        .ready()
+        .and_then(|r| r["volume_id"].as_str().map(str::to_owned));
+    let node = node.expect("the node's volume");
+    assert!(ids.stdout.contains(&link(&node)), "{}", ids.stdout);
 }
 
 /// The guest is reset (no shutdown) while mkfs writes the node's new volume, slowed to 256 KiB/s
