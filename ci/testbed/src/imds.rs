@@ -2,7 +2,9 @@
 //! token from `PUT /latest/api/token` (with the TTL header echoed, as the SDK requires), then
 //! `GET`s that must carry it. It answers under `latest` and under any dated API version, with
 //! directory listings, so cloud-init's EC2 data source can crawl it as on EC2 (the VM tier), and
-//! serves the instance's user data when it has some.
+//! serves the instance's user data when it has some. A guest's also serves an instance profile's
+//! credentials (`iam/security-credentials/<role>`, the emulator's unrestricted key with a session
+//! token), so the AWS SDK in the guest signs with them as on EC2.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,6 +17,8 @@ use tiny_http::{Header, Method, Response, Server};
 
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+/// The instance profile's role a guest's credentials come from.
+pub const GUEST_ROLE: &str = "cps-bench-node";
 
 /// Counts of what the fake was asked, for tests.
 #[derive(Debug, Default)]
@@ -33,14 +37,27 @@ pub struct FakeImds {
 
 impl FakeImds {
     pub fn start(identity: InstanceIdentity) -> io::Result<Self> {
-        Self::start_with(identity, None, None)
+        let tree = metadata_tree(&identity, None);
+        Self::spawn(identity, None, tree)
     }
 
-    /// As [`FakeImds::start`], for a guest: with its user data and its interface's MAC.
+    /// As [`FakeImds::start`], for a guest: with its user data, its interface's MAC, and the
+    /// credentials of an instance profile ([`GUEST_ROLE`]). (Only a guest's: the host tier's
+    /// binaries read the same endpoint, and one test proves a boot without credentials fails.)
     pub fn start_with(
         identity: InstanceIdentity,
         user_data: Option<Vec<u8>>,
         mac: Option<String>,
+    ) -> io::Result<Self> {
+        let mut tree = metadata_tree(&identity, mac.as_deref());
+        tree.extend(instance_profile(&identity));
+        Self::spawn(identity, user_data, tree)
+    }
+
+    fn spawn(
+        identity: InstanceIdentity,
+        user_data: Option<Vec<u8>>,
+        tree: BTreeMap<String, String>,
     ) -> io::Result<Self> {
         let server = Arc::new(Server::http("127.0.0.1:0").map_err(io::Error::other)?);
         let port = server
@@ -51,7 +68,6 @@ impl FakeImds {
         let stats = Arc::new(ImdsStats::default());
         let thread = {
             let (server, stats) = (server.clone(), stats.clone());
-            let tree = metadata_tree(&identity, mac.as_deref());
             std::thread::spawn(move || serve(&server, &identity, &tree, user_data, &stats))
         };
         Ok(Self {
@@ -126,6 +142,41 @@ fn metadata_tree(identity: &InstanceIdentity, mac: Option<&str>) -> BTreeMap<Str
         t.insert(format!("{nic}/local-ipv4s"), ip.into());
     }
     t
+}
+
+/// The `iam/` leaves of a guest's metadata: the profile and its role's credentials, valid for six
+/// hours (the SDK refreshes credentials near their expiry; a test ends long before).
+fn instance_profile(identity: &InstanceIdentity) -> BTreeMap<String, String> {
+    use aws_sdk_ec2::primitives::{DateTime, DateTimeFormat};
+    let at = |from_now: u64| {
+        let t = std::time::SystemTime::now() + std::time::Duration::from_secs(from_now);
+        DateTime::from(t)
+            .fmt(DateTimeFormat::DateTime)
+            .expect("a time of this century formats")
+    };
+    let arn = format!("arn:aws:iam::123456789012:instance-profile/{GUEST_ROLE}");
+    let credentials = serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": at(0),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": "testing",
+        "SecretAccessKey": "testing",
+        "Token": format!("cps-bench-session-{}", identity.instance_id),
+        "Expiration": at(6 * 3600),
+    });
+    let info = serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": at(0),
+        "InstanceProfileArn": arn,
+        "InstanceProfileId": "AIPACPSBENCH",
+    });
+    BTreeMap::from([
+        ("iam/info".to_owned(), info.to_string()),
+        (
+            format!("iam/security-credentials/{GUEST_ROLE}"),
+            credentials.to_string(),
+        ),
+    ])
 }
 
 /// A leaf's value, or a directory's listing (children one per line, directories with a `/`).

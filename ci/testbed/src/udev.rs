@@ -248,12 +248,7 @@ async fn power_off_shutting_down(
         .set_instance_ids(Some(guests))
         .send()
         .await
-        .map_err(|e| {
-            format!(
-                "DescribeInstances: {}",
-                aws_sdk_ec2::error::DisplayErrorContext(&e)
-            )
-        })?;
+        .map_err(sdk_error("DescribeInstances"))?;
     let going = reply
         .reservations()
         .iter()
@@ -627,6 +622,16 @@ fn plug_nics_into_guests(st: &mut State, nics: &BTreeMap<String, (String, i32, S
     }
 }
 
+/// An SDK error as the stand-in records it: the operation, and AWS's words.
+fn sdk_error<E: std::error::Error>(operation: &'static str) -> impl FnOnce(E) -> String {
+    move |e| {
+        format!(
+            "{operation}: {}",
+            aws_sdk_ec2::error::DisplayErrorContext(&e)
+        )
+    }
+}
+
 /// What one look at DescribeVolumes shows.
 struct Listing {
     /// Attached volumes (root devices left out): volume → (instance, size in GiB).
@@ -654,12 +659,7 @@ async fn list_volumes(ec2: &aws_sdk_ec2::Client) -> Result<Listing, String> {
             .set_next_token(token.take())
             .send()
             .await
-            .map_err(|e| {
-                format!(
-                    "DescribeVolumes: {}",
-                    aws_sdk_ec2::error::DisplayErrorContext(&e)
-                )
-            })?;
+            .map_err(sdk_error("DescribeVolumes"))?;
         for v in page.volumes() {
             let id = v.volume_id().unwrap_or_default().to_owned();
             let snapshot = v.snapshot_id().filter(|s| !s.is_empty()).map(str::to_owned);
@@ -752,12 +752,7 @@ async fn modifying_volumes(ec2: &aws_sdk_ec2::Client) -> Result<BTreeMap<String,
         )
         .send()
         .await
-        .map_err(|e| {
-            format!(
-                "DescribeVolumesModifications: {}",
-                aws_sdk_ec2::error::DisplayErrorContext(&e)
-            )
-        })?;
+        .map_err(sdk_error("DescribeVolumesModifications"))?;
     Ok(out
         .volumes_modifications()
         .iter()
@@ -773,12 +768,7 @@ async fn attached_interfaces(
         .describe_network_interfaces()
         .send()
         .await
-        .map_err(|e| {
-            format!(
-                "DescribeNetworkInterfaces: {}",
-                aws_sdk_ec2::error::DisplayErrorContext(&e)
-            )
-        })?;
+        .map_err(sdk_error("DescribeNetworkInterfaces"))?;
     Ok(out
         .network_interfaces()
         .iter()

@@ -341,6 +341,54 @@ async fn identity_comes_from_imdsv2() {
     );
 }
 
+/// A guest's metadata carries an instance profile: the SDK's own IMDS credentials provider
+/// (what signs cps-attach's requests in the VM tier, where no key is set) reads its role's
+/// credentials through IMDSv2. The host tier's metadata has none.
+#[tokio::test]
+async fn a_guests_metadata_gives_the_sdk_instance_profile_credentials() {
+    use aws_credential_types::provider::ProvideCredentials;
+    let identity = InstanceIdentity {
+        instance_id: "i-0123456789abcdef1".into(),
+        region: REGION.into(),
+        availability_zone: "us-east-1a".into(),
+    };
+    let credentials = |endpoint: String| async move {
+        let client = aws_config::imds::Client::builder()
+            .endpoint(endpoint.as_str())
+            .unwrap()
+            .build();
+        aws_config::imds::credentials::ImdsCredentialsProvider::builder()
+            .imds_client(client)
+            .build()
+            .provide_credentials()
+            .await
+    };
+    let guest =
+        FakeImds::start_with(identity.clone(), None, Some("02:00:00:00:00:01".into())).unwrap();
+    let got = credentials(guest.endpoint().to_owned()).await.unwrap();
+    assert_eq!(got.access_key_id(), "testing");
+    assert_eq!(
+        got.session_token(),
+        Some("cps-bench-session-i-0123456789abcdef1")
+    );
+    let left = got
+        .expiry()
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(left > Duration::from_secs(5 * 3600), "{left:?}");
+    assert_eq!(
+        guest
+            .stats()
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    let host = FakeImds::start(identity).unwrap();
+    assert!(credentials(host.endpoint().to_owned()).await.is_err());
+}
+
 fn bench() -> cps_testbed::Bench {
     cps_testbed::Bench::start(cps_testbed::BenchOptions::default()).unwrap()
 }
