@@ -24,6 +24,10 @@ With {"snapshot_delay": S}, how long snapshots started from then on stay `pendin
 (`DIR/vol-….img`, sparse) to `DIR/snap-….img` before it replies, so the snapshot holds exactly
 what the volume held at that moment. POST /cps/snapshots/fail {"snapshot_id": ID} makes a
 snapshot fail (`error`).
+POST /cps/guests {"instance_id": I} marks an instance as played by a real guest (the VM tier): its
+detaches stay `detaching` and its termination `shutting-down` until POST /cps/guests/release
+{"volume_id": V} or {"instance_id": I}; {"instance_id": I, "guest": false} forgets the guest and
+ends every hold it has.
 
 Auto Scaling states a rolling update must respect are played too: Standby (moto's own), suspended
 Launch (no instance launches until it is resumed), TERMINATING lifecycle hooks (the instance waits
@@ -246,7 +250,9 @@ def _set_guest(instance_id, guest):
 
 def _release(doc):
     """Completes one held detach ({"volume_id"}) or termination ({"instance_id"}); False if
-    none is held."""
+    none is held. (A termination released while the instance is still a guest detaches its
+    volumes through the guest path, so they stay held: the bench ends a guest's termination by
+    forgetting the guest instead.)"""
     key = ("volume", doc["volume_id"]) if "volume_id" in doc else ("instance", doc.get("instance_id"))
     held = HELD.pop(key, None)
     if held is None:
@@ -274,15 +280,16 @@ def _detach_volume(self, volume_id, instance_id, device_path):
             return attachment
         attachment.status = "detaching"
 
-    def finish():
-        with LOCK:
-            if volume.attachment is attachment:
-                _plain_detach_volume(self, volume_id, instance_id, device_path)
+        def finish():
+            with LOCK:
+                if volume.attachment is attachment:
+                    _plain_detach_volume(self, volume_id, instance_id, device_path)
 
-    if guest:
-        with LOCK:
+        # Held under the same lock as the check: the bench cannot forget the guest in between
+        # (a hold nothing would end) nor see `detaching` with nothing held behind it.
+        if guest:
             HELD[("volume", volume_id)] = (instance.id, finish)
-        return attachment
+            return attachment
     timer = threading.Timer(Timing.detach_delay, finish)
     timer.daemon = True
     timer.start()
@@ -307,10 +314,11 @@ def _terminate_now(self):
 def _terminate(self):
     """AWS shows a terminated instance `shutting-down` (volumes attached) before it is gone. A
     guest's stays so until the bench has powered the guest off (above)."""
-    guest = self.id in GUESTS
-    if Timing.shutdown_delay <= 0 and not guest:
+    # Outside the lock, as before guests: moto's termination takes its own locks.
+    if Timing.shutdown_delay <= 0 and self.id not in GUESTS:
         return _terminate_now(self)
     with LOCK:
+        guest = self.id in GUESTS
         if getattr(self, "_cps_terminating", False) or self._state.name == "terminated":
             return copy.copy(self._state)
         previous = copy.copy(self._state)
@@ -318,15 +326,15 @@ def _terminate(self):
         self._state.name = "shutting-down"
         self._state.code = 32
 
-    def finish():
-        with LOCK:
-            if self._state.name != "terminated":
-                _terminate_now(self)
+        def finish():
+            with LOCK:
+                if self._state.name != "terminated":
+                    _terminate_now(self)
 
-    if guest:
-        with LOCK:
+        # Held under the same lock as the check (as a detach is).
+        if guest:
             HELD[("instance", self.id)] = (self.id, finish)
-        return previous
+            return previous
     timer = threading.Timer(Timing.shutdown_delay, finish)
     timer.daemon = True
     timer.start()

@@ -127,12 +127,12 @@ impl FakeUdev {
                         .expect("runtime");
                     let ec2 = crate::emulator::client_for(&endpoint);
                     while !stop.load(Ordering::Relaxed) {
-                        let look = async {
-                            power_off_shutting_down(&ec2, &state, &endpoint).await?;
-                            tick(&ec2, &state, &endpoint, &storage, appear_after).await
-                        };
-                        if let Err(e) = rt.block_on(look) {
-                            lock(&state).errors.push(e);
+                        // Each half runs whatever the other ran into.
+                        let off = rt.block_on(power_off_shutting_down(&ec2, &state, &endpoint));
+                        let look =
+                            rt.block_on(tick(&ec2, &state, &endpoint, &storage, appear_after));
+                        for e in [off, look].into_iter().filter_map(Result::err) {
+                            note_error(&mut lock(&state), e);
                         }
                         std::thread::sleep(TICK);
                     }
@@ -171,10 +171,16 @@ impl FakeUdev {
         }
     }
 
-    /// Forgets a guest that is gone (powered off): nothing is unplugged from it any more, and
-    /// the emulator completes whatever it held for it.
-    pub fn remove_vm(&self, instance_id: &str) -> io::Result<()> {
-        forget_vm(&mut lock(&self.state), instance_id);
+    /// Takes a guest away from the stand-in before it is powered off: nothing is plugged into
+    /// or unplugged from it any more. None if the stand-in took it first (it is powering the
+    /// guest off for a termination) or it was never added.
+    pub fn take_vm(&self, instance_id: &str) -> Option<Arc<Vm>> {
+        forget_vm(&mut lock(&self.state), instance_id)
+    }
+
+    /// Tells the emulator a guest taken with [`FakeUdev::take_vm`] is gone (powered off): it
+    /// completes whatever it held for the instance.
+    pub fn guest_gone(&self, instance_id: &str) -> io::Result<()> {
         set_guest(&self.endpoint, instance_id, false)
     }
 
@@ -206,6 +212,13 @@ impl FakeUdev {
             std::thread::sleep(TICK);
         }
         false
+    }
+}
+
+/// Records a problem once: a look that keeps failing the same way says so once, not every tick.
+fn note_error(st: &mut State, e: String) {
+    if !st.errors.contains(&e) {
+        st.errors.push(e);
     }
 }
 
@@ -261,7 +274,8 @@ async fn power_off_shutting_down(
         let Some(vm) = forget_vm(&mut lock(state), instance) else {
             continue;
         };
-        // Blocking is fine here: this runtime runs nothing but the stand-in's looks.
+        // Blocking is fine here: this runtime runs nothing but the stand-in's looks (other
+        // guests' plugs wait meanwhile: seconds, 120 s at the most).
         let off = vm.power_off(Duration::from_secs(120));
         let told = set_guest(endpoint, instance, false);
         let mut st = lock(state);
@@ -533,8 +547,7 @@ fn let_go(
             false
         }
         Err(e) => {
-            st.errors
-                .push(format!("unplugging {id} from {instance}: {e}"));
+            note_error(st, format!("unplugging {id} from {instance}: {e}"));
             false
         }
     }
@@ -557,9 +570,7 @@ fn release_detaches(st: &mut State, detaching: &BTreeMap<String, String>, endpoi
             Ok(_) => st
                 .events
                 .push(format!("released {vol}'s detach from {instance}")),
-            Err(e) => st
-                .errors
-                .push(format!("releasing {vol}'s detach from {instance}: {e}")),
+            Err(e) => note_error(st, format!("releasing {vol}'s detach from {instance}: {e}")),
         }
     }
 }

@@ -390,7 +390,8 @@ impl Vm {
         }
     }
 
-    /// Unplugs `volume_id`: asks the guest to let the controller go (once) and waits up to
+    /// Unplugs `volume_id`: asks the guest to let the controller go (again only after
+    /// [`ASK_AGAIN`] without an answer) and waits up to
     /// `wait` until it has, then drops the backing file. Whether the guest has let go; if not
     /// yet, a later call looks again.
     pub fn unplug(&self, volume_id: &str, wait: Duration) -> io::Result<bool> {
@@ -441,8 +442,8 @@ impl Vm {
         let mut qmp = lock(&self.qmp);
         let mut asked = lock(&self.unplugging);
         if asked.get(aws_id).is_none_or(|at| at.elapsed() >= ASK_AGAIN) {
-            // Asked before: the guest may still be letting go (the request stands), or have let
-            // go since (QEMU has forgotten the device, or its event is kept).
+            // If asked before, the guest may still be letting go (the request stands), or have
+            // let go since (QEMU has forgotten the device, or its event is kept).
             match qmp.execute("device_del", json!({"id": id})) {
                 Err(e) if e.to_string().contains("in the process of unplug") => {}
                 Err(e) if e.to_string().contains("not found") => {
@@ -934,7 +935,15 @@ impl crate::Bench {
             if self.udev().events().contains(&done) && !guest.vm.running() {
                 return Ok(());
             }
-            if let Some(e) = self.udev().errors().iter().find(|e| e.contains(&guest.id)) {
+            let failed = [
+                format!("powering off {}", guest.id),
+                format!("letting the emulator terminate {}", guest.id),
+            ];
+            let errors = self.udev().errors();
+            if let Some(e) = errors
+                .iter()
+                .find(|e| failed.iter().any(|f| e.starts_with(f)))
+            {
                 return Err(io::Error::other(e.clone()));
             }
             if Instant::now() >= deadline {
@@ -949,10 +958,25 @@ impl crate::Bench {
 
     /// Shuts a guest down as EC2 does before it stops an instance: a clean ACPI power-off
     /// (bounded, then by force), its volumes and interfaces going with it, not unplugged from
-    /// under its mounted filesystem. (A termination needs no call: the udev stand-in powers off
-    /// a guest whose instance is `shutting-down`, however that came about.)
+    /// under its mounted filesystem; only then is the emulator told it is gone. (A termination
+    /// needs no call: the udev stand-in powers off a guest whose instance is `shutting-down`,
+    /// however that came about. If it is doing so now, this waits for it.)
     pub fn power_off_guest(&self, guest: &Guest) -> io::Result<()> {
-        self.udev().remove_vm(&guest.id)?;
-        tokio::task::block_in_place(|| guest.vm.power_off(Duration::from_secs(120)))
+        let Some(vm) = self.udev().take_vm(&guest.id) else {
+            return tokio::task::block_in_place(|| {
+                let deadline = Instant::now() + Duration::from_secs(180);
+                while guest.vm.running() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                if guest.vm.running() {
+                    Err(io::Error::other(format!("{} is still running", guest.id)))
+                } else {
+                    Ok(())
+                }
+            });
+        };
+        let off = tokio::task::block_in_place(|| vm.power_off(Duration::from_secs(120)));
+        self.udev().guest_gone(&guest.id)?;
+        off
     }
 }

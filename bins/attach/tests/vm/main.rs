@@ -148,7 +148,7 @@ fn readies(guest: &Guest) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// First boot, a reboot, a replacement — the story of one node on real guests.
+/// First boot, a reboot, a detach, a replacement — the story of one node on real guests.
 ///
 /// 1. The first guest boots through cloud-init with the module's user data: the volume is
 ///    created, hot-plugged, found by its serial, formatted, mounted; the interface appears; the
@@ -165,7 +165,7 @@ fn readies(guest: &Guest) -> Vec<serde_json::Value> {
 ///    guest has shut down; the new one gets the same volume (same bytes, not formatted again)
 ///    and the same interface.
 ///
-/// One function for the three steps (longer than a screen): each boot under emulation costs a
+/// One function for the four steps (longer than a screen): each boot under emulation costs a
 /// minute or two, so the steps share their guests and each starts from the state the last left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the VM tier: run by ci/vm/run"]
