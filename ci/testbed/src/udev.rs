@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use cps_blockdev::nvme_link_name;
 
-use crate::vm::Vm;
+use crate::vm::{Unplug, Vm};
 
 /// Root devices moto creates inside RunInstances; they are not ours to back.
 const ROOT_DEVICES: [&str; 2] = ["/dev/sda1", "/dev/xvda"];
@@ -72,8 +72,6 @@ struct State {
     /// The size each plugged volume's device has in its guest (GiB).
     plugged_sizes: BTreeMap<String, i32>,
     plugged_nics: BTreeMap<String, String>,
-    /// Volumes and interfaces a guest was asked to let go of and has not yet.
-    letting_go: BTreeSet<String>,
     /// Per volume, for the VM tier: a longer delay before its hot-plug, and a volume that must be
     /// plugged in before it is (to plug two in the opposite order of their attach calls).
     plug_delays: BTreeMap<String, Duration>,
@@ -232,7 +230,6 @@ fn forget_vm(st: &mut State, instance_id: &str) -> Option<Arc<Vm>> {
         st.plugged.remove(&id);
         st.plugged_sizes.remove(&id);
         st.plugged_nics.remove(&id);
-        st.letting_go.remove(&id);
     }
     Some(vm)
 }
@@ -530,22 +527,20 @@ fn let_go(
     st: &mut State,
     vm: &Vm,
     id: &str,
-    unplug: fn(&Vm, &str, Duration) -> io::Result<bool>,
+    unplug: fn(&Vm, &str, Duration) -> io::Result<Unplug>,
 ) -> bool {
     let instance = &vm.instance_id;
     match unplug(vm, id, Duration::from_millis(20)) {
-        Ok(true) => {
-            st.letting_go.remove(id);
+        Ok(Unplug::Gone) => {
             st.events.push(format!("unplugged {id} from {instance}"));
             true
         }
-        Ok(false) => {
-            if st.letting_go.insert(id.to_owned()) {
-                st.events
-                    .push(format!("asked {instance} to let go of {id}"));
-            }
+        Ok(Unplug::Asked) => {
+            st.events
+                .push(format!("asked {instance} to let go of {id}"));
             false
         }
+        Ok(Unplug::Waiting) => false,
         Err(e) => {
             note_error(st, format!("unplugging {id} from {instance}: {e}"));
             false

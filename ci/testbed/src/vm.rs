@@ -107,6 +107,17 @@ pub struct Exec {
     pub stderr: String,
 }
 
+/// Where a hot-unplug stands after one look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unplug {
+    /// The guest let go (or never had the device).
+    Gone,
+    /// The guest was asked (`device_del`) by this call and has not let go yet.
+    Asked,
+    /// Asked before; not let go yet.
+    Waiting,
+}
+
 /// One running guest.
 pub struct Vm {
     pub instance_id: String,
@@ -308,7 +319,7 @@ impl Vm {
     }
 
     /// Unplugs the interface `eni_id`, as [`Vm::unplug`] does a volume.
-    pub fn unplug_nic(&self, eni_id: &str, wait: Duration) -> io::Result<bool> {
+    pub fn unplug_nic(&self, eni_id: &str, wait: Duration) -> io::Result<Unplug> {
         let undo = ("netdev_del", json!({"id": node_name(eni_id)}));
         self.hot_unplug(eni_id, undo, wait)
     }
@@ -392,9 +403,9 @@ impl Vm {
 
     /// Unplugs `volume_id`: asks the guest to let the controller go (again only after
     /// [`ASK_AGAIN`] without an answer) and waits up to
-    /// `wait` until it has, then drops the backing file. Whether the guest has let go; if not
-    /// yet, a later call looks again.
-    pub fn unplug(&self, volume_id: &str, wait: Duration) -> io::Result<bool> {
+    /// `wait` until it has, then drops the backing file. Where it stands; until it is gone, a
+    /// later call looks again.
+    pub fn unplug(&self, volume_id: &str, wait: Duration) -> io::Result<Unplug> {
         let undo = ("blockdev-del", json!({"node-name": node_name(volume_id)}));
         self.hot_unplug(volume_id, undo, wait)
     }
@@ -432,12 +443,13 @@ impl Vm {
 
     /// Removes `aws_id`'s device: `device_del` (sent again only after [`ASK_AGAIN`]), then up to
     /// `wait` for QEMU's `DEVICE_DELETED` (the guest has let go), then its backend (`undo`).
-    /// Whether it is gone; the device stays recorded as plugged until it is.
-    fn hot_unplug(&self, aws_id: &str, undo: (&str, Value), wait: Duration) -> io::Result<bool> {
+    /// The device stays recorded as plugged until it is gone.
+    fn hot_unplug(&self, aws_id: &str, undo: (&str, Value), wait: Duration) -> io::Result<Unplug> {
         let mut plugged = lock(&self.plugged);
         if !plugged.contains_key(aws_id) {
-            return Ok(true);
+            return Ok(Unplug::Gone);
         }
+        let mut now = Unplug::Waiting;
         let id = node_name(aws_id);
         let mut qmp = lock(&self.qmp);
         let mut asked = lock(&self.unplugging);
@@ -453,24 +465,25 @@ impl Vm {
                     qmp.execute(undo.0, undo.1)?;
                     plugged.remove(aws_id);
                     asked.remove(aws_id);
-                    return Ok(true);
+                    return Ok(Unplug::Gone);
                 }
                 r => {
                     r?;
                 }
             }
             asked.insert(aws_id.to_owned(), Instant::now());
+            now = Unplug::Asked;
         }
         if qmp
             .wait_event("DEVICE_DELETED", |d| d["device"] == id.as_str(), wait)?
             .is_none()
         {
-            return Ok(false);
+            return Ok(now);
         }
         qmp.execute(undo.0, undo.1)?;
         plugged.remove(aws_id);
         asked.remove(aws_id);
-        Ok(true)
+        Ok(Unplug::Gone)
     }
 
     /// Pauses the guest's CPUs (QMP `stop`): it answers nothing, a hot-unplug request included,
